@@ -1,0 +1,91 @@
+"""Write and read the tar shards: one sample = image + json metadata, keyed by image id.
+
+Writing goes to a temporary name and is renamed only when complete, so a partial shard never
+looks finished. A fixed tar mtime and fixed owner make the bytes reproducible.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import webdataset as wds
+
+TAR_MTIME = 0.0  # fixed so that identical content gives identical bytes
+MAX_JSON_BYTES = 64 * 1024  # a sample's json is a few hundred bytes; anything far larger is refused
+
+
+def encode_image(img: np.ndarray, encoding: str) -> bytes:
+    """uint8 (H, W, 3) -> bytes in `encoding` (a key of config.ENCODINGS)."""
+    if encoding in ("npy", "npy.gz"):
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(img), allow_pickle=False)
+        raw = buf.getvalue()
+        return gzip.compress(raw, compresslevel=1, mtime=0) if encoding == "npy.gz" else raw
+    if encoding == "png":
+        ok, b = cv2.imencode(".png", img[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])  # RGB order on disk
+    elif encoding == "jpg":
+        ok, b = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}")
+    if not ok:
+        raise ValueError(f"cv2 could not encode a {img.shape} image as {encoding}")
+    return b.tobytes()
+
+
+def decode_image(data: bytes, encoding: str) -> np.ndarray:
+    """bytes -> uint8 (H, W, 3), channel i = window i. Never unpickles (allow_pickle=False)."""
+    if encoding in ("npy", "npy.gz"):
+        raw = gzip.decompress(data) if encoding == "npy.gz" else data
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    elif encoding in ("png", "jpg"):
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if arr is None:
+            raise ValueError(f"not a decodable {encoding} image")
+        arr = arr[..., ::-1]
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}")
+    if arr.dtype != np.uint8 or arr.ndim != 3:
+        raise ValueError(f"decoded image has dtype {arr.dtype} shape {arr.shape}, expected uint8 (H, W, 3)")
+    return np.ascontiguousarray(arr)
+
+
+def decode_json(data: bytes) -> dict:
+    """Sample metadata; bounded in size so a hostile shard cannot exhaust memory."""
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"json member of {len(data)} bytes exceeds the {MAX_JSON_BYTES}-byte limit")
+    return json.loads(data)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(path: str | os.PathLike, samples, encoding: str) -> dict:
+    """Write samples ({'__key__', 'image' uint8 (H,W,3), 'meta' dict}) to `path` atomically.
+
+    Returns {'name', 'samples', 'bytes', 'sha256'}.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    n = 0
+    with open(tmp, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="ich", group="ich") as w:
+            for s in samples:
+                meta = json.dumps(s["meta"], sort_keys=True, separators=(",", ":")).encode()
+                w.write({"__key__": s["__key__"], encoding: encode_image(s["image"], encoding), "json": meta})
+                n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"name": path.name, "samples": n, "bytes": path.stat().st_size, "sha256": sha256_file(path)}

@@ -1,0 +1,135 @@
+"""Per-image arithmetic: stored values -> HU -> head crop -> square -> resize -> uint8 windows.
+
+Pure functions over numpy arrays; no I/O, no globals. Shapes: (H, W) for one slice,
+(size, size, 3) for the compiled image.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+AIR_HU = -1024.0
+# Anything above this is tissue for the head mask: skin and fat are about -100..0 HU, air -1000.
+TISSUE_HU = -300.0
+
+
+def stored_to_hu(
+    stored: np.ndarray,
+    slope: float,
+    intercept: float,
+    bits_stored: int,
+    pixel_representation: int,
+    padding_value: int | None = None,
+) -> np.ndarray:
+    """Stored values (H, W) int -> Hounsfield units (H, W) float32, with the RSNA fixes.
+
+    The 12-bit quirk: some RSNA slices store 12-bit unsigned values (BitsStored 12,
+    PixelRepresentation 0) with RescaleIntercept > -100 although their values are offset for
+    -1000; the known fix adds 1000, wraps values >= 4096 back by 4096 and uses intercept -1000.
+    Padding outside the circular field of view (PixelPaddingValue, raw -2000, or anything that
+    lands below air such as -3024 HU) is set to air so it never counts as tissue.
+    """
+    x = stored.astype(np.int32, copy=True)
+    pad = x == padding_value if padding_value is not None else None
+    if bits_stored == 12 and pixel_representation == 0 and intercept > -100:
+        x += 1000
+        x[x >= 4096] -= 4096
+        intercept = -1000.0
+    hu = x.astype(np.float32)
+    hu *= np.float32(slope)
+    hu += np.float32(intercept)
+    np.maximum(hu, np.float32(AIR_HU), out=hu)
+    if pad is not None:
+        hu[pad] = AIR_HU
+    return hu
+
+
+def head_box(hu: np.ndarray, min_area_frac: float = 0.002) -> tuple[int, int, int, int] | None:
+    """Bounding box (y0, y1, x0, x1), end-exclusive, of the head in an HU slice (H, W).
+
+    Tissue = HU > TISSUE_HU; a 5x5 opening removes noise and thin structures (the scanner
+    table's edge), then only the largest connected component counts. None if no component
+    covers at least `min_area_frac` of the slice (a slice of air).
+    """
+    mask = (hu > TISSUE_HU).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 1:
+        return None
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    best = 1 + int(np.argmax(areas))
+    if areas[best - 1] < min_area_frac * hu.size:
+        return None
+    x, y, w, h = (int(v) for v in stats[best, :4])
+    return y, y + h, x, x + w
+
+
+def crop_to_square(hu: np.ndarray, box: tuple[int, int, int, int] | None, fill: float = AIR_HU) -> np.ndarray:
+    """Crop (H, W) to `box` and pad with `fill` to a square (S, S), the box centred; S = max side."""
+    y0, y1, x0, x1 = box if box is not None else (0, hu.shape[0], 0, hu.shape[1])
+    crop = hu[y0:y1, x0:x1]
+    h, w = crop.shape
+    s = max(h, w)
+    out = np.full((s, s), fill, dtype=hu.dtype)
+    oy, ox = (s - h) // 2, (s - w) // 2
+    out[oy : oy + h, ox : ox + w] = crop
+    return out
+
+
+def fit_to_canvas(img: np.ndarray, size: int, fill: float = AIR_HU) -> np.ndarray:
+    """Centre (S, S) on a (size, size) canvas: pad with `fill` if smaller, centre-crop if larger."""
+    s = img.shape[0]
+    out = np.full((size, size), fill, dtype=img.dtype)
+    if s <= size:
+        o = (size - s) // 2
+        out[o : o + s, o : o + s] = img
+    else:
+        o = (s - size) // 2
+        out[:] = img[o : o + size, o : o + size]
+    return out
+
+
+def resize(img: np.ndarray, size: int) -> np.ndarray:
+    """(S, S) float32 -> (size, size): area averaging when shrinking, bilinear when enlarging."""
+    if img.shape[0] == size:
+        return img
+    interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
+    """HU (H, W) -> uint8 (H, W): lo = center - width/2 maps to 0, lo + width to 255, rounded, clipped."""
+    lo = center - width / 2.0
+    scale = 255.0 / width
+    out = (hu - np.float32(lo)) * np.float32(scale)
+    np.clip(out, 0.0, 255.0, out=out)
+    out += np.float32(0.5)  # round half up (values are >= 0 here)
+    return out.astype(np.uint8)
+
+
+def compile_image(
+    hu: np.ndarray,
+    windows: list[tuple[float, float]] | tuple[tuple[float, float], ...],
+    size: int,
+    pixel_spacing: tuple[float, float] | None = None,
+    spacing_mm: float | None = None,
+) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+    """HU slice (H, W) -> (uint8 image (size, size, len(windows)), head box in the input or None).
+
+    Without `spacing_mm`: crop to the head, pad to a square, resize to `size`. With it: crop,
+    resample so one output pixel is `spacing_mm` mm, and centre on a size x size canvas, so all
+    heads keep a common physical scale (field of view = size * spacing_mm).
+    Resizing happens once, in HU, before windowing: three windows of 256x256, not of 512x512.
+    """
+    box = head_box(hu)
+    square = crop_to_square(hu, box)
+    if spacing_mm is not None and pixel_spacing is not None and np.all(np.isfinite(pixel_spacing)):
+        # Rows and columns share the spacing in RSNA data; use the row spacing (0028,0030)[0].
+        target = max(1, round(square.shape[0] * float(pixel_spacing[0]) / spacing_mm))
+        scaled = resize(square, target)
+        out = fit_to_canvas(scaled, size)
+    else:
+        out = resize(square, size)
+    img = np.stack([window(out, c, w) for c, w in windows], axis=-1)
+    return img, box
