@@ -52,7 +52,9 @@ def parse_windows(spec: str | tuple[str, ...] | list[str]) -> tuple[Window, ...]
             )
         out.append(Window(f"c{m.group(1)}w{m.group(2)}", float(m.group(1)), float(m.group(2))))
     if len(out) != 3:
-        raise ValueError(f"need exactly 3 windows (one per image channel), got {len(out)}: {spec!r}")
+        raise ValueError(
+            f"need exactly 3 windows (one per image channel), got {len(out)}: {spec!r}"
+        )
     return tuple(out)
 
 

@@ -35,9 +35,13 @@ def _error_frame(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
 def read_labels(path: str, block_size: int = 1 << 22) -> LabelTable:
     """Parse, validate and pivot the labels CSV."""
     opts = pacsv.ConvertOptions(column_types={"ID": pa.string(), "Label": pa.string()})
-    reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block_size), convert_options=opts)
+    reader = pacsv.open_csv(
+        path, read_options=pacsv.ReadOptions(block_size=block_size), convert_options=opts
+    )
     if reader.schema.names[:2] != ["ID", "Label"]:
-        raise ValueError(f"{path}: header is {reader.schema.names}, expected 'ID,Label' (the RSNA stage_2_train.csv format)")
+        raise ValueError(
+            f"{path}: header is {reader.schema.names}, expected 'ID,Label' (the RSNA stage_2_train.csv format)"
+        )
     parts, bad = [], []
     line = 2  # line 1 is the header
     n_rows = 0
@@ -51,23 +55,42 @@ def read_labels(path: str, block_size: int = 1 << 22) -> LabelTable:
         for i in np.flatnonzero(~good.to_numpy(zero_copy_only=False)):
             raw_id, raw_label = ids[int(i)].as_py(), labels[int(i)].as_py()
             if not ok_id[int(i)].as_py():
-                bad.append((str(raw_id), "malformed_csv_id", f"{path} line {line + i}: ID {raw_id!r} is not ID_<image>_<subtype>"))
+                bad.append(
+                    (
+                        str(raw_id),
+                        "malformed_csv_id",
+                        f"{path} line {line + i}: ID {raw_id!r} is not ID_<image>_<subtype>",
+                    )
+                )
             else:
                 img = parsed[int(i)].as_py()["image"]
-                bad.append((img, "malformed_label", f"{path} line {line + i}: label {raw_label!r} for {raw_id} is not 0 or 1"))
+                bad.append(
+                    (
+                        img,
+                        "malformed_label",
+                        f"{path} line {line + i}: label {raw_label!r} for {raw_id} is not 0 or 1",
+                    )
+                )
         sel = parsed.filter(good)
         parts.append(
             pd.DataFrame(
                 {
                     "image_id": pc.struct_field(sel, "image").to_numpy(zero_copy_only=False),
-                    "subtype": pd.Categorical(pc.struct_field(sel, "subtype").to_numpy(zero_copy_only=False), categories=LABELS),
+                    "subtype": pd.Categorical(
+                        pc.struct_field(sel, "subtype").to_numpy(zero_copy_only=False),
+                        categories=LABELS,
+                    ),
                     "label": labels.filter(good).to_numpy(zero_copy_only=False).astype(np.int8),
                 }
             )
         )
         line += batch.num_rows
         n_rows += batch.num_rows
-    long = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["image_id", "subtype", "label"])
+    long = (
+        pd.concat(parts, ignore_index=True)
+        if parts
+        else pd.DataFrame(columns=["image_id", "subtype", "label"])
+    )
     before = len(long)
     long = long.drop_duplicates(["image_id", "subtype", "label"])
     duplicate_rows = before - len(long)
@@ -78,12 +101,20 @@ def read_labels(path: str, block_size: int = 1 << 22) -> LabelTable:
     conflicted = counts[counts > 1].index.get_level_values(0).unique()
     for img in conflicted:
         if img not in bad_label_images:
-            errors.append((img, "conflicting_labels", f"{path}: {img} has rows with different labels for the same subtype"))
+            errors.append(
+                (
+                    img,
+                    "conflicting_labels",
+                    f"{path}: {img} has rows with different labels for the same subtype",
+                )
+            )
     errors.extend(bad_label_images.values())
     drop = set(conflicted) | set(bad_label_images)
     long = long[~long["image_id"].isin(drop)]
 
-    wide = long.pivot(index="image_id", columns="subtype", values="label").reindex(columns=list(LABELS))
+    wide = long.pivot(index="image_id", columns="subtype", values="label").reindex(
+        columns=list(LABELS)
+    )
     wide.columns = list(LABELS)
     missing = wide.isna().any(axis=1)
     for img in wide.index[missing]:
@@ -92,8 +123,18 @@ def read_labels(path: str, block_size: int = 1 << 22) -> LabelTable:
     wide = wide[~missing].astype(np.int8)
     mismatch = wide["any"] != wide[list(LABELS[1:])].max(axis=1)
     for img in wide.index[mismatch]:
-        errors.append((img, "any_mismatch", f"{path}: {img} has any={wide.at[img, 'any']} but subtypes {wide.loc[img, list(LABELS[1:])].tolist()}"))
+        errors.append(
+            (
+                img,
+                "any_mismatch",
+                f"{path}: {img} has any={wide.at[img, 'any']} but subtypes {wide.loc[img, list(LABELS[1:])].tolist()}",
+            )
+        )
     wide = wide[~mismatch]
     wide.index.name = "image_id"
-    stats = {"csv_rows": n_rows, "duplicate_rows_dropped": int(duplicate_rows), "labelled_images": len(wide)}
+    stats = {
+        "csv_rows": n_rows,
+        "duplicate_rows_dropped": int(duplicate_rows),
+        "labelled_images": len(wide),
+    }
     return LabelTable(labels=wide.sort_index(), errors=_error_frame(errors), stats=stats)

@@ -39,9 +39,15 @@ REASONS = {
 def quiet_rsna_uids():
     """Silence exactly pydicom's warning about the RSNA pseudonym UIDs ('ID_...'), nothing else."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Invalid value for VR UI: 'ID_", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"Invalid value for VR UI: 'ID_", category=UserWarning
+        )
         # Patient IDs such as 'ID_cd5a85fd...' can exceed SH/LO lengths in a few files.
-        warnings.filterwarnings("ignore", message=r"The value length \(\d+\) exceeds the maximum length", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The value length \(\d+\) exceeds the maximum length",
+            category=UserWarning,
+        )
         yield
 
 
@@ -56,12 +62,16 @@ def _float_tag(ds, keyword: str, path, default=None) -> float:
     if keyword not in ds or ds[keyword].value in (None, ""):
         if default is not None:
             return default
-        raise ImageError("missing_tag", f"{path}: {keyword} is missing; cannot convert to Hounsfield units")
+        raise ImageError(
+            "missing_tag", f"{path}: {keyword} is missing; cannot convert to Hounsfield units"
+        )
     try:
         # Decimal strings such as '-1024.000000': parse as float, never int().
         return float(_first(ds[keyword].value))
     except (TypeError, ValueError) as e:
-        raise ImageError("missing_tag", f"{path}: {keyword}={ds[keyword].value!r} is not a number") from e
+        raise ImageError(
+            "missing_tag", f"{path}: {keyword}={ds[keyword].value!r} is not a number"
+        ) from e
 
 
 def header_from_dataset(ds, path) -> dict:
@@ -79,7 +89,8 @@ def header_from_dataset(ds, path) -> dict:
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     if not (64 <= rows <= 4096 and 64 <= cols <= 4096) or frames != 1 or spp != 1:
         raise ImageError(
-            "bad_shape", f"{path}: Rows={rows} Columns={cols} frames={frames} samples/pixel={spp}; "
+            "bad_shape",
+            f"{path}: Rows={rows} Columns={cols} frames={frames} samples/pixel={spp}; "
             "expected one grey frame between 64 and 4096 pixels a side",
         )
     bits_alloc = int(ds.get("BitsAllocated", 0) or 0)
@@ -87,18 +98,27 @@ def header_from_dataset(ds, path) -> dict:
     pixel_rep = int(ds.get("PixelRepresentation", -1))
     if bits_alloc != 16 or not 8 <= bits_stored <= 16 or pixel_rep not in (0, 1):
         raise ImageError(
-            "bad_bit_depth", f"{path}: BitsAllocated={bits_alloc} BitsStored={bits_stored} "
+            "bad_bit_depth",
+            f"{path}: BitsAllocated={bits_alloc} BitsStored={bits_stored} "
             f"PixelRepresentation={pixel_rep}; expected 16-bit storage with 0 or 1 representation",
         )
     ipp = ds.get("ImagePositionPatient")
     if ipp is None or len(ipp) != 3:
-        raise ImageError("missing_tag", f"{path}: ImagePositionPatient is missing; slices cannot be ordered")
+        raise ImageError(
+            "missing_tag", f"{path}: ImagePositionPatient is missing; slices cannot be ordered"
+        )
     spacing = ds.get("PixelSpacing")
     try:
-        sy, sx = (float(spacing[0]), float(spacing[1])) if spacing and len(spacing) == 2 else (np.nan, np.nan)
+        sy, sx = (
+            (float(spacing[0]), float(spacing[1]))
+            if spacing and len(spacing) == 2
+            else (np.nan, np.nan)
+        )
         z = float(ipp[2])
     except (TypeError, ValueError) as e:
-        raise ImageError("missing_tag", f"{path}: ImagePositionPatient/PixelSpacing not numeric") from e
+        raise ImageError(
+            "missing_tag", f"{path}: ImagePositionPatient/PixelSpacing not numeric"
+        ) from e
     padding = ds.get("PixelPaddingValue")
     return {
         "patient_id": str(ds.get("PatientID", "")),
@@ -122,7 +142,9 @@ def _open(path, stop_before_pixels: bool):
         with quiet_rsna_uids():
             return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise ImageError("unreadable", f"{path}: {type(e).__name__}: {e}; is it a complete DICOM file?") from e
+        raise ImageError(
+            "unreadable", f"{path}: {type(e).__name__}: {e}; is it a complete DICOM file?"
+        ) from e
 
 
 def read_header(path: str | Path) -> dict:
@@ -147,8 +169,13 @@ def read_slice(path: str | Path) -> tuple[np.ndarray, dict]:
             need = header["rows"] * header["cols"] * 2
             buf = ds.PixelData
             if len(buf) < need:
-                raise ImageError("unreadable", f"{path}: PixelData holds {len(buf)} bytes, {need} expected; file truncated?")
-            stored = np.frombuffer(buf, dtype=dtype, count=need // 2).reshape(header["rows"], header["cols"])
+                raise ImageError(
+                    "unreadable",
+                    f"{path}: PixelData holds {len(buf)} bytes, {need} expected; file truncated?",
+                )
+            stored = np.frombuffer(buf, dtype=dtype, count=need // 2).reshape(
+                header["rows"], header["cols"]
+            )
         else:
             with quiet_rsna_uids():
                 stored = ds.pixel_array

@@ -29,7 +29,9 @@ def encode_image(img: np.ndarray, encoding: str) -> bytes:
         raw = buf.getvalue()
         return gzip.compress(raw, compresslevel=1, mtime=0) if encoding == "npy.gz" else raw
     if encoding == "png":
-        ok, b = cv2.imencode(".png", img[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])  # RGB order on disk
+        ok, b = cv2.imencode(
+            ".png", img[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1]
+        )  # RGB order on disk
     elif encoding == "jpg":
         ok, b = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
     else:
@@ -52,14 +54,18 @@ def decode_image(data: bytes, encoding: str) -> np.ndarray:
     else:
         raise ValueError(f"unknown encoding {encoding!r}")
     if arr.dtype != np.uint8 or arr.ndim != 3:
-        raise ValueError(f"decoded image has dtype {arr.dtype} shape {arr.shape}, expected uint8 (H, W, 3)")
+        raise ValueError(
+            f"decoded image has dtype {arr.dtype} shape {arr.shape}, expected uint8 (H, W, 3)"
+        )
     return np.ascontiguousarray(arr)
 
 
 def decode_json(data: bytes) -> dict:
     """Sample metadata; bounded in size so a hostile shard cannot exhaust memory."""
     if len(data) > MAX_JSON_BYTES:
-        raise ValueError(f"json member of {len(data)} bytes exceeds the {MAX_JSON_BYTES}-byte limit")
+        raise ValueError(
+            f"json member of {len(data)} bytes exceeds the {MAX_JSON_BYTES}-byte limit"
+        )
     return json.loads(data)
 
 
@@ -83,9 +89,20 @@ def write_shard(path: str | os.PathLike, samples, encoding: str) -> dict:
         with wds.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="ich", group="ich") as w:
             for s in samples:
                 meta = json.dumps(s["meta"], sort_keys=True, separators=(",", ":")).encode()
-                w.write({"__key__": s["__key__"], encoding: encode_image(s["image"], encoding), "json": meta})
+                w.write(
+                    {
+                        "__key__": s["__key__"],
+                        encoding: encode_image(s["image"], encoding),
+                        "json": meta,
+                    }
+                )
                 n += 1
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return {"name": path.name, "samples": n, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {
+        "name": path.name,
+        "samples": n,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }

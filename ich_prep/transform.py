@@ -65,7 +65,9 @@ def head_box(hu: np.ndarray, min_area_frac: float = 0.002) -> tuple[int, int, in
     return y, y + h, x, x + w
 
 
-def crop_to_square(hu: np.ndarray, box: tuple[int, int, int, int] | None, fill: float = AIR_HU) -> np.ndarray:
+def crop_to_square(
+    hu: np.ndarray, box: tuple[int, int, int, int] | None, fill: float = AIR_HU
+) -> np.ndarray:
     """Crop (H, W) to `box` and pad with `fill` to a square (S, S), the box centred; S = max side."""
     y0, y1, x0, x1 = box if box is not None else (0, hu.shape[0], 0, hu.shape[1])
     crop = hu[y0:y1, x0:x1]

@@ -1,0 +1,94 @@
+"""manifest.json and index.parquet: write atomically, read from a folder or any fsspec URL, check the version."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import fsspec
+import pandas as pd
+
+from ich_prep import FORMAT_VERSION
+
+MANIFEST = "manifest.json"
+INDEX = "index.parquet"
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest of ~1,000 shards is ~200 KiB
+
+
+class FormatError(ValueError):
+    """A shard folder this version cannot read (missing manifest, newer format, damaged json)."""
+
+
+def join(root: str | os.PathLike, name: str) -> str:
+    """root + '/' + name for local paths and URLs alike."""
+    root = str(root)
+    return root.rstrip("/") + "/" + name if "://" in root else str(Path(root) / name)
+
+
+def read_bytes(url: str, limit: int | None = None) -> bytes:
+    """Whole file from a local path or fsspec URL (http(s)://, s3://, ...), refusing more than `limit` bytes."""
+    with fsspec.open(url, "rb") as f:
+        data = f.read(limit + 1 if limit else -1)
+    if limit and len(data) > limit:
+        raise FormatError(f"{url} is larger than {limit} bytes; refusing to read it")
+    return data
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def dumps(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def check_version(version: str, where: str) -> None:
+    """Same major version reads; a newer major is refused with the fix."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError as e:
+        raise FormatError(f"{where}: format_version {version!r} is not a version number") from e
+    ours = int(FORMAT_VERSION.split(".")[0])
+    if major > ours:
+        raise FormatError(
+            f"{where}: shard format {version} is newer than this ich-toolkit reads ({FORMAT_VERSION}); "
+            "upgrade ich-toolkit to read it"
+        )
+    if major < ours:
+        raise FormatError(
+            f"{where}: shard format {version} is too old for this ich-toolkit ({FORMAT_VERSION}); rebuild it"
+        )
+
+
+def load_manifest(root: str | os.PathLike) -> dict:
+    """Parsed manifest.json of a finished build at `root` (folder or URL prefix), version-checked."""
+    url = join(root, MANIFEST)
+    try:
+        data = read_bytes(url, MAX_MANIFEST_BYTES)
+    except FileNotFoundError as e:
+        raise FormatError(
+            f"{url} not found: {root} is not a finished ich-prep build (run `ich-prep build`)"
+        ) from e
+    try:
+        manifest = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{url} is not valid json: {e}") from e
+    check_version(manifest.get("format_version", "0"), url)
+    return manifest
+
+
+def load_index(root: str | os.PathLike, columns: list[str] | None = None) -> pd.DataFrame:
+    """index.parquet of the build at `root` (folder or URL prefix)."""
+    url = join(root, INDEX)
+    if "://" in str(root):
+        return pd.read_parquet(io.BytesIO(read_bytes(url)), columns=columns)
+    return pd.read_parquet(url, columns=columns)
