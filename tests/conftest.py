@@ -1,0 +1,92 @@
+"""Shared fixtures: real DICOM files written with pydicom, and the path of the real RSNA samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from ich_prep.read_dicom import quiet_rsna_uids
+
+REAL_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "rsna_samples"
+
+
+def phantom_hu(size: int = 128, radius: float = 0.4) -> np.ndarray:
+    """A tiny head in HU (size, size): air, a skull ring of 1000 HU, brain of 40 HU."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2) / size
+    hu = np.full((size, size), -1000.0)
+    hu[r < radius] = 1000.0
+    hu[r < radius - 0.04] = 40.0
+    return hu
+
+
+def write_ct(
+    path: Path,
+    stored: np.ndarray,
+    *,
+    bits_stored: int = 16,
+    pixel_rep: int = 1,
+    intercept: str | None = "-1024",
+    slope: str | None = "1",
+    patient: str = "ID_p0000001",
+    series: str = "ID_se00000001",
+    z: float | None = 0.0,
+    modality: str = "CT",
+    transfer_syntax=ExplicitVRLittleEndian,
+    with_pixels: bool = True,
+) -> Path:
+    """Write a real single-frame CT DICOM file with RSNA-style pseudonym UIDs."""
+    image_id = Path(path).stem
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    meta.TransferSyntaxUID = transfer_syntax
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = image_id
+    ds.Modality = modality
+    ds.PatientID = patient
+    ds.StudyInstanceUID = "ID_st" + series[5:]
+    ds.SeriesInstanceUID = series
+    if z is not None:
+        ds.ImagePositionPatient = [-125, -125, z]
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = pixel_rep
+    ds.WindowCenter = ["00036", "00036"]
+    ds.WindowWidth = ["00080", "00080"]
+    if intercept is not None:
+        ds.RescaleIntercept = intercept
+    if slope is not None:
+        ds.RescaleSlope = slope
+    if with_pixels:
+        ds.PixelData = stored.astype(np.int16 if pixel_rep else np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with quiet_rsna_uids():
+        ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_hu(path: Path, hu: np.ndarray, **kw) -> Path:
+    """Write HU as 16-bit signed storage with intercept -1024."""
+    return write_ct(path, np.round(hu + 1024).astype(np.int16), **kw)
+
+
+@pytest.fixture
+def real_samples() -> Path:
+    if not REAL_SAMPLES.is_dir():
+        pytest.skip(
+            f"real RSNA samples not found at {REAL_SAMPLES} (they live in ../shared beside the repo)"
+        )
+    return REAL_SAMPLES
