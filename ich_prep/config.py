@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 
@@ -94,7 +95,8 @@ class BuildConfig:
         return "train" if self.labels is not None else "test"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain json types (lists, not tuples), as stored in manifest.json."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict) -> BuildConfig:

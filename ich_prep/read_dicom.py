@@ -7,6 +7,7 @@ so the builder records them as index rows instead of stopping.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from pathlib import Path
 
@@ -35,9 +36,34 @@ REASONS = {
 }
 
 
+class _RsnaUidFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (
+            msg.startswith("Invalid value for VR UI: 'ID_") or "exceeds the maximum length" in msg
+        )
+
+
+_UID_FILTER = _RsnaUidFilter()
+
+
 @contextlib.contextmanager
 def quiet_rsna_uids():
-    """Silence exactly pydicom's warning about the RSNA pseudonym UIDs ('ID_...'), nothing else."""
+    """Silence exactly pydicom's warning about the RSNA pseudonym UIDs ('ID_...'), nothing else.
+
+    pydicom both warns and logs it (warn_and_log), so both channels are filtered.
+    """
+    logger = logging.getLogger("pydicom")
+    logger.addFilter(_UID_FILTER)
+    try:
+        with _quiet_warnings():
+            yield
+    finally:
+        logger.removeFilter(_UID_FILTER)
+
+
+@contextlib.contextmanager
+def _quiet_warnings():
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=r"Invalid value for VR UI: 'ID_", category=UserWarning

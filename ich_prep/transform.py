@@ -45,24 +45,29 @@ def stored_to_hu(
     return hu
 
 
-def head_box(hu: np.ndarray, min_area_frac: float = 0.002) -> tuple[int, int, int, int] | None:
+def head_box(
+    hu: np.ndarray, min_area_frac: float = 0.002, min_fill: float = 0.3
+) -> tuple[int, int, int, int] | None:
     """Bounding box (y0, y1, x0, x1), end-exclusive, of the head in an HU slice (H, W).
 
-    Tissue = HU > TISSUE_HU; a 5x5 opening removes noise and thin structures (the scanner
-    table's edge), then only the largest connected component counts. None if no component
-    covers at least `min_area_frac` of the slice (a slice of air).
+    Tissue = HU > TISSUE_HU; a 5x5 opening removes noise and thin structures, then the largest
+    connected component that fills at least `min_fill` of its own box counts (a head section is
+    roughly elliptic, fill ~0.75; a curved head rest is a thin arc, fill ~0.1) and is not a
+    thin line (a straight table edge).
+    None if nothing covers `min_area_frac` of the slice (a slice of air above the head).
     """
     mask = (hu > TISSUE_HU).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
     n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n <= 1:
         return None
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    best = 1 + int(np.argmax(areas))
-    if areas[best - 1] < min_area_frac * hu.size:
+    x, y, w, h, area = (stats[1:, i] for i in range(5))
+    thick = np.minimum(w, h) >= 0.04 * min(hu.shape)  # a straight table edge is long but thin
+    ok = (area >= min_area_frac * hu.size) & (area >= min_fill * w * h) & thick
+    if not ok.any():
         return None
-    x, y, w, h = (int(v) for v in stats[best, :4])
-    return y, y + h, x, x + w
+    best = int(np.argmax(np.where(ok, area, -1)))
+    return int(y[best]), int(y[best] + h[best]), int(x[best]), int(x[best] + w[best])
 
 
 def crop_to_square(

@@ -90,3 +90,50 @@ def real_samples() -> Path:
             f"real RSNA samples not found at {REAL_SAMPLES} (they live in ../shared beside the repo)"
         )
     return REAL_SAMPLES
+
+
+SUBTYPES_CSV_ORDER = [
+    "epidural",
+    "intraparenchymal",
+    "intraventricular",
+    "subarachnoid",
+    "subdural",
+    "any",
+]
+
+
+def csv_rows(image_id: str, positive: dict | None = None) -> list[str]:
+    positive = positive or {}
+    return [f"{image_id}_{k},{positive.get(k, 0)}" for k in SUBTYPES_CSV_ORDER]
+
+
+def make_dataset(
+    root: Path, n_patients: int = 6, slices: int = 4, size: int = 96
+) -> tuple[Path, Path, dict]:
+    """A small labelled set: one series per patient, a bright blob = intraparenchymal + any."""
+    dicom_dir, labels = root / "train", root / "labels.csv"
+    lines, truth = [], {}
+    for p in range(n_patients):
+        for s in range(slices):
+            image_id = f"ID_{p:04x}{s:05x}"
+            hu = phantom_hu(size)
+            positive = (p + s) % 2 == 0
+            if positive:
+                hu[size // 2 - 8 : size // 2 + 8, size // 2 - 8 : size // 2 + 8] = 75.0
+            write_hu(
+                dicom_dir / f"{image_id}.dcm",
+                hu,
+                patient=f"ID_p{p:07d}",
+                series=f"ID_se{p:08d}",
+                z=5.0 * s,
+            )
+            pos = {"intraparenchymal": 1, "any": 1} if positive else {}
+            lines += csv_rows(image_id, pos)
+            truth[image_id] = [1, 0, 1, 0, 0, 0] if positive else [0] * 6
+    labels.write_text("ID,Label\n" + "\n".join(lines) + "\n")
+    return dicom_dir, labels, truth
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "data")
