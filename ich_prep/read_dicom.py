@@ -181,7 +181,7 @@ def read_header(path: str | Path) -> dict:
 
 
 def read_slice(path: str | Path) -> tuple[np.ndarray, dict]:
-    """(stored pixel values as int32 array of shape (rows, cols), header dict)."""
+    """(stored pixel values (rows, cols), int16 or uint16 as stored, read-only; header dict)."""
     ds = _open(path, stop_before_pixels=False)
     with quiet_rsna_uids():
         header = header_from_dataset(ds, path)
@@ -215,4 +215,4 @@ def read_slice(path: str | Path) -> tuple[np.ndarray, dict]:
         raise ImageError("unreadable", f"{path}: pixel data cannot be decoded: {e}") from e
     if stored.shape != (header["rows"], header["cols"]):
         raise ImageError("bad_shape", f"{path}: pixel array shape {stored.shape} != Rows x Columns")
-    return stored.astype(np.int32), header
+    return stored, header

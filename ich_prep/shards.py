@@ -2,6 +2,10 @@
 
 Writing goes to a temporary name and is renamed only when complete, so a partial shard never
 looks finished. A fixed tar mtime and fixed owner make the bytes reproducible.
+
+The tar layout is webdataset's (members `<key>.<field>` in key order, read by webdataset as is),
+written with the standard library's tarfile: importing webdataset imports torch (~500 MB per
+worker), and ich_prep never imports torch.
 """
 
 from __future__ import annotations
@@ -11,11 +15,11 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import cv2
 import numpy as np
-import webdataset as wds
 
 TAR_MTIME = 0.0  # fixed so that identical content gives identical bytes
 MAX_JSON_BYTES = 64 * 1024  # a sample's json is a few hundred bytes; anything far larger is refused
@@ -77,6 +81,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = len(data), TAR_MTIME, 0o444
+    ti.uname = ti.gname = "ich"
+    tar.addfile(ti, io.BytesIO(data))
+
+
 def write_shard(path: str | os.PathLike, samples, encoding: str) -> dict:
     """Write samples ({'__key__', 'image' uint8 (H,W,3), 'meta' dict}) to `path` atomically.
 
@@ -86,16 +97,11 @@ def write_shard(path: str | os.PathLike, samples, encoding: str) -> dict:
     tmp = path.with_name(path.name + ".partial")
     n = 0
     with open(tmp, "wb") as f:
-        with wds.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="ich", group="ich") as w:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
                 meta = json.dumps(s["meta"], sort_keys=True, separators=(",", ":")).encode()
-                w.write(
-                    {
-                        "__key__": s["__key__"],
-                        encoding: encode_image(s["image"], encoding),
-                        "json": meta,
-                    }
-                )
+                _add(tar, f"{s['__key__']}.{encoding}", encode_image(s["image"], encoding))
+                _add(tar, f"{s['__key__']}.json", meta)
                 n += 1
         f.flush()
         os.fsync(f.fileno())

@@ -30,13 +30,14 @@ def stored_to_hu(
     Padding outside the circular field of view (PixelPaddingValue, raw -2000, or anything that
     lands below air such as -3024 HU) is set to air so it never counts as tissue.
     """
-    x = stored.astype(np.int32, copy=True)
-    pad = x == padding_value if padding_value is not None else None
+    pad = stored == padding_value if padding_value is not None else None
     if bits_stored == 12 and pixel_representation == 0 and intercept > -100:
-        x += 1000
+        x = stored.astype(np.int32) + 1000
         x[x >= 4096] -= 4096
         intercept = -1000.0
-    hu = x.astype(np.float32)
+        hu = x.astype(np.float32)
+    else:
+        hu = stored.astype(np.float32)
     hu *= np.float32(slope)
     hu += np.float32(intercept)
     np.maximum(hu, np.float32(AIR_HU), out=hu)
@@ -46,28 +47,36 @@ def stored_to_hu(
 
 
 def head_box(
-    hu: np.ndarray, min_area_frac: float = 0.002, min_fill: float = 0.3
+    hu: np.ndarray, min_area_frac: float = 0.01, min_fill: float = 0.3
 ) -> tuple[int, int, int, int] | None:
     """Bounding box (y0, y1, x0, x1), end-exclusive, of the head in an HU slice (H, W).
 
-    Tissue = HU > TISSUE_HU; a 5x5 opening removes noise and thin structures, then the largest
-    connected component that fills at least `min_fill` of its own box counts (a head section is
-    roughly elliptic, fill ~0.75; a curved head rest is a thin arc, fill ~0.1) and is not a
-    thin line (a straight table edge).
+    Tissue = HU > TISSUE_HU on a view subsampled to about 128 pixels a side (the box needs no
+    more precision than a few pixels, and this makes it ~10x cheaper); a 3x3 opening removes
+    noise, then the largest connected component that fills at least `min_fill` of its own box
+    counts (a head section is roughly elliptic, fill ~0.75; a curved head rest is a thin arc,
+    fill ~0.1) and is not a thin line (a straight table edge).
     None if nothing covers `min_area_frac` of the slice (a slice of air above the head).
     """
-    mask = (hu > TISSUE_HU).astype(np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    step = max(1, min(hu.shape) // 128)
+    small = hu[::step, ::step]
+    mask = (small > TISSUE_HU).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n <= 1:
         return None
     x, y, w, h, area = (stats[1:, i] for i in range(5))
-    thick = np.minimum(w, h) >= 0.04 * min(hu.shape)  # a straight table edge is long but thin
-    ok = (area >= min_area_frac * hu.size) & (area >= min_fill * w * h) & thick
+    thick = np.minimum(w, h) >= 0.04 * min(small.shape)
+    ok = (area >= min_area_frac * small.size) & (area >= min_fill * w * h) & thick
     if not ok.any():
         return None
-    best = int(np.argmax(np.where(ok, area, -1)))
-    return int(y[best]), int(y[best] + h[best]), int(x[best]), int(x[best] + w[best])
+    b = int(np.argmax(np.where(ok, area, -1)))
+    rows, cols = hu.shape
+    # Back to full resolution, widened by one step so the subsampling never clips the head.
+    m = 1 if step > 1 else 0
+    y0, x0 = max(0, (int(y[b]) - m) * step), max(0, (int(x[b]) - m) * step)
+    y1, x1 = min(rows, (int(y[b] + h[b]) + m) * step), min(cols, (int(x[b] + w[b]) + m) * step)
+    return y0, y1, x0, x1
 
 
 def crop_to_square(
