@@ -1,0 +1,369 @@
+"""A synthetic RSNA-like head-CT dataset: HU phantoms with labelled hemorrhages, written as DICOM.
+
+Drawing is pure numpy (`draw_slice` makes HU), `encode_hu` maps HU to stored values the way one
+real series would store them, and `write_synthetic` writes the files, the labels CSV and the
+storage quirks of the real data. Everything follows from `seed`; the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from ich_prep import LABELS
+from ich_prep.read_dicom import quiet_rsna_uids
+
+SUBTYPES = LABELS[1:]
+CSV_ORDER = (*SUBTYPES, "any")  # the Kaggle row order within one image
+MIN_BLEED_MM2 = 30.0  # a bleed smaller than this after overlaps is not drawn, so never labelled
+AIR, CSF, BLOOD = -1000.0, 6.0, 72.0
+FORMS = ("signed16", "unsigned12", "wrap12")
+
+
+@dataclass(frozen=True)
+class Head:
+    """One series' anatomy in mm: outer skull half-axes, skull, offset from image centre, tilt."""
+
+    a: float
+    b: float
+    skull: float
+    cx: float
+    cy: float
+    tilt: float
+    gap: float  # head-to-table distance
+
+
+@dataclass(frozen=True)
+class Bleed:
+    """A hemorrhage of one subtype on slices k0..k1 (inclusive); shape numbers are normalised."""
+
+    subtype: str
+    k0: int
+    k1: int
+    angle: float
+    size: float
+    width: float
+    pos: tuple[float, float] = (0.0, 0.0)
+
+
+def _ellipse(u, v, cu, cv, ra, rb, ang=0.0):
+    if ang == 0.0:
+        return ((u - cu) / ra) ** 2 + ((v - cv) / rb) ** 2 <= 1.0
+    c, s = math.cos(ang), math.sin(ang)
+    du, dv = u - cu, v - cv
+    return ((c * du + s * dv) / ra) ** 2 + ((-s * du + c * dv) / rb) ** 2 <= 1.0
+
+
+def _inner_bleed(b: Bleed, scale: float, g: dict) -> np.ndarray:
+    if b.subtype == "intraparenchymal":
+        ra = b.size * scale * g["a_in"]
+        cu, cv = b.pos[0] * g["a_in"], b.pos[1] * g["b_in"]
+        return _ellipse(g["u"], g["v"], cu, cv, ra, ra * 0.8, b.angle)
+    # intraventricular: blood settles in the dependent (posterior) part of the ventricles
+    return g["vent"] & (g["v"] > g["vent_v"] + b.pos[1] * g["vent_b"])
+
+
+def bleed_mask(b: Bleed, scale: float, g: dict) -> np.ndarray:
+    """Boolean mask of one bleed on a slice, from the anatomy grids `g` made by `draw_slice`."""
+    brain, r = g["brain"], g["r"]
+    if b.subtype in ("intraparenchymal", "intraventricular"):
+        return _inner_bleed(b, scale, g)
+    d = np.abs(g["phi"] - ((b.angle + math.pi) % (2 * math.pi) - math.pi))
+    dphi = np.minimum(d, 2 * math.pi - d)  # angular distance to the bleed's centre
+    if b.subtype == "epidural":  # biconvex lens: thickest mid-way, both margins convex
+        t = b.size * scale * np.clip(1 - (dphi / b.width) ** 2, 0, None)
+        return brain & (1 - r < t)
+    if b.subtype == "subdural":  # thin crescent along the inner skull, tapering ends
+        t = b.size * scale * np.sqrt(np.sqrt(np.clip(1 - (dphi / b.width) ** 2, 0, None)))
+        return brain & (1 - r < t)
+    sah = brain & (g["sulc"] > math.cos(g["n_sulci"] * 5.0 / g["r_mm"] / 2)) & (dphi < b.width)
+    if b.size > 0.5:  # half of them also fill the interhemispheric fissure
+        sah |= brain & (np.abs(g["u"]) < 1.8) & (g["v"] < -0.3 * g["b_in"])
+    return sah
+
+
+def _head_grid(shape, spacing, head, k):
+    """Head-frame coordinates (mm) over the head's bounding box, and that box as slices."""
+    a, b = head.a * k + 5, head.b * k + 5
+    c, s = math.cos(head.tilt), math.sin(head.tilt)
+    hw, hh = math.hypot(a * c, b * s) / spacing, math.hypot(a * s, b * c) / spacing
+    r0, c0 = (shape[0] - 1) / 2 + head.cy / spacing, (shape[1] - 1) / 2 + head.cx / spacing
+    rs = slice(max(0, int(r0 - hh)), min(shape[0], int(r0 + hh) + 2))
+    cs = slice(max(0, int(c0 - hw)), min(shape[1], int(c0 + hw) + 2))
+    y = ((np.arange(rs.start, rs.stop, dtype=np.float32) - r0) * spacing)[:, None]
+    x = ((np.arange(cs.start, cs.stop, dtype=np.float32) - c0) * spacing)[None, :]
+    return c * x + s * y, -s * x + c * y, (rs, cs)
+
+
+def draw_slice(shape, spacing, head, frac, bleeds, rng):
+    """HU (H, W) float32, FOV mask (H, W) and the set of visible subtypes of one slice.
+
+    `frac` is the slice height in the series (0 bottom, 1 top; the head shrinks towards the top);
+    `bleeds` are (Bleed, scale) pairs active on this slice.
+    """
+    t = 0.05 + 0.7 * frac
+    k = math.sqrt(1 - t * t)
+    u, v, box = _head_grid(shape, spacing, head, k)
+    a_out, b_out = head.a * k, head.b * k
+    a_in, b_in = a_out - head.skull, b_out - head.skull
+    un, vn = u / a_in, v / b_in
+    r = np.sqrt(un * un + vn * vn)
+    phi = np.arctan2(vn, un)
+    brain = r <= 1.0
+    out = np.full(u.shape, AIR, np.float32)
+    out[_ellipse(u, v, 0, 0, a_out + 4, b_out + 4)] = 30.0  # scalp
+    skull = _ellipse(u, v, 0, 0, a_out, b_out)
+    bone = 1050 + 160 * rng.standard_normal(int(skull.sum()), dtype=np.float32)
+    out[skull] = np.clip(bone, 700, 1500)
+    out[brain] = np.where(r[brain] > 0.82, 37.0, 29.0)  # cortex ribbon, white matter
+    n_sulci = int(rng.integers(16, 22))
+    ph = rng.uniform(0, 2 * np.pi, 3).tolist()
+    band = brain & (r > 1 - 0.17 * (0.75 + 0.25 * np.sin(4 * phi + ph[2])))
+    sulc = np.where(band, np.cos(n_sulci * phi + ph[0] + 0.6 * np.sin(3 * phi + ph[1])), -1)
+    r_mm = math.sqrt(a_in * b_in)
+    g = {"u": u, "v": v, "r": r, "phi": phi, "brain": brain, "a_in": a_in, "b_in": b_in}
+    g.update(sulc=sulc, n_sulci=n_sulci, r_mm=r_mm)
+    out[sulc > math.cos(n_sulci * 1.5 / r_mm / 2)] = CSF
+    out[brain & (r > 0.985)] = CSF
+    out[brain & (np.abs(u) < 0.8) & (np.abs(v) > 0.45 * b_in)] = CSF  # interhemispheric fissure
+    vf = float(np.clip((0.95 - t) / 0.5, 0.0, 1.0))
+    g.update(vent=np.zeros(u.shape, bool), vent_v=3.0, vent_b=max(vf, 1e-3) * 0.3 * head.b)
+    if vf > 0.1:
+        va, vb = vf * 0.075 * head.a, vf * 0.3 * head.b
+        g["vent"] = _ellipse(u, v, -9, 3, va, vb, -0.15) | _ellipse(u, v, 9, 3, va, vb, 0.15)
+        out[g["vent"] & brain] = CSF
+    for bl, sc in bleeds:  # oedema rim around a parenchymal bleed, never labelled
+        if bl.subtype == "intraparenchymal":
+            out[bleed_mask(replace(bl, size=bl.size * 1.35), sc, g) & brain] = 20.0
+    masks = [(bl, bleed_mask(bl, sc, g) & brain) for bl, sc in bleeds]
+    min_px = MIN_BLEED_MM2 / spacing**2
+    for _ in range(2):  # drop bleeds mostly hidden by later ones, then re-check the rest
+        owner = np.full(u.shape, -1, np.int16)
+        for i, (_, m) in enumerate(masks):
+            owner[m] = i
+        areas = np.bincount(owner[owner >= 0], minlength=len(masks))
+        masks = [bm for bm, n in zip(masks, areas, strict=True) if n >= min_px]
+    for bl, m in masks:
+        out[m] = BLOOD - (8.0 if bl.subtype == "intraventricular" else 0.0)
+    hu = np.full(shape, AIR, np.float32)
+    hu[box] = out
+    rows, cols = shape
+    y = ((np.arange(rows, dtype=np.float32) - (rows - 1) / 2) * spacing)[:, None]
+    x = ((np.arange(cols, dtype=np.float32) - (cols - 1) / 2) * spacing)[None, :]
+    top = head.cy + head.b + 4 + head.gap - 0.0025 * x**2  # the table, curved like a cradle
+    for off, val in ((0.0, 150.0), (9.0, 40.0)):
+        hu[(y >= top + off) & (y < top + off + 2.0) & (np.abs(x) < 105)] = val
+    hu += 5 * rng.standard_normal(shape, dtype=np.float32)
+    fov = x**2 + y**2 <= (min(rows, cols) / 2 * spacing) ** 2
+    return hu, fov, {bl.subtype for bl, _ in masks}
+
+
+def encode_hu(hu: np.ndarray, fov: np.ndarray, form: str) -> tuple[np.ndarray, dict]:
+    """HU (H, W) -> stored values (H, W) and the storage tags of one series' storage form.
+
+    signed16: int16, intercept -1024, outside the FOV raw -2000. unsigned12: uint16 0..4095,
+    intercept -1024. wrap12: the RSNA bug, values offset for -1000 with an intercept of 0 or 1, so
+    stored = HU mod 4096 (air stored as 3096); `transform.stored_to_hu` recovers the HU.
+    """
+    h = np.rint(hu).astype(np.int32)
+    if form == "signed16":
+        stored = np.where(fov, np.clip(h, -1024, 3071) + 1024, -2000).astype(np.int16)
+        return stored, {"BitsStored": 16, "PixelRepresentation": 1, "RescaleIntercept": "-1024"}
+    if form == "unsigned12":
+        stored = np.where(fov, np.clip(h + 1024, 0, 4095), 0).astype(np.uint16)
+        return stored, {"BitsStored": 12, "PixelRepresentation": 0, "RescaleIntercept": "-1024"}
+    stored = (np.where(fov, np.clip(h, -1000, 3095), -1000) % 4096).astype(np.uint16)
+    return stored, {"BitsStored": 12, "PixelRepresentation": 0, "RescaleIntercept": "1"}
+
+
+def _plan_bleeds(rng, n, primary) -> list[Bleed]:
+    """Bleeds of one positive series: `primary` over a block of slices, any others inside it."""
+    length = min(n, max(1, round(n * rng.uniform(0.55, 0.85))))
+    start = 0 if primary == "intraventricular" else int(rng.integers(0, n - length + 1))
+    chosen = [primary] + [s for s in SUBTYPES if s != primary and rng.random() < 0.2]
+    out = []
+    base = rng.uniform(0, 2 * np.pi)
+    for st in chosen:
+        sub = length if st == primary else int(rng.integers(1, length + 1))
+        k0 = start + int(rng.integers(0, length - sub + 1))
+        offset = {"epidural": 0.0, "subdural": np.pi, "subarachnoid": np.pi / 2}.get(st, 0.0)
+        angle = base + offset + rng.uniform(-0.4, 0.4)
+        size, width = {
+            "epidural": (rng.uniform(0.17, 0.25), rng.uniform(0.4, 0.6)),
+            "subdural": (rng.uniform(0.08, 0.11), rng.uniform(0.9, 1.4)),
+            "intraparenchymal": (rng.uniform(0.13, 0.22), 0.0),
+            "intraventricular": (0.0, 0.0),
+            "subarachnoid": (rng.random(), rng.uniform(0.6, 1.0)),
+        }[st]
+        rad, ang = rng.uniform(0.1, 0.45), rng.uniform(0, 2 * np.pi)
+        pos = (rad * math.cos(ang), rad * math.sin(ang))
+        if st == "intraventricular":
+            pos = (0.0, rng.uniform(-0.5, 0.1))
+        out.append(Bleed(st, k0, k0 + sub - 1, float(angle), float(size), float(width), pos))
+    return out
+
+
+def _hexid(rng, digits: int, used: set) -> str:
+    while True:
+        s = "ID_" + format(int(rng.integers(0, 16**digits)), f"0{digits}x")
+        if s not in used:
+            used.add(s)
+            return s
+
+
+def _series_tags(rng, form: str, decimal: bool) -> dict:
+    """Slope, windows and (where a series overrides encode_hu's) intercept, as strings."""
+    if form == "signed16" and decimal:
+        return {"RescaleIntercept": "-1024.000000", "RescaleSlope": "1.000000",
+                "WindowCenter": "35.000000", "WindowWidth": "135.000000"}  # fmt: skip
+    if form == "signed16":
+        return {"RescaleSlope": "1", "WindowCenter": "30", "WindowWidth": "80"}
+    wc = f"{int(rng.choice([36, 40])):05d}"
+    tags = {"RescaleSlope": "1", "WindowCenter": [wc, wc], "WindowWidth": ["00080", "00080"]}
+    return tags | ({"RescaleIntercept": str(rng.choice(["0", "1"]))} if form == "wrap12" else {})
+
+
+def _write_dicom(path: Path, image_id: str, ser: dict, z: float, stored: np.ndarray, tags: dict):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = image_id
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian if ser["explicit"] else ImplicitVRLittleEndian
+    meta.ImplementationClassUID, meta.ImplementationVersionName = "1.2.3.4", "ICH_PREP_SYNTH"
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPInstanceUID, ds.Modality = image_id, "CT"
+    ds.PatientID = ser["patient"]
+    ds.StudyInstanceUID = ser["study"]
+    ds.SeriesInstanceUID = ser["series"]
+    ds.StudyID = ""
+    rows, cols = stored.shape
+    sp = ser["spacing"]
+    ds.ImagePositionPatient = [f"{-cols / 2 * sp:.6f}", f"{-rows / 2 * sp + 10:.6f}", f"{z:.6f}"]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.PixelSpacing = [f"{sp:.6f}", f"{sp:.6f}"]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, tags["BitsStored"], tags["BitsStored"] - 1
+    ds.PixelRepresentation = tags["PixelRepresentation"]
+    ds.WindowCenter, ds.WindowWidth = ser["tags"]["WindowCenter"], ser["tags"]["WindowWidth"]
+    ds.RescaleIntercept = ser["tags"].get("RescaleIntercept", tags["RescaleIntercept"])
+    ds.RescaleSlope = ser["tags"]["RescaleSlope"]
+    ds.add_new(0x7FE00010, "OW", stored.astype(stored.dtype.newbyteorder("<")).tobytes())
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _make_series(rng, patients: int, used: set) -> list[dict]:
+    """One series per patient (about one patient in eight has a second study), plain storage."""
+    series = []
+    for p in range(patients):
+        pid, b = _hexid(rng, 8, used), float(rng.uniform(84, 94))
+        a, skull = b * float(rng.uniform(0.78, 0.86)), float(rng.uniform(6, 8))
+        for _ in range(2 if rng.random() < 0.12 or (p == 1 and patients > 2) else 1):
+            pose = rng.uniform([-6, -10, -0.12, 10], [6, -5, 0.12, 14]).tolist()
+            head = Head(a, b, skull, *pose)
+            ids = {"patient": pid, "study": _hexid(rng, 10, used), "series": _hexid(rng, 10, used)}
+            plain = {"form": "signed16", "size": (512, 512), "decimal": False}
+            series.append({**ids, "head": head, "z0": rng.uniform(60, 180), **plain})
+    return series
+
+
+def _add_quirks(rng, train: list[dict], test: list[dict]) -> None:
+    """Storage forms and odd sizes as in the real data, each at least once in `train`."""
+    for s in train + test:
+        s["form"] = str(rng.choice(FORMS, p=[0.55, 0.35, 0.10]))
+        s["decimal"] = bool(rng.random() < 0.3)
+        if rng.random() < 0.12:
+            s["size"] = [(256, 256), (460, 460), (512, 560)][int(rng.integers(3))]
+    forced = [{"form": "wrap12"}, {"form": "unsigned12"}, {"form": "signed16", "decimal": True},
+              {"size": (460, 460)}, {"size": (256, 256)}]  # fmt: skip
+    for i, f in zip(rng.permutation(len(train)), forced, strict=False):
+        train[int(i)].update(f)
+
+
+def _write_series(folder: Path, ser: dict, n: int, bleeds: list[Bleed], rng, used: set):
+    """Draw, encode and write the n slices of one series; yields (path, visible subtypes)."""
+    ser["tags"] = _series_tags(rng, ser["form"], ser["decimal"])
+    ser["explicit"] = ser["form"] == "signed16"
+    ser["spacing"] = round(rng.uniform(235, 250) / min(ser["size"]), 6)
+    for k in range(n):
+        active = []  # (bleed, size factor): smaller towards the ends of its slice range
+        for bl in bleeds:
+            if bl.k0 <= k <= bl.k1:
+                half = max(1.0, (bl.k1 - bl.k0) / 2)
+                active.append((bl, 1 - 0.3 * abs(k - (bl.k0 + bl.k1) / 2) / half))
+        frac = k / (n - 1) if n > 1 else 0.5
+        hu, fov, seen = draw_slice(ser["size"], ser["spacing"], ser["head"], frac, active, rng)
+        stored, tags = encode_hu(hu, fov, ser["form"])
+        image_id = _hexid(rng, 9, used)
+        path = folder / f"{image_id}.dcm"
+        with quiet_rsna_uids():
+            _write_dicom(path, image_id, ser, ser["z0"] + 5 * k, stored, tags)
+        yield path, seen
+
+
+def write_synthetic(
+    out: str | Path,
+    patients: int = 24,
+    seed: int = 0,
+    slices_per_series: int = 6,
+    test_patients: int | None = None,
+    quirks: bool = True,
+) -> dict:
+    """Write `out/stage_2_train/*.dcm`, `out/stage_2_test/*.dcm` and `out/stage_2_train.csv`.
+
+    Returns the paths, image counts, corrupt image ids, duplicated CSV rows, train positives
+    per label and the number of series per storage form.
+    """
+    out = Path(out)
+    n_test = max(2, patients // 4) if test_patients is None else test_patients
+    rng = np.random.default_rng(seed)
+    used: set[str] = set()
+    train, test = _make_series(rng, patients, used), _make_series(rng, n_test, used)
+    if quirks:
+        _add_quirks(np.random.default_rng([seed, 1]), train, test)
+    first, n_pos = int(rng.integers(len(SUBTYPES))), 0
+    rows, positives, files = [], dict.fromkeys(LABELS, 0), {"train": [], "test": []}
+    for split, series in (("train", train), ("test", test)):
+        folder = out / f"stage_2_{split}"
+        folder.mkdir(parents=True, exist_ok=True)
+        negative = set(rng.permutation(len(series))[: round(0.35 * len(series))].tolist())
+        for si, ser in enumerate(series):
+            srng = np.random.default_rng([seed, 2, int(split == "test"), si])
+            bleeds = []
+            if si not in negative:  # primary subtypes cycle, so every subtype occurs early
+                bleeds = _plan_bleeds(srng, slices_per_series, SUBTYPES[(first + n_pos) % 5])
+                n_pos += 1
+            for path, seen in _write_series(folder, ser, slices_per_series, bleeds, srng, used):
+                files[split].append(path)
+                if split == "train":
+                    lab = {st: int(st in seen) for st in SUBTYPES} | {"any": int(bool(seen))}
+                    rows.append([f"{path.stem}_{st},{lab[st]}" for st in CSV_ORDER])
+                    for key, val in lab.items():
+                        positives[key] += val
+    lines = [line for image_rows in sorted(rows) for line in image_rows]
+    corrupt = []
+    if quirks:
+        for i in sorted(rng.choice(len(lines), size=min(3, len(lines)), replace=False))[::-1]:
+            lines.insert(int(i) + 1, lines[int(i)])  # an identical duplicate row
+        victim = files["train"][int(rng.integers(len(files["train"])))]
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) // 4])  # cut inside PixelData: a truncated copy
+        corrupt.append(victim.stem)
+    labels_csv = out / "stage_2_train.csv"
+    labels_csv.write_text("ID,Label\n" + "".join(line + "\n" for line in lines))
+    return {
+        "train_dir": str(out / "stage_2_train"),
+        "test_dir": str(out / "stage_2_test"),
+        "labels_csv": str(labels_csv),
+        "train_images": len(files["train"]),
+        "test_images": len(files["test"]),
+        "corrupt": corrupt,
+        "duplicate_rows": len(lines) - 6 * len(rows),
+        "positives": positives,
+        "forms": {f: sum(s["form"] == f for s in train + test) for f in FORMS},
+    }
