@@ -41,6 +41,14 @@ HEADER_FIELDS = [
     "rows",
     "cols",
 ]
+# Read in the header pass and handed to the shard task, so the compile does not convert them again.
+PIXEL_FIELDS = [
+    "bits_stored",
+    "pixel_representation",
+    "rescale_slope",
+    "rescale_intercept",
+    "pixel_padding_value",
+]
 
 
 class BuildError(RuntimeError):
@@ -64,7 +72,12 @@ def _scan_chunk(root: str, rels: list[str]) -> list[dict]:
         try:
             h = read_header(os.path.join(root, rel))
             rows.append(
-                {"path": rel, **{k: h[k] for k in HEADER_FIELDS}, "reason": None, "detail": None}
+                {
+                    "path": rel,
+                    **{k: h[k] for k in HEADER_FIELDS + PIXEL_FIELDS},
+                    "reason": None,
+                    "detail": None,
+                }
             )
         except ImageError as e:
             rows.append({"path": rel, "reason": e.reason, "detail": e.detail})
@@ -205,9 +218,9 @@ def _scan_headers(
         ):
             rows.extend(res)
             bar.update(len(res))
-    cols = ["path", *HEADER_FIELDS, "reason", "detail"]
+    cols = ["path", *HEADER_FIELDS, *PIXEL_FIELDS, "reason", "detail"]
     df = pd.DataFrame(rows, columns=cols)
-    for c in ("rows", "cols"):
+    for c in ("rows", "cols", "bits_stored", "pixel_representation", "pixel_padding_value"):
         df[c] = df[c].astype("Int32")
     for c in ("reason", "detail", "patient_id", "study_id", "series_id"):
         df[c] = df[c].astype(object)
@@ -233,6 +246,13 @@ def plan_shards(df: pd.DataFrame, cfg: BuildConfig) -> dict[str, pd.DataFrame]:
     return plan
 
 
+def _py(v):
+    """numpy/pandas scalar -> plain Python (None for missing), so records are cheap to ship."""
+    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+        return None
+    return v.item() if hasattr(v, "item") else v
+
+
 def _records(part: pd.DataFrame, root: str, labelled: bool) -> list[dict]:
     """What a shard task needs, as small plain dicts (workers never see the whole table)."""
     recs = []
@@ -241,6 +261,7 @@ def _records(part: pd.DataFrame, root: str, labelled: bool) -> list[dict]:
             {
                 "image_id": r.image_id,
                 "path": os.path.join(root, r.path),
+                "header": {k: _py(getattr(r, k)) for k in HEADER_FIELDS + PIXEL_FIELDS},
                 "meta": {
                     "image_id": r.image_id,
                     "patient_id": r.patient_id,
@@ -258,7 +279,8 @@ def _records(part: pd.DataFrame, root: str, labelled: bool) -> list[dict]:
 
 def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
     """One DICOM -> (uint8 image (size, size, 3), metadata). Raises ImageError."""
-    stored, h = read_slice(rec["path"])
+    h = rec.get("header")
+    stored, h = read_slice(rec["path"], h if h and h.get("rows") else None)
     hu = stored_to_hu(
         stored,
         h["rescale_slope"],
