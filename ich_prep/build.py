@@ -492,6 +492,8 @@ def build(
     write_atomic(out / "README.md", dataset_card(manifest).encode())
     write_atomic(out / MANIFEST, dumps(manifest))
     shutil.rmtree(work, ignore_errors=True)
+    for stray in out.glob("*.partial"):  # left by a worker killed mid-shard; its task was redone
+        stray.unlink()
     wall = time.perf_counter() - t0
     total_bytes = sum(s["bytes"] for s in shards)
     summary = {
