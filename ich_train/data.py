@@ -1,0 +1,322 @@
+"""Shards -> batches of uint8 images.
+
+Folds are chosen through the manifest (whole shards belong to one fold), so unselected shards are
+never opened. Tar members are read with webdataset's tar iterators, keeping only the two members
+the format defines (`<key>.<encoding>` and `<key>.json`); nothing is ever unpickled. Training
+streams are infinite shard cycles cut at an exact number of batches per rank, so every rank runs the
+same number of steps even with fewer shards than ranks x workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from ich_prep import LABELS
+from ich_prep.manifest import FormatError, join, load_index, load_manifest
+from ich_prep.shards import decode_image, decode_json
+
+INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
+
+
+class ShardError(RuntimeError):
+    """A shard that is missing, damaged, or disagrees with its manifest."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    url: str
+    fold: int
+    samples: int
+
+
+class Build:
+    """A finished ich-prep build: manifest, index, and its shards selected by fold."""
+
+    def __init__(self, root: str):
+        self.root = str(root)
+        self.manifest = load_manifest(self.root)
+        self.encoding = self.manifest["config"]["encoding"]
+        self.size = int(self.manifest["config"]["size"])
+        self.index = load_index(self.root, columns=INDEX_COLUMNS)
+        self.ok = self.index[self.index["status"] == "ok"]
+        self.shards = [
+            Shard(s["name"], join(self.root, s["name"]), int(s["fold"]), int(s["samples"]))
+            for s in self.manifest["shards"]
+            if int(s["samples"]) > 0
+        ]
+        counts = self.ok["shard"].value_counts().to_dict()
+        for s in self.shards:
+            if counts.get(s.name, 0) != s.samples:
+                raise ShardError(
+                    f"{self.root}: manifest lists {s.samples} samples in {s.name} but the index has "
+                    f"{counts.get(s.name, 0)} ok rows; the build is inconsistent, rebuild it with ich-prep"
+                )
+
+    @property
+    def fingerprint(self) -> str:
+        """The index checksum: identifies the data a run was trained on."""
+        return str(self.manifest.get("index", {}).get("sha256", ""))
+
+    @property
+    def folds(self) -> list[int]:
+        return sorted({s.fold for s in self.shards if s.fold >= 0})
+
+    def select(self, folds: list[int] | tuple[int, ...] | None) -> list[Shard]:
+        """Shards of `folds` (None: every shard, e.g. a test build)."""
+        if folds is None:
+            chosen = list(self.shards)
+        else:
+            missing = sorted(set(folds) - set(self.folds))
+            if missing:
+                raise FormatError(
+                    f"{self.root} has no shards for folds {missing}; its folds are {self.folds} "
+                    "(pick --valid-fold/--train-folds among them)"
+                )
+            chosen = [s for s in self.shards if s.fold in set(folds)]
+        if not chosen:
+            raise FormatError(f"{self.root} has no shards with samples; is the build empty?")
+        return chosen
+
+    def labels(self, folds: list[int] | tuple[int, ...]) -> np.ndarray:
+        """(N, 6) float labels of the ok rows of `folds`, read from the index (no samples read)."""
+        rows = self.ok[self.ok["fold"].isin(list(folds))]
+        y = rows[list(LABELS)].to_numpy(dtype=np.float64, na_value=np.nan)
+        if np.isnan(y).any():
+            raise FormatError(
+                f"{self.root}: folds {list(folds)} have rows without labels; is this a test build?"
+            )
+        return y
+
+    def ids(self, shards: list[Shard]) -> pd.Series:
+        names = {s.name for s in shards}
+        return self.ok.loc[self.ok["shard"].isin(names), "image_id"]
+
+
+def _member_filter(encoding: str):
+    """select_files predicate: keep `<key>.<encoding>` and `<key>.json`, skip every other member unread."""
+    wanted = {encoding.lower(), "json"}
+
+    def keep(fname: str) -> bool:
+        suffix = fname.rsplit("/", 1)[-1].partition(".")[2]
+        return suffix.lower() in wanted
+
+    return keep
+
+
+def read_shard(shard: Shard, encoding: str) -> Iterator[dict]:
+    """Raw samples {'__key__', encoding: bytes, 'json': bytes} of one shard, checked against the manifest."""
+    try:
+        stream = gopen(shard.url, "rb")
+    except FileNotFoundError as e:
+        raise ShardError(
+            f"{shard.url} is listed in the manifest but missing; copy the whole build folder or rebuild"
+        ) from e
+    n = 0
+    try:
+        files = tar_file_expander(
+            [{"url": shard.url, "stream": stream}],
+            select_files=_member_filter(encoding),
+            eof_value=None,
+        )
+        for sample in group_by_keys(files):
+            if encoding not in sample or "json" not in sample:
+                have = sorted(k for k in sample if not k.startswith("__"))
+                raise ShardError(
+                    f"{shard.url}: sample {sample['__key__']} has members {have}, expected "
+                    f"'{encoding}' (the manifest's encoding) and 'json'; the shard is damaged, rebuild it"
+                )
+            n += 1
+            yield sample
+    except tarfile.TarError as e:
+        raise ShardError(
+            f"{shard.url} is not a readable tar file ({e.args[0]}); re-copy or rebuild it"
+        ) from e
+    finally:
+        stream.close()
+    if n != shard.samples:
+        raise ShardError(
+            f"{shard.url} held {n} samples, the manifest says {shard.samples}; the shard is truncated "
+            "or replaced, re-copy or rebuild it"
+        )
+
+
+def decode_sample(raw: dict, encoding: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """(image_id, uint8 (H, W, 3), float32 labels (6,), NaN when unlabelled)."""
+    try:
+        image = decode_image(raw[encoding], encoding)
+        meta = decode_json(raw["json"])
+    except ValueError as e:
+        raise ShardError(f"{raw.get('__url__')}: sample {raw['__key__']}: {e}") from e
+    labels = meta.get("labels")
+    if labels is None:
+        y = np.full(len(LABELS), np.nan, np.float32)
+    else:
+        y = np.asarray(labels, np.float32)
+        if y.shape != (len(LABELS),):
+            raise ShardError(
+                f"{raw.get('__url__')}: sample {raw['__key__']} has {len(y)} labels, expected 6"
+            )
+    return raw["__key__"], image, y
+
+
+def collate(items: list[tuple[str, np.ndarray, np.ndarray]]) -> dict:
+    """{'image': uint8 (B, H, W, 3), 'label': float32 (B, 6), 'id': [str]}."""
+    ids, images, labels = zip(*items, strict=True)
+    return {
+        "image": torch.from_numpy(np.stack(images)),
+        "label": torch.from_numpy(np.stack(labels)),
+        "id": list(ids),
+    }
+
+
+def batched(samples, batch_size: int, drop_last: bool) -> Iterator[dict]:
+    buf = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) == batch_size:
+            yield collate(buf)
+            buf = []
+    if buf and not drop_last:
+        yield collate(buf)
+
+
+def shuffled(samples, bufsize: int, rng: random.Random) -> Iterator:
+    """Shuffle buffer: hold `bufsize` samples, emit a random one as each new one arrives."""
+    buf = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        i = rng.randrange(bufsize)
+        yield buf[i]
+        buf[i] = s
+    rng.shuffle(buf)
+    yield from buf
+
+
+def slot_passes(
+    shards: list[Shard], slot: int, slots: int, seed: int, epoch: int
+) -> Iterator[list[Shard]]:
+    """Infinite sequence of passes for one (rank, worker) slot. Pass k is a fresh permutation of all
+    shards, dealt round-robin over the slots (this slot takes positions slot, slot + slots, ... of the
+    back-to-back permutations). Every slot always gets shards, and with at least `slots` shards each
+    shard is read once per pass."""
+    n = len(shards)
+    pos, k = slot, 0
+    while True:
+        perm = np.random.default_rng([seed, epoch, k]).permutation(n)
+        mine = []
+        while pos < (k + 1) * n:
+            mine.append(shards[perm[pos - k * n]])
+            pos += slots
+        if mine:
+            yield mine
+        k += 1
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class TrainStream(IterableDataset):
+    """Exactly `batches_per_rank` shuffled batches per epoch on every rank, split over DataLoader workers."""
+
+    def __init__(
+        self,
+        shards,
+        encoding,
+        batch_size,
+        batches_per_rank,
+        *,
+        rank=0,
+        world=1,
+        seed=0,
+        shuffle_buffer=1000,
+    ):
+        super().__init__()
+        if not shards:
+            raise ShardError("no training shards selected")
+        self.shards, self.encoding, self.batch_size = list(shards), encoding, batch_size
+        self.batches_per_rank, self.rank, self.world = batches_per_rank, rank, world
+        self.seed, self.shuffle_buffer, self.epoch = seed, shuffle_buffer, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def _read(self, shards: list[Shard]) -> Iterator[dict]:
+        return itertools.chain.from_iterable(read_shard(s, self.encoding) for s in shards)
+
+    def __iter__(self) -> Iterator[dict]:
+        w, n_workers = _worker()
+        slot, slots = self.rank * n_workers + w, self.world * n_workers
+        quota = self.batches_per_rank // n_workers + (w < self.batches_per_rank % n_workers)
+        if quota == 0:
+            return
+        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
+        raw = itertools.chain.from_iterable(  # shuffle within each pass: one pass = one epoch when sizes fit
+            shuffled(self._read(p), self.shuffle_buffer, rng)
+            for p in slot_passes(self.shards, slot, slots, self.seed, self.epoch)
+        )
+        decoded = (decode_sample(s, self.encoding) for s in raw)
+        yield from itertools.islice(batched(decoded, self.batch_size, drop_last=True), quota)
+
+
+class EvalStream(IterableDataset):
+    """Every sample of `shards` exactly once over all ranks and workers, in shard order."""
+
+    def __init__(self, shards, encoding, batch_size, *, rank=0, world=1, workers=0):
+        super().__init__()
+        self.shards, self.encoding, self.batch_size = list(shards), encoding, batch_size
+        self.rank, self.world, self.workers = rank, world, workers
+
+    def _mine(self, w: int, n_workers: int) -> list[Shard]:
+        return self.shards[self.rank :: self.world][w::n_workers]
+
+    def __len__(self) -> int:
+        n = max(self.workers, 1)
+        return sum(
+            math.ceil(sum(s.samples for s in self._mine(w, n)) / self.batch_size) for w in range(n)
+        )
+
+    @property
+    def samples(self) -> int:
+        """Samples this rank will see."""
+        return sum(s.samples for s in self.shards[self.rank :: self.world])
+
+    def __iter__(self) -> Iterator[dict]:
+        w, n_workers = _worker()
+        raw = itertools.chain.from_iterable(
+            read_shard(s, self.encoding) for s in self._mine(w, n_workers)
+        )
+        yield from batched(
+            (decode_sample(s, self.encoding) for s in raw), self.batch_size, drop_last=False
+        )
+
+
+def create_loader(dataset: IterableDataset, workers: int, device: torch.device) -> DataLoader:
+    """DataLoader over a stream that already yields batches; pinned memory on CUDA."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,  # fresh workers per epoch pick up set_epoch()
+    )

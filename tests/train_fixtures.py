@@ -1,0 +1,155 @@
+"""Hand-made shard builds for ich_train tests, following docs/shard-format.md.
+
+Images are learnable: a positive ('any') image has a bright blob inside a dim disc, and the
+channels the blob lights up name its subtype.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import webdataset as wds
+
+from ich_prep import FORMAT_VERSION, LABELS
+from ich_prep.shards import TAR_MTIME, encode_image, sha256_file, write_shard
+
+# subtype (1..5) -> channels its blob brightens
+SUBTYPE_CHANNELS = {1: (0,), 2: (1,), 3: (2,), 4: (0, 1), 5: (1, 2)}
+
+
+def make_image(rng: np.random.Generator, size: int, subtype: int | None) -> np.ndarray:
+    """A dim noisy disc; with a subtype, a bright blob on that subtype's channels."""
+    yy, xx = np.mgrid[:size, :size]
+    c = size / 2
+    img = np.zeros((size, size, 3), np.float32)
+    img[(yy - c) ** 2 + (xx - c) ** 2 < (0.42 * size) ** 2] = 70
+    img += rng.normal(0, 12, img.shape)
+    if subtype is not None:
+        r = max(2.0, size / 7)
+        cy, cx = rng.uniform(c - 0.2 * size, c + 0.2 * size, 2)
+        blob = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+        for ch in SUBTYPE_CHANNELS[subtype]:
+            img[..., ch][blob] = 230
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _labels(subtype: int | None) -> list[int]:
+    y = [0] * len(LABELS)
+    if subtype is not None:
+        y[0] = y[subtype] = 1
+    return y
+
+
+def _write(path: Path, samples: list[dict], encoding: str, extra: dict[str, bytes] | None) -> dict:
+    if not extra:
+        return write_shard(path, samples, encoding)
+    with wds.TarWriter(str(path), encoder=False, mtime=TAR_MTIME) as w:
+        for s in samples:
+            meta = json.dumps(s["meta"], sort_keys=True).encode()
+            w.write(
+                {
+                    "__key__": s["__key__"],
+                    encoding: encode_image(s["image"], encoding),
+                    "json": meta,
+                    **extra,
+                }
+            )
+    return {
+        "name": path.name,
+        "samples": len(samples),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
+
+
+def make_build(
+    root: str | Path,
+    *,
+    folds: int = 3,
+    per_shard: int = 16,
+    shards_per_fold: int = 1,
+    size: int = 32,
+    encoding: str = "npy.gz",
+    test: bool = False,
+    positive_rate: float = 0.4,
+    error_rows: int = 0,
+    extra: dict[str, bytes] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write shards, index.parquet and manifest.json of a train build (folds 0..folds-1) or a test build."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    groups = (
+        [(-1, n) for n in range(shards_per_fold)]
+        if test
+        else [(f, n) for f in range(folds) for n in range(shards_per_fold)]
+    )
+    rows, shards, k = [], [], 0
+    for fold, n in groups:
+        name = f"test-{n:05d}.tar" if test else f"train-f{fold}-{n:05d}.tar"
+        samples = []
+        for _ in range(per_shard):
+            image_id = f"ID_{k:09x}"
+            k += 1
+            subtype = int(rng.integers(1, 6)) if rng.random() < positive_rate else None
+            y = None if test else _labels(subtype)
+            meta = {"image_id": image_id, "patient_id": f"ID_p{k % 7}", "fold": fold, "labels": y}
+            samples.append(
+                {"__key__": image_id, "image": make_image(rng, size, subtype), "meta": meta}
+            )
+            rows.append({"image_id": image_id, "fold": fold, "shard": name, "status": "ok", "reason": None,
+                         **{lab: (None if y is None else y[j]) for j, lab in enumerate(LABELS)}})  # fmt: skip
+        shards.append(
+            {
+                **_write(root / name, samples, encoding, extra),
+                "split": "test" if test else "train",
+                "fold": fold,
+            }
+        )
+    for e in range(error_rows):
+        rows.append({"image_id": f"ID_bad{e:05d}", "fold": -1, "shard": None, "status": "error",
+                     "reason": "unreadable", **{lab: None for lab in LABELS}})  # fmt: skip
+    index = pd.DataFrame(rows)
+    index["split"] = "test" if test else "train"
+    index["fold"] = index["fold"].astype("int8")
+    for lab in LABELS:
+        index[lab] = index[lab].astype("Int8")
+    index.to_parquet(root / "index.parquet", index=False)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tool": "ich_prep",
+        "tool_version": "test",
+        "config": {"size": size, "encoding": encoding, "folds": 0 if test else folds, "seed": seed},
+        "split": "test" if test else "train",
+        "counts": {"inputs": len(rows), "ok": k, "error": error_rows},
+        "index": {
+            "name": "index.parquet",
+            "bytes": (root / "index.parquet").stat().st_size,
+            "sha256": sha256_file(root / "index.parquet"),
+        },  # fmt: skip
+        "shards": shards,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail with TimeoutError instead of hanging (SIGALRM; main thread only)."""
+
+    def fire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: hung")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
