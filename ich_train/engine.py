@@ -1,0 +1,149 @@
+"""One training epoch, prediction over a loader, and validation with the competition metric.
+
+train_one_epoch() and validate() return flat metric dicts; fit() appends them to metrics.csv.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ich_train.distributed import Dist, all_gather, all_sum
+from ich_train.metrics import compute_metrics
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA ('auto') or when asked ('bf16'); fp32 otherwise."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    scheduler,
+    loss_fn,
+    augment,
+    *,
+    epoch: int,
+    dist: Dist,
+    accum_steps: int = 1,
+    grad_clip: float = 0.0,
+    precision: str = "auto",
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    log_every: int = 10,
+) -> dict:
+    """One pass over `loader` (exactly len(loader) batches); returns train_loss, lr, images/s."""
+    model.train()
+    dev = dist.device
+    n_steps = len(loader) // accum_steps
+    loss_sum = torch.zeros((), device=dev)
+    n_batches = seen = step = 0
+    bar = tqdm(
+        total=n_steps, desc=f"epoch {epoch}", unit="step", disable=not (dist.main and progress)
+    )
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(loader):
+        images = batch["image"].to(dev, non_blocking=True)
+        labels = batch["label"].to(dev, non_blocking=True)
+        x = augment(images, train=True, generator=generator)
+        boundary = (i + 1) % accum_steps == 0
+        sync = model.no_sync() if dist.enabled and not boundary else nullcontext()
+        with sync:
+            with autocast(dev, precision):
+                loss = loss_fn(model(x), labels)
+            (loss / accum_steps).backward()
+        loss_sum += loss.detach()
+        n_batches += 1
+        seen += images.shape[0]
+        if not boundary:
+            continue
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % log_every == 0 or step == n_steps:
+            mean = loss_sum.item() / n_batches  # the only host sync, every log_every steps
+            if not math.isfinite(mean):
+                raise FloatingPointError(
+                    f"training loss became {mean} at epoch {epoch} step {step}; lower --lr or raise --warmup-frac"
+                )
+            bar.set_postfix(
+                loss=f"{mean:.4f}", img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}"
+            )
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    total_loss, total_batches, total_seen = all_sum(dist, [loss_sum.item(), n_batches, seen])
+    return {
+        "epoch": epoch,
+        "step": scheduler.last_epoch,
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_loss": total_loss / max(total_batches, 1),
+        "train_images": int(total_seen),
+        "train_images_per_s": total_seen / elapsed,
+        "train_time_s": elapsed,
+    }
+
+
+@torch.inference_mode()
+def predict(
+    model,
+    loader,
+    augment,
+    *,
+    dist: Dist,
+    precision: str = "auto",
+    tta: tuple[str, ...] = (),
+    progress=True,
+) -> dict:
+    """{'ids', 'probs' (N, 6), 'labels' (N, 6)} over every rank's share, gathered on all ranks."""
+    model.eval()
+    dev = dist.device
+    ids, probs, labels = [], [], []
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=not (dist.main and progress)):
+        x = augment(batch["image"].to(dev, non_blocking=True), train=False)
+        with autocast(dev, precision):
+            p = torch.sigmoid(model(x).float())
+            if "hflip" in tta:
+                p = (p + torch.sigmoid(model(x.flip(3)).float())) / 2
+        ids.extend(batch["id"])
+        probs.append(p.cpu().numpy().astype(np.float64))
+        labels.append(batch["label"].numpy().astype(np.float64))
+    local = (ids, _cat(probs), _cat(labels))
+    parts = all_gather(dist, local)
+    return {
+        "ids": [i for part in parts for i in part[0]],
+        "probs": np.concatenate([part[1] for part in parts]),
+        "labels": np.concatenate([part[2] for part in parts]),
+    }
+
+
+def _cat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros((0, 6))
+
+
+def validate(
+    model, loader, augment, *, dist: Dist, expected: int, precision: str = "auto", progress=True
+) -> dict:
+    """Competition metric, per-label log loss and AUC over the whole validation fold."""
+    t0 = time.perf_counter()
+    out = predict(model, loader, augment, dist=dist, precision=precision, progress=progress)
+    if len(out["ids"]) != expected or len(set(out["ids"])) != expected:
+        raise RuntimeError(
+            f"validation saw {len(out['ids'])} samples ({len(set(out['ids']))} distinct), the manifest lists "
+            f"{expected}; the shards disagree with the manifest"
+        )
+    metrics = compute_metrics(out["labels"], out["probs"])
+    metrics["valid_time_s"] = time.perf_counter() - t0
+    return metrics

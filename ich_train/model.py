@@ -1,0 +1,95 @@
+"""timm classifiers with 6 outputs, and ImageNet weights from a local file (never from a hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from ich_prep import LABELS
+
+_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")  # checked in this order
+_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
+
+
+class PretrainedError(ValueError):
+    """A --pretrained file that is missing or does not fit the model."""
+
+
+def create_model(name: str, pretrained: str | None = None, drop_rate: float = 0.0) -> nn.Module:
+    """timm model `name` with a 6-label head, randomly initialised unless `pretrained` (a local file)."""
+    try:
+        model = timm.create_model(
+            name, pretrained=False, num_classes=len(LABELS), drop_rate=drop_rate
+        )
+    except RuntimeError as e:
+        if "Unknown model" not in str(e):
+            raise
+        raise ValueError(
+            f"--model {name!r} is not a timm model; list them with "
+            "`python -c 'import timm; print(timm.list_models())'`"
+        ) from e
+    if pretrained:
+        load_pretrained(model, pretrained)
+    return model
+
+
+def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the model family was trained with (timm's pretrained_cfg), ImageNet by default."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
+    return mean, std
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a torch checkpoint (loaded with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedError(
+            f"--pretrained {path} is not a file; download the weights and pass their local path"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        for key in _WRAPPERS:
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+                break
+    if not isinstance(sd, dict):
+        raise PretrainedError(f"{path} holds a {type(sd).__name__}, not a state dict")
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in _PREFIXES:
+            k = k.removeprefix(prefix)
+        out[k] = v
+    return out
+
+
+def load_pretrained(model: nn.Module, path: str | Path, min_fraction: float = 0.5) -> dict:
+    """Copy every tensor whose name and shape match (the 1000-class head is skipped).
+
+    Refuses a file that covers less than `min_fraction` of the model's tensors: it is for another
+    architecture. Returns {'loaded', 'skipped', 'missing'} name lists.
+    """
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    loaded = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    if len(loaded) < min_fraction * len(own):
+        raise PretrainedError(
+            f"{path} matches only {len(loaded)} of {len(own)} tensors of this model; "
+            "it holds weights for another architecture: pass weights for the --model you chose"
+        )
+    model.load_state_dict(loaded, strict=False)
+    return {
+        "loaded": sorted(loaded),
+        "skipped": sorted(set(sd) - set(loaded)),
+        "missing": sorted(set(own) - set(loaded)),
+    }

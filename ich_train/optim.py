@@ -1,0 +1,31 @@
+"""AdamW (fused on CUDA) with no decay on norms and biases, and a warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def create_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
+    groups = param_groups_weight_decay(model, weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda" or None)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over `warmup` steps, then cosine down to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def create_scheduler(optimizer, total_steps: int, warmup_frac: float, min_ratio: float) -> LambdaLR:
+    warmup = int(round(warmup_frac * total_steps))
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps, warmup, min_ratio)
+
+    return LambdaLR(optimizer, factor)

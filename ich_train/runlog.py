@@ -1,0 +1,51 @@
+"""The run folder's metrics.csv (one row per epoch) and metrics.png (loss and AUC curves)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+class MetricsLog:
+    """Rows of metric dicts, rewritten to CSV (and plotted) after every append."""
+
+    def __init__(self, run_dir: str | Path, keep_before_epoch: int | None = None):
+        self.csv = Path(run_dir) / "metrics.csv"
+        self.png = Path(run_dir) / "metrics.png"
+        self.rows: list[dict] = []
+        if keep_before_epoch is not None and self.csv.exists():
+            # a resumed run drops rows of epochs it is about to redo
+            old = pd.read_csv(self.csv)
+            self.rows = old[old["epoch"] < keep_before_epoch].to_dict("records")
+
+    def append(self, row: dict) -> None:
+        self.rows.append(dict(row))
+        frame = pd.DataFrame(self.rows)
+        tmp = self.csv.with_name(self.csv.name + ".partial")
+        frame.to_csv(tmp, index=False)
+        tmp.replace(self.csv)
+        plot_metrics(frame, self.png)
+
+
+def plot_metrics(frame: pd.DataFrame, path: str | Path) -> None:
+    """Loss curves (train, valid, prior baseline) and validation AUCs against epoch."""
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = frame["epoch"] + 1
+    for col, style in (("train_loss", "-o"), ("valid_loss", "-o"), ("prior_loss", "--")):
+        if col in frame:
+            ax_loss.plot(epochs, frame[col], style, label=col)
+    ax_loss.set(xlabel="epoch", ylabel="weighted log loss", title="loss")
+    ax_loss.legend()
+    for col in ("valid_auc_any", "valid_auc_mean"):
+        if col in frame:
+            ax_auc.plot(epochs, frame[col], "-o", label=col)
+    ax_auc.set(xlabel="epoch", ylabel="ROC-AUC", title="validation AUC")
+    ax_auc.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

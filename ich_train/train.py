@@ -1,0 +1,200 @@
+"""fit(): the training run, top to bottom.
+
+data (folds -> shards via the manifest, labels and prior from the index) -> run folder and resume
+-> model, optimizer, schedule, loss, device augmentation -> loaders -> epochs of
+train_one_epoch() + validate(), one metrics row and checkpoint per epoch (rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ich_train import distributed
+from ich_train.augment import AugmentParams, DeviceAugment
+from ich_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ich_train.config import ConfigError, TrainConfig, check_resumable
+from ich_train.data import Build, EvalStream, TrainStream, create_loader
+from ich_train.engine import train_one_epoch, validate
+from ich_train.losses import create_loss
+from ich_train.metrics import label_prior, prior_baseline_loss
+from ich_train.model import create_model, load_pretrained, normalization
+from ich_train.optim import create_optimizer, create_scheduler
+from ich_train.runlog import MetricsLog
+
+
+def augment_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the device augmentation generator: fixed per (run seed, epoch, rank)."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
+
+
+def fit(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train cfg.model on the training folds, validating on cfg.valid_fold; returns a summary dict."""
+    dist = distributed.setup(cfg.device)
+    try:
+        return _fit(cfg, resume, dist)
+    finally:
+        distributed.cleanup()
+
+
+def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
+    dev, out = dist.device, Path(cfg.out)
+    say = print if dist.main else (lambda *a, **k: None)
+
+    # ---- data: folds select shards through the manifest; labels and the prior come from the index
+    build = Build(cfg.shards)
+    train_folds = cfg.train_folds or tuple(f for f in build.folds if f != cfg.valid_fold)
+    train_shards, valid_shards = build.select(train_folds), build.select([cfg.valid_fold])
+    y_train, y_valid = build.labels(train_folds), build.labels([cfg.valid_fold])
+    prior = label_prior(y_train)
+    prior_loss = prior_baseline_loss(y_train, y_valid)
+    epoch_samples = cfg.epoch_samples or len(y_train)
+    steps_per_epoch = epoch_samples // dist.world // (cfg.batch_size * cfg.accum_steps)
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"an epoch of {epoch_samples} samples over {dist.world} process(es) is less than one step of "
+            f"--batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps}; lower them"
+        )
+    image_size = cfg.image_size or build.size
+
+    # ---- run folder; a resume must match the saved config in every field that changes training
+    last, ckpt = out / "last.pt", None
+    if resume:
+        ckpt = load_checkpoint(last)
+        check_resumable(ckpt["config"], cfg)
+        if ckpt["data"]["fingerprint"] != build.fingerprint:
+            raise ConfigError(
+                f"{cfg.shards} is not the build {out} was trained on (index sha256 differs); "
+                "pass the original --shards or start a new --out"
+            )
+    elif last.exists():
+        raise ConfigError(
+            f"{out} already holds a run; pass --resume to continue it or choose a new --out"
+        )
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+
+    # ---- model, optimizer, schedule, loss, augmentation
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = create_model(cfg.model, drop_rate=cfg.drop_rate)
+    if cfg.pretrained and ckpt is None:
+        report = load_pretrained(model, cfg.pretrained)
+        say(
+            f"pretrained: {len(report['loaded'])} tensors from {cfg.pretrained}, new: {report['missing']}"
+        )
+    mean, std = normalization(model)
+    model.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay, dev)
+    scheduler = create_scheduler(
+        optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_frac, cfg.min_lr_ratio
+    )
+    start_epoch, best = 0, math.inf
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, best = ckpt["epoch"] + 1, ckpt["best_loss"]
+        set_rng_state(ckpt["rng"])
+        say(f"resuming {out} at epoch {start_epoch + 1} (step {ckpt['step']})")
+    raw = model
+    if dist.enabled:
+        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    loss_fn = create_loss(cfg).to(dev)
+    augment = DeviceAugment(
+        image_size, mean, std, AugmentParams.from_config(cfg), cfg.channels_last
+    )
+
+    # ---- loaders: an exact number of batches per rank per epoch, validation split over ranks
+    train_ds = TrainStream(
+        train_shards, build.encoding, cfg.batch_size, steps_per_epoch * cfg.accum_steps,
+        rank=dist.rank, world=dist.world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+    )  # fmt: skip
+    valid_ds = EvalStream(
+        valid_shards,
+        build.encoding,
+        cfg.eval_batch_size,
+        rank=dist.rank,
+        world=dist.world,
+        workers=cfg.workers,
+    )
+    train_loader = create_loader(train_ds, cfg.workers, dev)
+    valid_loader = create_loader(valid_ds, cfg.workers, dev)
+
+    n_params = sum(p.numel() for p in raw.parameters()) / 1e6
+    say(
+        f"{cfg.model} ({n_params:.1f}M params) at {image_size}px on {dist.world} x {dev.type}; "
+        f"train folds {list(train_folds)}: {len(train_shards)} shards, {len(y_train)} images; "
+        f"valid fold {cfg.valid_fold}: {len(valid_shards)} shards, {len(y_valid)} images; "
+        f"{steps_per_epoch} steps/epoch of {cfg.batch_size} x {cfg.accum_steps} x {dist.world}"
+    )
+    say(
+        f"prior baseline (training label frequencies) on fold {cfg.valid_fold}: weighted log loss {prior_loss:.4f}"
+    )
+    log = MetricsLog(out, keep_before_epoch=start_epoch) if dist.main else None
+    t_start, row = time.perf_counter(), {}
+
+    # ---- epochs
+    for epoch in range(start_epoch, cfg.epochs):
+        train_ds.set_epoch(epoch)
+        gen = torch.Generator(device=dev).manual_seed(augment_seed(cfg.seed, epoch, dist.rank))
+        row = train_one_epoch(
+            model, train_loader, optimizer, scheduler, loss_fn, augment,
+            epoch=epoch, dist=dist, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip,
+            precision=cfg.precision, generator=gen, progress=cfg.progress,
+        )  # fmt: skip
+        row |= validate(
+            raw,
+            valid_loader,
+            augment,
+            dist=dist,
+            expected=len(y_valid),
+            precision=cfg.precision,
+            progress=cfg.progress,
+        )
+        row["prior_loss"] = prior_loss
+        improved = row["valid_loss"] < best
+        best = min(best, row["valid_loss"])
+        if dist.main:
+            log.append(row)
+            save_checkpoint(
+                last, model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                step=row["step"], epoch=epoch, config=cfg.to_dict(), rng=rng_state(), prior=prior.tolist(),
+                normalize={"mean": list(mean), "std": list(std)}, image_size=image_size,
+                data={"fingerprint": build.fingerprint, "encoding": build.encoding, "size": build.size},
+                metrics=row, best_loss=best,
+            )  # fmt: skip
+            if improved:
+                shutil.copyfile(last, out / "best.pt.partial")
+                (out / "best.pt.partial").replace(out / "best.pt")
+            say(
+                f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, valid loss "
+                f"{row['valid_loss']:.4f} (prior {prior_loss:.4f}), AUC any {row['valid_auc_any']:.3f}, "
+                f"{row['train_images_per_s']:.0f} img/s{' *best' if improved else ''}"
+            )
+        distributed.barrier(dist)
+
+    summary = {
+        "out": str(out),
+        "best_valid_loss": best,
+        "prior_loss": prior_loss,
+        "last": row,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    say(
+        f"done: best valid weighted log loss {best:.4f} vs prior baseline {prior_loss:.4f}; "
+        f"checkpoints in {out} ({summary['wall_s']:.0f} s)"
+    )
+    return summary

@@ -1,0 +1,62 @@
+"""Model factory and local pretrained weights (never a hub)."""
+
+import socket
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from ich_train.model import PretrainedError, create_model
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_any_timm_name_gives_a_six_label_head():
+    """The classifier outputs one logit per label."""
+    assert create_model("resnet10t")(torch.zeros(2, 3, 32, 32)).shape == (2, 6)
+
+
+def test_unknown_model_names_how_to_list_models():
+    """A typo in --model says how to list the valid names."""
+    with pytest.raises(ValueError, match="timm.list_models"):
+        create_model("resnet10tt")
+
+
+def test_safetensors_imagenet_weights_load_without_network(tmp_path, no_network):
+    """A 1000-class .safetensors loads into the 6-label model: backbone copied, head left new."""
+    src = timm.create_model("resnet10t", num_classes=1000)
+    save_file(src.state_dict(), tmp_path / "w.safetensors")
+    model = create_model("resnet10t", pretrained=str(tmp_path / "w.safetensors"))
+    torch.testing.assert_close(model.conv1[0].weight, src.conv1[0].weight)
+    assert model.fc.weight.shape == (6, src.fc.weight.shape[1])
+
+
+def test_timm_checkpoint_with_wrapper_and_ddp_prefix_loads(tmp_path, no_network):
+    """A torch checkpoint {'state_dict': {'module.*': ...}} loads too."""
+    src = timm.create_model("resnet10t", num_classes=1000)
+    torch.save(
+        {"state_dict": {"module." + k: v for k, v in src.state_dict().items()}, "epoch": 3},
+        tmp_path / "w.pth",
+    )
+    model = create_model("resnet10t", pretrained=str(tmp_path / "w.pth"))
+    torch.testing.assert_close(model.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    """mobilenet weights for a resnet: refused with a message naming the fix."""
+    save_file(timm.create_model("mobilenetv3_small_050").state_dict(), tmp_path / "m.safetensors")
+    with pytest.raises(PretrainedError, match="another architecture"):
+        create_model("resnet10t", pretrained=str(tmp_path / "m.safetensors"))
+
+
+def test_missing_weights_file_says_to_download_it(tmp_path):
+    """A wrong --pretrained path is named, with the fix."""
+    with pytest.raises(PretrainedError, match="local path"):
+        create_model("resnet10t", pretrained=str(tmp_path / "missing.safetensors"))
