@@ -1,0 +1,168 @@
+"""Training throughput in images/s, same model and optimizer step for every input path:
+
+(a) one batch resident on the device (the ceiling),
+(b) the full pipeline: shards -> DataLoader workers -> pinned uint8 -> device augmentation,
+(c) the baseline of well-known Kaggle notebooks: DataLoader workers read each DICOM with pydicom,
+    cast to float64, window the full-size slice 3 times and cv2.resize it, every step;
+plus the CPU cost of decoding one shard image (ms, one core).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from ich_prep.shards import decode_image
+from ich_train.augment import AugmentParams, DeviceAugment
+from ich_train.data import Build, TrainStream, create_loader, read_shard
+from ich_train.distributed import pick_device
+from ich_train.engine import autocast
+from ich_train.losses import MultiLabelLoss
+from ich_train.model import create_model, normalization
+
+KAGGLE_WINDOWS = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
+
+
+class KaggleDicomDataset(Dataset):
+    """Per-step DICOM decoding and windowing, the way popular RSNA 2019 notebooks load data."""
+
+    def __init__(self, files: list[str], size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        import pydicom  # only the baseline needs it
+
+        ds = pydicom.dcmread(self.files[i])
+        img = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(
+            ds.RescaleIntercept
+        )
+        chans = [np.clip((img - (c - w / 2)) / w, 0, 1) for c, w in KAGGLE_WINDOWS]
+        x = cv2.resize(np.stack(chans, axis=-1), (self.size, self.size))
+        return torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32)), torch.zeros(6)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _rate(batches, step, warmup: int, steps: int, dev: torch.device) -> float:
+    """images/s of `step` over `steps` batches after `warmup` untimed ones (worker start-up excluded)."""
+    n, t0 = 0, None
+    for i, (x, y) in enumerate(itertools.islice(batches, warmup + steps)):
+        if i == warmup:
+            _sync(dev)
+            t0 = time.perf_counter()
+        step(x, y)
+        if t0 is not None:
+            n += x.shape[0]
+    _sync(dev)
+    if t0 is None or n == 0:
+        raise RuntimeError("no timed steps ran; raise --steps")
+    return n / (time.perf_counter() - t0)
+
+
+def decode_cost_ms(build: Build, samples: int = 200) -> float:
+    """Mean ms to decode one image of the first shard on one core."""
+    raw = [
+        s[build.encoding]
+        for s in itertools.islice(read_shard(build.shards[0], build.encoding), samples)
+    ]
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        t0 = time.perf_counter()
+        for data in raw:
+            decode_image(data, build.encoding)
+        return (time.perf_counter() - t0) / len(raw) * 1e3
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def bench(
+    shards: str, model: str = "efficientnet_b0", batch_size: int = 256, image_size: int | None = None,
+    steps: int = 20, warmup: int = 3, workers: int = 4, dicom_dir: str | None = None,
+    device: str = "auto", precision: str = "auto", say=print,
+) -> dict:  # fmt: skip
+    """Run (a), (b), (c) and the decode cost; print and return the numbers."""
+    dev = pick_device(device)
+    build = Build(shards)
+    size = image_size or build.size
+    net = create_model(model).to(dev, memory_format=torch.channels_last)
+    mean, std = normalization(net)
+    augment = DeviceAugment(size, mean, std, AugmentParams(), channels_last=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=dev.type == "cuda" or None)
+    loss_fn = MultiLabelLoss().to(dev)
+    mean_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def step(x, y):
+        with autocast(dev, precision):
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def uint8_step(images, y):
+        step(
+            augment(images.to(dev, non_blocking=True), train=True, generator=gen),
+            y.to(dev, non_blocking=True),
+        )
+
+    def float_step(x, y):
+        x = (x.to(dev, non_blocking=True) - mean_t) / std_t
+        step(x.contiguous(memory_format=torch.channels_last), y.to(dev, non_blocking=True))
+
+    say(
+        f"bench: {model} at {size}px, batch {batch_size}, {steps} timed steps after {warmup}, {workers} workers, {dev}"
+    )
+    stream = TrainStream(
+        build.shards, build.encoding, batch_size, warmup + steps, shuffle_buffer=batch_size
+    )
+    loader = create_loader(stream, workers, dev)
+    first = next(
+        iter(
+            create_loader(
+                TrainStream(build.shards, build.encoding, batch_size, 1, shuffle_buffer=1), 0, dev
+            )
+        )
+    )
+    resident = (first["image"].to(dev), torch.nan_to_num(first["label"]).to(dev))
+    res = {"model": model, "image_size": size, "batch_size": batch_size, "device": str(dev)}
+    res["a_resident"] = _rate(itertools.repeat(resident), uint8_step, warmup, steps, dev)
+    say(f"(a) batch resident on device:   {res['a_resident']:9.1f} img/s")
+    batches = ((b["image"], torch.nan_to_num(b["label"])) for b in loader)
+    res["b_pipeline"] = _rate(batches, uint8_step, warmup, steps, dev)
+    res["b_over_a"] = res["b_pipeline"] / res["a_resident"]
+    say(
+        f"(b) full pipeline from shards:  {res['b_pipeline']:9.1f} img/s   b/a = {res['b_over_a']:.2f}"
+    )
+    if dicom_dir:
+        files = sorted(str(p) for p in Path(dicom_dir).rglob("*.dcm"))
+        if not files:
+            raise FileNotFoundError(f"--dicom-dir {dicom_dir} holds no .dcm files")
+        sampler = RandomSampler(files, replacement=True, num_samples=(warmup + steps) * batch_size)
+        base = DataLoader(KaggleDicomDataset(files, size), batch_size, sampler=sampler, num_workers=workers,
+                          pin_memory=dev.type == "cuda", drop_last=True)  # fmt: skip
+        res["c_baseline"] = _rate(iter(base), float_step, warmup, steps, dev)
+        res["b_over_c"] = res["b_pipeline"] / res["c_baseline"]
+        say(
+            f"(c) baseline DICOM loader:      {res['c_baseline']:9.1f} img/s   b/c = {res['b_over_c']:.2f}"
+        )
+    else:
+        say("(c) baseline DICOM loader: skipped (pass --dicom-dir with the DICOMs to compare)")
+    res["decode_ms"] = decode_cost_ms(build)
+    say(
+        f"CPU decode cost ({build.encoding}, {build.size}px): {res['decode_ms']:.3f} ms/image on one core"
+    )
+    return res

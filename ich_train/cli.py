@@ -1,0 +1,226 @@
+"""`ich-train fit | evaluate | predict | bench`: one add_*_parser / do_* pair per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from ich_prep.manifest import FormatError
+from ich_train.checkpoint import CheckpointError
+from ich_train.config import ConfigError, TrainConfig
+from ich_train.data import ShardError
+from ich_train.model import PretrainedError
+from ich_train.submission import SubmissionError
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+# errors a user can fix from the message; anything else is a bug and keeps its traceback
+USER_ERRORS = (
+    ConfigError,
+    FormatError,
+    ShardError,
+    CheckpointError,
+    PretrainedError,
+    SubmissionError,
+    FileNotFoundError,
+)
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2,3, got {text!r}"
+        ) from e
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or 6 comma-separated numbers, got {text!r}"
+        ) from e
+
+
+def _runtime_args(p: argparse.ArgumentParser, batch_size: int) -> None:
+    p.add_argument("--batch-size", type=int, default=batch_size, help="per process (per GPU)")
+    p.add_argument(
+        "--workers", type=int, default=DEFAULTS["workers"], help="DataLoader worker processes"
+    )
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cuda or cpu")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+
+
+def add_fit_parser(sub) -> None:
+    p = sub.add_parser("fit", help="train a timm classifier on shard folds")
+    p.add_argument("--shards", required=True, help="build folder or URL prefix (ich-prep output)")
+    p.add_argument(
+        "--out", required=True, help="run folder: config.json, metrics.csv/png, last.pt, best.pt"
+    )
+    p.add_argument("--valid-fold", type=int, default=DEFAULTS["valid_fold"])
+    p.add_argument(
+        "--train-folds",
+        type=int_list,
+        default=None,
+        help="e.g. 0,1,2,3 (default: all but --valid-fold)",
+    )
+    p.add_argument("--model", default=DEFAULTS["model"], help="any timm model name")
+    p.add_argument(
+        "--pretrained", default=None, help="local .safetensors or timm .pth with ImageNet weights"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last.pt"
+    )
+    p.add_argument(
+        "--image-size", type=int, default=None, help="resize on device (default: the shards' size)"
+    )
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    p.add_argument(
+        "--epoch-samples",
+        type=int,
+        default=None,
+        help="samples per epoch (default: all training samples)",
+    )
+    _runtime_args(p, DEFAULTS["batch_size"])
+    p.add_argument("--valid-batch-size", type=int, default=None)
+    p.add_argument(
+        "--accum-steps", type=int, default=DEFAULTS["accum_steps"], help="gradient accumulation"
+    )
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--min-lr-ratio", type=float, default=DEFAULTS["min_lr_ratio"])
+    p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
+    p.add_argument(
+        "--warmup-frac",
+        type=float,
+        default=DEFAULTS["warmup_frac"],
+        help="share of steps warming up",
+    )
+    p.add_argument(
+        "--grad-clip", type=float, default=DEFAULTS["grad_clip"], help="max grad norm, 0 = off"
+    )
+    p.add_argument("--drop-rate", type=float, default=DEFAULTS["drop_rate"])
+    p.add_argument("--loss", choices=("bce", "asl"), default=DEFAULTS["loss"])
+    p.add_argument(
+        "--pos-weight", type=float_list, default=None, help="positive weight: 1 value or 6"
+    )
+    p.add_argument("--asl-gamma-pos", type=float, default=DEFAULTS["asl_gamma_pos"])
+    p.add_argument("--asl-gamma-neg", type=float, default=DEFAULTS["asl_gamma_neg"])
+    p.add_argument("--asl-clip", type=float, default=DEFAULTS["asl_clip"])
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    for name in ("hflip", "rotate_deg", "scale", "shift", "brightness", "contrast", "noise"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=DEFAULTS[name])
+    p.add_argument("--shuffle-buffer", type=int, default=DEFAULTS["shuffle_buffer"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.set_defaults(func=do_fit)
+
+
+def do_fit(args) -> int:
+    from ich_train.train import fit
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    fit(cfg, resume=args.resume)
+    return 0
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="metrics of a checkpoint on one fold, plus out-of-fold predictions"
+    )
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument(
+        "--out",
+        default=None,
+        help="predictions Parquet (default: oof_fold<K>.parquet beside the checkpoint)",
+    )
+    p.add_argument("--tta", choices=("hflip",), nargs="*", default=[])
+    _runtime_args(p, 128)
+    p.set_defaults(func=do_evaluate)
+
+
+def do_evaluate(args) -> int:
+    from ich_train.infer import evaluate
+
+    m = evaluate(args.checkpoint, args.shards, args.fold, args.out, tuple(args.tta), args.batch_size,
+                 args.workers, args.device, args.progress)  # fmt: skip
+    print(json.dumps(m, indent=1))
+    if not m["out_of_fold"]:
+        print(
+            f"note: fold {args.fold} was a training fold of this checkpoint; these metrics are not out-of-fold"
+        )
+    return 0
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="Kaggle submission CSV from one or more checkpoints (averaged)"
+    )
+    p.add_argument("--checkpoint", nargs="+", required=True)
+    p.add_argument("--shards", required=True, help="the test build")
+    p.add_argument("--out", default="submission.csv")
+    p.add_argument("--tta", choices=("hflip",), nargs="*", default=[])
+    _runtime_args(p, 128)
+    p.set_defaults(func=do_predict)
+
+
+def do_predict(args) -> int:
+    from ich_train.infer import predict_submission
+
+    r = predict_submission(args.checkpoint, args.shards, args.out, tuple(args.tta), args.batch_size,
+                           args.workers, args.device, args.progress)  # fmt: skip
+    print(
+        f"wrote {r['out']}: {r['images']} images x 6 labels from {r['checkpoints']} checkpoint(s)"
+    )
+    if r["filled_with_prior"]:
+        print(
+            f"note: {r['filled_with_prior']} images the build could not read got the training prior"
+        )
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="training images/s: resident batch vs shard pipeline vs DICOM baseline"
+    )
+    p.add_argument("--shards", required=True)
+    p.add_argument("--model", default="efficientnet_b0")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--dicom-dir", default=None, help="DICOM folder for the baseline loader (c)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    _runtime_args(p, 256)
+    p.set_defaults(func=do_bench)
+
+
+def do_bench(args) -> int:
+    from ich_train.bench import bench
+
+    bench(args.shards, args.model, args.batch_size, args.image_size, args.steps, args.warmup, args.workers,
+          args.dicom_dir, args.device, args.precision)  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ich-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_fit_parser, add_evaluate_parser, add_predict_parser, add_bench_parser):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"ich-train {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,118 @@
+"""Inference from checkpoints: evaluate() a labelled fold (metrics + out-of-fold Parquet) and
+predict_submission() a test build (checkpoints and TTA averaged) into a Kaggle CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ich_prep import LABELS
+from ich_train import distributed
+from ich_train.augment import AugmentParams, DeviceAugment
+from ich_train.checkpoint import load_checkpoint
+from ich_train.data import Build, EvalStream, create_loader
+from ich_train.engine import predict
+from ich_train.metrics import compute_metrics, weighted_log_loss
+from ich_train.model import create_model
+from ich_train.submission import align_to_index, check_submission, write_submission
+
+NO_AUGMENT = AugmentParams(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def load_model(path: str | Path, device: torch.device):
+    """(model in eval mode on `device`, its DeviceAugment without augmentation, the checkpoint dict)."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    model = create_model(cfg["model"])
+    model.load_state_dict(ckpt["model"])
+    cl = bool(cfg.get("channels_last", True))
+    model.to(device, memory_format=torch.channels_last if cl else torch.preserve_format).eval()
+    norm = ckpt["normalize"]
+    return model, DeviceAugment(ckpt["image_size"], norm["mean"], norm["std"], NO_AUGMENT, cl), ckpt
+
+
+def _predict_checkpoint(path, build, shards, dist, batch_size, workers, tta, progress) -> dict:
+    model, augment, ckpt = load_model(path, dist.device)
+    stream = EvalStream(
+        shards, build.encoding, batch_size, rank=dist.rank, world=dist.world, workers=workers
+    )
+    loader = create_loader(stream, workers, dist.device)
+    precision = ckpt["config"].get("precision", "auto")
+    out = predict(
+        model, loader, augment, dist=dist, precision=precision, tta=tta, progress=progress
+    )
+    out["ckpt"] = ckpt
+    return out
+
+
+def evaluate(
+    checkpoint: str, shards: str, fold: int, out: str | None = None, tta: tuple[str, ...] = (),
+    batch_size: int = 128, workers: int = 4, device: str = "auto", progress: bool = True,
+) -> dict:  # fmt: skip
+    """Metrics of `checkpoint` on `fold` of `shards`; out-of-fold predictions written to `out` (Parquet)."""
+    dist = distributed.setup(device)
+    try:
+        build = Build(shards)
+        sel = build.select([fold])
+        res = _predict_checkpoint(checkpoint, build, sel, dist, batch_size, workers, tta, progress)
+        cfg = res["ckpt"]["config"]
+        metrics = compute_metrics(res["labels"], res["probs"])
+        prior = np.asarray(res["ckpt"]["prior"])
+        metrics["prior_loss"] = weighted_log_loss(
+            res["labels"], np.broadcast_to(prior, res["labels"].shape)
+        )
+        metrics["images"] = len(res["ids"])
+        trained_on = cfg.get("train_folds") or [f for f in build.folds if f != cfg["valid_fold"]]
+        metrics["out_of_fold"] = fold not in trained_on
+        path = Path(out) if out else Path(checkpoint).with_name(f"oof_fold{fold}.parquet")
+        if dist.main:
+            frame = pd.DataFrame({"image_id": res["ids"], "fold": fold})
+            for j, lab in enumerate(LABELS):
+                frame[lab] = res["labels"][:, j].astype(np.int8)
+            for j, lab in enumerate(LABELS):
+                frame[f"pred_{lab}"] = res["probs"][:, j]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(path, index=False)
+        metrics["predictions"] = str(path)
+        return metrics
+    finally:
+        distributed.cleanup()
+
+
+def predict_submission(
+    checkpoints: list[str], shards: str, out: str, tta: tuple[str, ...] = (),
+    batch_size: int = 128, workers: int = 4, device: str = "auto", progress: bool = True,
+) -> dict:  # fmt: skip
+    """Average the probabilities of `checkpoints` (and TTA views) over every shard of `shards`; write
+    the Kaggle CSV. Images the build could not read get the checkpoints' mean training prior."""
+    dist = distributed.setup(device)
+    try:
+        build = Build(shards)
+        sel = build.select(None)
+        total, priors, ids = None, [], None
+        for path in checkpoints:
+            res = _predict_checkpoint(path, build, sel, dist, batch_size, workers, tta, progress)
+            order = np.argsort(res["ids"])
+            probs, these = res["probs"][order], [res["ids"][i] for i in order]
+            if ids is not None and these != ids:
+                raise RuntimeError(
+                    f"{path} predicted a different set of images than {checkpoints[0]}"
+                )
+            ids, total = these, probs if total is None else total + probs
+            priors.append(np.asarray(res["ckpt"]["prior"]))
+        fill = np.mean(priors, axis=0)
+        ids, probs, n_filled = align_to_index(build.index, ids, total / len(checkpoints), fill)
+        if dist.main:
+            write_submission(out, ids, probs)
+            check_submission(out, ids)
+        return {
+            "out": out,
+            "images": len(ids),
+            "filled_with_prior": n_filled,
+            "checkpoints": len(checkpoints),
+        }
+    finally:
+        distributed.cleanup()

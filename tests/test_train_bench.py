@@ -1,0 +1,47 @@
+"""`ich-train bench` runs end to end at tiny sizes on CPU."""
+
+import re
+
+import pytest
+
+from ich_prep.synth import write_synthetic
+from ich_train.bench import KaggleDicomDataset
+from ich_train.cli import main
+from tests.train_fixtures import make_build
+
+TINY = ["--model", "resnet10t", "--batch-size", "4", "--image-size", "32", "--steps", "2", "--warmup", "1",
+        "--workers", "1", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dicoms(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp("raw"), patients=2, seed=0, quirks=False)[
+        "train_dir"
+    ]
+
+
+def test_bench_prints_all_three_rates_ratios_and_decode_cost(tmp_path, capsys, dicoms):
+    """With --dicom-dir: (a), (b), (c), b/a, b/c and the per-image decode time."""
+    shards = make_build(tmp_path, folds=2, per_shard=8, size=32)
+    assert main(["bench", "--shards", str(shards), "--dicom-dir", str(dicoms), *TINY]) == 0
+    out = capsys.readouterr().out
+    for pattern in (r"\(a\).* [\d.]+ img/s", r"\(b\).* [\d.]+ img/s\s+b/a = [\d.]+", r"\(c\).* [\d.]+ img/s\s+b/c = [\d.]+",
+                    r"decode cost .* [\d.]+ ms/image"):  # fmt: skip
+        assert re.search(pattern, out), (pattern, out)
+
+
+def test_bench_without_dicoms_skips_the_baseline_with_a_note(tmp_path, capsys):
+    """No --dicom-dir: (c) is skipped and says how to enable it."""
+    shards = make_build(tmp_path, folds=2, per_shard=8, size=32)
+    assert main(["bench", "--shards", str(shards), *TINY]) == 0
+    assert "(c) baseline DICOM loader: skipped (pass --dicom-dir" in capsys.readouterr().out
+
+
+def test_kaggle_baseline_windows_full_size_slices_into_three_channels(dicoms):
+    """The baseline loader yields float32 (3, size, size) in [0, 1] per DICOM."""
+    from pathlib import Path
+
+    files = sorted(str(p) for p in Path(dicoms).glob("*.dcm"))
+    x, _ = KaggleDicomDataset(files, 48)[0]
+    assert x.shape == (3, 48, 48) and x.dtype.is_floating_point
+    assert 0 <= float(x.min()) and float(x.max()) <= 1

@@ -1,0 +1,156 @@
+"""fit(): learning on a synthetic set, run folder contents, checkpoints, resume."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import ich_train.train as train_mod
+from ich_train.checkpoint import load_checkpoint
+from ich_train.cli import main
+from ich_train.config import ConfigError, TrainConfig
+from ich_train.train import fit
+from tests.train_fixtures import make_build
+
+TINY = dict(
+    model="resnet10t", image_size=32, batch_size=8, workers=0, progress=False, shuffle_buffer=16
+)
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """One CLI fit: 3 folds of 48 learnable images, 3 epochs; returns (run dir, printed text)."""
+    root = tmp_path_factory.mktemp("fit")
+    shards = make_build(root / "shards", folds=3, per_shard=48, size=32, seed=1)
+    out = root / "run"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["fit", "--shards", str(shards), "--out", str(out), "--valid-fold", "2", "--model", "resnet10t",
+                   "--epochs", "3", "--batch-size", "16", "--lr", "2e-3", "--workers", "0", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    return out, buf.getvalue()
+
+
+def test_fit_learns_well_below_the_prior_baseline(learned):
+    """Best validation loss is well under the constant-prior loss and AUC(any) > 0.9."""
+    out, _ = learned
+    m = pd.read_csv(out / "metrics.csv")
+    best = m.loc[m["valid_loss"].idxmin()]
+    assert best["valid_loss"] < 0.8 * best["prior_loss"]
+    assert best["valid_auc_any"] > 0.9
+
+
+def test_fit_prints_prior_baseline_and_model_loss(learned):
+    """A person sees both numbers: the prior baseline and the model's validation loss."""
+    _, text = learned
+    assert "prior baseline (training label frequencies)" in text
+    assert "best valid weighted log loss" in text and "vs prior baseline" in text
+
+
+def test_run_folder_has_config_metrics_plot_and_checkpoints(learned):
+    """config.json, one metrics.csv row per epoch, metrics.png, last.pt and best.pt."""
+    out, _ = learned
+    assert json.loads((out / "config.json").read_text())["model"] == "resnet10t"
+    assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [0, 1, 2]
+    assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+
+
+def test_checkpoints_load_with_weights_only(learned):
+    """torch.load(weights_only=True) reads them: only tensors and python primitives inside."""
+    out, _ = learned
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(out / name, map_location="cpu", weights_only=True)
+        assert {"model", "optimizer", "scheduler", "step", "epoch", "config", "rng"} <= set(ckpt)
+        assert isinstance(ckpt["rng"]["torch"], torch.Tensor)
+        assert TrainConfig.from_dict(ckpt["config"]).model == "resnet10t"
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3 * (96 // 16)
+
+
+class Preempted(Exception):
+    pass
+
+
+def _resume_cfg(root, out, **kw):
+    return TrainConfig(
+        shards=str(root), out=str(out), valid_fold=1, epochs=2, **{**TINY, "lr": 1e-3, **kw}
+    )
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """An uninterrupted 2-epoch run and one preempted after epoch 1 then resumed."""
+    tmp = tmp_path_factory.mktemp("resume")
+    root = make_build(tmp / "shards", folds=2, per_shard=24, size=32)
+    fit(_resume_cfg(root, tmp / "straight"))
+    real, calls = train_mod.train_one_epoch, []
+
+    def preempt_second_epoch(*a, **kw):
+        if kw["epoch"] == 1:
+            raise Preempted
+        return real(*a, **kw)
+
+    def count(*a, **kw):
+        calls.append(kw["epoch"])
+        return real(*a, **kw)
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(train_mod, "train_one_epoch", preempt_second_epoch)
+        with pytest.raises(Preempted):
+            fit(_resume_cfg(root, tmp / "resumed"))
+        saved = load_checkpoint(tmp / "resumed" / "last.pt")
+        mp.setattr(train_mod, "train_one_epoch", count)
+        fit(
+            _resume_cfg(root, tmp / "resumed", workers=1), resume=True
+        )  # a runtime field may change
+    finally:
+        mp.undo()
+    return tmp, root, saved, calls
+
+
+def test_resume_continues_from_the_saved_epoch_and_step(resumed):
+    """The resumed run trains only epoch 2, continuing the step count, and the CSV has one row per epoch."""
+    tmp, _, saved, calls = resumed
+    assert saved["epoch"] == 0 and saved["step"] == 24 // 8
+    assert calls == [1]
+    m = pd.read_csv(tmp / "resumed" / "metrics.csv")
+    assert list(m["epoch"]) == [0, 1] and list(m["step"]) == [3, 6]
+
+
+def test_resume_matches_an_uninterrupted_run(resumed):
+    """Weights and optimizer state after preempt + resume equal those of a straight run."""
+    tmp, _, _, _ = resumed
+    a, b = (
+        load_checkpoint(tmp / "straight" / "last.pt"),
+        load_checkpoint(tmp / "resumed" / "last.pt"),
+    )
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k])
+    for pid, state in a["optimizer"]["state"].items():
+        torch.testing.assert_close(state["exp_avg_sq"], b["optimizer"]["state"][pid]["exp_avg_sq"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+
+
+def test_resume_refuses_a_config_that_changes_training(resumed):
+    """Resuming with another --lr fails before training, naming the field."""
+    tmp, root, _, _ = resumed
+    with pytest.raises(ConfigError, match="--lr"):
+        fit(_resume_cfg(root, tmp / "resumed", lr=5e-3), resume=True)
+
+
+def test_fresh_fit_refuses_an_existing_run(resumed):
+    """Without --resume an existing run folder is not overwritten."""
+    tmp, root, _, _ = resumed
+    with pytest.raises(ConfigError, match="pass --resume"):
+        fit(_resume_cfg(root, tmp / "straight"))
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
+    """A missing build exits 2 with a message saying what to run."""
+    assert main(["fit", "--shards", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert "ich-prep build" in capsys.readouterr().err

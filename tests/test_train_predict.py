@@ -1,0 +1,108 @@
+"""evaluate (metrics + out-of-fold Parquet) and predict (Kaggle submission)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ich_prep import LABELS
+from ich_train.cli import main
+from ich_train.config import TrainConfig
+from ich_train.infer import evaluate, predict_submission
+from ich_train.metrics import weighted_log_loss
+from ich_train.submission import SubmissionError, check_submission, write_submission
+from ich_train.train import fit
+from tests.train_fixtures import make_build
+
+RUN = dict(
+    model="resnet10t",
+    image_size=32,
+    batch_size=8,
+    epochs=1,
+    workers=0,
+    progress=False,
+    valid_fold=1,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Two 1-epoch checkpoints (seeds 0 and 1), a train build and a test build with 2 unreadable images."""
+    tmp = tmp_path_factory.mktemp("pred")
+    train = make_build(tmp / "train", folds=2, per_shard=16, size=32)
+    test = make_build(
+        tmp / "test", test=True, per_shard=10, shards_per_fold=2, size=32, error_rows=2, seed=5
+    )
+    ckpts = []
+    for seed in (0, 1):
+        fit(TrainConfig(shards=str(train), out=str(tmp / f"run{seed}"), seed=seed, **RUN))
+        ckpts.append(str(tmp / f"run{seed}" / "last.pt"))
+    return tmp, train, test, ckpts
+
+
+def _sub(setup, name, ckpts, tta=()):
+    tmp, _, test, _ = setup
+    predict_submission(ckpts, str(test), str(tmp / name), tta=tta, workers=0, progress=False)
+    return pd.read_csv(tmp / name)
+
+
+def test_submission_has_six_rows_per_test_image_exactly_once(setup):
+    """Header ID,Label; ID_<image>_<subtype> for every image of the test index, once; values in [0, 1]."""
+    tmp, _, test, ckpts = setup
+    sub = _sub(setup, "one.csv", ckpts[:1])
+    index = pd.read_parquet(test / "index.parquet")
+    assert list(sub.columns) == ["ID", "Label"]
+    assert len(sub) == 6 * len(index) == 6 * 22
+    assert sorted(sub["ID"]) == sorted(f"{i}_{lab}" for i in index["image_id"] for lab in LABELS)
+    assert sub["Label"].between(0, 1).all()
+    assert list(sub["ID"][:6]) == [f"{index['image_id'][0]}_{lab}" for lab in LABELS]
+
+
+def test_unreadable_images_get_the_training_prior(setup):
+    """Index rows with status error (no sample) are predicted with the checkpoint's label prior."""
+    import torch
+
+    _, _, _, ckpts = setup
+    sub = _sub(setup, "one.csv", ckpts[:1]).set_index("ID")["Label"]
+    prior = torch.load(ckpts[0], weights_only=True)["prior"]
+    got = [sub[f"ID_bad00000_{lab}"] for lab in LABELS]
+    np.testing.assert_allclose(got, prior, rtol=1e-5)
+
+
+def test_several_checkpoints_average(setup):
+    """Two checkpoints give the mean of their single-checkpoint probabilities."""
+    _, _, _, ckpts = setup
+    a, b = _sub(setup, "a.csv", ckpts[:1]), _sub(setup, "b.csv", ckpts[1:])
+    ab = _sub(setup, "ab.csv", ckpts)
+    assert not np.allclose(a["Label"], b["Label"])
+    np.testing.assert_allclose(ab["Label"], (a["Label"] + b["Label"]) / 2, atol=2e-6, rtol=1e-5)
+
+
+def test_hflip_tta_changes_predictions_and_keeps_the_format(setup):
+    """--tta hflip averages a mirrored view: different numbers, same rows."""
+    tmp, _, test, ckpts = setup
+    plain = _sub(setup, "one.csv", ckpts[:1])
+    assert main(["predict", "--checkpoint", ckpts[0], "--shards", str(test), "--out", str(tmp / "tta.csv"),
+                 "--tta", "hflip", "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+    tta = pd.read_csv(tmp / "tta.csv")
+    assert list(tta["ID"]) == list(plain["ID"])
+    assert not np.allclose(tta["Label"], plain["Label"])
+
+
+def test_evaluate_writes_out_of_fold_predictions_matching_its_metric(setup):
+    """Every image of the fold once in the Parquet; its loss recomputed from the file equals the metric."""
+    tmp, train, _, ckpts = setup
+    m = evaluate(ckpts[0], str(train), 1, out=str(tmp / "oof.parquet"), workers=0, progress=False)
+    oof = pd.read_parquet(tmp / "oof.parquet")
+    index = pd.read_parquet(train / "index.parquet")
+    assert sorted(oof["image_id"]) == sorted(index.loc[index["fold"] == 1, "image_id"])
+    y, p = oof[list(LABELS)].to_numpy(), oof[[f"pred_{k}" for k in LABELS]].to_numpy()
+    assert m["valid_loss"] == pytest.approx(weighted_log_loss(y, p))
+    assert m["out_of_fold"] is True
+
+
+def test_check_submission_rejects_a_missing_image(tmp_path):
+    """A submission lacking one image of the index fails the check."""
+    path = write_submission(tmp_path / "s.csv", ["ID_a", "ID_b"], np.full((2, 6), 0.5))
+    check_submission(path, ["ID_a", "ID_b"])
+    with pytest.raises(SubmissionError, match="do not match"):
+        check_submission(path, ["ID_a", "ID_b", "ID_c"])
