@@ -1,7 +1,8 @@
 """Checkpoints: plain dicts of tensors and python primitives, loadable with weights_only=True.
 
 {'format', 'model', 'optimizer', 'scheduler', 'step', 'epoch', 'config', 'rng', 'prior',
- 'normalize', 'data', 'metrics', 'best_loss'}; written to a temporary name, then renamed.
+ 'normalize', 'image_size', 'data', 'metrics', 'best_loss', 'best_metrics'}; written to a
+temporary name, then renamed.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         f"prior baseline (training label frequencies) on fold {cfg.valid_fold}: weighted log loss {prior_loss:.4f}"
     )
     log = MetricsLog(out, keep_before_epoch=start_epoch) if dist.main else None
-    t_start, row = time.perf_counter(), {}
+    t_start, row, best_row = time.perf_counter(), {}, dict(ckpt["best_metrics"]) if ckpt else {}
 
     # ---- epochs
     for epoch in range(start_epoch, cfg.epochs):
@@ -167,6 +167,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         row["prior_loss"] = prior_loss
         improved = row["valid_loss"] < best
         best = min(best, row["valid_loss"])
+        best_row = row if improved else best_row
         if dist.main:
             log.append(row)
             save_checkpoint(
@@ -174,7 +175,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
                 step=row["step"], epoch=epoch, config=cfg.to_dict(), rng=rng_state(), prior=prior.tolist(),
                 normalize={"mean": list(mean), "std": list(std)}, image_size=image_size,
                 data={"fingerprint": build.fingerprint, "encoding": build.encoding, "size": build.size},
-                metrics=row, best_loss=best,
+                metrics=row, best_loss=best, best_metrics=best_row,
             )  # fmt: skip
             if improved:
                 shutil.copyfile(last, out / "best.pt.partial")
@@ -189,12 +190,15 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     summary = {
         "out": str(out),
         "best_valid_loss": best,
+        "best_auc_any": best_row.get("valid_auc_any", math.nan),
+        "best_epoch": best_row.get("epoch", -1),
         "prior_loss": prior_loss,
         "last": row,
         "wall_s": time.perf_counter() - t_start,
     }
     say(
-        f"done: best valid weighted log loss {best:.4f} vs prior baseline {prior_loss:.4f}; "
+        f"done: best valid weighted log loss {best:.4f} (epoch {summary['best_epoch'] + 1}, AUC any "
+        f"{summary['best_auc_any']:.3f}) vs prior baseline {prior_loss:.4f}; "
         f"checkpoints in {out} ({summary['wall_s']:.0f} s)"
     )
     return summary

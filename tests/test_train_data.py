@@ -152,3 +152,26 @@ def test_index_and_manifest_disagreeing_is_refused(tmp_path):
     index.iloc[:-1].to_parquet(root / "index.parquet")
     with pytest.raises(ShardError, match="inconsistent"):
         Build(root)
+
+
+def test_shards_stream_over_http(tmp_path):
+    """A shard URL (http://) is read through webdataset's gopen like a local file."""
+    import functools
+    import http.server
+    import threading
+
+    root = make_build(tmp_path, folds=2, per_shard=5, size=16)
+    b = Build(root)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        local = b.select([0])[0]
+        url = f"http://127.0.0.1:{server.server_address[1]}/{local.name}"
+        remote = type(local)(local.name, url, local.fold, local.samples)
+        with deadline(60):
+            assert [s["__key__"] for s in read_shard(remote, b.encoding)] == [
+                s["__key__"] for s in read_shard(local, b.encoding)
+            ]
+    finally:
+        server.shutdown()

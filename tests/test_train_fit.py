@@ -154,3 +154,13 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
     """A missing build exits 2 with a message saying what to run."""
     assert main(["fit", "--shards", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
     assert "ich-prep build" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_steps_once_per_accum_batches(tmp_path):
+    """--accum-steps 2 with 24 images of batch 4: 6 batches, 3 optimizer steps per epoch."""
+    root = make_build(tmp_path / "shards", folds=2, per_shard=24, size=32)
+    cfg = TrainConfig(shards=str(root), out=str(tmp_path / "run"), valid_fold=1, epochs=1, accum_steps=2,
+                      **{**TINY, "batch_size": 4})  # fmt: skip
+    fit(cfg)
+    m = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(m["step"]) == [3] and list(m["train_images"]) == [24]
