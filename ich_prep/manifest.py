@@ -1,4 +1,8 @@
-"""manifest.json and index.parquet: write atomically, read from a folder or any fsspec URL, check the version."""
+"""manifest.json and index.parquet: write atomically, read from a folder or URL, check the version.
+
+URLs: http(s):// is read with the standard library (no aiohttp needed); other schemes (s3://, ...)
+through fsspec. See ich_prep.remote for the streaming and the safety rules.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,15 @@ import json
 import os
 from pathlib import Path
 
-import fsspec
 import pandas as pd
 
-from ich_prep import FORMAT_VERSION
+from ich_prep import FORMAT_VERSION, remote
+from ich_prep.remote import open_stream  # noqa: F401  (re-exported: streaming open of a shard)
 
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest of ~1,000 shards is ~200 KiB
+MAX_INDEX_BYTES = 4 * 1024**3  # the full RSNA index (~750k rows) is ~50 MB
 
 
 class FormatError(ValueError):
@@ -28,12 +33,11 @@ def join(root: str | os.PathLike, name: str) -> str:
 
 
 def read_bytes(url: str, limit: int | None = None) -> bytes:
-    """Whole file from a local path or fsspec URL (http(s)://, s3://, ...), refusing more than `limit` bytes."""
-    with fsspec.open(url, "rb") as f:
-        data = f.read(limit + 1 if limit else -1)
-    if limit and len(data) > limit:
-        raise FormatError(f"{url} is larger than {limit} bytes; refusing to read it")
-    return data
+    """Whole file from a local path or URL (http(s)://, s3://, ...), refusing more than `limit` bytes."""
+    try:
+        return remote.read_bytes(url, limit)
+    except ValueError as e:
+        raise FormatError(str(e)) from e
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -82,13 +86,33 @@ def load_manifest(root: str | os.PathLike) -> dict:
         manifest = json.loads(data)
     except json.JSONDecodeError as e:
         raise FormatError(f"{url} is not valid json: {e}") from e
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{url} is not a json object")
     check_version(manifest.get("format_version", "0"), url)
+    check_shard_names(manifest, url)
     return manifest
+
+
+def check_shard_names(manifest: dict, where: str) -> None:
+    """Shard names are flat file names: a manifest cannot point a reader outside its folder."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise FormatError(f"{where}: 'shards' is not a list")
+    for s in shards:
+        name = s.get("name") if isinstance(s, dict) else None
+        if not (
+            isinstance(name, str)
+            and remote.SAFE_FILE_NAME.fullmatch(name)
+            and name.endswith(".tar")
+        ):
+            raise FormatError(
+                f"{where}: shard name {name!r} is not a plain <name>.tar file name; refusing it"
+            )
 
 
 def load_index(root: str | os.PathLike, columns: list[str] | None = None) -> pd.DataFrame:
     """index.parquet of the build at `root` (folder or URL prefix)."""
     url = join(root, INDEX)
     if "://" in str(root):
-        return pd.read_parquet(io.BytesIO(read_bytes(url)), columns=columns)
+        return pd.read_parquet(io.BytesIO(read_bytes(url, MAX_INDEX_BYTES)), columns=columns)
     return pd.read_parquet(url, columns=columns)

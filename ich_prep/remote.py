@@ -1,0 +1,346 @@
+"""Read a build from wherever it lives, safely: a folder, an http(s) URL prefix, or any fsspec URL.
+
+http(s) goes through the standard library (urllib), so streaming from a web server needs no extra
+package; other schemes (s3://, gs://, memory://, ...) go through fsspec and its matching package.
+Every file is read as a sequential stream: nothing is copied to local disk first.
+
+Tar members are read in stream mode ('r|') and only regular files with flat, relative names are
+accepted; sizes are bounded before anything is read into memory, gzip is inflated with a bound, and
+nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html.parser
+import io
+import os
+import re
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import numpy as np
+
+from ich_prep.shards import MAX_JSON_BYTES, decode_image
+
+TIMEOUT_S = 60.0
+MAX_MEMBER_BYTES = 256 * 1024 * 1024  # a 1024x1024x3 raw image is 3 MiB; far larger is hostile
+MAX_LISTING_BYTES = 16 * 1024 * 1024
+SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # what a shard or member may be called
+
+
+def is_url(root: str | os.PathLike) -> bool:
+    return "://" in str(root)
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower()
+
+
+def _is_http(url: str) -> bool:
+    return is_url(url) and _scheme(url) in ("http", "https")
+
+
+def _http(url: str, method: str = "GET"):
+    """urllib response (a sequential binary stream); a 404 becomes FileNotFoundError."""
+    req = urllib.request.Request(url, method=method, headers={"User-Agent": "ich-prep"})
+    try:
+        return urllib.request.urlopen(req, timeout=TIMEOUT_S)  # noqa: S310 (http(s) only)
+    except urllib.error.HTTPError as e:
+        if e.code in (404, 410):
+            raise FileNotFoundError(f"{url}: HTTP {e.code} {e.reason}") from e
+        raise OSError(f"{url}: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise OSError(f"{url}: {e.reason}") from e
+
+
+def _fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def open_stream(url: str | os.PathLike) -> BinaryIO:
+    """A sequential binary stream of a local file or URL. Raises FileNotFoundError when absent."""
+    url = str(url)
+    if not is_url(url):
+        return open(url, "rb")
+    if _is_http(url):
+        return _http(url)
+    fs, path = _fs(url)
+    return fs.open(path, "rb")
+
+
+def read_bytes(url: str | os.PathLike, limit: int | None = None) -> bytes:
+    """Whole file, refusing more than `limit` bytes (ValueError) before reading them all."""
+    with open_stream(url) as f:
+        data = f.read(limit + 1) if limit else f.read()
+    if limit and len(data) > limit:
+        raise ValueError(f"{url} is larger than {limit} bytes; refusing to read it")
+    return data
+
+
+def file_size(url: str | os.PathLike) -> int | None:
+    """Size in bytes (None when a server does not say). Raises FileNotFoundError when absent."""
+    url = str(url)
+    if not is_url(url):
+        return os.stat(url).st_size
+    if _is_http(url):
+        with _http(url, "HEAD") as r:
+            n = r.headers.get("Content-Length")
+        return int(n) if n is not None and n.isdigit() else None
+    fs, path = _fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(url)
+    return int(fs.size(path))
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self.hrefs += [v for k, v in attrs if k == "href" and v]
+
+
+def list_names(root: str | os.PathLike) -> list[str] | None:
+    """Entries directly in `root` (folders end in '/'); None when a URL cannot be listed."""
+    root = str(root)
+    if not is_url(root):
+        return sorted(
+            e.name + ("/" if e.is_dir(follow_symlinks=False) else "") for e in os.scandir(root)
+        )
+    if _is_http(root):
+        try:  # a server's directory index (python -m http.server, nginx autoindex, Apache)
+            with _http(root.rstrip("/") + "/") as r:
+                if "html" not in r.headers.get("Content-Type", ""):
+                    return None
+                page = r.read(MAX_LISTING_BYTES).decode("utf-8", "replace")
+        except OSError:
+            return None
+        p = _Links()
+        p.feed(page)
+        names = set()
+        for href in p.hrefs:
+            name = urllib.parse.unquote(urllib.parse.urlsplit(href).path)
+            if name and "/" not in name.rstrip("/") and not name.startswith((".", "?")):
+                names.add(name)
+        return sorted(names)
+    fs, path = _fs(root)
+    try:
+        entries = fs.ls(path, detail=True)
+    except (FileNotFoundError, NotImplementedError):
+        return None
+    return sorted(
+        e["name"].rstrip("/").rsplit("/", 1)[-1] + ("/" if e.get("type") == "directory" else "")
+        for e in entries
+    )
+
+
+# ---------------------------------------------------------------- hashing while streaming
+
+
+class HashingReader(io.RawIOBase):
+    """Wraps a stream; sha256 and byte count of everything read through it."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n) if n is not None and n >= 0 else self.f.read()
+        self.sha.update(b)
+        self.n += len(b)
+        return b
+
+    def readinto(self, buf) -> int:
+        b = self.read(len(buf))
+        buf[: len(b)] = b
+        return len(b)
+
+    def drain(self) -> None:
+        """Read to the end (the tar padding after the last member)."""
+        while self.read(1 << 20):
+            pass
+
+
+# ---------------------------------------------------------------- safe tar members
+
+
+def unsafe_member(ti: tarfile.TarInfo) -> str | None:
+    """Why a tar member must not be read, or None: regular files with flat relative names only."""
+    name = ti.name
+    if not ti.isreg():
+        kind = (
+            "symlink"
+            if ti.issym()
+            else "hard link"
+            if ti.islnk()
+            else "device"
+            if ti.isdev()
+            else "folder"
+            if ti.isdir()
+            else "fifo"
+            if ti.isfifo()
+            else "special entry"
+        )
+        return f"member {name!r} is a {kind}; shards hold regular files only"
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
+        return f"member {name!r} has an absolute path"
+    if ".." in re.split(r"[/\\]", name):
+        return f"member {name!r} climbs out of the folder ('..')"
+    if not SAFE_FILE_NAME.fullmatch(name):
+        return f"member {name!r} is not a flat <key>.<field> name"
+    if ti.size > MAX_MEMBER_BYTES:
+        return f"member {name!r} is {ti.size} bytes, over the {MAX_MEMBER_BYTES}-byte limit"
+    return None
+
+
+@dataclass
+class Sample:
+    """One key's members as read from a shard, with what was wrong with them."""
+
+    key: str
+    fields: dict[str, bytes] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def iter_samples(stream: BinaryIO, encoding: str) -> Iterator[Sample]:
+    """Samples of a tar stream, grouped by key; unsafe or unexpected members become problems.
+
+    Tar errors (truncation, broken headers) propagate as tarfile.TarError / EOFError / OSError.
+    """
+    wanted = {encoding, "json"}
+    cur: Sample | None = None
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for ti in tar:
+            why = unsafe_member(ti)
+            key, _, ext = ti.name.partition(".")
+            if cur is not None and key != cur.key:
+                yield cur
+                cur = None
+            if cur is None:
+                cur = Sample(key)
+            if why:
+                cur.problems.append(why)
+                continue
+            if ext not in wanted:
+                cur.problems.append(f"unexpected member {ti.name!r} (expected .{encoding}, .json)")
+                continue
+            if ext in cur.fields:
+                cur.problems.append(f"member {ti.name!r} appears twice in a row")
+                continue
+            if ext == "json" and ti.size > MAX_JSON_BYTES:
+                cur.problems.append(f"member {ti.name!r} is over the {MAX_JSON_BYTES}-byte limit")
+                continue
+            cur.fields[ext] = tar.extractfile(ti).read()
+        if cur is not None:
+            yield cur
+
+
+# ---------------------------------------------------------------- bounded image decoding
+
+
+def gunzip(data: bytes, limit: int) -> bytes:
+    """Inflate a gzip member, refusing more than `limit` bytes out; checks the gzip CRC."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        raw = d.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise ValueError(f"gzip data is damaged ({e})") from e
+    if len(raw) > limit:
+        raise ValueError(f"gzip data inflates past {limit} bytes; refused")
+    if not d.eof:
+        raise ValueError("gzip data ends early (truncated)")
+    if d.unused_data:
+        raise ValueError("gzip data has trailing bytes")
+    return raw
+
+
+def max_raw_bytes(size: int) -> int:
+    """The most an uncompressed (size, size, 3) uint8 .npy can take, header included."""
+    return size * size * 3 + 65536
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def declared_dims(data: bytes, encoding: str) -> tuple[int, int]:
+    """(height, width) a png/jpg header declares, read before decoding (so no pixel bomb is decoded)."""
+    if encoding == "png":
+        if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+            raise ValueError("not a png (bad signature or no IHDR)")
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a jpeg (no SOI marker)")
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            raise ValueError("damaged jpeg marker stream")
+        m = data[i + 1]
+        if m == 0xFF:
+            i += 1
+            continue
+        if m in _SOF:
+            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(
+                data[i + 7 : i + 9], "big"
+            )
+        if m == 0x01 or 0xD0 <= m <= 0xD9:
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    raise ValueError("jpeg has no frame header")
+
+
+def _check_dims(data: bytes, encoding: str, size: int) -> None:
+    h, w = declared_dims(data, encoding)
+    if not (0 < h <= 4 * size and 0 < w <= 4 * size):
+        raise ValueError(
+            f"{encoding} header declares {h}x{w}; expected about {size}x{size}; refused"
+        )
+
+
+def image_header(data: bytes, encoding: str, size: int) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype) of an encoded image. For .npy(.gz) only the header is parsed (and the gzip
+    CRC and the data length checked); png/jpg are decoded. Raises ValueError; never unpickles."""
+    if encoding in ("npy", "npy.gz"):
+        raw = gunzip(data, max_raw_bytes(size)) if encoding == "npy.gz" else data
+        f = io.BytesIO(raw)
+        try:
+            major, _ = np.lib.format.read_magic(f)
+            reader = (
+                np.lib.format.read_array_header_1_0
+                if major == 1
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = reader(f)
+        except (ValueError, SyntaxError, EOFError) as e:
+            raise ValueError(f"not a .npy array ({e})") from e
+        if dtype.hasobject:
+            raise ValueError("a .npy of Python objects (would need pickle); refused")
+        need = int(np.prod(shape)) * dtype.itemsize
+        if len(raw) - f.tell() != need:
+            raise ValueError(f"{len(raw) - f.tell()} bytes of pixels, header {shape} needs {need}")
+        return tuple(int(s) for s in shape), dtype.str.lstrip("|<>=")
+    _check_dims(data, encoding, size)
+    arr = decode_image(data, encoding)
+    return arr.shape, arr.dtype.str.lstrip("|<>=")
+
+
+def decode_bounded(data: bytes, encoding: str, size: int) -> np.ndarray:
+    """decode_image with the gzip inflation bounded (a small shard member cannot become GBs)."""
+    if encoding == "npy.gz":
+        return decode_image(gunzip(data, max_raw_bytes(size)), "npy")
+    if encoding in ("png", "jpg"):
+        _check_dims(data, encoding, size)
+    return decode_image(data, encoding)
