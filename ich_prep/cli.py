@@ -1,4 +1,4 @@
-"""`ich-prep` command line: build, synth (and the inspection commands). `main(argv=None)` for tests."""
+"""`ich-prep` command line: build, synth, verify, info, preview. `main(argv=None)` for tests."""
 
 from __future__ import annotations
 
@@ -198,6 +198,29 @@ def do_synth(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- verify
+
+
+def add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check a build (folder or URL) against its manifest: hashes, samples, index rows",
+    )
+    p.add_argument("root", metavar="DIR_OR_URL", help="build folder or URL prefix")
+    p.add_argument("--quick", action="store_true", help="file sizes and counts only (no hashing)")
+    p.add_argument("--jobs", type=_jobs, default=1, help="shards streamed at once (default 1)")
+    p.add_argument("--json", action="store_true", help="print the full report as json")
+    p.set_defaults(func=do_verify)
+
+
+def do_verify(args) -> int:
+    from ich_prep.verify import format_report, report_json, verify
+
+    report = verify(args.root, quick=args.quick, jobs=args.jobs)
+    print(report_json(report) if args.json else format_report(report))
+    return 0 if report.ok else 1
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -207,7 +230,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ich-prep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_build, add_synth):
+    for add in (add_build, add_synth, add_verify):
         add(sub)
     return parser
 

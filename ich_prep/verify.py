@@ -1,0 +1,338 @@
+"""Check a build (folder or URL) against its manifest: every problem found, counted, and named.
+
+`verify(root)` re-hashes every shard while streaming it once, reads every sample's members
+(safe names only), parses each image's header, and checks that index rows and samples map one to
+one. `quick=True` checks file sizes and counts only. The result is a Report: a list of Problems
+(kind, where, message) that the CLI prints and tests inspect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+
+from ich_prep import LABELS
+from ich_prep.manifest import INDEX, MANIFEST, MAX_INDEX_BYTES, FormatError, join, load_manifest
+from ich_prep.remote import (
+    HashingReader,
+    file_size,
+    image_header,
+    iter_samples,
+    list_names,
+    open_stream,
+    read_bytes,
+)
+from ich_prep.shards import decode_json
+
+CARD = "README.md"
+COPY_AGAIN = "copy it again from the source build"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: kind (missing, truncated, altered, extra, ...), the file or row, and why."""
+
+    kind: str
+    where: str
+    message: str
+
+
+@dataclass
+class Report:
+    root: str
+    quick: bool
+    problems: list[Problem] = field(default_factory=list)
+    listed: int = 0  # shards in the manifest
+    shards: int = 0  # shards found and read (quick: found)
+    samples: int = 0
+    bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, kind: str, where: str, message: str) -> None:
+        self.problems.append(Problem(kind, where, message))
+
+    def by_kind(self) -> dict[str, int]:
+        return dict(Counter(p.kind for p in self.problems))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok, "by_kind": self.by_kind()}
+
+
+@dataclass
+class _ShardResult:
+    """What streaming one shard found: problems, keys in order, whether the tar parsed to the end."""
+
+    problems: list[Problem] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    found: bool = False
+    parsed: bool = False
+    bytes: int = 0
+    samples: int = 0
+
+
+def _size_problem(name: str, got: int | None, want: int) -> Problem | None:
+    if got is None or got == want:
+        return None
+    if got < want:
+        return Problem(
+            "truncated",
+            name,
+            f"{name} is {got} bytes, manifest says {want}: cut short; {COPY_AGAIN}",
+        )
+    return Problem(
+        "altered", name, f"{name} is {got} bytes, manifest says {want}: changed; {COPY_AGAIN}"
+    )
+
+
+def _index_size_problem(got: int | None, want: int) -> Problem | None:
+    if got is None or got == want:
+        return None
+    return Problem(
+        "altered",
+        INDEX,
+        f"{INDEX} is {got} bytes, {MANIFEST} says {want}: truncated or changed; {COPY_AGAIN}",
+    )
+
+
+def _check_sample(s, name: str, fold: int, cfg: dict, labels: dict) -> list[Problem]:
+    """Member safety, image header (shape/dtype), json bounds and agreement with the index."""
+    enc, size = cfg["encoding"], int(cfg["size"])
+    where = f"{name}:{s.key}"
+    out = [Problem("unsafe_member", where, f"{name}: {why}") for why in s.problems]
+    if enc not in s.fields:
+        out.append(Problem("bad_sample", where, f"{name}: sample {s.key} has no .{enc} image"))
+    else:
+        try:
+            shape, dtype = image_header(s.fields[enc], enc, size)
+            if shape != (size, size, 3) or dtype != "u1":
+                raise ValueError(f"image is {dtype} {shape}, expected uint8 ({size}, {size}, 3)")
+        except ValueError as e:
+            out.append(Problem("bad_image", where, f"{name}: image of {s.key} is damaged: {e}"))
+    if "json" not in s.fields:
+        out.append(Problem("bad_sample", where, f"{name}: sample {s.key} has no .json metadata"))
+        return out
+    try:
+        meta = decode_json(s.fields["json"])
+        if not isinstance(meta, dict):
+            raise ValueError("not a json object")
+    except ValueError as e:
+        out.append(Problem("bad_json", where, f"{name}: json of {s.key} is damaged: {e}"))
+        return out
+    if meta.get("image_id") != s.key:
+        out.append(
+            Problem(
+                "bad_json", where, f"{name}: json of {s.key} says image_id {meta.get('image_id')!r}"
+            )
+        )
+    if meta.get("fold") != fold:
+        out.append(
+            Problem(
+                "bad_json",
+                where,
+                f"{name}: json of {s.key} says fold {meta.get('fold')}, shard is fold {fold}",
+            )
+        )
+    if s.key in labels and meta.get("labels") != labels[s.key]:
+        out.append(
+            Problem("bad_json", where, f"{name}: labels of {s.key} in json {meta.get('labels')} disagree with index.parquet {labels[s.key]}")
+        )  # fmt: skip
+    return out
+
+
+def _check_shard(root: str, entry: dict, cfg: dict, labels: dict, quick: bool) -> _ShardResult:
+    """Size, then (unless quick) one streaming pass: sha256, members, image headers, json."""
+    name, r = entry["name"], _ShardResult()
+    url = join(root, name)
+    try:
+        size = file_size(url)
+    except FileNotFoundError:
+        r.problems.append(
+            Problem("missing", name, f"{name} is listed in {MANIFEST} ({entry['samples']} samples) but not found; {COPY_AGAIN}")
+        )  # fmt: skip
+        return r
+    except OSError as e:
+        r.problems.append(Problem("unreadable", name, f"{name}: {e}"))
+        return r
+    r.found = True
+    p = _size_problem(name, size, int(entry["bytes"]))
+    if p is not None:
+        r.problems.append(p)
+        if p.kind == "truncated":
+            return r  # the missing tail is the whole story; its samples are not reported one by one
+    if quick:
+        r.bytes, r.samples = size or 0, int(entry["samples"])
+        return r
+    try:
+        with open_stream(url) as raw:
+            reader = HashingReader(raw)
+            for s in iter_samples(reader, cfg["encoding"]):
+                r.keys.append(s.key)
+                r.problems += _check_sample(s, name, int(entry["fold"]), cfg, labels)
+            reader.drain()
+        r.parsed, r.samples = True, len(r.keys)
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        r.problems.append(
+            Problem("truncated" if "end of" in str(e).lower() else "altered", name,
+                    f"{name} is not a readable tar after {len(r.keys)} samples ({e}); {COPY_AGAIN}")
+        )  # fmt: skip
+        return r
+    r.bytes = reader.n
+    if p is None and reader.sha.hexdigest() != entry["sha256"]:
+        r.problems.append(
+            Problem("altered", name, f"{name}: sha256 differs from {MANIFEST} (same size, changed bytes); {COPY_AGAIN}")
+        )  # fmt: skip
+    if len(r.keys) != int(entry["samples"]):
+        r.problems.append(
+            Problem("count", name, f"{name} holds {len(r.keys)} samples, {MANIFEST} says {entry['samples']}")
+        )  # fmt: skip
+    return r
+
+
+def _check_index(root: str, manifest: dict, report: Report) -> pd.DataFrame | None:
+    """index.parquet: size (and sha256 unless quick), then counts against the manifest."""
+    meta = manifest.get("index") or {}
+    url = join(root, INDEX)
+    try:
+        if report.quick:
+            p = _index_size_problem(file_size(url), int(meta.get("bytes", -1)))
+            index = pd.read_parquet(io.BytesIO(read_bytes(url, MAX_INDEX_BYTES)))
+        else:
+            data = read_bytes(url, MAX_INDEX_BYTES)
+            p = _index_size_problem(len(data), int(meta.get("bytes", -1)))
+            if p is None and hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+                p = Problem(
+                    "altered", INDEX, f"{INDEX}: sha256 differs from {MANIFEST}; {COPY_AGAIN}"
+                )
+            index = pd.read_parquet(io.BytesIO(data))
+    except FileNotFoundError:
+        report.add("missing", INDEX, f"{INDEX} not found; {COPY_AGAIN}")
+        return None
+    except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a damaged file)
+        report.add(
+            "index", INDEX, f"{INDEX} cannot be read ({type(e).__name__}: {e}); {COPY_AGAIN}"
+        )
+        return None
+    if p is not None:
+        report.problems.append(p)
+    missing_cols = {"image_id", "shard", "status", "fold"} - set(index.columns)
+    if missing_cols:
+        report.add("index", INDEX, f"{INDEX} lacks columns {sorted(missing_cols)}")
+        return None
+    c = manifest.get("counts", {})
+    ok = index[index["status"] == "ok"]
+    if c.get("inputs") != len(index) or c.get("ok") != len(ok):
+        report.add("count", INDEX, f"{INDEX} has {len(index)} rows ({len(ok)} ok), {MANIFEST} says {c.get('inputs')} ({c.get('ok')} ok)")  # fmt: skip
+    for image_id in ok["image_id"][ok["image_id"].duplicated()].unique():
+        report.add("duplicate_row", f"{INDEX} row {image_id}", f"{INDEX}: image {image_id} has more than one ok row")  # fmt: skip
+    per_shard = ok["shard"].value_counts().to_dict()
+    listed = {s["name"] for s in manifest["shards"]}
+    for s in manifest["shards"]:
+        if per_shard.get(s["name"], 0) != int(s["samples"]):
+            report.add("count", s["name"], f"{INDEX} has {per_shard.get(s['name'], 0)} ok rows for {s['name']}, {MANIFEST} says {s['samples']} samples")  # fmt: skip
+    stray = ok[~ok["shard"].isin(listed)]
+    for row in stray.itertuples():
+        report.add("missing_sample", f"{INDEX} row {row.image_id}", f"{INDEX} row {row.image_id} points to shard {row.shard!r}, which {MANIFEST} does not list")  # fmt: skip
+    return index
+
+
+def _extra_files(root: str, manifest: dict, report: Report) -> None:
+    names = list_names(root)
+    if names is None:
+        report.notes.append(f"{root} cannot be listed; extra files were not looked for")
+        return
+    expected = {MANIFEST, INDEX, CARD} | {s["name"] for s in manifest["shards"]}
+    for n in names:
+        if n in expected:
+            continue
+        hint = (
+            "a stray shard: `*.tar` globs (plain webdataset, HF datasets) would read it"
+            if n.endswith(".tar")
+            else "a leftover of an unfinished build"
+            if n.endswith(".partial") or n == "_work/"
+            else "not part of this build"
+        )
+        report.add("extra", n, f"{n} is not in {MANIFEST} ({hint}); remove it")
+
+
+def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
+    """Check the build at `root` (folder or URL prefix); `jobs` shards are streamed at once."""
+    root = str(root)
+    report = Report(root, quick)
+    try:
+        manifest = load_manifest(root)
+    except (FormatError, OSError) as e:
+        report.add("manifest", MANIFEST, str(e))
+        return report
+    cfg = manifest["config"]
+    _extra_files(root, manifest, report)
+    index = _check_index(root, manifest, report)
+    labels: dict[str, list[int]] = {}
+    expected: dict[str, set[str]] = {}
+    if index is not None:
+        ok = index[index["status"] == "ok"]
+        expected = {k: set(v) for k, v in ok.groupby("shard")["image_id"]}
+        if all(k in ok.columns for k in LABELS) and manifest.get("split") == "train":
+            lab = ok[list(LABELS)].astype("Int64").astype(object).to_numpy().tolist()
+            labels = {i: [None if v is pd.NA else int(v) for v in row] for i, row in zip(ok["image_id"], lab, strict=True)}  # fmt: skip
+    shards = manifest["shards"]
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(lambda e: _check_shard(root, e, cfg, labels, quick), shards))
+    seen: dict[str, str] = {}
+    for entry, r in zip(shards, results, strict=True):
+        name = entry["name"]
+        report.problems += r.problems
+        report.listed += 1
+        report.shards += r.found
+        report.samples += r.samples
+        report.bytes += r.bytes
+        for k in r.keys:
+            if k in seen:
+                report.add("duplicate_sample", f"{name}:{k}", f"sample {k} is in {seen[k]} and again in {name}")  # fmt: skip
+            seen.setdefault(k, name)
+        if quick or not r.parsed or index is None:
+            continue
+        keys = set(r.keys)
+        for k in sorted(expected.get(name, set()) - keys):
+            report.add("missing_sample", f"{INDEX} row {k}", f"{INDEX} row {k} says shard {name}, which has no sample {k}")  # fmt: skip
+        for k in sorted(keys - expected.get(name, set())):
+            report.add("extra_sample", f"{name}:{k}", f"{name} holds sample {k}, which has no ok row for this shard in {INDEX}")  # fmt: skip
+    if quick:
+        report.notes.append("quick: sizes and counts only (no sha256, no sample reading)")
+    return report
+
+
+def format_report(report: Report, limit: int = 50) -> str:
+    """Human text: one line per problem (at most `limit` per kind), then a summary line."""
+    lines, shown = [], Counter()
+    for p in report.problems:
+        shown[p.kind] += 1
+        if shown[p.kind] <= limit:
+            lines.append(f"  {p.kind.upper():<16} {p.message}")
+    for kind, n in shown.items():
+        if n > limit:
+            lines.append(f"  ... and {n - limit} more {kind} problems (--json lists all)")
+    lines += [f"  note: {n}" for n in report.notes]
+    head = f"{report.root}: OK" if report.ok else f"{report.root}: {len(report.problems)} problems"
+    found = f"{report.shards} of {report.listed} shards found"
+    summary = (
+        f"{found}, sizes and counts checked (quick)"
+        if report.quick
+        else f"{found}; {report.samples} samples read, {report.bytes / 2**20:.1f} MiB hashed; "
+        "members, image headers and index rows checked"
+    )
+    return "\n".join([head, *lines, summary])
+
+
+def report_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=1)
