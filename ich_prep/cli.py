@@ -221,6 +221,31 @@ def do_verify(args) -> int:
     return 0 if report.ok else 1
 
 
+# ---------------------------------------------------------------- info
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser(
+        "info", help="format, config, counts per fold, label prevalence, bytes, errors of a build"
+    )
+    p.add_argument("root", metavar="DIR_OR_URL", help="build folder or URL prefix")
+    p.add_argument("--json", action="store_true", help="print as json")
+    p.set_defaults(func=do_info)
+
+
+def do_info(args) -> int:
+    from ich_prep.info import format_info, info
+    from ich_prep.manifest import FormatError
+
+    try:
+        d = info(args.root)
+    except (FormatError, OSError) as e:
+        print(f"ich-prep info: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(d, indent=1) if args.json else format_info(d))
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -230,7 +255,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ich-prep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_build, add_synth, add_verify):
+    for add in (add_build, add_synth, add_verify, add_info):
         add(sub)
     return parser
 

@@ -1,0 +1,124 @@
+"""What a build holds, from its manifest and index alone (no shard is opened): `ich-prep info`."""
+
+from __future__ import annotations
+
+from ich_prep import LABELS
+from ich_prep.manifest import load_index, load_manifest
+
+INFO_COLUMNS = ["image_id", "split", "fold", "shard", "status", "reason", "detail", *LABELS]
+
+
+def info(root: str, examples: int = 3) -> dict:
+    """Format, config, counts per split and fold, label prevalence per fold, bytes, errors."""
+    root = str(root)
+    m = load_manifest(root)
+    index = load_index(root)
+    index = index[[c for c in INFO_COLUMNS if c in index.columns]]
+    cfg, counts = m["config"], m["counts"]
+    ok = index[index["status"] == "ok"]
+    shard_bytes = {s["name"]: int(s["bytes"]) for s in m["shards"]}
+    shards_of = {}
+    for s in m["shards"]:
+        shards_of.setdefault((s.get("split", m["split"]), int(s["fold"])), []).append(s["name"])
+    groups = []
+    for (split, fold), part in ok.groupby(["split", "fold"], sort=True):
+        names = shards_of.get((split, int(fold)), [])
+        groups.append(
+            {
+                "split": split,
+                "fold": int(fold),
+                "images": len(part),
+                "shards": len(names),
+                "bytes": sum(shard_bytes[n] for n in names),
+            }
+        )
+    prevalence = {}
+    if m["split"] == "train" and len(ok):
+        lab = ok[["fold", *LABELS]].astype({k: "float64" for k in LABELS})
+        for fold, part in lab.groupby("fold", sort=True):
+            prevalence[str(int(fold))] = {k: round(float(part[k].mean()), 4) for k in LABELS}
+        prevalence["all"] = {k: round(float(lab[k].mean()), 4) for k in LABELS}
+    errors = index[index["status"] == "error"]
+    by_reason = errors["reason"].value_counts().sort_index().to_dict()
+    ex = {
+        str(r): errors.loc[errors["reason"] == r, "detail"].head(examples).tolist()
+        for r in by_reason
+    }
+    index_bytes = int(m.get("index", {}).get("bytes", 0))
+    return {
+        "root": root,
+        "format_version": m["format_version"],
+        "tool": f"{m.get('tool', '?')} {m.get('tool_version', '?')}",
+        "split": m["split"],
+        "config": {
+            k: cfg.get(k)
+            for k in ("size", "encoding", "windows", "spacing_mm", "folds", "seed", "shard_size")
+        }
+        | {"limit": cfg.get("limit"), "fraction": cfg.get("fraction")},
+        "counts": {"inputs": len(index), "ok": len(ok), "error": len(errors)},
+        "groups": groups,
+        "prevalence": prevalence,
+        "bytes": {
+            "shards": sum(shard_bytes.values()),
+            "index": index_bytes,
+            "total": sum(shard_bytes.values()) + index_bytes,
+        },
+        "errors": {"by_reason": {str(k): int(v) for k, v in by_reason.items()}, "examples": ex},
+        "manifest_counts": counts,
+    }
+
+
+def _mib(n: int) -> str:
+    """Bytes for people: KiB below 1 MiB, else MiB or GiB."""
+    for unit, k in (("GiB", 30), ("MiB", 20)):
+        if n >= 2**k:
+            return f"{n / 2**k:.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
+
+
+def format_info(d: dict) -> str:
+    """Plain-text tables for a terminal."""
+    c = d["config"]
+    windows = ", ".join(f"{w['name']} L{w['center']:g}/W{w['width']:g}" for w in c["windows"])
+    subset = (
+        f"; subset: limit {c['limit']}, fraction {c['fraction']}"
+        if c["limit"] is not None or c["fraction"] is not None
+        else ""
+    )
+    spacing = f"{c['spacing_mm']} mm" if c["spacing_mm"] else "native"
+    lines = [
+        f"{d['root']}",
+        f"format {d['format_version']} ({d['tool']}), split {d['split']}",
+        f"images: {c['size']}x{c['size']}x3 uint8, encoding {c['encoding']}; windows (channels): {windows}",
+        f"spacing: {spacing}; folds {c['folds']}, seed {c['seed']}, "
+        f"shard size {c['shard_size']}{subset}",
+        "",
+        f"{'split':<6} {'fold':>4} {'images':>8} {'shards':>6} {'size':>10}",
+    ]
+    for g in d["groups"]:
+        lines.append(
+            f"{g['split']:<6} {g['fold']:>4} {g['images']:>8} {g['shards']:>6} {_mib(g['bytes']):>10}"
+        )
+    b = d["bytes"]
+    lines.append(
+        f"{'all':<6} {'':>4} {d['counts']['ok']:>8} {sum(g['shards'] for g in d['groups']):>6} {_mib(b['shards']):>10}"
+    )
+    if d["prevalence"]:
+        cols = list(d["prevalence"])
+        lines += [
+            "",
+            "label prevalence per fold",
+            f"{'label':<17}" + "".join(f"{k:>8}" for k in cols),
+        ]
+        for k in LABELS:
+            lines.append(f"{k:<17}" + "".join(f"{d['prevalence'][f][k]:>8.3f}" for f in cols))
+    lines += [
+        "",
+        f"bytes: shards {_mib(b['shards'])} + index {_mib(b['index'])} = {_mib(b['total'])} "
+        f"({b['shards'] / max(1, d['counts']['ok']) / 1024:.1f} KiB per image)",
+        f"errors: {d['counts']['error']} of {d['counts']['inputs']} inputs",
+    ]
+    for reason, n in d["errors"]["by_reason"].items():
+        lines.append(f"  {reason}: {n}")
+        lines += [f"    e.g. {e}" for e in d["errors"]["examples"][reason]]
+    return "\n".join(lines)
