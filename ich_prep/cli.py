@@ -246,6 +246,39 @@ def do_info(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- preview
+
+
+def add_preview(sub) -> None:
+    from ich_prep import LABELS
+
+    p = sub.add_parser(
+        "preview", help="contact sheet PNG of decoded samples: id, labels, each window"
+    )
+    p.add_argument("root", metavar="DIR_OR_URL", help="build folder or URL prefix")
+    p.add_argument("--n", type=int, default=64, help="samples to show (default 64)")
+    p.add_argument("--out", default="preview.png", help="PNG to write (default preview.png)")
+    p.add_argument("--label", choices=LABELS, help="only samples positive for this label")
+    p.add_argument("--fold", type=int, help="only samples of this fold")
+    p.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
+    p.add_argument("--panel", type=int, default=96, help="pixels per window panel (default 96)")
+    p.set_defaults(func=do_preview)
+
+
+def do_preview(args) -> int:
+    from ich_prep.manifest import FormatError
+    from ich_prep.preview import PreviewError, preview, write_png
+
+    try:
+        sheet, n = preview(args.root, args.n, args.label, args.fold, args.seed, args.panel)
+        write_png(args.out, sheet)
+    except (FormatError, PreviewError, OSError) as e:
+        print(f"ich-prep preview: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {n} samples, {sheet.shape[1]}x{sheet.shape[0]} px")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -255,7 +288,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ich-prep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_build, add_synth, add_verify, add_info):
+    for add in (add_build, add_synth, add_verify, add_info, add_preview):
         add(sub)
     return parser
 

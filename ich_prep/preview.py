@@ -1,0 +1,175 @@
+"""A contact sheet of decoded samples: `ich-prep preview`.
+
+Each tile shows one sample's three windows side by side (grey levels, left to right in channel
+order) under its image id, fold and positive labels, so a person can check the crop and the windows
+at a glance. Samples are chosen from the index; shards are visited in a seeded random order and
+streamed only until enough samples are found (shards are shuffled within a fold when built).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import closing
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from ich_prep import LABELS
+from ich_prep.manifest import join, load_index, load_manifest
+from ich_prep.remote import decode_bounded, iter_samples, open_stream
+
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+SCALE = 0.38
+LINE_H = 13
+GAP = 2
+BG = (24, 24, 24)
+WHITE, RED, GREEN, GREY = (235, 235, 235), (80, 80, 255), (120, 220, 120), (170, 170, 170)  # BGR
+
+
+class PreviewError(ValueError):
+    """Nothing to show for the filters asked."""
+
+
+def candidates(
+    index: pd.DataFrame, label: str | None = None, fold: int | None = None
+) -> pd.DataFrame:
+    """ok rows, positive for `label` and in `fold` when given."""
+    rows = index[index["status"] == "ok"]
+    if fold is not None:
+        rows = rows[rows["fold"] == fold]
+    if label is not None:
+        if label not in LABELS:
+            raise PreviewError(f"--label {label!r} is not one of {', '.join(LABELS)}")
+        if rows[label].isna().all():
+            raise PreviewError(f"--label {label}: this build has no labels (a test set?)")
+        rows = rows[rows[label].fillna(0).astype(int) == 1]
+    if rows.empty:
+        want = " ".join(
+            f"--{k} {v}" for k, v in (("label", label), ("fold", fold)) if v is not None
+        )
+        raise PreviewError(f"no sample matches {want or 'this build'}; try other filters")
+    return rows
+
+
+def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0) -> list[dict]:
+    """Up to `n` samples among `rows`: image, meta row. Streams as few shards as it can."""
+    enc, size = manifest["config"]["encoding"], int(manifest["config"]["size"])
+    by_shard = {k: set(v) for k, v in rows.groupby("shard")["image_id"]}
+    names = sorted(by_shard)
+    order = np.random.default_rng(seed).permutation(len(names))
+    info = rows.set_index("image_id")
+    out: list[dict] = []
+    for i in order:
+        name = names[i]
+        with open_stream(join(root, name)) as f, closing(iter_samples(f, enc)) as it:
+            for s in it:
+                if s.key in by_shard[name] and enc in s.fields and not s.problems:
+                    img = decode_bounded(s.fields[enc], enc, size)
+                    out.append({"image_id": s.key, "image": img, "row": info.loc[s.key]})
+                    if len(out) == n:
+                        return out
+    return out
+
+
+def _text(img, s: str, x: int, y: int, color) -> None:
+    cv2.putText(img, s, (x, y), FONT, SCALE, color, 1, cv2.LINE_AA)
+
+
+def _fit(s: str, width: int) -> list[str]:
+    """Wrap comma-separated words into lines that fit `width` pixels."""
+    lines, cur = [], ""
+    for word in s.split(", "):
+        trial = f"{cur}, {word}" if cur else word
+        if cv2.getTextSize(trial, FONT, SCALE, 1)[0][0] <= width or not cur:
+            cur = trial
+        else:
+            lines.append(cur + ",")
+            cur = word
+    return [*lines, cur]
+
+
+def tile(sample: dict, panel: int, labelled: bool) -> np.ndarray:
+    """One sample: caption (id, fold, positives) above its three windows as grey panels."""
+    img, row = sample["image"], sample["row"]
+    w = 3 * panel + 2 * GAP
+    pos = [k for k in LABELS if labelled and pd.notna(row[k]) and int(row[k]) == 1]
+    caption = _fit(", ".join(pos) if pos else ("negative" if labelled else "unlabelled"), w - 6)
+    head = LINE_H * (1 + len(caption)) + 4
+    t = np.full((head + panel, w, 3), BG, np.uint8)
+    _text(t, f"{sample['image_id']}  fold {int(row['fold'])}", 3, LINE_H, WHITE)
+    for i, line in enumerate(caption):
+        _text(t, line, 3, LINE_H * (i + 2), RED if pos else (GREEN if labelled else GREY))
+    for c in range(3):
+        shrink = img.shape[0] > panel
+        g = cv2.resize(
+            img[..., c],
+            (panel, panel),
+            interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
+        )
+        x = c * (panel + GAP)
+        t[head:, x : x + panel] = g[..., None]
+    return t
+
+
+def contact_sheet(
+    samples: list[dict],
+    windows: list[dict],
+    panel: int = 96,
+    labelled: bool = True,
+    title: str = "",
+) -> np.ndarray:
+    """Tiles in a near-square grid under a legend naming the windows; BGR uint8."""
+    tiles = [tile(s, panel, labelled) for s in samples]
+    th = max(t.shape[0] for t in tiles)
+    tw = tiles[0].shape[1]
+    cols = max(1, min(len(tiles), round(math.sqrt(len(tiles) * th / tw))))
+    rows = math.ceil(len(tiles) / cols)
+    pad = 6
+    legend = "panels, left to right: " + " | ".join(
+        f"{w['name']} L{w['center']:g}/W{w['width']:g}" for w in windows
+    )
+    width = cols * (tw + pad) + pad
+    lines = _fit(title, width - 2 * pad) if title else []
+    lines += _fit(legend.replace(" | ", ", "), width - 2 * pad)
+    top = LINE_H * len(lines) + 8
+    sheet = np.full((top + rows * (th + pad) + pad, width, 3), BG, np.uint8)
+    for i, line in enumerate(lines):
+        _text(sheet, line, pad, LINE_H * (i + 1), WHITE)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        y, x = top + pad + r * (th + pad), pad + c * (tw + pad)
+        sheet[y : y + t.shape[0], x : x + tw] = t
+    return sheet
+
+
+def preview(
+    root: str,
+    n: int = 64,
+    label: str | None = None,
+    fold: int | None = None,
+    seed: int = 0,
+    panel: int = 96,
+) -> tuple[np.ndarray, int]:
+    """(contact sheet BGR, number of samples shown) for the build at `root` (folder or URL)."""
+    root = str(root)
+    if n < 1:
+        raise PreviewError(f"--n must be at least 1, got {n}")
+    m = load_manifest(root)
+    index = load_index(root, columns=["image_id", "fold", "shard", "status", *LABELS])
+    rows = candidates(index, label, fold)
+    samples = collect(root, m, rows, n, seed)
+    if not samples:
+        raise PreviewError(f"none of the {len(rows)} matching samples could be read; run `ich-prep verify {root}`")  # fmt: skip
+    filters = ", ".join(f"{k} {v}" for k, v in (("label", label), ("fold", fold)) if v is not None)
+    title = f"{root}: {len(samples)} of {len(rows)} samples" + (f" ({filters})" if filters else "")
+    labelled = m["split"] == "train"
+    return contact_sheet(samples, m["config"]["windows"], panel, labelled, title), len(samples)
+
+
+def write_png(path: str, sheet: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", sheet, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    if not ok:
+        raise PreviewError(f"cv2 could not encode the {sheet.shape} sheet as png")
+    with open(path, "wb") as f:
+        f.write(buf.tobytes())
