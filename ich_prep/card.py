@@ -1,94 +1,174 @@
-"""The dataset card (README.md) written beside the shards: what it is and how to load it."""
+"""The dataset card (README.md) written beside the shards: what it is and how to load it.
+
+Built from the manifest alone, so it never disagrees with it. The python snippets in it run as
+they are once THIS_FOLDER is replaced by the folder's path (tests/test_card.py runs them).
+"""
 
 from __future__ import annotations
+
+import json
 
 from ich_prep import LABELS
 
 
+def _human(n: int) -> str:
+    for unit, k in (("GiB", 30), ("MiB", 20)):
+        if n >= 2**k:
+            return f"{n / 2**k:.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
+
+
+def _labels_table(counts: dict) -> list[str]:
+    ok = max(1, counts["ok"])
+    rows = ["| label | positives | prevalence |", "|---|---:|---:|"]
+    rows += [
+        f"| {k} | {counts['positives'][k]} | {counts['positives'][k] / ok:.3f} |" for k in LABELS
+    ]
+    return rows
+
+
+def _split_section(cfg: dict, counts: dict, shards: list[dict]) -> list[str]:
+    per_fold = counts["per_fold"]
+    n_shards = {}
+    for s in shards:
+        n_shards[str(s["fold"])] = n_shards.get(str(s["fold"]), 0) + 1
+    return [
+        "## Split",
+        "",
+        f"{cfg['folds']} folds, grouped by patient (no patient is in two folds) and stratified over "
+        "the six labels by iterative stratification of patient-level label vectors, seed "
+        f"{cfg['seed']}. Shards are named `train-f{{fold}}-{{n:05d}}.tar`: a fold is a set of whole "
+        "shards, so selecting folds is selecting file names. Within a fold the samples are shuffled "
+        "(seeded), so every shard mixes patients.",
+        "",
+        "| fold | images | shards |",
+        "|---:|---:|---:|",
+        *[f"| {k} | {v} | {n_shards.get(k, 0)} |" for k, v in per_fold.items()],
+    ]
+
+
 def dataset_card(manifest: dict) -> str:
     """Markdown text built from the manifest alone (so it never disagrees with it)."""
-    cfg, counts = manifest["config"], manifest["counts"]
+    cfg, counts, shards = manifest["config"], manifest["counts"], manifest["shards"]
     windows = ", ".join(f"{w['name']} (L{w['center']:g}/W{w['width']:g})" for w in cfg["windows"])
-    n_bytes = sum(s["bytes"] for s in manifest["shards"])
-    enc = cfg["encoding"]
+    n_bytes = sum(s["bytes"] for s in shards)
+    enc, size = cfg["encoding"], cfg["size"]
+    train = manifest["split"] == "train"
+    pattern = "train-f*.tar" if train else "test-*.tar"
     lines = [
         f"# RSNA intracranial hemorrhage shards ({manifest['split']})",
         "",
-        f"Compiled by `ich_prep` {manifest['tool_version']} (shard format {manifest['format_version']}) from "
-        f"head-CT DICOM slices of the RSNA 2019 Intracranial Hemorrhage Detection data. Each sample is one "
-        f"slice: a {cfg['size']}x{cfg['size']}x3 uint8 image (channels = windows {windows}), encoded as "
-        f"`{enc}`, plus a json of metadata and labels. Format: docs/shard-format.md of ich-toolkit.",
+        f"Compiled by `ich_prep` {manifest['tool_version']} (shard format "
+        f"{manifest['format_version']}) from head-CT DICOM slices of the RSNA 2019 Intracranial "
+        f"Hemorrhage Detection data. Each sample is one slice: a {size}x{size}x3 uint8 image "
+        f"(channel i = window i: {windows}), encoded as `{enc}`, plus a json of metadata"
+        + (" and labels" if train else "")
+        + ". The format is specified in docs/shard-format.md of ich-toolkit.",
+        "",
+        "Below, THIS_FOLDER stands for this folder's path, or its URL prefix when it is served "
+        "over http(s) or stored in an object store.",
         "",
         "## Config",
         "",
         "```json",
-        __import__("json").dumps(cfg, indent=1, sort_keys=True),
+        json.dumps(cfg, indent=1, sort_keys=True),
         "```",
         "",
         "## Counts",
         "",
-        f"- inputs: {counts['inputs']}, ok: {counts['ok']}, errors: {counts['error']}",
-        f"- shards: {len(manifest['shards'])}, {n_bytes / 2**20:.1f} MiB, {n_bytes / max(1, counts['ok']) / 1024:.1f} KiB per image",
+        f"- inputs: {counts['inputs']}, ok: {counts['ok']}, errors: {counts['error']}"
+        " (every input has an index row; error rows carry `reason` and `detail`)",
+        f"- shards: {len(shards)}, {_human(n_bytes)}, "
+        f"{n_bytes / max(1, counts['ok']) / 1024:.1f} KiB per image",
     ]
     if counts["errors_by_reason"]:
         lines.append(
             "- errors by reason: "
             + ", ".join(f"{k} {v}" for k, v in counts["errors_by_reason"].items())
         )
-    if counts.get("positives"):
-        lines += ["", "| label | positives | prevalence |", "|---|---|---|"]
-        for k in LABELS:
-            p = counts["positives"][k]
-            lines.append(f"| {k} | {p} | {p / max(1, counts['ok']):.3f} |")
-        lines += [
-            "",
-            "## Split",
-            "",
-            f"{cfg['folds']} folds, grouped by patient (no patient in two folds) and stratified over the six labels "
-            f"by iterative stratification on patient-level label vectors, seed {cfg['seed']}. Shards are named "
-            "`train-f{fold}-{n:05d}.tar`, so a fold is a set of whole shards. Images per fold: "
-            + ", ".join(f"fold {k}: {v}" for k, v in counts["per_fold"].items())
-            + ".",
-        ]
+    if train and counts.get("positives"):
+        lines += ["", "## Labels", "", *_labels_table(counts), ""]
+        lines += _split_section(cfg, counts, shards)
     lines += [
+        "",
+        "## Check what you received",
+        "",
+        "```bash",
+        "ich-prep verify THIS_FOLDER    # re-hash every shard, check every sample and index row",
+        "ich-prep info THIS_FOLDER      # config, counts per fold, label prevalence, errors",
+        "ich-prep preview THIS_FOLDER --n 64 --out preview.png   # contact sheet of samples",
+        "```",
         "",
         "## Load it",
         "",
         "With ich-train:",
         "",
         "```bash",
-        "ich-train fit --shards THIS_FOLDER --valid-fold 4 --out runs/exp1",
+        (
+            f"ich-train fit --shards THIS_FOLDER --valid-fold {cfg['folds'] - 1} --out runs/exp1"
+            if train
+            else "ich-train predict --checkpoint runs/exp1/best.pt --shards THIS_FOLDER --out submission.csv"
+        ),
         "```",
         "",
-        "With plain webdataset (no project code):",
+        "With plain webdataset (no project code; `only=` decodes just the two fields this format "
+        "defines, so no other member type is ever unpickled):",
         "",
         "```python",
-        "import glob, webdataset as wds",
-        "urls = sorted(glob.glob('THIS_FOLDER/*.tar'))",
-        "for s in wds.WebDataset(urls, shardshuffle=False).decode():",
-        f"    image, meta = s['{enc}'], s['json']  # image: uint8 array or PIL image; meta['labels']",
+        "import glob",
+        "",
+        "import webdataset as wds",
+        "",
+        f'urls = sorted(glob.glob("THIS_FOLDER/{pattern}"))'
+        + ('  # one fold: "THIS_FOLDER/train-f0-*.tar"' if train else ""),
+        f'ds = wds.WebDataset(urls, shardshuffle=False).decode("rgb8", only=["{enc}", "json"])',
+        f'for image, meta in ds.to_tuple("{enc}", "json"):',
+        f"    pass  # image: uint8 ({size}, {size}, 3); meta: "
+        + ("labels (any, epidural, ...), fold, ids" if train else "ids, geometry"),
         "```",
         "",
-        "The index with pandas or DuckDB:",
+        "Over http(s), give webdataset the shard URLs instead (`THIS_FOLDER/<name>` for each "
+        "shard name in manifest.json); it streams them with curl.",
+        "",
+        "The index with pandas or DuckDB (one row per input; `status == 'ok'` rows are the samples):",
         "",
         "```python",
         "import pandas as pd",
-        "index = pd.read_parquet('THIS_FOLDER/index.parquet')",
-        "print(index.groupby('fold')[['any', 'subdural']].mean())",
-        "# duckdb: SELECT fold, avg(\"any\") FROM 'THIS_FOLDER/index.parquet' GROUP BY fold",
+        "",
+        'index = pd.read_parquet("THIS_FOLDER/index.parquet")',
+        'ok = index[index["status"] == "ok"]',
+        (
+            'prevalence = ok.groupby("fold")[["any", "subdural"]].mean()'
+            if train
+            else 'images_per_shard = ok.groupby("shard").size()'
+        ),
         "```",
         "",
-        "With Hugging Face datasets (its `webdataset` loader):",
+        "```sql",
+        "-- duckdb",
+        (
+            "SELECT fold, count(*) AS images, avg(\"any\") AS any_rate FROM 'THIS_FOLDER/index.parquet' "
+            "WHERE status = 'ok' GROUP BY fold ORDER BY fold;"
+            if train
+            else "SELECT reason, count(*) FROM 'THIS_FOLDER/index.parquet' GROUP BY reason;"
+        ),
+        "```",
+        "",
+        "With Hugging Face `datasets` (its `webdataset` loader gunzips `.npy.gz` and loads it as an "
+        "array; `png`/`jpg` become images):",
         "",
         "```python",
         "from datasets import load_dataset",
-        "ds = load_dataset('webdataset', data_files={'train': 'THIS_FOLDER/*.tar'}, split='train', streaming=True)",
+        "",
+        f'ds = load_dataset("webdataset", data_files={{"train": "THIS_FOLDER/{pattern}"}}, '
+        'split="train", streaming=True)',
         "```",
         "",
         "## Privacy",
         "",
-        "Only the RSNA pseudonymous ids (image, patient, study, series) and geometry are kept; no names, dates "
-        "or other DICOM identifiers.",
+        "Only the RSNA pseudonymous ids (image, patient, study, series), slice geometry and labels "
+        "are kept; no names, birth dates, accession numbers, institution or other DICOM "
+        "identifiers. The config above records the paths the build read from on the build machine.",
         "",
     ]
     return "\n".join(lines)
