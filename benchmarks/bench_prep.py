@@ -33,7 +33,9 @@ def baseline(dicom_dir: str, size: int) -> dict:
     for f in files:
         try:
             ds = pydicom.dcmread(f)
-            img = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            img = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(
+                ds.RescaleIntercept
+            )
         except Exception:  # noqa: BLE001 - the notebook way skips anything that fails
             continue
         chans = []
@@ -62,7 +64,9 @@ def builder(dicom_dir: str, labels: str | None, size: int, encoding: str) -> dic
     from ich_prep.config import BuildConfig
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = BuildConfig(dicom_dir=dicom_dir, labels=labels, size=size, encoding=encoding, shard_size=500)
+        cfg = BuildConfig(
+            dicom_dir=dicom_dir, labels=labels, size=size, encoding=encoding, shard_size=500
+        )
         t0 = time.perf_counter()
         res = build(cfg, Path(tmp) / "out", jobs=1, progress=False)
         wall = time.perf_counter() - t0
@@ -80,7 +84,16 @@ def _child(args) -> None:
 
 
 def run(method: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, "--dicom-dir", args.dicom_dir, "--size", str(args.size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--dicom-dir",
+        args.dicom_dir,
+        "--size",
+        str(args.size),
+    ]
     if args.labels:
         cmd += ["--labels", args.labels]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -88,11 +101,15 @@ def run(method: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dicom-dir")
     p.add_argument("--labels")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--patients", type=int, default=30, help="synthetic patients when no --dicom-dir")
+    p.add_argument(
+        "--patients", type=int, default=30, help="synthetic patients when no --dicom-dir"
+    )
     p.add_argument("--encodings", default="npy.gz,png", help="builder encodings to time")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -112,10 +129,14 @@ def main(argv=None) -> int:
     for enc in args.encodings.split(","):
         rows.append((f"builder ({enc})", run(f"builder:{enc}", args)))
     b_rate = base["images"] / base["wall_s"]
-    print(f"{'method':28s} {'images':>7s} {'img/s/core':>11s} {'ratio':>6s} {'KiB/img':>8s} {'peak MB':>8s}")
+    print(
+        f"{'method':28s} {'images':>7s} {'img/s/core':>11s} {'ratio':>6s} {'KiB/img':>8s} {'peak MB':>8s}"
+    )
     for name, r in rows:
         rate = r["images"] / r["wall_s"]
-        print(f"{name:28s} {r['images']:7d} {rate:11.1f} {rate / b_rate:6.2f} {r['bytes_per_image'] / 1024:8.1f} {r['peak_rss_mb']:8.0f}")
+        print(
+            f"{name:28s} {r['images']:7d} {rate:11.1f} {rate / b_rate:6.2f} {r['bytes_per_image'] / 1024:8.1f} {r['peak_rss_mb']:8.0f}"
+        )
     if tmp:
         tmp.cleanup()
     return 0
