@@ -16,6 +16,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from pathlib import Path
 
 import cv2
@@ -23,6 +24,7 @@ import numpy as np
 
 TAR_MTIME = 0.0  # fixed so that identical content gives identical bytes
 MAX_JSON_BYTES = 64 * 1024  # a sample's json is a few hundred bytes; anything far larger is refused
+MAX_IMAGE_BYTES = 4096 * 4096 * 3 + 1024  # largest plausible decoded image (.npy header included)
 
 
 def encode_image(img: np.ndarray, encoding: str) -> bytes:
@@ -48,7 +50,7 @@ def encode_image(img: np.ndarray, encoding: str) -> bytes:
 def decode_image(data: bytes, encoding: str) -> np.ndarray:
     """bytes -> uint8 (H, W, 3), channel i = window i. Never unpickles (allow_pickle=False)."""
     if encoding in ("npy", "npy.gz"):
-        raw = gzip.decompress(data) if encoding == "npy.gz" else data
+        raw = _gunzip(data) if encoding == "npy.gz" else data
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
     elif encoding in ("png", "jpg"):
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -62,6 +64,15 @@ def decode_image(data: bytes, encoding: str) -> np.ndarray:
             f"decoded image has dtype {arr.dtype} shape {arr.shape}, expected uint8 (H, W, 3)"
         )
     return np.ascontiguousarray(arr)
+
+
+def _gunzip(data: bytes, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """gzip inflate that stops at `limit` bytes: a small hostile member cannot become gigabytes."""
+    d = zlib.decompressobj(wbits=31)
+    raw = d.decompress(data, limit)
+    if d.unconsumed_tail:
+        raise ValueError(f"gzip member inflates past {limit} bytes; refusing it")
+    return raw
 
 
 def decode_json(data: bytes) -> dict:

@@ -317,3 +317,13 @@ def test_synthetic_set_builds_with_its_quirks(tmp_path):
             img[:2, :2] == 0
         ).all()  # corners are air in every window, whatever the storage form
         assert img[..., 0].max() == 255  # brain window saturates on the skull
+
+
+def test_gzip_bomb_refused():
+    """A tiny .npy.gz member that inflates past any plausible image is refused, not inflated."""
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (60 * 2**20))
+    assert len(bomb) < 100_000
+    with pytest.raises(ValueError, match="inflates past"):
+        decode_image(bomb, "npy.gz")
