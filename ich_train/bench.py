@@ -30,7 +30,8 @@ KAGGLE_WINDOWS = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
 
 
 class KaggleDicomDataset(Dataset):
-    """Per-step DICOM decoding and windowing, the way popular RSNA 2019 notebooks load data."""
+    """Per-step DICOM decoding and windowing, the way popular RSNA 2019 notebooks load data.
+    An unreadable file (RSNA has one) yields a black image instead of stopping the benchmark."""
 
     def __init__(self, files: list[str], size: int):
         self.files, self.size = files, size
@@ -40,11 +41,14 @@ class KaggleDicomDataset(Dataset):
 
     def __getitem__(self, i: int):
         import pydicom  # only the baseline needs it
+        from pydicom.errors import InvalidDicomError
 
-        ds = pydicom.dcmread(self.files[i])
-        img = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(
-            ds.RescaleIntercept
-        )
+        try:
+            ds = pydicom.dcmread(self.files[i])
+            img = ds.pixel_array.astype(np.float64)
+            img = img * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        except (InvalidDicomError, ValueError, AttributeError, OSError):
+            img = np.full((512, 512), -1024.0)
         chans = [np.clip((img - (c - w / 2)) / w, 0, 1) for c, w in KAGGLE_WINDOWS]
         x = cv2.resize(np.stack(chans, axis=-1), (self.size, self.size))
         return torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32)), torch.zeros(6)

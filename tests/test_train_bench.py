@@ -45,3 +45,11 @@ def test_kaggle_baseline_windows_full_size_slices_into_three_channels(dicoms):
     x, _ = KaggleDicomDataset(files, 48)[0]
     assert x.shape == (3, 48, 48) and x.dtype.is_floating_point
     assert 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_kaggle_baseline_survives_an_unreadable_dicom(tmp_path):
+    """A truncated DICOM gives a black image, not a crashed benchmark."""
+    bad = tmp_path / "ID_bad.dcm"
+    bad.write_bytes(b"DICM" * 10)
+    x, _ = KaggleDicomDataset([str(bad)], 32)[0]
+    assert x.shape == (3, 32, 32) and float(x.max()) == 0.0
