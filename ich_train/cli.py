@@ -10,7 +10,7 @@ import sys
 from ich_prep.manifest import FormatError
 from ich_train.checkpoint import CheckpointError
 from ich_train.config import ConfigError, TrainConfig
-from ich_train.data import ShardError
+from ich_train.data import ShardError, default_workers
 from ich_train.model import PretrainedError
 from ich_train.submission import SubmissionError
 
@@ -48,7 +48,10 @@ def float_list(text: str) -> tuple[float, ...]:
 def _runtime_args(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--batch-size", type=int, default=batch_size, help="per process (per GPU)")
     p.add_argument(
-        "--workers", type=int, default=DEFAULTS["workers"], help="DataLoader worker processes"
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="DataLoader workers per process (default: cores per process - 1, at most 8)",
     )
     p.add_argument("--device", default="auto", help="auto (GPU if present), cuda or cpu")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 import tarfile
 from collections.abc import Iterator
@@ -308,6 +309,12 @@ class EvalStream(IterableDataset):
         yield from batched(
             (decode_sample(s, self.encoding) for s in raw), self.batch_size, drop_last=False
         )
+
+
+def default_workers() -> int:
+    """Loader workers per process: the cores of this process's share of the node, minus one, 1..8."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, (os.cpu_count() or 1) // local_world - 1))
 
 
 def create_loader(dataset: IterableDataset, workers: int, device: torch.device) -> DataLoader:

@@ -20,7 +20,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
-from ich_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ich_train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ich_train.config import ConfigError, TrainConfig, check_resumable
 from ich_train.data import Build, EvalStream, TrainStream, create_loader
 from ich_train.engine import train_one_epoch, validate
@@ -45,6 +51,32 @@ def fit(cfg: TrainConfig, resume: bool = False) -> dict:
         distributed.cleanup()
 
 
+def _open_run(cfg: TrainConfig, build: Build, resume: bool, dist: distributed.Dist) -> dict | None:
+    """The checkpoint to resume from (None for a new run). Rank 0 alone reads the run folder (other
+    nodes may not see it) and shares the checkpoint, or the error, with every rank."""
+    ckpt, error, last = None, None, Path(cfg.out) / "last.pt"
+    if dist.main:
+        try:
+            if resume:
+                ckpt = load_checkpoint(last)
+                check_resumable(ckpt["config"], cfg)
+                if ckpt["data"]["fingerprint"] != build.fingerprint:
+                    raise ConfigError(
+                        f"{cfg.shards} is not the build {cfg.out} was trained on (index sha256 "
+                        "differs); pass the original --shards or start a new --out"
+                    )
+            elif last.exists():
+                raise ConfigError(
+                    f"{cfg.out} already holds a run; pass --resume to continue it or choose a new --out"
+                )
+        except (CheckpointError, ConfigError) as e:
+            error = e
+    ckpt, error = distributed.broadcast(dist, (ckpt, error))
+    if error is not None:
+        raise error
+    return ckpt
+
+
 def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     dev, out = dist.device, Path(cfg.out)
     say = print if dist.main else (lambda *a, **k: None)
@@ -66,19 +98,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     image_size = cfg.image_size or build.size
 
     # ---- run folder; a resume must match the saved config in every field that changes training
-    last, ckpt = out / "last.pt", None
-    if resume:
-        ckpt = load_checkpoint(last)
-        check_resumable(ckpt["config"], cfg)
-        if ckpt["data"]["fingerprint"] != build.fingerprint:
-            raise ConfigError(
-                f"{cfg.shards} is not the build {out} was trained on (index sha256 differs); "
-                "pass the original --shards or start a new --out"
-            )
-    elif last.exists():
-        raise ConfigError(
-            f"{out} already holds a run; pass --resume to continue it or choose a new --out"
-        )
+    ckpt = _open_run(cfg, build, resume, dist)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
@@ -119,9 +139,15 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
 
     # ---- loaders: an exact number of batches per rank per epoch, validation split over ranks
     train_ds = TrainStream(
-        train_shards, build.encoding, cfg.batch_size, steps_per_epoch * cfg.accum_steps,
-        rank=dist.rank, world=dist.world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-    )  # fmt: skip
+        train_shards,
+        build.encoding,
+        cfg.batch_size,
+        steps_per_epoch * cfg.accum_steps,
+        rank=dist.rank,
+        world=dist.world,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+    )
     valid_ds = EvalStream(
         valid_shards,
         build.encoding,
@@ -151,10 +177,20 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         train_ds.set_epoch(epoch)
         gen = torch.Generator(device=dev).manual_seed(augment_seed(cfg.seed, epoch, dist.rank))
         row = train_one_epoch(
-            model, train_loader, optimizer, scheduler, loss_fn, augment,
-            epoch=epoch, dist=dist, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip,
-            precision=cfg.precision, generator=gen, progress=cfg.progress,
-        )  # fmt: skip
+            model,
+            train_loader,
+            optimizer,
+            scheduler,
+            loss_fn,
+            augment,
+            epoch=epoch,
+            dist=dist,
+            accum_steps=cfg.accum_steps,
+            grad_clip=cfg.grad_clip,
+            precision=cfg.precision,
+            generator=gen,
+            progress=cfg.progress,
+        )
         row |= validate(
             raw,
             valid_loader,
@@ -171,14 +207,28 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         if dist.main:
             log.append(row)
             save_checkpoint(
-                last, model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                step=row["step"], epoch=epoch, config=cfg.to_dict(), rng=rng_state(), prior=prior.tolist(),
-                normalize={"mean": list(mean), "std": list(std)}, image_size=image_size,
-                data={"fingerprint": build.fingerprint, "encoding": build.encoding, "size": build.size},
-                metrics=row, best_loss=best, best_metrics=best_row,
-            )  # fmt: skip
+                out / "last.pt",
+                model=raw.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                step=row["step"],
+                epoch=epoch,
+                config=cfg.to_dict(),
+                rng=rng_state(),
+                prior=prior.tolist(),
+                normalize={"mean": list(mean), "std": list(std)},
+                image_size=image_size,
+                data={
+                    "fingerprint": build.fingerprint,
+                    "encoding": build.encoding,
+                    "size": build.size,
+                },
+                metrics=row,
+                best_loss=best,
+                best_metrics=best_row,
+            )
             if improved:
-                shutil.copyfile(last, out / "best.pt.partial")
+                shutil.copyfile(out / "last.pt", out / "best.pt.partial")
                 (out / "best.pt.partial").replace(out / "best.pt")
             say(
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, valid loss "
