@@ -118,3 +118,16 @@ def test_fsspec_memory_url_verifies_and_reports(built):
         ]
     finally:
         fs.rm("/share", recursive=True)
+
+
+def test_fit_one_epoch_from_http(built, served, tmp_path):
+    """`ich-train fit` trains one epoch from an http:// build root (manifest, index and shards over HTTP)."""
+    from ich_train.cli import main as train_main
+
+    url, requests = served
+    out = tmp_path / "run"
+    rc = train_main(["fit", "--shards", url, "--out", str(out), "--valid-fold", "2", "--model", "resnet10t",
+                     "--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    assert (out / "last.pt").exists() and (out / "metrics.csv").read_text().count("\n") == 2
+    assert any(path.endswith(".tar") for _, path in requests)
