@@ -18,7 +18,7 @@ DEFAULT_WINDOWS = ("brain", "subdural", "bone")
 
 # Sample field name (a file extension, so webdataset decodes it with no custom code) per encoding.
 ENCODINGS: dict[str, str] = {
-    "npy.gz": "lossless: raw uint8 .npy, gzip level 1 (default; smallest lossless and fastest decode measured)",
+    "npy.gz": "lossless: raw uint8 .npy, gzip (ISA-L level 2) (default: smallest lossless, fastest decode measured)",
     "png": "lossless: 3-channel PNG, zlib level 1 (opens in any image viewer)",
     "npy": "lossless: raw uint8 .npy (no decode cost, 192 KiB per 256x256x3 image)",
     "jpg": "lossy: JPEG quality 95 (about 21 KiB per image)",

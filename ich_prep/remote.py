@@ -20,14 +20,13 @@ import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
 
-from ich_prep.shards import MAX_JSON_BYTES, decode_image
+from ich_prep.shards import MAX_JSON_BYTES, decode_image, gunzip
 
 TIMEOUT_S = 60.0
 MAX_MEMBER_BYTES = 256 * 1024 * 1024  # a 1024x1024x3 raw image is 3 MiB; far larger is hostile
@@ -249,22 +248,6 @@ def iter_samples(stream: BinaryIO, encoding: str) -> Iterator[Sample]:
 
 
 # ---------------------------------------------------------------- bounded image decoding
-
-
-def gunzip(data: bytes, limit: int) -> bytes:
-    """Inflate a gzip member, refusing more than `limit` bytes out; checks the gzip CRC."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        raw = d.decompress(data, limit + 1)
-    except zlib.error as e:
-        raise ValueError(f"gzip data is damaged ({e})") from e
-    if len(raw) > limit:
-        raise ValueError(f"gzip data inflates past {limit} bytes; refused")
-    if not d.eof:
-        raise ValueError("gzip data ends early (truncated)")
-    if d.unused_data:
-        raise ValueError("gzip data has trailing bytes")
-    return raw
 
 
 def max_raw_bytes(size: int) -> int:

@@ -10,17 +10,16 @@ worker), and ich_prep never imports torch.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import os
 import tarfile
-import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
+from isal import igzip, isal_zlib
 
 TAR_MTIME = 0.0  # fixed so that identical content gives identical bytes
 MAX_JSON_BYTES = 64 * 1024  # a sample's json is a few hundred bytes; anything far larger is refused
@@ -33,7 +32,9 @@ def encode_image(img: np.ndarray, encoding: str) -> bytes:
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(img), allow_pickle=False)
         raw = buf.getvalue()
-        return gzip.compress(raw, compresslevel=1, mtime=0) if encoding == "npy.gz" else raw
+        # ISA-L deflate: standard gzip bytes (stock webdataset/gzip read them), ~4x faster than zlib
+        # level 1 and smaller at level 2 (benchmarks/bench_encoding.py).
+        return igzip.compress(raw, compresslevel=2, mtime=0) if encoding == "npy.gz" else raw
     if encoding == "png":
         ok, b = cv2.imencode(
             ".png", img[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1]
@@ -50,7 +51,7 @@ def encode_image(img: np.ndarray, encoding: str) -> bytes:
 def decode_image(data: bytes, encoding: str) -> np.ndarray:
     """bytes -> uint8 (H, W, 3), channel i = window i. Never unpickles (allow_pickle=False)."""
     if encoding in ("npy", "npy.gz"):
-        raw = _gunzip(data) if encoding == "npy.gz" else data
+        raw = gunzip(data) if encoding == "npy.gz" else data
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
     elif encoding in ("png", "jpg"):
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -66,12 +67,20 @@ def decode_image(data: bytes, encoding: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _gunzip(data: bytes, limit: int = MAX_IMAGE_BYTES) -> bytes:
-    """gzip inflate that stops at `limit` bytes: a small hostile member cannot become gigabytes."""
-    d = zlib.decompressobj(wbits=31)
-    raw = d.decompress(data, limit)
-    if d.unconsumed_tail:
-        raise ValueError(f"gzip member inflates past {limit} bytes; refusing it")
+def gunzip(data: bytes, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """Inflate one gzip member, refusing more than `limit` bytes out (a small hostile member cannot
+    become gigabytes), a damaged CRC, a truncated stream or trailing bytes. ISA-L: ~3x zlib's speed."""
+    d = isal_zlib.decompressobj(wbits=31)
+    try:
+        raw = d.decompress(data, limit + 1)
+    except isal_zlib.error as e:
+        raise ValueError(f"gzip data is damaged ({e})") from e
+    if len(raw) > limit:
+        raise ValueError(f"gzip data inflates past {limit} bytes; refused")
+    if not d.eof:
+        raise ValueError("gzip data ends early (truncated)")
+    if d.unused_data:
+        raise ValueError("gzip data has trailing bytes")
     return raw
 
 
