@@ -16,7 +16,7 @@ import numpy as np
 from ich_prep.config import ENCODINGS, parse_windows
 from ich_prep.read_dicom import ImageError, read_slice
 from ich_prep.shards import decode_image, encode_image
-from ich_prep.transform import compile_image, stored_to_hu
+from ich_prep.transform import compile_image, header_to_hu
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "rsna_samples"
 
@@ -29,13 +29,7 @@ def images(dicom_dir: Path, size: int) -> list[np.ndarray]:
             s, h = read_slice(f)
         except ImageError:
             continue
-        hu = stored_to_hu(
-            s,
-            h["rescale_slope"],
-            h["rescale_intercept"],
-            h["bits_stored"],
-            h["pixel_representation"],
-        )
+        hu = header_to_hu(s, h)
         out.append(compile_image(hu, windows, size)[0])
     return out
 

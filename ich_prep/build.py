@@ -28,7 +28,7 @@ from ich_prep.manifest import INDEX, MANIFEST, dumps, write_atomic
 from ich_prep.read_dicom import ImageError, read_header, read_slice
 from ich_prep.shards import sha256_file, write_shard
 from ich_prep.split import assign_folds, shuffled, slice_ranks
-from ich_prep.transform import compile_image, stored_to_hu
+from ich_prep.transform import compile_image, header_to_hu
 
 WORK = "_work"
 HEADER_FIELDS = [
@@ -281,14 +281,7 @@ def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
     """One DICOM -> (uint8 image (size, size, 3), metadata). Raises ImageError."""
     h = rec.get("header")
     stored, h = read_slice(rec["path"], h if h and h.get("rows") else None)
-    hu = stored_to_hu(
-        stored,
-        h["rescale_slope"],
-        h["rescale_intercept"],
-        h["bits_stored"],
-        h["pixel_representation"],
-        h["pixel_padding_value"],
-    )
+    hu = header_to_hu(stored, h)
     img, box = compile_image(
         hu,
         [(w.center, w.width) for w in cfg.windows],
@@ -412,7 +405,8 @@ def build(
     _prepare_out(out, cfg, overwrite)
     (out / MANIFEST).unlink(missing_ok=True)
     work = out / WORK
-    df = plan_images(cfg, jobs, work, progress)
+    with joblib.parallel_config(backend=backend) if backend else contextlib.nullcontext():
+        df = plan_images(cfg, jobs, work, progress)  # the header pass runs on the same workers
     label_stats = df.attrs.get("label_stats", {})
     plan = plan_shards(df, cfg)
     labelled = cfg.labels is not None
@@ -434,6 +428,7 @@ def build(
             for n in pending
         )
         with joblib.parallel_config(backend=backend) if backend else contextlib.nullcontext():
+            # One task = one whole shard; unordered so a slow shard never holds back the bar.
             for res in joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
                 done[res["shard"]["name"]] = res
                 bar.update(len(res["results"]))

@@ -46,6 +46,18 @@ def stored_to_hu(
     return hu
 
 
+def header_to_hu(stored: np.ndarray, header: dict) -> np.ndarray:
+    """stored_to_hu with the rescale and storage fields of a read_dicom header dict."""
+    return stored_to_hu(
+        stored,
+        header["rescale_slope"],
+        header["rescale_intercept"],
+        header["bits_stored"],
+        header["pixel_representation"],
+        header.get("pixel_padding_value"),
+    )
+
+
 def head_box(
     hu: np.ndarray, min_area_frac: float = 0.01, min_fill: float = 0.3
 ) -> tuple[int, int, int, int] | None:

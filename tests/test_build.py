@@ -265,18 +265,12 @@ def test_real_rsna_samples(real_samples, tmp_path):
     # Brain tissue at plausible HU for both storage forms: median of the brain-window channel
     # over the head's centre lies between 0 and 80 HU (0..255 in the L40/W80 window).
     from ich_prep.read_dicom import read_slice
-    from ich_prep.transform import stored_to_hu
+    from ich_prep.transform import header_to_hu
 
     medians: dict[tuple[int, int], list[float]] = {}
     for image_id in ok.index:
         stored, h = read_slice(real_samples / ok.at[image_id, "path"])
-        hu = stored_to_hu(
-            stored,
-            h["rescale_slope"],
-            h["rescale_intercept"],
-            h["bits_stored"],
-            h["pixel_representation"],
-        )
+        hu = header_to_hu(stored, h)
         if image_id not in boxed.index:
             continue
         y0, y1, x0, x1 = (
