@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
+import pyarrow as pa
 
 from ich_prep import LABELS
 from ich_prep.manifest import INDEX, MANIFEST, MAX_INDEX_BYTES, FormatError, join, load_manifest
@@ -218,7 +219,7 @@ def _check_index(root: str, manifest: dict, report: Report) -> pd.DataFrame | No
     except FileNotFoundError:
         report.add("missing", INDEX, f"{INDEX} not found; {COPY_AGAIN}")
         return None
-    except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a damaged file)
+    except (pa.ArrowException, OSError, ValueError) as e:  # what pyarrow raises for a damaged file
         report.add(
             "index", INDEX, f"{INDEX} cannot be read ({type(e).__name__}: {e}); {COPY_AGAIN}"
         )
