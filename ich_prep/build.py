@@ -8,9 +8,10 @@ manifest is written last and atomically, so a folder with a manifest is a finish
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ from tqdm.auto import tqdm
 from ich_prep import FORMAT_VERSION, LABELS, __version__
 from ich_prep.config import BuildConfig
 from ich_prep.labels import read_labels
-from ich_prep.manifest import INDEX, MANIFEST, dumps, write_atomic
+from ich_prep.manifest import INDEX, MANIFEST, dumps
 from ich_prep.read_dicom import ImageError, read_header, read_slice
-from ich_prep.shards import sha256_file, write_shard
+from ich_prep.shards import sha256_file, write_tar
 from ich_prep.split import assign_folds, shuffled, slice_ranks
+from ich_prep.store import Store, is_dir, join, list_files
 from ich_prep.transform import compile_image, header_to_hu
 
 WORK = "_work"
@@ -70,7 +72,7 @@ def _scan_chunk(root: str, rels: list[str]) -> list[dict]:
     rows = []
     for rel in rels:
         try:
-            h = read_header(os.path.join(root, rel))
+            h = read_header(join(root, rel))
             rows.append(
                 {
                     "path": rel,
@@ -85,14 +87,9 @@ def _scan_chunk(root: str, rels: list[str]) -> list[dict]:
 
 
 def list_dicoms(root: str) -> list[str]:
-    """Relative paths of every *.dcm below root, sorted (so order never depends on the file system)."""
-    out = []
-    for dirpath, _, files in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        out.extend(
-            os.path.normpath(os.path.join(rel_dir, f)) for f in files if f.lower().endswith(".dcm")
-        )
-    return sorted(out)
+    """Relative paths of every *.dcm below root (folder or fsspec URL), sorted (so order never
+    depends on the file system)."""
+    return list_files(root, ".dcm")
 
 
 def _image_id(rel: str) -> str:
@@ -110,7 +107,7 @@ def _select_subset(ids: list[str], cfg: BuildConfig) -> set[str] | None:
     return {ids[i] for i in pick}
 
 
-def plan_images(cfg: BuildConfig, jobs: int, work: Path, progress: bool) -> pd.DataFrame:
+def plan_images(cfg: BuildConfig, jobs: int, store: Store, progress: bool) -> pd.DataFrame:
     """One row per input with header fields, labels, status; ok rows get fold and slice rank."""
     rels = list_dicoms(cfg.dicom_dir)
     files = pd.DataFrame({"path": rels, "image_id": [_image_id(r) for r in rels]})
@@ -144,7 +141,7 @@ def plan_images(cfg: BuildConfig, jobs: int, work: Path, progress: bool) -> pd.D
         label_errors = label_errors[label_errors["image_id"].isin(subset)]
         dup_rows = dup_rows[dup_rows["image_id"].isin(subset)]
 
-    headers = _scan_headers(cfg.dicom_dir, files["path"].tolist(), jobs, work, progress)
+    headers = _scan_headers(cfg.dicom_dir, files["path"].tolist(), jobs, store, progress)
     df = files.merge(headers, on="path", how="left")
     df = df.merge(
         labels, left_on="image_id", right_index=True, how="outer" if cfg.labels else "left"
@@ -202,11 +199,11 @@ def plan_images(cfg: BuildConfig, jobs: int, work: Path, progress: bool) -> pd.D
 
 
 def _scan_headers(
-    root: str, rels: list[str], jobs: int, work: Path, progress: bool
+    root: str, rels: list[str], jobs: int, store: Store, progress: bool
 ) -> pd.DataFrame:
-    cache = work / "headers.parquet"
-    if cache.exists():
-        cached = pd.read_parquet(cache)
+    cache = f"{WORK}/headers.parquet"
+    if store.exists(cache):
+        cached = pd.read_parquet(io.BytesIO(store.read_bytes(cache)))
         if cached["path"].tolist() == rels:
             return cached
     chunk = 256
@@ -224,9 +221,9 @@ def _scan_headers(
         df[c] = df[c].astype("Int32")
     for c in ("reason", "detail", "patient_id", "study_id", "series_id"):
         df[c] = df[c].astype(object)
-    tmp = cache.with_name(cache.name + ".partial")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, cache)
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    store.write_bytes(cache, buf.getvalue())
     return df
 
 
@@ -260,7 +257,7 @@ def _records(part: pd.DataFrame, root: str, labelled: bool) -> list[dict]:
         recs.append(
             {
                 "image_id": r.image_id,
-                "path": os.path.join(root, r.path),
+                "path": join(root, r.path),
                 "header": {k: _py(getattr(r, k)) for k in HEADER_FIELDS + PIXEL_FIELDS},
                 "meta": {
                     "image_id": r.image_id,
@@ -299,7 +296,11 @@ def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
 
 
 def compile_shard(out: str, name: str, recs: list[dict], cfg: BuildConfig) -> dict:
-    """Joblib task: compile one shard's images into `out/name`; return and persist per-image results."""
+    """Joblib task: compile one shard's images into `out/name`; return and persist per-image results.
+
+    The tar is moved into place first, then `_work/<name>.json`: a shard counts as done only when
+    both exist and the tar's hash matches, so a task killed anywhere is simply run again.
+    """
     results = []
 
     def samples():
@@ -321,20 +322,23 @@ def compile_shard(out: str, name: str, recs: list[dict], cfg: BuildConfig) -> di
             )
             yield {"__key__": rec["image_id"], "image": img, "meta": meta}
 
-    info = write_shard(Path(out) / name, samples(), cfg.encoding)
+    store = Store(out)
+    tmp = store.local_file(name)
+    n = write_tar(tmp, samples(), cfg.encoding)
+    info = {"name": name, "samples": n, "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp)}
+    store.commit(name, tmp)
     done = {"shard": info, "results": results}
-    write_atomic(Path(out) / WORK / (name + ".json"), json.dumps(done, sort_keys=True).encode())
+    store.write_bytes(f"{WORK}/{name}.json", json.dumps(done, sort_keys=True).encode())
     return done
 
 
-def _load_done(out: Path, name: str) -> dict | None:
+def _load_done(store: Store, name: str) -> dict | None:
     """Results of a shard a previous run finished, if its tar is intact."""
-    rec = out / WORK / (name + ".json")
-    tar = out / name
-    if not (rec.exists() and tar.exists()):
+    rec = f"{WORK}/{name}.json"
+    if not (store.exists(rec) and store.exists(name)):
         return None
-    done = json.loads(rec.read_text())
-    if tar.stat().st_size != done["shard"]["bytes"] or sha256_file(tar) != done["shard"]["sha256"]:
+    done = json.loads(store.read_bytes(rec))
+    if store.size(name) != done["shard"]["bytes"] or store.sha256(name) != done["shard"]["sha256"]:
         return None
     return done
 
@@ -342,30 +346,29 @@ def _load_done(out: Path, name: str) -> dict | None:
 # ---------------------------------------------------------------- the build
 
 
-def _prepare_out(out: Path, cfg: BuildConfig, overwrite: bool) -> None:
-    """Create `out`, or check that what is there was made by the same config."""
-    state = out / WORK / "config.json"
+def _prepare_out(store: Store, cfg: BuildConfig, overwrite: bool) -> None:
+    """Create the output, or check that what is there was made by the same config."""
+    state = f"{WORK}/config.json"
     ours = json.dumps(cfg.to_dict(), sort_keys=True)
-    existing = out / MANIFEST
-    if out.exists() and any(out.iterdir()):
+    entries = store.listdir()
+    if entries:
         theirs = None
-        if state.exists():
-            theirs = state.read_text()
-        elif existing.exists():
-            theirs = json.dumps(json.loads(existing.read_text()).get("config"), sort_keys=True)
+        if store.exists(state):
+            theirs = store.read_bytes(state).decode()
+        elif store.exists(MANIFEST):
+            theirs = json.dumps(
+                json.loads(store.read_bytes(MANIFEST)).get("config"), sort_keys=True
+            )
         if theirs != ours:
             if not overwrite:
                 raise BuildError(
-                    f"{out} already holds a build with a different config (or unknown files); "
+                    f"{store} already holds a build with a different config (or unknown files); "
                     "choose another --out, or pass --overwrite to replace it"
                 )
-            for p in out.iterdir():
-                if p.is_dir():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
-    (out / WORK).mkdir(parents=True, exist_ok=True)
-    write_atomic(state, ours.encode())
+            for name in entries:
+                store.remove(name)
+    store.makedirs(WORK)
+    store.write_bytes(state, ours.encode())
 
 
 def _index_table(df: pd.DataFrame, shard_of: dict[str, str]) -> pd.DataFrame:
@@ -395,18 +398,17 @@ def build(
 ) -> BuildResult:
     """Compile `cfg.dicom_dir` into shards under `out`. Safe to kill and re-run."""
     t0 = time.perf_counter()
-    out = Path(out)
-    if (out / MANIFEST).exists() and not overwrite:
-        m = json.loads((out / MANIFEST).read_text())
-        if m.get("config") == json.loads(json.dumps(cfg.to_dict())):
+    store = Store(out)
+    if store.exists(MANIFEST) and not overwrite:
+        m = json.loads(store.read_bytes(MANIFEST))
+        if m.get("config") == cfg.to_dict():
             return BuildResult(out, m, {"already_complete": True})
-    if not Path(cfg.dicom_dir).is_dir():
+    if not is_dir(cfg.dicom_dir):
         raise BuildError(f"--dicom-dir {cfg.dicom_dir} is not a folder")
-    _prepare_out(out, cfg, overwrite)
-    (out / MANIFEST).unlink(missing_ok=True)
-    work = out / WORK
+    _prepare_out(store, cfg, overwrite)
+    store.remove(MANIFEST)
     with joblib.parallel_config(backend=backend) if backend else contextlib.nullcontext():
-        df = plan_images(cfg, jobs, work, progress)  # the header pass runs on the same workers
+        df = plan_images(cfg, jobs, store, progress)  # the header pass runs on the same workers
     label_stats = df.attrs.get("label_stats", {})
     plan = plan_shards(df, cfg)
     labelled = cfg.labels is not None
@@ -414,7 +416,7 @@ def build(
     done: dict[str, dict] = {}
     pending = []
     for name in plan:
-        d = _load_done(out, name)
+        d = _load_done(store, name)
         if d is None:
             pending.append(name)
         else:
@@ -423,7 +425,7 @@ def build(
     with tqdm(total=todo, desc="compile", unit="img", disable=not progress) as bar:
         tasks = (
             joblib.delayed(compile_shard)(
-                str(out), n, _records(plan[n], cfg.dicom_dir, labelled), cfg
+                store.root, n, _records(plan[n], cfg.dicom_dir, labelled), cfg
             )
             for n in pending
         )
@@ -445,10 +447,10 @@ def build(
                 df.loc[m, ["status", "reason", "detail"]] = ["error", r["reason"], r["detail"]]
     df["crop_box"] = df["image_id"].map(crop_of)
     index = _index_table(df, shard_of)
-    index_path = out / INDEX
-    tmp = out / (INDEX + ".partial")
-    index.to_parquet(tmp, index=False)
-    os.replace(tmp, index_path)
+    buf = io.BytesIO()
+    index.to_parquet(buf, index=False)
+    index_bytes = buf.getvalue()
+    store.write_bytes(INDEX, index_bytes)
 
     ok = index[index["status"] == "ok"]
     shards = [
@@ -477,18 +479,19 @@ def build(
         "counts": counts,
         "index": {
             "name": INDEX,
-            "bytes": index_path.stat().st_size,
-            "sha256": sha256_file(index_path),
+            "bytes": len(index_bytes),
+            "sha256": hashlib.sha256(index_bytes).hexdigest(),
         },
         "shards": shards,
     }
     from ich_prep.card import dataset_card  # local import: the card is presentation only
 
-    write_atomic(out / "README.md", dataset_card(manifest).encode())
-    write_atomic(out / MANIFEST, dumps(manifest))
-    shutil.rmtree(work, ignore_errors=True)
-    for stray in out.glob("*.partial"):  # left by a worker killed mid-shard; its task was redone
-        stray.unlink()
+    store.write_bytes("README.md", dataset_card(manifest).encode())
+    store.write_bytes(MANIFEST, dumps(manifest))
+    store.remove(WORK)
+    for name in store.listdir():  # left by a worker killed mid-shard; its task was redone
+        if name.endswith(".partial"):
+            store.remove(name)
     wall = time.perf_counter() - t0
     total_bytes = sum(s["bytes"] for s in shards)
     summary = {

@@ -25,10 +25,12 @@ def add_build(sub) -> None:
         "build", help="compile DICOMs into WebDataset shards + index.parquet + manifest.json"
     )
     p.add_argument(
-        "--dicom-dir", required=True, help="folder with the .dcm slices (searched recursively)"
+        "--dicom-dir",
+        required=True,
+        help="folder or fsspec URL (s3://, file://...) with the .dcm slices (searched recursively)",
     )
     p.add_argument("--labels", help="RSNA labels CSV (ID,Label); omit for an unlabelled test set")
-    p.add_argument("--out", required=True, help="output folder, e.g. shards/train")
+    p.add_argument("--out", required=True, help="output folder or fsspec URL, e.g. shards/train")
     p.add_argument(
         "--jobs",
         type=_jobs,

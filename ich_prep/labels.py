@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -34,9 +35,14 @@ def _error_frame(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
 
 def read_labels(path: str, block_size: int = 1 << 22) -> LabelTable:
     """Parse, validate and pivot the labels CSV."""
+    with fsspec.open(path, "rb") as f:  # a local path or any fsspec URL
+        return _read(f, path, block_size)
+
+
+def _read(f, path: str, block_size: int) -> LabelTable:
     opts = pacsv.ConvertOptions(column_types={"ID": pa.string(), "Label": pa.string()})
     reader = pacsv.open_csv(
-        path, read_options=pacsv.ReadOptions(block_size=block_size), convert_options=opts
+        f, read_options=pacsv.ReadOptions(block_size=block_size), convert_options=opts
     )
     if reader.schema.names[:2] != ["ID", "Label"]:
         raise ValueError(

@@ -11,6 +11,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -171,8 +172,12 @@ def header_from_dataset(ds, path) -> dict:
 
 
 def _open(path, stop_before_pixels: bool):
+    """dcmread a local path, or an fsspec URL (s3://..., file://...) read through a file object."""
     try:
         with quiet_rsna_uids():
+            if "://" in str(path):
+                with fsspec.open(str(path), "rb") as f:
+                    return pydicom.dcmread(f, stop_before_pixels=stop_before_pixels)
             return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise ImageError(

@@ -108,21 +108,27 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(ti, io.BytesIO(data))
 
 
-def write_shard(path: str | os.PathLike, samples, encoding: str) -> dict:
-    """Write samples ({'__key__', 'image' uint8 (H,W,3), 'meta' dict}) to `path` atomically.
-
-    Returns {'name', 'samples', 'bytes', 'sha256'}.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
+def write_tar(path: str | os.PathLike, samples, encoding: str) -> int:
+    """Write samples ({'__key__', 'image' uint8 (H,W,3), 'meta' dict}) as a tar at `path`; count."""
     n = 0
-    with open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
                 meta = json.dumps(s["meta"], sort_keys=True, separators=(",", ":")).encode()
                 _add(tar, f"{s['__key__']}.{encoding}", encode_image(s["image"], encoding))
                 _add(tar, f"{s['__key__']}.json", meta)
                 n += 1
+    return n
+
+
+def write_shard(path: str | os.PathLike, samples, encoding: str) -> dict:
+    """write_tar to `path` atomically (temporary name, then rename).
+
+    Returns {'name', 'samples', 'bytes', 'sha256'}.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    n = write_tar(tmp, samples, encoding)
     # No fsync: the rename is atomic against a killed process; a power cut is what `verify` is for.
     os.replace(tmp, path)
     return {

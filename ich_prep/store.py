@@ -1,0 +1,144 @@
+"""Where a build's files live: a local folder or any fsspec URL (file://, s3://, gs://, memory://).
+
+Every write is atomic for readers: bytes go to `<name>.partial`, then a rename (a local
+os.replace, or the file system's move; on object stores the final object appears whole).
+The build and its shard tasks use only these operations, so the same code writes to a shared
+folder on a cluster or straight to a bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import fsspec
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+class Store:
+    """A build folder. `Store(path_or_url)`; names are relative ('train-f0-00000.tar', '_work/x')."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = str(root)
+        self.local = not is_url(root)
+        if self.local:
+            self.fs, self.path = None, os.path.abspath(self.root)
+        else:
+            self.fs, self.path = fsspec.core.url_to_fs(self.root)
+
+    def _p(self, name: str) -> str:
+        return os.path.join(self.path, name) if self.local else f"{self.path.rstrip('/')}/{name}"
+
+    def __str__(self) -> str:
+        return self.root
+
+    def exists(self, name: str = "") -> bool:
+        return os.path.exists(self._p(name)) if self.local else self.fs.exists(self._p(name))
+
+    def makedirs(self, name: str = "") -> None:
+        if self.local:
+            os.makedirs(self._p(name), exist_ok=True)
+        else:
+            self.fs.makedirs(self._p(name), exist_ok=True)
+
+    def listdir(self, name: str = "") -> list[str]:
+        """Entry names (not paths) directly under `name`; [] if it does not exist."""
+        if not self.exists(name):
+            return []
+        if self.local:
+            return sorted(os.listdir(self._p(name)))
+        return sorted(
+            p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._p(name), detail=False)
+        )
+
+    def read_bytes(self, name: str) -> bytes:
+        if self.local:
+            return Path(self._p(name)).read_bytes()
+        with self.fs.open(self._p(name), "rb") as f:
+            return f.read()
+
+    def size(self, name: str) -> int:
+        return os.path.getsize(self._p(name)) if self.local else int(self.fs.size(self._p(name)))
+
+    def sha256(self, name: str, chunk: int = 1 << 20) -> str:
+        h = hashlib.sha256()
+        with open(self._p(name), "rb") if self.local else self.fs.open(self._p(name), "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        return h.hexdigest()
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Atomic: a reader sees the old file or the whole new one."""
+        tmp = self._p(name + ".partial")
+        if self.local:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self._p(name))
+        else:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, self._p(name))
+
+    def local_file(self, name: str) -> str:
+        """A local path to write `name` to before `commit(name, path)` moves it into place."""
+        if self.local:
+            return self._p(name + ".partial")
+        fd, tmp = tempfile.mkstemp(suffix=".partial")
+        os.close(fd)
+        return tmp
+
+    def commit(self, name: str, local_path: str) -> None:
+        """Move a finished local file into place as `name`, atomically for readers."""
+        if self.local:
+            os.replace(local_path, self._p(name))
+            return
+        self.fs.put_file(local_path, self._p(name + ".partial"))
+        self.fs.mv(self._p(name + ".partial"), self._p(name))
+        os.unlink(local_path)
+
+    def remove(self, name: str) -> None:
+        """Delete a file or a folder (recursively); nothing if absent."""
+        p = self._p(name)
+        if self.local:
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.exists(p):
+                os.unlink(p)
+        elif self.fs.exists(p):
+            self.fs.rm(p, recursive=True)
+
+
+def list_files(root: str, suffix: str) -> list[str]:
+    """Relative paths of every file ending in `suffix` below root (folder or URL), sorted."""
+    out = []
+    if not is_url(root):
+        for dirpath, _, files in os.walk(root):
+            rel_dir = os.path.relpath(dirpath, root)
+            out.extend(
+                os.path.normpath(os.path.join(rel_dir, f))
+                for f in files
+                if f.lower().endswith(suffix)
+            )
+        return sorted(out)
+    fs, path = fsspec.core.url_to_fs(root)
+    base = path.rstrip("/") + "/"
+    return sorted(
+        p[len(base) :] for p in fs.find(path) if p.lower().endswith(suffix) and p.startswith(base)
+    )
+
+
+def is_dir(root: str) -> bool:
+    if not is_url(root):
+        return os.path.isdir(root)
+    fs, path = fsspec.core.url_to_fs(root)
+    return fs.isdir(path)
+
+
+def join(root: str, rel: str) -> str:
+    return os.path.join(root, rel) if not is_url(root) else f"{root.rstrip('/')}/{rel}"
