@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from ich_prep import FORMAT_VERSION, LABELS, __version__
 from ich_prep.config import BuildConfig
 from ich_prep.labels import read_labels
-from ich_prep.manifest import INDEX, MANIFEST, dumps
+from ich_prep.manifest import INDEX, MANIFEST, dumps, join
 from ich_prep.read_dicom import ImageError, read_header, read_slice
 from ich_prep.shards import sha256_file, write_tar
 from ich_prep.split import assign_folds, shuffled, slice_ranks
-from ich_prep.store import Store, is_dir, join, list_files
+from ich_prep.store import Store, is_dir, list_files
 from ich_prep.transform import compile_image, header_to_hu
 
 WORK = "_work"
@@ -86,12 +86,6 @@ def _scan_chunk(root: str, rels: list[str]) -> list[dict]:
     return rows
 
 
-def list_dicoms(root: str) -> list[str]:
-    """Relative paths of every *.dcm below root (folder or fsspec URL), sorted (so order never
-    depends on the file system)."""
-    return list_files(root, ".dcm")
-
-
 def _image_id(rel: str) -> str:
     return Path(rel).name[: -len(".dcm")]
 
@@ -109,7 +103,7 @@ def _select_subset(ids: list[str], cfg: BuildConfig) -> set[str] | None:
 
 def plan_images(cfg: BuildConfig, jobs: int, store: Store, progress: bool) -> pd.DataFrame:
     """One row per input with header fields, labels, status; ok rows get fold and slice rank."""
-    rels = list_dicoms(cfg.dicom_dir)
+    rels = list_files(cfg.dicom_dir, ".dcm")  # sorted: order never depends on the file system
     files = pd.DataFrame({"path": rels, "image_id": [_image_id(r) for r in rels]})
     dup = files["image_id"].duplicated(keep="first")
     dup_rows = files[dup].assign(

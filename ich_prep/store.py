@@ -138,7 +138,3 @@ def is_dir(root: str) -> bool:
         return os.path.isdir(root)
     fs, path = fsspec.core.url_to_fs(root)
     return fs.isdir(path)
-
-
-def join(root: str, rel: str) -> str:
-    return os.path.join(root, rel) if not is_url(root) else f"{root.rstrip('/')}/{rel}"

@@ -11,6 +11,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from ich_prep.read_dicom import quiet_rsna_uids
+from ich_prep.synth import CSV_ORDER
 
 REAL_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "rsna_samples"
 
@@ -92,19 +93,9 @@ def real_samples() -> Path:
     return REAL_SAMPLES
 
 
-SUBTYPES_CSV_ORDER = [
-    "epidural",
-    "intraparenchymal",
-    "intraventricular",
-    "subarachnoid",
-    "subdural",
-    "any",
-]
-
-
 def csv_rows(image_id: str, positive: dict | None = None) -> list[str]:
     positive = positive or {}
-    return [f"{image_id}_{k},{positive.get(k, 0)}" for k in SUBTYPES_CSV_ORDER]
+    return [f"{image_id}_{k},{positive.get(k, 0)}" for k in CSV_ORDER]
 
 
 def make_dataset(

@@ -2,12 +2,7 @@
 
 from ich_prep import LABELS
 from ich_prep.labels import read_labels
-
-ORDER = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]
-
-
-def rows(image, labels: dict) -> list[str]:
-    return [f"{image}_{k},{labels.get(k, 0)}" for k in ORDER]
+from tests.conftest import csv_rows as rows
 
 
 def write_csv(tmp_path, lines):
