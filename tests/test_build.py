@@ -321,3 +321,22 @@ def test_gzip_bomb_refused():
     assert len(bomb) < 100_000
     with pytest.raises(ValueError, match="inflates past"):
         decode_image(bomb, "npy.gz")
+
+
+def test_spacing_mm_build_records_config_and_scales(dataset, tmp_path):
+    """--spacing-mm 1.0: a 77-pixel head at 0.5 mm (38 mm) fills ~38 of 64 pixels; the manifest says 1.0."""
+    dicom_dir, labels, _ = dataset
+    res = build(
+        cfg_for(dicom_dir, labels, spacing_mm=1.0), tmp_path / "out", jobs=1, progress=False
+    )
+    assert res.manifest["config"]["spacing_mm"] == 1.0
+    s = next(
+        iter(
+            wds.WebDataset(
+                sorted(glob.glob(str(tmp_path / "out" / "*.tar"))), shardshuffle=False
+            ).decode()
+        )
+    )
+    bone = s["npy.gz"][..., 2]
+    cols = np.flatnonzero((bone > 80).any(axis=0))  # skull ring, above air in the bone window
+    assert 36 <= cols[-1] - cols[0] + 1 <= 40  # without --spacing-mm it would fill all 64

@@ -1,0 +1,62 @@
+"""The build config: window parsing, validation, and the CLI's clear refusals."""
+
+import pytest
+
+from ich_prep.cli import main
+from ich_prep.config import BuildConfig, Window, parse_windows
+
+
+def test_presets_and_pairs():
+    """Presets and CENTER/WIDTH pairs parse to named windows in the given order."""
+    presets = parse_windows("brain,subdural,bone")
+    assert presets == (
+        Window("brain", 40.0, 80.0),
+        Window("subdural", 80.0, 200.0),
+        Window("bone", 600.0, 2800.0),
+    )
+    pairs = parse_windows("40/80,80/200,600/2800")
+    assert [(w.center, w.width) for w in pairs] == [(w.center, w.width) for w in presets]
+    assert parse_windows("brain,-100/400.5,soft-tissue")[1] == Window("c-100w400.5", -100.0, 400.5)
+
+
+@pytest.mark.parametrize(
+    "spec", ["brain,bone", "brain,bone,bone,bone", "brain,skull,bone", "40/0,1/1,2/2"]
+)
+def test_bad_windows_refused(spec):
+    """Not three windows, an unknown preset or a zero width: a ValueError that says what is allowed."""
+    with pytest.raises(ValueError, match="window"):
+        parse_windows(spec)
+
+
+def test_config_round_trips_through_json_dict():
+    """to_dict gives plain json types and from_dict rebuilds the same frozen config."""
+    cfg = BuildConfig(dicom_dir="d", labels="l.csv", spacing_mm=0.8, encoding="png")
+    d = cfg.to_dict()
+    assert isinstance(d["windows"], list) and BuildConfig.from_dict(d) == cfg
+
+
+@pytest.mark.parametrize(
+    "kw, word",
+    [({"encoding": "webp"}, "encoding"), ({"size": 8}, "size"), ({"fraction": 1.5}, "fraction"),
+     ({"shard_size": 0}, "shard-size"), ({"labels": "x.csv", "folds": 1}, "folds")],
+)  # fmt: skip
+def test_invalid_config_refused(kw, word):
+    """Impossible settings are refused naming the option."""
+    with pytest.raises(ValueError, match=word):
+        BuildConfig(dicom_dir="d", **kw)
+
+
+def test_cli_refuses_bad_windows_with_exit_2(tmp_path, capsys):
+    """`ich-prep build --windows brain` exits 2 with a one-line reason, no traceback."""
+    rc = main(
+        ["build", "--dicom-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--windows", "brain"]
+    )
+    assert rc == 2 and "need exactly 3 windows" in capsys.readouterr().err
+
+
+def test_cli_refuses_missing_dicom_dir(tmp_path, capsys):
+    """A --dicom-dir that does not exist exits 2 naming it."""
+    rc = main(
+        ["build", "--dicom-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quiet"]
+    )
+    assert rc == 2 and "nope is not a folder" in capsys.readouterr().err
