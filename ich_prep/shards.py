@@ -93,12 +93,17 @@ def decode_json(data: bytes) -> dict:
     return json.loads(data)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_stream(f, chunk: int = 1 << 20) -> str:
+    """sha256 of a binary file object, read in 1 MiB blocks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(f)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

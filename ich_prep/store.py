@@ -8,13 +8,14 @@ folder on a cluster or straight to a bucket.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import fsspec
+
+from ich_prep.shards import sha256_stream
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -66,12 +67,9 @@ class Store:
     def size(self, name: str) -> int:
         return os.path.getsize(self._p(name)) if self.local else int(self.fs.size(self._p(name)))
 
-    def sha256(self, name: str, chunk: int = 1 << 20) -> str:
-        h = hashlib.sha256()
+    def sha256(self, name: str) -> str:
         with open(self._p(name), "rb") if self.local else self.fs.open(self._p(name), "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        return h.hexdigest()
+            return sha256_stream(f)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Atomic: a reader sees the old file or the whole new one."""
