@@ -78,6 +78,14 @@ def add_fit_parser(sub) -> None:
         "--resume", action="store_true", help="continue the run in --out from its last.pt"
     )
     p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=DEFAULTS["checkpoint_every"],
+        metavar="STEPS",
+        help="also save last.pt every STEPS optimizer steps inside an epoch, so --resume loses "
+        "less than that after a crash or preemption (default 0: at epoch ends only)",
+    )
+    p.add_argument(
         "--image-size", type=int, default=None, help="resize on device (default: the shards' size)"
     )
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])

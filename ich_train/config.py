@@ -11,7 +11,17 @@ from dataclasses import dataclass
 # never what is learned. `shards` may move (local folder -> URL); the data itself is compared
 # through the index checksum stored in the checkpoint.
 RUNTIME_FIELDS = frozenset(
-    {"shards", "out", "workers", "compile", "progress", "valid_batch_size", "pretrained", "device"}
+    {
+        "shards",
+        "out",
+        "workers",
+        "compile",
+        "progress",
+        "valid_batch_size",
+        "pretrained",
+        "device",
+        "checkpoint_every",
+    }
 )
 LOSSES = ("bce", "asl")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -62,6 +72,9 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     workers: int = 4
+    checkpoint_every: int = (
+        0  # optimizer steps between last.pt saves inside an epoch; 0: epoch ends
+    )
     device: str = "auto"
     progress: bool = True
 
@@ -87,6 +100,8 @@ class TrainConfig:
             )
         if not 0 <= self.warmup_frac < 1:
             raise ConfigError(f"--warmup-frac must be in [0, 1), got {self.warmup_frac}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
 

@@ -253,30 +253,42 @@ class TrainStream(IterableDataset):
             raise ShardError("no training shards selected")
         self.shards, self.encoding, self.batch_size = list(shards), encoding, batch_size
         self.batches_per_rank, self.rank, self.world = batches_per_rank, rank, world
-        self.seed, self.shuffle_buffer, self.epoch = seed, shuffle_buffer, 0
+        self.seed, self.shuffle_buffer, self.epoch, self.skip = seed, shuffle_buffer, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start `epoch`, leaving out its first `skip` batches of this rank (a mid-epoch resume)."""
+        if not 0 <= skip <= self.batches_per_rank:
+            raise ValueError(f"cannot skip {skip} of {self.batches_per_rank} batches")
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.batches_per_rank
+        """Batches this rank still yields this epoch."""
+        return self.batches_per_rank - self.skip
 
     def _read(self, shards: list[Shard]) -> Iterator[dict]:
         return itertools.chain.from_iterable(read_shard(s, self.encoding) for s in shards)
 
     def __iter__(self) -> Iterator[dict]:
         w, n_workers = _worker()
+        # The DataLoader takes batches from its workers round-robin starting at worker 0, so batch i
+        # of an epoch comes from worker role i % n_workers. After `skip` batches, worker w plays
+        # role (w + skip) % n_workers; that role has made skip // n_workers batches, one more if it
+        # comes before skip % n_workers.
+        w = (w + self.skip) % n_workers
         slot, slots = self.rank * n_workers + w, self.world * n_workers
         quota = self.batches_per_rank // n_workers + (w < self.batches_per_rank % n_workers)
-        if quota == 0:
+        done = self.skip // n_workers + (w < self.skip % n_workers)
+        if quota - done <= 0:
             return
         rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
         raw = itertools.chain.from_iterable(  # shuffle within each pass: one pass = one epoch when sizes fit
             shuffled(self._read(p), self.shuffle_buffer, rng)
             for p in slot_passes(self.shards, slot, slots, self.seed, self.epoch)
         )
+        # skipped samples are read and shuffled exactly as before (same order after them) but not decoded
+        raw = itertools.islice(raw, done * self.batch_size, None)
         decoded = (decode_sample(s, self.encoding) for s in raw)
-        yield from itertools.islice(batched(decoded, self.batch_size, drop_last=True), quota)
+        yield from itertools.islice(batched(decoded, self.batch_size, drop_last=True), quota - done)
 
 
 class EvalStream(IterableDataset):

@@ -39,17 +39,29 @@ def train_one_epoch(
     generator: torch.Generator | None = None,
     progress: bool = True,
     log_every: int = 10,
+    start: dict | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint=None,
 ) -> dict:
-    """One pass over `loader` (exactly len(loader) batches); returns train_loss, lr, images/s."""
+    """One pass over `loader` (exactly len(loader) batches); returns train_loss, lr, images/s.
+
+    `start` continues an epoch cut short: this rank's {'step', 'loss_sum', 'batches', 'seen',
+    'time_s'} as given to `on_checkpoint`, which is called with them every `checkpoint_every`
+    optimizer steps inside the epoch (at the same step on every rank)."""
     model.train()
     dev = dist.device
-    n_steps = len(loader) // accum_steps
-    loss_sum = torch.zeros((), device=dev)
-    n_batches = seen = step = 0
+    start = start or {"step": 0, "loss_sum": 0.0, "batches": 0, "seen": 0, "time_s": 0.0}
+    step, n_batches, seen = int(start["step"]), int(start["batches"]), int(start["seen"])
+    n_steps = step + len(loader) // accum_steps
+    loss_sum = torch.full((), float(start["loss_sum"]), device=dev)
     bar = tqdm(
-        total=n_steps, desc=f"epoch {epoch}", unit="step", disable=not (dist.main and progress)
+        total=n_steps,
+        initial=step,
+        desc=f"epoch {epoch}",
+        unit="step",
+        disable=not (dist.main and progress),
     )
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - float(start["time_s"])
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
         images = batch["image"].to(dev, non_blocking=True)
@@ -81,6 +93,16 @@ def train_one_epoch(
                 )
             bar.set_postfix(
                 loss=f"{mean:.4f}", img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}"
+            )
+        if on_checkpoint and checkpoint_every and step % checkpoint_every == 0 and step < n_steps:
+            on_checkpoint(
+                {
+                    "step": step,
+                    "loss_sum": loss_sum.item(),
+                    "batches": n_batches,
+                    "seen": seen,
+                    "time_s": time.perf_counter() - t0,
+                }
             )
     bar.close()
     elapsed = time.perf_counter() - t0

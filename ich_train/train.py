@@ -42,6 +42,17 @@ def augment_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
 
 
+def _check_mid_epoch(partial: dict, cfg: TrainConfig, dist: distributed.Dist) -> None:
+    """A checkpoint saved inside an epoch resumes exactly only with the same processes and workers:
+    together they fix which samples each batch held."""
+    if partial["world"] != dist.world or partial["workers"] != cfg.workers:
+        raise ConfigError(
+            f"{cfg.out}/last.pt was saved inside an epoch by {partial['world']} process(es) with "
+            f"--workers {partial['workers']}; resume with the same process count and --workers "
+            f"(now {dist.world} and {cfg.workers})"
+        )
+
+
 def fit(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train cfg.model on the training folds, validating on cfg.valid_fold; returns a summary dict."""
     dist = distributed.setup(cfg.device)
@@ -119,14 +130,19 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     scheduler = create_scheduler(
         optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_frac, cfg.min_lr_ratio
     )
-    start_epoch, best = 0, math.inf
+    start_epoch, best, partial = 0, math.inf, None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best_loss"]
         set_rng_state(ckpt["rng"])
-        say(f"resuming {out} at epoch {start_epoch + 1} (step {ckpt['step']})")
+        partial = ckpt.get("epoch_progress")
+        if partial is not None:  # saved inside an epoch: redo none of its steps
+            _check_mid_epoch(partial, cfg, dist)
+            start_epoch = ckpt["epoch"]
+        where = f", {partial['step']} of its steps done" if partial else ""
+        say(f"resuming {out} at epoch {start_epoch + 1}{where} (step {ckpt['step']})")
     raw = model
     if dist.enabled:
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -173,9 +189,44 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     t_start, row, best_row = time.perf_counter(), {}, dict(ckpt["best_metrics"]) if ckpt else {}
 
     # ---- epochs
+    def save(path: Path, epoch: int, metrics: dict, **extra) -> None:
+        save_checkpoint(
+            path,
+            model=raw.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            step=scheduler.last_epoch,
+            epoch=epoch,
+            config=cfg.to_dict(),
+            rng=rng_state(),
+            prior=prior.tolist(),
+            normalize={"mean": list(mean), "std": list(std)},
+            image_size=image_size,
+            data={"fingerprint": build.fingerprint, "encoding": build.encoding, "size": build.size},
+            metrics=metrics,
+            best_loss=best,
+            best_metrics=best_row,
+            **extra,
+        )
+
     for epoch in range(start_epoch, cfg.epochs):
-        train_ds.set_epoch(epoch)
         gen = torch.Generator(device=dev).manual_seed(augment_seed(cfg.seed, epoch, dist.rank))
+        start = None
+        if partial is not None and epoch == ckpt["epoch"]:
+            start = partial["ranks"][dist.rank]
+            gen.set_state(partial["generators"][dist.rank])
+        train_ds.set_epoch(epoch, skip=start["step"] * cfg.accum_steps if start else 0)
+
+        def checkpoint_mid_epoch(progress: dict, epoch=epoch, gen=gen) -> None:
+            """last.pt inside an epoch: every rank's progress and augmentation generator."""
+            ranks = distributed.all_gather(dist, (progress, gen.get_state()))
+            if dist.main:
+                save(out / "last.pt", epoch, {}, epoch_progress={
+                    "step": progress["step"], "world": dist.world, "workers": cfg.workers,
+                    "ranks": [r[0] for r in ranks], "generators": [r[1] for r in ranks],
+                })  # fmt: skip
+            distributed.barrier(dist)
+
         row = train_one_epoch(
             model,
             train_loader,
@@ -190,6 +241,9 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             precision=cfg.precision,
             generator=gen,
             progress=cfg.progress,
+            start=start,
+            checkpoint_every=cfg.checkpoint_every,
+            on_checkpoint=checkpoint_mid_epoch,
         )
         row |= validate(
             raw,
@@ -206,27 +260,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         best_row = row if improved else best_row
         if dist.main:
             log.append(row)
-            save_checkpoint(
-                out / "last.pt",
-                model=raw.state_dict(),
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                step=row["step"],
-                epoch=epoch,
-                config=cfg.to_dict(),
-                rng=rng_state(),
-                prior=prior.tolist(),
-                normalize={"mean": list(mean), "std": list(std)},
-                image_size=image_size,
-                data={
-                    "fingerprint": build.fingerprint,
-                    "encoding": build.encoding,
-                    "size": build.size,
-                },
-                metrics=row,
-                best_loss=best,
-                best_metrics=best_row,
-            )
+            save(out / "last.pt", epoch, row)
             if improved:
                 shutil.copyfile(out / "last.pt", out / "best.pt.partial")
                 (out / "best.pt.partial").replace(out / "best.pt")

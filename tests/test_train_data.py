@@ -99,6 +99,22 @@ def test_sample_order_is_fixed_by_seed_and_epoch(build_dir):
     assert sorted(order(1, 0)) == sorted(b.ids(b.select([0, 1])))  # 40 samples, 40 read: one pass
 
 
+@pytest.mark.parametrize(("workers", "skip"), [(0, 3), (2, 3), (2, 6), (3, 4), (2, 7)])
+def test_skipping_batches_resumes_the_same_epoch_order(build_dir, workers, skip):
+    """set_epoch(e, skip=k) yields exactly the batches after the first k of epoch e, in order."""
+    b = Build(build_dir)
+
+    def batches(skip):
+        ds = TrainStream(b.select([0, 1]), b.encoding, 3, 7, seed=4, shuffle_buffer=5)
+        ds.set_epoch(2, skip=skip)
+        with deadline(60):
+            return [batch["id"] for batch in create_loader(ds, workers, CPU)]
+
+    full = batches(0)
+    assert len(full) == 7
+    assert batches(skip) == full[skip:]
+
+
 def test_batches_are_uint8_nhwc_with_float_labels(build_dir):
     """Images stay uint8 (B, H, W, 3) until the device; labels are float (B, 6)."""
     b = Build(build_dir)

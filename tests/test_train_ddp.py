@@ -1,12 +1,17 @@
 """Two-process DDP (gloo on CPU) through torchrun."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pandas as pd
+import pytest
+import torch
 
+from ich_train.checkpoint import load_checkpoint
 from tests.train_fixtures import make_build
 
 
@@ -16,27 +21,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_finish_and_write_one_run(tmp_path):
-    """2 ranks x 2 workers over 1 training shard: no hang, one run folder, one metrics row per epoch."""
-    shards = make_build(tmp_path / "shards", folds=2, per_shard=24, size=32)
-    out = tmp_path / "runs" / "ddp"
-    cmd = [
+def _torchrun(shards, out, *extra) -> list[str]:
+    return [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
         "-m", "ich_train", "fit", "--shards", str(shards), "--out", str(out), "--valid-fold", "1",
         "--model", "resnet10t", "--image-size", "32", "--epochs", "2", "--batch-size", "4",
-        "--workers", "2", "--no-progress",
+        "--workers", "2", "--no-progress", "--checkpoint-every", "1", *extra,
     ]  # fmt: skip
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+
+
+ENV = {**os.environ, "MASTER_ADDR": "127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """2 ranks x 2 workers over 1 training shard of 48 images, 2 epochs of 6 steps."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    shards = make_build(tmp / "shards", folds=2, per_shard=48, size=32)
+    out = tmp / "runs" / "ddp"
+    proc = subprocess.run(
+        _torchrun(shards, out), capture_output=True, text=True, timeout=240, env=ENV
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]
+    return tmp, shards, out, proc.stdout
+
+
+def test_torchrun_two_processes_finish_and_write_one_run(straight):
+    """No hang, one run folder, one metrics row per epoch, rank 0 alone prints."""
+    tmp, _, out, stdout = straight
+    assert sorted(p.name for p in (tmp / "runs").iterdir()) == ["ddp"]
     assert {"last.pt", "best.pt", "config.json", "metrics.csv", "metrics.png"} <= {
         p.name for p in out.iterdir()
     }
     m = pd.read_csv(out / "metrics.csv")
     assert list(m["epoch"]) == [0, 1]
-    assert list(m["train_images"]) == [24, 24]  # 3 steps x 4 images x 2 ranks each epoch
-    assert (
-        proc.stdout.count("prior baseline (training label frequencies)") == 1
-    )  # rank 0 alone prints
+    assert list(m["train_images"]) == [48, 48]  # 6 steps x 4 images x 2 ranks each epoch
+    assert stdout.count("prior baseline (training label frequencies)") == 1
+
+
+def test_torchrun_killed_inside_an_epoch_resumes_to_the_same_weights(straight):
+    """kill -9 of both ranks mid-epoch, then torchrun --resume: the straight run's weights."""
+    tmp, shards, ref, _ = straight
+    out = tmp / "runs-killed" / "ddp"
+    proc = subprocess.Popen(
+        _torchrun(shards, out), start_new_session=True, env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (out / "last.pt").exists():
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = load_checkpoint(out / "last.pt")
+    assert left["epoch"] == 0 and left["epoch_progress"]["world"] == 2
+    resumed = subprocess.run(
+        _torchrun(shards, out, "--resume"), capture_output=True, text=True, timeout=240, env=ENV
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_checkpoint(ref / "last.pt"), load_checkpoint(out / "last.pt")
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert list(pd.read_csv(out / "metrics.csv")["train_images"]) == [48, 48]

@@ -1,6 +1,12 @@
 """fit(): learning on a synthetic set, run folder contents, checkpoints, resume."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -164,3 +170,71 @@ def test_gradient_accumulation_steps_once_per_accum_batches(tmp_path):
     fit(cfg)
     m = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert list(m["step"]) == [3] and list(m["train_images"]) == [24]
+
+
+MID_EPOCH = ["--valid-fold", "1", "--model", "resnet10t", "--image-size", "32", "--batch-size", "8",
+             "--epochs", "2", "--lr", "1e-3", "--shuffle-buffer", "16", "--workers", "2", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def killed_mid_epoch(tmp_path_factory):
+    """A straight 2-epoch run (7 steps each, 2 loader workers), and the same run killed with
+    SIGKILL inside epoch 1 (checkpointing every step) then resumed; returns the folders and the
+    checkpoint the kill left."""
+    tmp = tmp_path_factory.mktemp("midepoch")
+    root = make_build(tmp / "shards", folds=2, per_shard=56, size=32)
+    assert main(["fit", "--shards", str(root), "--out", str(tmp / "straight"), *MID_EPOCH]) == 0
+    out = tmp / "killed"
+    cmd = [sys.executable, "-m", "ich_train", "fit", "--shards", str(root), "--out", str(out),
+           *MID_EPOCH, "--checkpoint-every", "1"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (out / "last.pt").exists():
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    left = load_checkpoint(out / "last.pt")
+    assert main(["fit", "--shards", str(root), "--out", str(out), *MID_EPOCH, "--resume"]) == 0
+    return tmp, root, left
+
+
+def test_kill_inside_an_epoch_leaves_a_mid_epoch_checkpoint(killed_mid_epoch):
+    """With --checkpoint-every 1 the kill lands after step 1..6 of the first epoch's 7."""
+    _, _, left = killed_mid_epoch
+    assert left["epoch"] == 0 and 1 <= left["epoch_progress"]["step"] < 7
+    assert left["step"] == left["epoch_progress"]["step"]
+
+
+def test_resume_inside_an_epoch_equals_an_uninterrupted_run(killed_mid_epoch):
+    """kill -9 mid-epoch then --resume: the same weights, optimizer state and metrics, bit for bit."""
+    tmp, _, _ = killed_mid_epoch
+    a, b = (
+        load_checkpoint(tmp / "straight" / "last.pt"),
+        load_checkpoint(tmp / "killed" / "last.pt"),
+    )
+    assert a["step"] == b["step"] == 14 and "epoch_progress" not in b
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pid, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], b["optimizer"]["state"][pid]["exp_avg"])
+    ma, mb = (
+        pd.read_csv(tmp / "straight" / "metrics.csv"),
+        pd.read_csv(tmp / "killed" / "metrics.csv"),
+    )
+    cols = ["epoch", "step", "train_loss", "train_images", "valid_loss", "valid_auc_any"]
+    pd.testing.assert_frame_equal(ma[cols], mb[cols])
+
+
+def test_mid_epoch_resume_refuses_other_loader_workers(killed_mid_epoch):
+    """A checkpoint saved inside an epoch names --workers when resumed with another worker count."""
+    tmp, root, left = killed_mid_epoch
+    run = tmp / "again"
+    run.mkdir()
+    shutil.copyfile(tmp / "killed" / "config.json", run / "config.json")
+    torch.save(left, run / "last.pt")
+    cfg = TrainConfig.from_dict({**left["config"], "out": str(run), "workers": 1})
+    with pytest.raises(ConfigError, match="--workers 2"):
+        fit(cfg, resume=True)
