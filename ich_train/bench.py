@@ -4,7 +4,9 @@
 (b) the full pipeline: shards -> DataLoader workers -> pinned uint8 -> device augmentation,
 (c) the baseline of well-known Kaggle notebooks: DataLoader workers read each DICOM with pydicom,
     cast to float64, window the full-size slice 3 times and cv2.resize it, every step;
-plus the CPU cost of decoding one shard image (ms, one core).
+plus, with no model at all, what the loaders of (b) and (c) alone deliver with the same workers
+(the most images/s each can feed a GPU, meaningful on any machine), and the CPU cost of decoding
+one shard image (ms, one core).
 """
 
 from __future__ import annotations
@@ -75,6 +77,11 @@ def _rate(batches, step, warmup: int, steps: int, dev: torch.device) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _loader_rate(batches, warmup: int, steps: int) -> float:
+    """images/s a loader delivers with nothing consuming its batches."""
+    return _rate(batches, lambda x, y: None, warmup, steps, torch.device("cpu"))
+
+
 def decode_cost_ms(build: Build, samples: int = 200) -> float:
     """Mean ms to decode one image of the first shard on one core."""
     raw = [
@@ -95,9 +102,9 @@ def decode_cost_ms(build: Build, samples: int = 200) -> float:
 def bench(
     shards: str, model: str = "efficientnet_b0", batch_size: int = 256, image_size: int | None = None,
     steps: int = 20, warmup: int = 3, workers: int = 4, dicom_dir: str | None = None,
-    device: str = "auto", precision: str = "auto", say=print,
+    device: str = "auto", precision: str = "auto", loader_steps: int = 50, say=print,
 ) -> dict:  # fmt: skip
-    """Run (a), (b), (c) and the decode cost; print and return the numbers."""
+    """Run (a), (b), (c), the loaders alone and the decode cost; print and return the numbers."""
     dev = pick_device(device)
     build = Build(shards)
     size = image_size or build.size
@@ -130,10 +137,6 @@ def bench(
     say(
         f"bench: {model} at {size}px, batch {batch_size}, {steps} timed steps after {warmup}, {workers} workers, {dev}"
     )
-    stream = TrainStream(
-        build.shards, build.encoding, batch_size, warmup + steps, shuffle_buffer=batch_size
-    )
-    loader = create_loader(stream, workers, dev)
     first = next(
         iter(
             create_loader(
@@ -145,26 +148,47 @@ def bench(
     res = {"model": model, "image_size": size, "batch_size": batch_size, "device": str(dev)}
     res["a_resident"] = _rate(itertools.repeat(resident), uint8_step, warmup, steps, dev)
     say(f"(a) batch resident on device:   {res['a_resident']:9.1f} img/s")
-    batches = ((b["image"], torch.nan_to_num(b["label"])) for b in loader)
-    res["b_pipeline"] = _rate(batches, uint8_step, warmup, steps, dev)
+
+    def shard_batches(n: int):
+        stream = TrainStream(
+            build.shards, build.encoding, batch_size, warmup + n, shuffle_buffer=batch_size
+        )
+        loader = create_loader(stream, workers, dev)
+        return ((b["image"], torch.nan_to_num(b["label"])) for b in loader)
+
+    res["b_pipeline"] = _rate(shard_batches(steps), uint8_step, warmup, steps, dev)
     res["b_over_a"] = res["b_pipeline"] / res["a_resident"]
     say(
         f"(b) full pipeline from shards:  {res['b_pipeline']:9.1f} img/s   b/a = {res['b_over_a']:.2f}"
     )
-    if dicom_dir:
-        files = sorted(str(p) for p in Path(dicom_dir).rglob("*.dcm"))
-        if not files:
-            raise FileNotFoundError(f"--dicom-dir {dicom_dir} holds no .dcm files")
-        sampler = RandomSampler(files, replacement=True, num_samples=(warmup + steps) * batch_size)
-        base = DataLoader(KaggleDicomDataset(files, size), batch_size, sampler=sampler, num_workers=workers,
-                          pin_memory=dev.type == "cuda", drop_last=True)  # fmt: skip
-        res["c_baseline"] = _rate(iter(base), float_step, warmup, steps, dev)
+    files = sorted(str(p) for p in Path(dicom_dir).rglob("*.dcm")) if dicom_dir else []
+    if dicom_dir and not files:
+        raise FileNotFoundError(f"--dicom-dir {dicom_dir} holds no .dcm files")
+
+    def dicom_batches(n: int):
+        sampler = RandomSampler(files, replacement=True, num_samples=(warmup + n) * batch_size)
+        loader = DataLoader(KaggleDicomDataset(files, size), batch_size, sampler=sampler,
+                            num_workers=workers, pin_memory=dev.type == "cuda", drop_last=True)  # fmt: skip
+        return iter(loader)
+
+    if files:
+        res["c_baseline"] = _rate(dicom_batches(steps), float_step, warmup, steps, dev)
         res["b_over_c"] = res["b_pipeline"] / res["c_baseline"]
         say(
             f"(c) baseline DICOM loader:      {res['c_baseline']:9.1f} img/s   b/c = {res['b_over_c']:.2f}"
         )
     else:
         say("(c) baseline DICOM loader: skipped (pass --dicom-dir with the DICOMs to compare)")
+    say(f"loaders alone, no model, {workers} workers, {loader_steps} batches of {batch_size}:")
+    res["b_loader"] = _loader_rate(shard_batches(loader_steps), warmup, loader_steps)
+    say(f"    shards (b):                 {res['b_loader']:9.1f} img/s")
+    if files:
+        res["c_loader"] = _loader_rate(dicom_batches(loader_steps), warmup, loader_steps)
+        res["b_loader_over_c_loader"] = res["b_loader"] / res["c_loader"]
+        say(
+            f"    DICOMs (c):                 {res['c_loader']:9.1f} img/s   "
+            f"shards/DICOMs = {res['b_loader_over_c_loader']:.2f}"
+        )
     res["decode_ms"] = decode_cost_ms(build)
     say(
         f"CPU decode cost ({build.encoding}, {build.size}px): {res['decode_ms']:.3f} ms/image on one core"

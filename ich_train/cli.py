@@ -208,6 +208,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--dicom-dir", default=None, help="DICOM folder for the baseline loader (c)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument(
+        "--loader-steps", type=int, default=50, help="batches timed for the loaders alone"
+    )
     _runtime_args(p, 256)
     p.set_defaults(func=do_bench)
 
@@ -216,7 +219,7 @@ def do_bench(args) -> int:
     from ich_train.bench import bench
 
     bench(args.shards, args.model, args.batch_size, args.image_size, args.steps, args.warmup, args.workers,
-          args.dicom_dir, args.device, args.precision)  # fmt: skip
+          args.dicom_dir, args.device, args.precision, args.loader_steps)  # fmt: skip
     return 0
 
 

@@ -10,7 +10,7 @@ from ich_train.cli import main
 from tests.train_fixtures import make_build
 
 TINY = ["--model", "resnet10t", "--batch-size", "4", "--image-size", "32", "--steps", "2", "--warmup", "1",
-        "--workers", "1", "--no-progress"]  # fmt: skip
+        "--loader-steps", "3", "--workers", "1", "--no-progress"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +20,13 @@ def dicoms(tmp_path_factory):
     ]
 
 
-def test_bench_prints_all_three_rates_ratios_and_decode_cost(tmp_path, capsys, dicoms):
-    """With --dicom-dir: (a), (b), (c), b/a, b/c and the per-image decode time."""
+def test_bench_prints_all_rates_ratios_and_decode_cost(tmp_path, capsys, dicoms):
+    """With --dicom-dir: (a), (b), (c), b/a, b/c, both loaders alone and the per-image decode time."""
     shards = make_build(tmp_path, folds=2, per_shard=8, size=32)
     assert main(["bench", "--shards", str(shards), "--dicom-dir", str(dicoms), *TINY]) == 0
     out = capsys.readouterr().out
     for pattern in (r"\(a\).* [\d.]+ img/s", r"\(b\).* [\d.]+ img/s\s+b/a = [\d.]+", r"\(c\).* [\d.]+ img/s\s+b/c = [\d.]+",
+                    r"shards \(b\): +[\d.]+ img/s", r"DICOMs \(c\): +[\d.]+ img/s +shards/DICOMs = [\d.]+",
                     r"decode cost .* [\d.]+ ms/image"):  # fmt: skip
         assert re.search(pattern, out), (pattern, out)
 
