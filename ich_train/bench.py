@@ -27,6 +27,7 @@ from ich_train.distributed import pick_device
 from ich_train.engine import autocast
 from ich_train.losses import MultiLabelLoss
 from ich_train.model import create_model, normalization
+from ich_train.optim import create_optimizer
 
 KAGGLE_WINDOWS = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
 
@@ -111,7 +112,7 @@ def bench(
     net = create_model(model).to(dev, memory_format=torch.channels_last)
     mean, std = normalization(net)
     augment = DeviceAugment(size, mean, std, AugmentParams(), channels_last=True)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=dev.type == "cuda" or None)
+    opt = create_optimizer(net, 1e-4, 0.0, dev)  # the optimizer fit uses
     loss_fn = MultiLabelLoss().to(dev)
     mean_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=dev).view(1, 3, 1, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,16 @@ from ich_prep.read_dicom import quiet_rsna_uids
 from ich_prep.synth import CSV_ORDER
 
 REAL_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "rsna_samples"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_environ():
+    """Undo environment changes a module leaves behind: a dask LocalCluster's nannies set
+    OMP_NUM_THREADS=1 in this process, which would change later subprocesses' float results."""
+    before = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
 
 
 def phantom_hu(size: int = 128, radius: float = 0.4) -> np.ndarray:

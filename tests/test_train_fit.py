@@ -187,8 +187,9 @@ def killed_mid_epoch(tmp_path_factory):
     out = tmp / "killed"
     cmd = [sys.executable, "-m", "ich_train", "fit", "--shards", str(root), "--out", str(out),
            *MID_EPOCH, "--checkpoint-every", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same floats as in here
     proc = subprocess.Popen(
-        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
     )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (out / "last.pt").exists():
@@ -238,3 +239,31 @@ def test_mid_epoch_resume_refuses_other_loader_workers(killed_mid_epoch):
     cfg = TrainConfig.from_dict({**left["config"], "out": str(run), "workers": 1})
     with pytest.raises(ConfigError, match="--workers 2"):
         fit(cfg, resume=True)
+
+
+def test_bf16_precision_autocasts_on_cpu_and_still_learns(tmp_path):
+    """--precision bf16 runs the model under bf16 autocast (here on the CPU) and the epoch's losses are finite."""
+    from ich_train.engine import autocast
+
+    with autocast(torch.device("cpu"), "bf16"):
+        assert torch.nn.Linear(4, 2)(torch.ones(1, 4)).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), "auto"):  # auto: fp32 off the GPU
+        assert torch.nn.Linear(4, 2)(torch.ones(1, 4)).dtype == torch.float32
+    root = make_build(tmp_path / "shards", folds=2, per_shard=24, size=32)
+    cfg = TrainConfig(shards=str(root), out=str(tmp_path / "run"), valid_fold=1, epochs=1,
+                      precision="bf16", **TINY)  # fmt: skip
+    summary = fit(cfg)
+    assert 0 < summary["last"]["train_loss"] < 10 and 0 < summary["best_valid_loss"] < 10
+
+
+def test_optimizer_is_fused_adamw_without_decay_on_norms_and_biases():
+    """fit's AdamW uses the fused kernel (CPU here, CUDA on a GPU); 1-d parameters get no decay."""
+    from ich_train.optim import create_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    opt = create_optimizer(model, 1e-3, 0.05, torch.device("cpu"))
+    assert opt.defaults["fused"] is True
+    decay = {g["weight_decay"]: sorted(p.ndim for p in g["params"]) for g in opt.param_groups}
+    assert decay == {0.0: [1, 1, 1], 0.05: [4]}  # conv bias, bn weight and bias | conv weight
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
