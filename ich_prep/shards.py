@@ -10,6 +10,7 @@ worker), and ich_prep never imports torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -48,11 +49,43 @@ def encode_image(img: np.ndarray, encoding: str) -> bytes:
     return b.tobytes()
 
 
+@functools.lru_cache(maxsize=64)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...]]:
+    """(dtype, shape) of a C-order .npy header, parsed by numpy's own (literal_eval) reader once per
+    distinct header: every image of a build has the same one, and parsing it is a fifth of decoding."""
+    f = io.BytesIO(header)
+    major, _ = np.lib.format.read_magic(f)
+    read = (
+        np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    )
+    shape, fortran_order, dtype = read(f)
+    if fortran_order or dtype.hasobject:
+        raise ValueError(f".npy header {header[10:].strip()!r}: expected a C-order numeric array")
+    return dtype, shape
+
+
+def _load_npy(raw: bytes) -> np.ndarray:
+    """A .npy file's array without going through np.load's per-call header parsing."""
+    if raw[:6] != b"\x93NUMPY" or len(raw) < 12:
+        raise ValueError("not a .npy file (bad magic)")
+    # header length: 2 bytes after the version for format 1.0, 4 bytes for 2.0/3.0
+    n = (
+        10 + int.from_bytes(raw[8:10], "little")
+        if raw[6] == 1
+        else 12 + int.from_bytes(raw[8:12], "little")
+    )
+    dtype, shape = _npy_layout(raw[:n])
+    count = int(np.prod(shape))
+    if len(raw) - n != count * dtype.itemsize:
+        raise ValueError(f".npy data holds {len(raw) - n} bytes, its header says {shape} {dtype}")
+    return np.frombuffer(raw, dtype, count, offset=n).reshape(shape)
+
+
 def decode_image(data: bytes, encoding: str) -> np.ndarray:
-    """bytes -> uint8 (H, W, 3), channel i = window i. Never unpickles (allow_pickle=False)."""
+    """bytes -> uint8 (H, W, 3), channel i = window i. Never unpickles (object dtypes are refused).
+    npy/npy.gz give a read-only view of the inflated bytes (no copy); copy it to write in place."""
     if encoding in ("npy", "npy.gz"):
-        raw = gunzip(data) if encoding == "npy.gz" else data
-        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+        arr = _load_npy(gunzip(data) if encoding == "npy.gz" else data)
     elif encoding in ("png", "jpg"):
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if arr is None:

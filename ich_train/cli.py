@@ -51,7 +51,7 @@ def _runtime_args(p: argparse.ArgumentParser, batch_size: int) -> None:
         "--workers",
         type=int,
         default=default_workers(),
-        help="DataLoader workers per process (default: cores per process - 1, at most 8)",
+        help="DataLoader workers per process (default: cores per process - 1, at most 16)",
     )
     p.add_argument("--device", default="auto", help="auto (GPU if present), cuda or cpu")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")

@@ -324,9 +324,10 @@ class EvalStream(IterableDataset):
 
 
 def default_workers() -> int:
-    """Loader workers per process: the cores of this process's share of the node, minus one, 1..8."""
+    """Loader workers per process: the cores of this process's share of the node, minus one, 1..16.
+    One worker feeds ~1,500 img/s (docs/benchmarks.md); prediction on an H100 wants ~15,000."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, (os.cpu_count() or 1) // local_world - 1))
+    return max(1, min(16, (os.cpu_count() or 1) // local_world - 1))
 
 
 def create_loader(dataset: IterableDataset, workers: int, device: torch.device) -> DataLoader:
