@@ -72,9 +72,8 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     workers: int = 4
-    checkpoint_every: int = (
-        0  # optimizer steps between last.pt saves inside an epoch; 0: epoch ends
-    )
+    # optimizer steps between last.pt saves inside an epoch (0: at epoch ends only)
+    checkpoint_every: int = 0
     device: str = "auto"
     progress: bool = True
 
