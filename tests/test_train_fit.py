@@ -267,3 +267,17 @@ def test_optimizer_is_fused_adamw_without_decay_on_norms_and_biases():
     assert decay == {0.0: [1, 1, 1], 0.05: [4]}  # conv bias, bn weight and bias | conv weight
     model(torch.randn(2, 3, 8, 8)).sum().backward()
     opt.step()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on CPU needs a C compiler")
+def test_compiled_model_trains_and_saves_plain_weights(tmp_path):
+    """--compile (inductor, here on the CPU) trains an epoch; the checkpoint's keys load into an uncompiled model."""
+    from ich_train.model import create_model
+
+    root = make_build(tmp_path / "shards", folds=2, per_shard=24, size=32)
+    cfg = TrainConfig(shards=str(root), out=str(tmp_path / "run"), valid_fold=1, epochs=1,
+                      compile=True, **TINY)  # fmt: skip
+    assert 0 < fit(cfg)["best_valid_loss"] < 10
+    state = load_checkpoint(tmp_path / "run" / "best.pt")["model"]
+    assert not [k for k in state if "_orig_mod" in k]
+    create_model("resnet10t").load_state_dict(state)
