@@ -113,6 +113,14 @@ def add_fit_parser(sub) -> None:
         "--grad-clip", type=float, default=DEFAULTS["grad_clip"], help="max grad norm, 0 = off"
     )
     p.add_argument("--drop-rate", type=float, default=DEFAULTS["drop_rate"])
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=DEFAULTS["ema"],
+        metavar="DECAY",
+        help="validate, save and predict with an exponential moving average of the weights "
+        "(e.g. 0.999, warmed up over the first steps; default 0: off)",
+    )
     p.add_argument("--loss", choices=("bce", "asl"), default=DEFAULTS["loss"])
     p.add_argument(
         "--pos-weight", type=float_list, default=None, help="positive weight: 1 value or 6"

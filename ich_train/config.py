@@ -53,6 +53,7 @@ class TrainConfig:
     warmup_frac: float = 0.05
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     drop_rate: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0: no EMA
     loss: str = "bce"
     pos_weight: tuple[float, ...] | None = None  # one value, or one per label
     asl_gamma_pos: float = 0.0
@@ -99,6 +100,10 @@ class TrainConfig:
             )
         if not 0 <= self.warmup_frac < 1:
             raise ConfigError(f"--warmup-frac must be in [0, 1), got {self.warmup_frac}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(
+                f"--ema must be in [0, 1) (e.g. 0.999; 0 turns it off), got {self.ema}"
+            )
         if self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.workers < 0:

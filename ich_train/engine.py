@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ich_train.checkpoint import unwrap
 from ich_train.distributed import Dist, all_gather, all_sum
 from ich_train.metrics import compute_metrics
 
@@ -42,12 +43,14 @@ def train_one_epoch(
     start: dict | None = None,
     checkpoint_every: int = 0,
     on_checkpoint=None,
+    ema=None,
 ) -> dict:
     """One pass over `loader` (exactly len(loader) batches); returns train_loss, lr, images/s.
 
     `start` continues an epoch cut short: this rank's {'step', 'loss_sum', 'batches', 'seen',
     'time_s'} as given to `on_checkpoint`, which is called with them every `checkpoint_every`
-    optimizer steps inside the epoch (at the same step on every rank)."""
+    optimizer steps inside the epoch (at the same step on every rank). `ema` (timm ModelEmaV3)
+    is updated after every optimizer step."""
     model.train()
     dev = dist.device
     start = start or {"step": 0, "loss_sum": 0.0, "batches": 0, "seen": 0, "time_s": 0.0}
@@ -83,6 +86,8 @@ def train_one_epoch(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(unwrap(model), step=scheduler.last_epoch)
         step += 1
         bar.update(1)
         if step % log_every == 0 or step == n_steps:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ich_train import distributed
@@ -131,8 +132,12 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_frac, cfg.min_lr_ratio
     )
     start_epoch, best, partial = 0, math.inf, None
+    # the EMA copy is what validation, best.pt and predict use; the raw weights keep training
+    ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema > 0 else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.get("model_train", ckpt["model"]))
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best_loss"]
@@ -190,9 +195,12 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
 
     # ---- epochs
     def save(path: Path, epoch: int, metrics: dict, **extra) -> None:
+        weights = {"model": raw.state_dict()}
+        if ema is not None:  # "model" is what evaluate/predict load: the averaged weights
+            weights = {"model": ema.module.state_dict(), "model_train": raw.state_dict()}
         save_checkpoint(
             path,
-            model=raw.state_dict(),
+            **weights,
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(),
             step=scheduler.last_epoch,
@@ -244,9 +252,10 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             start=start,
             checkpoint_every=cfg.checkpoint_every,
             on_checkpoint=checkpoint_mid_epoch,
+            ema=ema,
         )
         row |= validate(
-            raw,
+            raw if ema is None else ema.module,
             valid_loader,
             augment,
             dist=dist,

@@ -173,7 +173,8 @@ def test_gradient_accumulation_steps_once_per_accum_batches(tmp_path):
 
 
 MID_EPOCH = ["--valid-fold", "1", "--model", "resnet10t", "--image-size", "32", "--batch-size", "8",
-             "--epochs", "2", "--lr", "1e-3", "--shuffle-buffer", "16", "--workers", "2", "--no-progress"]  # fmt: skip
+             "--epochs", "2", "--lr", "1e-3", "--shuffle-buffer", "16", "--workers", "2", "--no-progress",
+             "--ema", "0.9"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +218,9 @@ def test_resume_inside_an_epoch_equals_an_uninterrupted_run(killed_mid_epoch):
         load_checkpoint(tmp / "killed" / "last.pt"),
     )
     assert a["step"] == b["step"] == 14 and "epoch_progress" not in b
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    for weights in ("model", "model_train"):  # EMA and trained weights (the run uses --ema)
+        for k in a[weights]:
+            assert torch.equal(a[weights][k], b[weights][k]), (weights, k)
     for pid, state in a["optimizer"]["state"].items():
         assert torch.equal(state["exp_avg"], b["optimizer"]["state"][pid]["exp_avg"])
     ma, mb = (
@@ -281,3 +283,22 @@ def test_compiled_model_trains_and_saves_plain_weights(tmp_path):
     state = load_checkpoint(tmp_path / "run" / "best.pt")["model"]
     assert not [k for k in state if "_orig_mod" in k]
     create_model("resnet10t").load_state_dict(state)
+
+
+def test_ema_weights_are_validated_saved_and_predicted_with(tmp_path):
+    """--ema: the averaged weights differ from the trained ones; metrics.csv, best.pt's "model" and
+    evaluate() all describe the averaged weights, and "model_train" keeps the raw ones for --resume."""
+    from ich_train.infer import evaluate
+
+    root = make_build(tmp_path / "shards", folds=2, per_shard=24, size=32)
+    cfg = TrainConfig(shards=str(root), out=str(tmp_path / "run"), valid_fold=1, epochs=2,
+                      ema=0.9, **TINY)  # fmt: skip
+    fit(cfg)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    differs = [
+        k for k in ckpt["model"] if not torch.equal(ckpt["model"][k], ckpt["model_train"][k])
+    ]
+    assert "conv1.0.weight" in differs
+    logged = pd.read_csv(tmp_path / "run" / "metrics.csv")["valid_loss"].iloc[-1]
+    m = evaluate(str(tmp_path / "run" / "last.pt"), str(root), 1, workers=0, progress=False)
+    assert m["valid_loss"] == pytest.approx(logged, rel=1e-6)
