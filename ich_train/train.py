@@ -186,6 +186,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         f"train folds {list(train_folds)}: {len(train_shards)} shards, {len(y_train)} images; "
         f"valid fold {cfg.valid_fold}: {len(valid_shards)} shards, {len(y_valid)} images; "
         f"{steps_per_epoch} steps/epoch of {cfg.batch_size} x {cfg.accum_steps} x {dist.world}"
+        + (f"; validating the EMA (decay {cfg.ema}) of the weights" if ema is not None else "")
     )
     say(
         f"prior baseline (training label frequencies) on fold {cfg.valid_fold}: weighted log loss {prior_loss:.4f}"
