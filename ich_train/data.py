@@ -1,7 +1,9 @@
 """Shards -> batches of uint8 images.
 
 Folds are chosen through the manifest (whole shards belong to one fold), so unselected shards are
-never opened. Tar members are read with webdataset's tar iterators, keeping only the two members
+never opened. Shards open like every other file of a build (ich_prep.remote.open_stream: local
+paths, http(s) with the standard library, other fsspec URLs such as s3://). Tar members are read
+with webdataset's tar iterators, keeping only the two members
 the format defines (`<key>.<encoding>` and `<key>.json`); nothing is ever unpickled. Training
 streams are infinite shard cycles cut at an exact number of batches per rank, so every rank runs the
 same number of steps even with fewer shards than ranks x workers.
@@ -21,11 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ich_prep import LABELS
 from ich_prep.manifest import FormatError, join, load_index, load_manifest
+from ich_prep.remote import open_stream
 from ich_prep.shards import decode_image, decode_json
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
@@ -120,10 +122,14 @@ def _member_filter(encoding: str):
 def read_shard(shard: Shard, encoding: str) -> Iterator[dict]:
     """Raw samples {'__key__', encoding: bytes, 'json': bytes} of one shard, checked against the manifest."""
     try:
-        stream = gopen(shard.url, "rb")
+        stream = open_stream(shard.url)
     except FileNotFoundError as e:
         raise ShardError(
             f"{shard.url} is listed in the manifest but missing; copy the whole build folder or rebuild"
+        ) from e
+    except OSError as e:
+        raise ShardError(
+            f"{shard.url} cannot be opened ({e}); is the server or bucket reachable?"
         ) from e
     n = 0
     try:

@@ -170,8 +170,8 @@ def test_index_and_manifest_disagreeing_is_refused(tmp_path):
         Build(root)
 
 
-def test_shards_stream_over_http(tmp_path):
-    """A shard URL (http://) is read through webdataset's gopen like a local file."""
+def test_shards_stream_over_http_without_curl(tmp_path, monkeypatch):
+    """A shard URL (http://) reads like a local file, with no curl (or any program) on PATH."""
     import functools
     import http.server
     import threading
@@ -181,6 +181,7 @@ def test_shards_stream_over_http(tmp_path):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     try:
         local = b.select([0])[0]
         url = f"http://127.0.0.1:{server.server_address[1]}/{local.name}"
