@@ -192,3 +192,19 @@ def test_shards_stream_over_http_without_curl(tmp_path, monkeypatch):
             ]
     finally:
         server.shutdown()
+
+
+def test_build_in_an_fsspec_store_streams_like_a_local_one(tmp_path):
+    """A build copied to an fsspec URL (memory://, as s3:// would be) gives the same batches."""
+    import fsspec
+
+    root = make_build(tmp_path, folds=2, per_shard=6, size=16)
+    fs = fsspec.filesystem("memory")
+    for f in root.iterdir():
+        fs.pipe(f"/ichbuild/{f.name}", f.read_bytes())
+
+    def ids(where):
+        b = Build(where)
+        return _ids(create_loader(TrainStream(b.select([0]), b.encoding, 3, 2, seed=1), 0, CPU))
+
+    assert ids("memory://ichbuild") == ids(str(root))
