@@ -120,7 +120,8 @@ def bench(
 
     def step(x, y):
         with autocast(dev, precision):
-            loss = loss_fn(net(x), y)
+            logits = net(x)
+        loss = loss_fn(logits, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

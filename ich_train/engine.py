@@ -74,7 +74,8 @@ def train_one_epoch(
         sync = model.no_sync() if dist.enabled and not boundary else nullcontext()
         with sync:
             with autocast(dev, precision):
-                loss = loss_fn(model(x), labels)
+                logits = model(x)
+            loss = loss_fn(logits, labels)  # in fp32, outside autocast
             (loss / accum_steps).backward()
         loss_sum += loss.detach()
         n_batches += 1

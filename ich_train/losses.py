@@ -42,7 +42,8 @@ class MultiLabelLoss(nn.Module):
         if self.gamma_neg > 0:
             neg = neg * (1 - log_q.exp()).pow(self.gamma_neg)
         loss = -(self.pos_weight * y * pos + (1 - y) * neg)
-        return (loss @ self.weights / self.weights.sum()).mean()
+        # an elementwise product and sum, not a matmul: autocast would run a matmul in bf16
+        return ((loss * self.weights).sum(dim=1) / self.weights.sum()).mean()
 
 
 def create_loss(cfg) -> MultiLabelLoss:

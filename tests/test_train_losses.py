@@ -47,3 +47,14 @@ def test_asymmetric_loss_ignores_easy_negatives_below_clip():
     """A negative with p below the clip contributes nothing."""
     x = torch.full((1, 6), -6.0)  # p ~ 0.0025 < clip
     assert MultiLabelLoss(gamma_neg=4.0, clip=0.05)(x, torch.zeros(1, 6)).item() == 0.0
+
+
+def test_loss_stays_fp32_under_bf16_autocast():
+    """Under bf16 autocast (as in training on a GPU) the loss is still computed in fp32."""
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    y = (torch.rand(16, 6, generator=torch.Generator().manual_seed(1)) > 0.7).float()
+    loss = MultiLabelLoss(gamma_neg=4.0, clip=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss(x, y)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, loss(x, y), rtol=0, atol=0)
