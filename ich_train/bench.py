@@ -103,7 +103,8 @@ def decode_cost_ms(build: Build, samples: int = 200) -> float:
 def bench(
     shards: str, model: str = "efficientnet_b0", batch_size: int = 256, image_size: int | None = None,
     steps: int = 20, warmup: int = 3, workers: int = 4, dicom_dir: str | None = None,
-    device: str = "auto", precision: str = "auto", loader_steps: int = 50, say=print,
+    device: str = "auto", precision: str = "auto", loader_steps: int = 50, compile: bool = False,
+    say=print,
 ) -> dict:  # fmt: skip
     """Run (a), (b), (c), the loaders alone and the decode cost; print and return the numbers."""
     dev = pick_device(device)
@@ -111,8 +112,10 @@ def bench(
     size = image_size or build.size
     net = create_model(model).to(dev, memory_format=torch.channels_last)
     mean, std = normalization(net)
-    augment = DeviceAugment(size, mean, std, AugmentParams(), channels_last=True)
     opt = create_optimizer(net, 1e-4, 0.0, dev)  # the optimizer fit uses
+    if compile:  # compiled once here; --warmup steps (untimed) absorb the compilation
+        net = torch.compile(net)
+    augment = DeviceAugment(size, mean, std, AugmentParams(), channels_last=True)
     loss_fn = MultiLabelLoss().to(dev)
     mean_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=dev).view(1, 3, 1, 1)
@@ -137,7 +140,8 @@ def bench(
         step(x.contiguous(memory_format=torch.channels_last), y.to(dev, non_blocking=True))
 
     say(
-        f"bench: {model} at {size}px, batch {batch_size}, {steps} timed steps after {warmup}, {workers} workers, {dev}"
+        f"bench: {model}{' (compiled)' if compile else ''} at {size}px, batch {batch_size}, "
+        f"{steps} timed steps after {warmup}, {workers} workers, {dev}"
     )
     first = next(
         iter(
@@ -147,7 +151,8 @@ def bench(
         )
     )
     resident = (first["image"].to(dev), torch.nan_to_num(first["label"]).to(dev))
-    res = {"model": model, "image_size": size, "batch_size": batch_size, "device": str(dev)}
+    res = {"model": model, "image_size": size, "batch_size": batch_size, "device": str(dev),
+           "compile": compile}  # fmt: skip
     res["a_resident"] = _rate(itertools.repeat(resident), uint8_step, warmup, steps, dev)
     say(f"(a) batch resident on device:   {res['a_resident']:9.1f} img/s")
 

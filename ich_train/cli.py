@@ -219,6 +219,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument(
         "--loader-steps", type=int, default=50, help="batches timed for the loaders alone"
     )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first")
     _runtime_args(p, 256)
     p.set_defaults(func=do_bench)
 
@@ -227,7 +228,7 @@ def do_bench(args) -> int:
     from ich_train.bench import bench
 
     bench(args.shards, args.model, args.batch_size, args.image_size, args.steps, args.warmup, args.workers,
-          args.dicom_dir, args.device, args.precision, args.loader_steps)  # fmt: skip
+          args.dicom_dir, args.device, args.precision, args.loader_steps, args.compile)  # fmt: skip
     return 0
 
 

@@ -1,6 +1,7 @@
 """`ich-train bench` runs end to end at tiny sizes on CPU."""
 
 import re
+import shutil
 
 import pytest
 
@@ -54,3 +55,12 @@ def test_kaggle_baseline_survives_an_unreadable_dicom(tmp_path):
     bad.write_bytes(b"DICM" * 10)
     x, _ = KaggleDicomDataset([str(bad)], 32)[0]
     assert x.shape == (3, 32, 32) and float(x.max()) == 0.0
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on CPU needs a C compiler")
+def test_bench_compiled_model_runs(tmp_path, capsys):
+    """--compile benches the torch.compile'd model (compilation falls in the untimed warmup)."""
+    shards = make_build(tmp_path, folds=2, per_shard=8, size=32)
+    assert main(["bench", "--shards", str(shards), "--compile", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "resnet10t (compiled)" in out and re.search(r"b/a = [\d.]+", out)

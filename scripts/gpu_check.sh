@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# What this project has not yet run on a GPU, in one command, for a machine with one or more GPUs:
+#   1. synthetic DICOMs -> shards (256 px, npy.gz)
+#   2. ich-train bench, eager and compiled: (a) resident, (b) shards, (c) DICOM loader, b/a, b/c
+#   3. ich-train fit on the GPU: bf16 autocast, fused CUDA AdamW, pinned memory, EMA, mid-epoch
+#      checkpoints; then predict
+#   4. with 2+ GPUs: the same fit through torchrun (NCCL)
+# Every printed line goes to OUT/gpu_check.log. Sizes come from the environment; the defaults suit a
+# 16-core H100 machine. On a CPU, for a smoke run: PATIENTS=6 SLICES=4 BATCH=8 STEPS=2 SIZE=64.
+set -euo pipefail
+OUT=${1:-gpu-check}
+PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+PATIENTS=${PATIENTS:-300} SLICES=${SLICES:-30} SIZE=${SIZE:-256}
+BATCH=${BATCH:-256} STEPS=${STEPS:-50} WARMUP=${WARMUP:-10} MODEL=${MODEL:-efficientnet_b0}
+CORES=$("$PY" -c 'import os; print(os.cpu_count())')
+WORKERS=${WORKERS:-$((CORES > 1 ? CORES - 1 : 1))}
+GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+echo "gpu_check: $CORES cores, $GPUS GPU(s), $("$PY" -c 'import torch; print(torch.__version__)')"
+[ "$GPUS" -gt 0 ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+"$PY" -m ich_prep synth --out "$OUT/data" --patients "$PATIENTS" --slices "$SLICES"
+"$PY" -m ich_prep build --dicom-dir "$OUT/data/stage_2_train" --labels "$OUT/data/stage_2_train.csv" \
+    --out "$OUT/shards/train" --size "$SIZE" --jobs "$CORES" --quiet
+"$PY" -m ich_prep build --dicom-dir "$OUT/data/stage_2_test" --out "$OUT/shards/test" --size "$SIZE" \
+    --jobs "$CORES" --quiet
+
+for compiled in "" --compile; do
+    "$PY" -m ich_train bench --shards "$OUT/shards/train" --model "$MODEL" --batch-size "$BATCH" \
+        --steps "$STEPS" --warmup "$WARMUP" --workers "$WORKERS" --dicom-dir "$OUT/data/stage_2_train" \
+        --no-progress $compiled
+done
+
+FIT=(--shards "$OUT/shards/train" --valid-fold 4 --model "$MODEL" --epochs 2 --batch-size "$BATCH"
+     --lr 1e-3 --ema 0.99 --checkpoint-every 5 --workers "$WORKERS" --no-progress)
+"$PY" -m ich_train fit "${FIT[@]}" --out "$OUT/runs/single"
+"$PY" -m ich_train predict --checkpoint "$OUT/runs/single/best.pt" --shards "$OUT/shards/test" \
+    --out "$OUT/submission.csv" --tta hflip --workers "$WORKERS" --no-progress
+if [ "$GPUS" -ge 2 ]; then
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node "$GPUS" -m ich_train fit "${FIT[@]}" \
+        --workers $((WORKERS / GPUS > 0 ? WORKERS / GPUS : 1)) --out "$OUT/runs/ddp"
+fi
+echo "gpu_check: done; the log is $OUT/gpu_check.log"
