@@ -74,6 +74,13 @@ class Build:
         return str(self.manifest.get("index", {}).get("sha256", ""))
 
     @property
+    def preprocessing(self) -> dict:
+        """What a model trained on this build expects of its input pixels, beyond the size (which
+        the device resize adapts): the windows (HU centre/width per channel) and the pixel spacing."""
+        cfg = self.manifest["config"]
+        return {"windows": cfg.get("windows"), "spacing_mm": cfg.get("spacing_mm")}
+
+    @property
     def folds(self) -> list[int]:
         return sorted({s.fold for s in self.shards if s.fold >= 0})
 

@@ -12,7 +12,7 @@ import torch
 from ich_prep import LABELS
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
-from ich_train.checkpoint import load_checkpoint
+from ich_train.checkpoint import CheckpointError, load_checkpoint
 from ich_train.data import Build, EvalStream, create_loader
 from ich_train.engine import predict
 from ich_train.metrics import compute_metrics, weighted_log_loss
@@ -34,8 +34,23 @@ def load_model(path: str | Path, device: torch.device):
     return model, DeviceAugment(ckpt["image_size"], norm["mean"], norm["std"], NO_AUGMENT, cl), ckpt
 
 
+def check_preprocessing(path, ckpt: dict, build: Build) -> None:
+    """Refuse a build whose windows or pixel spacing differ from those the checkpoint was trained on:
+    its images would mean something else to the model. Checkpoints older than this check pass."""
+    for key, now in build.preprocessing.items():
+        if key not in ckpt["data"]:
+            continue
+        was = ckpt["data"][key]
+        if was != now:
+            raise CheckpointError(
+                f"{path} was trained on a build with {key} = {was}, but {build.root} has {now}; "
+                f"rebuild it with the training build's settings (ich-prep build --{key.replace('_', '-')} ...)"
+            )
+
+
 def _predict_checkpoint(path, build, shards, dist, batch_size, workers, tta, progress) -> dict:
     model, augment, ckpt = load_model(path, dist.device)
+    check_preprocessing(path, ckpt, build)
     stream = EvalStream(
         shards, build.encoding, batch_size, rank=dist.rank, world=dist.world, workers=workers
     )

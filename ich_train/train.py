@@ -211,7 +211,12 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             prior=prior.tolist(),
             normalize={"mean": list(mean), "std": list(std)},
             image_size=image_size,
-            data={"fingerprint": build.fingerprint, "encoding": build.encoding, "size": build.size},
+            data={
+                "fingerprint": build.fingerprint,
+                "encoding": build.encoding,
+                "size": build.size,
+                **build.preprocessing,
+            },  # fmt: skip
             metrics=metrics,
             best_loss=best,
             best_metrics=best_row,

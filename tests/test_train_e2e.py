@@ -1,5 +1,7 @@
 """End to end on the synthetic RSNA-like set: write_synthetic -> ich_prep build -> fit -> predict."""
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -7,6 +9,7 @@ from ich_prep import LABELS
 from ich_prep.build import build
 from ich_prep.config import BuildConfig
 from ich_prep.synth import write_synthetic
+from ich_train.checkpoint import load_checkpoint
 from ich_train.cli import main
 
 
@@ -29,6 +32,9 @@ def test_synthetic_dicoms_to_submission(tmp_path):
                  "--workers", "1", "--no-progress"]) == 0  # fmt: skip
     m = pd.read_csv(run / "metrics.csv")
     assert list(m["epoch"]) == [0, 1] and np.isfinite(m["valid_loss"]).all()
+    data = load_checkpoint(run / "best.pt")["data"]  # what predict checks a test build against
+    manifest = json.loads((tmp_path / "train" / "manifest.json").read_text())
+    assert data["windows"] == manifest["config"]["windows"] and len(data["windows"]) == 3
     sub_path = tmp_path / "submission.csv"
     assert main(["predict", "--checkpoint", str(run / "best.pt"), "--shards", str(tmp_path / "test"),
                  "--out", str(sub_path), "--workers", "0", "--no-progress"]) == 0  # fmt: skip

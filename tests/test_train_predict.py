@@ -106,3 +106,33 @@ def test_check_submission_rejects_a_missing_image(tmp_path):
     check_submission(path, ["ID_a", "ID_b"])
     with pytest.raises(SubmissionError, match="do not match"):
         check_submission(path, ["ID_a", "ID_b", "ID_c"])
+
+
+def test_predict_refuses_a_build_with_other_windows(setup, tmp_path, capsys):
+    """A checkpoint trained on one set of windows refuses a test build compiled with others, naming both."""
+    import json
+    import shutil
+
+    import torch
+
+    from ich_train.checkpoint import load_checkpoint
+
+    _, _, test, ckpts = setup
+    brain = [{"name": "brain", "center": 40.0, "width": 80.0}]
+    ckpt = load_checkpoint(ckpts[0])
+    ckpt["data"]["windows"] = brain
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    other = tmp_path / "test"
+    shutil.copytree(test, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["config"]["windows"] = [{"name": "brain", "center": 35.0, "width": 80.0}]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    args = ["predict", "--checkpoint", str(tmp_path / "ckpt.pt"), "--shards", str(other),
+            "--out", str(tmp_path / "s.csv"), "--workers", "0", "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "'center': 40.0" in err and "'center': 35.0" in err and "--windows" in err
+    assert not (tmp_path / "s.csv").exists()
+    manifest["config"]["windows"] = brain  # the training build's windows: accepted
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert main(args) == 0
