@@ -3,11 +3,12 @@
 import warnings
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 
-from ich_prep.read_dicom import ImageError, read_header, read_slice
+from ich_prep.read_dicom import ImageError, native_pixels, read_header, read_slice
 from tests.conftest import phantom_hu, write_ct, write_hu
 
 
@@ -30,6 +31,64 @@ def test_pixels_roundtrip(tmp_path):
         got, h = read_slice(p)
         np.testing.assert_array_equal(got, stored)
         assert h["pixel_representation"] == rep
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, "explicit"])
+def test_native_pixels_read_from_the_bytes_equal_pydicoms(tmp_path, syntax):
+    """Implicit and explicit VR little endian: pixels taken from the file's tail equal pixel_array."""
+    stored = (np.arange(96 * 80).reshape(96, 80) * 7 % 4000 - 1000).astype(np.int16)
+    kw = {} if syntax == "explicit" else {"transfer_syntax": syntax}
+    p = write_ct(tmp_path / "ID_n.dcm", stored, **kw)
+    h = read_header(p)
+    got = native_pixels(p.read_bytes(), h)
+    np.testing.assert_array_equal(got, pydicom.dcmread(p).pixel_array)
+    np.testing.assert_array_equal(read_slice(p, h)[0], stored)
+
+
+def test_other_layouts_fall_back_to_pydicom(tmp_path):
+    """An element after PixelData, or big-endian pixels: no fast path, and read_slice still reads them."""
+    stored = (np.arange(64 * 64).reshape(64, 64) % 3000).astype(np.int16)
+    p = write_ct(tmp_path / "ID_pad.dcm", stored)
+    ds = pydicom.dcmread(p)
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 8)  # DataSetTrailingPadding after the pixels
+    ds.save_as(p, enforce_file_format=True)
+    h = read_header(p)
+    assert native_pixels(p.read_bytes(), h) is None
+    np.testing.assert_array_equal(read_slice(p, h)[0], stored)
+    big = write_ct(tmp_path / "ID_be.dcm", stored, transfer_syntax=ExplicitVRBigEndian,
+                   with_pixels=False)  # fmt: skip
+    ds = pydicom.dcmread(big)
+    ds.PixelData = stored.astype(">i2").tobytes()  # big-endian bytes, as that syntax stores them
+    ds["PixelData"].VR = "OW"
+    ds.save_as(big, enforce_file_format=True)
+    h = read_header(big)
+    assert native_pixels(big.read_bytes(), h) is None
+    np.testing.assert_array_equal(read_slice(big, h)[0], stored)
+
+
+def test_truncated_pixels_with_a_header_from_the_header_pass(tmp_path):
+    """The build passes the header it already read: a file cut inside its pixels is still 'unreadable'."""
+    p = write_hu(tmp_path / "ID_cut.dcm", phantom_hu())
+    h = read_header(p)
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(ImageError) as e:
+        read_slice(p, h)
+    assert e.value.reason == "unreadable" and "ID_cut.dcm" in str(e.value)
+
+
+def test_real_rsna_files_take_the_fast_path(real_samples):
+    """Every readable real RSNA sample (explicit and implicit VR) is read from its bytes, equal to pydicom."""
+    n = 0
+    for p in sorted(real_samples.rglob("*.dcm")):
+        try:
+            h = read_header(p)
+        except ImageError:
+            continue
+        got = native_pixels(p.read_bytes(), h)
+        assert got is not None, p
+        np.testing.assert_array_equal(got, pydicom.dcmread(p).pixel_array)
+        n += 1
+    assert n >= 100
 
 
 def test_rsna_uid_warning_silenced(tmp_path):
