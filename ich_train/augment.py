@@ -79,8 +79,9 @@ class DeviceAugment:
             )
         if train:
             x = self._augment(x, generator)
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
-        x = (x - mean) / std
+        if self.mean.device != x.device:  # once: a copy from pageable memory would sync every batch
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        x = (x - self.mean) / self.std
         return (
             x.contiguous(memory_format=torch.channels_last)
             if self.channels_last

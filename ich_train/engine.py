@@ -146,8 +146,9 @@ def predict(
             if "hflip" in tta:
                 p = (p + torch.sigmoid(model(x.flip(3)).float())) / 2
         ids.extend(batch["id"])
-        probs.append(p.cpu().numpy().astype(np.float64))
+        probs.append(p)  # stays on the device: a copy per batch would sync the GPU every batch
         labels.append(batch["label"].numpy().astype(np.float64))
+    probs = [torch.cat(probs).cpu().numpy().astype(np.float64)] if probs else []
     local = (ids, _cat(probs), _cat(labels))
     parts = all_gather(dist, local)
     return {
