@@ -108,6 +108,7 @@ def bench(
 ) -> dict:  # fmt: skip
     """Run (a), (b), (c), the loaders alone and the decode cost; print and return the numbers."""
     dev = pick_device(device)
+    torch.backends.cudnn.benchmark = dev.type == "cuda"  # as fit sets it (distributed.setup)
     build = Build(shards)
     size = image_size or build.size
     net = create_model(model).to(dev, memory_format=torch.channels_last)
