@@ -4,7 +4,8 @@
 #   2. ich-train bench, eager and compiled: (a) resident, (b) shards, (c) DICOM loader, b/a, b/c
 #   3. ich-train fit on the GPU: bf16 autocast, fused CUDA AdamW, pinned memory, EMA, mid-epoch
 #      checkpoints; then predict
-#   4. with 2+ GPUs: the same fit through torchrun (NCCL)
+#   4. one epoch under torch.cuda.set_sync_debug_mode("warn"): where the host waits for the GPU
+#   5. with 2+ GPUs: the same fit through torchrun (NCCL)
 # Every printed line goes to OUT/gpu_check.log. Sizes come from the environment; the defaults suit a
 # 16-core H100 machine. On a CPU, for a smoke run: PATIENTS=6 SLICES=4 BATCH=8 STEPS=2 SIZE=64.
 set -euo pipefail
@@ -38,6 +39,23 @@ FIT=(--shards "$OUT/shards/train" --valid-fold 4 --model "$MODEL" --epochs 2 --b
 "$PY" -m ich_train fit "${FIT[@]}" --out "$OUT/runs/single"
 "$PY" -m ich_train predict --checkpoint "$OUT/runs/single/best.pt" --shards "$OUT/shards/test" \
     --out "$OUT/submission.csv" --tta hflip --workers "$WORKERS" --no-progress
+if [ "$GPUS" -gt 0 ]; then
+    # Host-device syncs: torch warns at each one. Expected: one per 10 steps (the loss shown on the
+    # bar), a few per epoch (metrics, checkpoints); one per batch would starve the GPU.
+    "$PY" - fit "${FIT[@]}" --epochs 1 --out "$OUT/runs/syncs" 2>&1 <<'PY' | tail -n 3
+import sys, warnings, torch
+from ich_train.cli import main
+torch.cuda.set_sync_debug_mode("warn")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    main(sys.argv[1:])
+where = {}
+for w in caught:
+    if "synchroniz" in str(w.message):
+        where[f"{w.filename}:{w.lineno}"] = where.get(f"{w.filename}:{w.lineno}", 0) + 1
+print("host-device syncs during one epoch, by line:", where)
+PY
+fi
 if [ "$GPUS" -ge 2 ]; then
     "$PY" -m torch.distributed.run --standalone --nproc-per-node "$GPUS" -m ich_train fit "${FIT[@]}" \
         --workers $((WORKERS / GPUS > 0 ? WORKERS / GPUS : 1)) --out "$OUT/runs/ddp"
