@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ich_prep import FORMAT_VERSION, LABELS, __version__
 from ich_prep.config import BuildConfig
+from ich_prep.errors import UserError
 from ich_prep.labels import read_labels
 from ich_prep.manifest import INDEX, MANIFEST, dumps, join
 from ich_prep.read_dicom import ImageError, read_header, read_slice
@@ -53,7 +54,7 @@ PIXEL_FIELDS = [
 ]
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError):
     """The build cannot start or finish (config mismatch, nothing to build, too many errors)."""
 
 
