@@ -12,11 +12,14 @@ import hashlib
 import io
 import json
 import os
+import re
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fsspec
 import joblib
 import numpy as np
 import pandas as pd
@@ -27,10 +30,11 @@ from ich_prep.config import BuildConfig
 from ich_prep.errors import UserError
 from ich_prep.labels import read_labels
 from ich_prep.manifest import INDEX, MANIFEST, dumps, join
+from ich_prep.outdir import SHARD_RE, BuildLock, check_apart, owned_names
 from ich_prep.read_dicom import ImageError, read_header, read_slice
-from ich_prep.shards import sha256_file, write_tar
+from ich_prep.shards import MAX_JSON_BYTES, encode_meta, sha256_file, sha256_stream, write_tar
 from ich_prep.split import assign_folds, shuffled, slice_ranks
-from ich_prep.store import Store, is_dir, list_files
+from ich_prep.store import InputFile, Store, is_dir, list_inputs
 from ich_prep.transform import compile_image, header_to_hu
 
 WORK = "_work"
@@ -54,6 +58,19 @@ PIXEL_FIELDS = [
 ]
 
 
+# Error reasons the build itself gives (read_dicom.REASONS has the per-file reading ones).
+BUILD_REASONS = {
+    "not_regular_file": "a FIFO, device, socket or broken link named *.dcm: never opened",
+    "bad_file_name": "a file name that is not valid UTF-8 (cannot be recorded in the index)",
+    "compile_failed": "reading worked but turning the pixels into the image failed (type and message in detail)",
+    "metadata_too_large": "the sample's json would exceed the readers' limit (an oversized tag value)",
+    "duplicate_file": "another file has the same image id",
+    "missing_file": "the labels CSV lists an image with no file",
+    "unlabeled_file": "a file with no rows in the labels CSV",
+}
+MAX_DETAIL = 500  # characters of an error row's detail
+
+
 class BuildError(UserError):
     """The build cannot start or finish (config mismatch, nothing to build, too many errors)."""
 
@@ -65,11 +82,36 @@ class BuildResult:
     summary: dict = field(default_factory=dict)
 
 
+# ---------------------------------------------------------------- workers
+
+
+_watching = threading.Event()
+
+
+def exit_with_parent(parent_pid: int | None) -> None:
+    """In a worker process that `parent_pid` started: exit as soon as that parent is gone
+    (kill -9 included), instead of compiling the tasks already queued for it into --out.
+
+    A daemon thread polls getppid() twice a second; an orphan is re-parented, so it changes.
+    Does nothing in the build process itself or on a Dask worker (whose parent is a nanny)."""
+    if parent_pid is None or os.getppid() != parent_pid or _watching.is_set():
+        return
+    _watching.set()
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ich-prep-exit-with-parent", daemon=True).start()
+
+
 # ---------------------------------------------------------------- scanning (header pass)
 
 
-def _scan_chunk(root: str, rels: list[str]) -> list[dict]:
+def _scan_chunk(root: str, rels: list[str], parent_pid: int | None = None) -> list[dict]:
     """Read the headers of a chunk of files; failures become rows with a reason."""
+    exit_with_parent(parent_pid)
     rows = []
     for rel in rels:
         try:
@@ -83,12 +125,31 @@ def _scan_chunk(root: str, rels: list[str]) -> list[dict]:
                 }
             )
         except ImageError as e:
-            rows.append({"path": rel, "reason": e.reason, "detail": e.detail})
+            rows.append({"path": rel, "reason": e.reason, "detail": e.detail[:MAX_DETAIL]})
+        except Exception as e:  # noqa: BLE001 - one damaged file must never stop a compile
+            rows.append({"path": rel, "reason": "unreadable", "detail": _detail(rel, e)})
     return rows
 
 
+def _detail(where: str, e: Exception) -> str:
+    return f"{where}: {type(e).__name__}: {e}"[:MAX_DETAIL]
+
+
+SAFE_ID = re.compile(
+    r"[A-Za-z0-9_-]{1,80}"
+)  # a tar member key every reader (and webdataset) keeps whole
+
+
 def _image_id(rel: str) -> str:
-    return Path(rel).name[: -len(".dcm")]
+    """The sample key of a file: its name without `.dcm` when that is a safe key (RSNA's `ID_...`),
+    else the name with every run of other characters as `_`, cut to 48, plus 12 hex of its sha256
+    (webdataset splits a key at its first dot; tar names are bounded). The index keeps the path."""
+    stem = Path(rel).name[: -len(".dcm")]
+    if SAFE_ID.fullmatch(stem):
+        return stem
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:48]
+    digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"{safe}_{digest}" if safe else f"file_{digest}"
 
 
 def _select_subset(ids: list[str], cfg: BuildConfig) -> set[str] | None:
@@ -102,15 +163,54 @@ def _select_subset(ids: list[str], cfg: BuildConfig) -> set[str] | None:
     return {ids[i] for i in pick}
 
 
-def plan_images(cfg: BuildConfig, jobs: int, store: Store, progress: bool) -> pd.DataFrame:
+def _files_table(inputs: list[InputFile]) -> pd.DataFrame:
+    """One row per input file: path, image_id, file_size, file_mtime_ns, and reason/detail for the
+    files that are never opened (not regular, name not UTF-8); sorted by path, as listed."""
+    files = pd.DataFrame(
+        {
+            "path": [f.path for f in inputs],
+            "image_id": [_image_id(f.path) for f in inputs],
+            "file_size": pd.array([f.size for f in inputs], dtype="Int64"),
+            "file_mtime_ns": pd.array([f.mtime_ns for f in inputs], dtype="Int64"),
+            "reason": [None if f.regular else "not_regular_file" for f in inputs],
+        },
+    )
+    files["reason"] = files["reason"].astype(object)
+    named = files["path"].map(_is_utf8)
+    files.loc[~named, "reason"] = "bad_file_name"
+    files["path"] = files["path"].map(_printable)
+    why = {
+        "not_regular_file": "not a regular file (a FIFO, device, socket or broken link); only regular files are read",
+        "bad_file_name": "file name is not valid UTF-8; rename it",
+    }
+    files["detail"] = [None if r is None else f"{p}: {why[r]}" for p, r in zip(files["path"], files["reason"], strict=True)]  # fmt: skip
+    return files
+
+
+def _is_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(s: str) -> str:
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def plan_images(
+    cfg: BuildConfig, inputs: list[InputFile], jobs: int, store: Store, progress: bool
+) -> pd.DataFrame:
     """One row per input with header fields, labels, status; ok rows get fold and slice rank."""
-    rels = list_files(cfg.dicom_dir, ".dcm")  # sorted: order never depends on the file system
-    files = pd.DataFrame({"path": rels, "image_id": [_image_id(r) for r in rels]})
+    files = _files_table(inputs)
     dup = files["image_id"].duplicated(keep="first")
     dup_rows = files[dup].assign(
         reason="duplicate_file", detail=lambda d: d["path"] + ": another file has the same image id"
     )
     files = files[~dup]
+    unopened, files = files[files["reason"].notna()], files[files["reason"].isna()]
+    files = files.drop(columns=["reason", "detail"])
 
     if cfg.labels is not None:
         lt = read_labels(cfg.labels)
@@ -125,6 +225,7 @@ def plan_images(cfg: BuildConfig, jobs: int, store: Store, progress: bool) -> pd
 
     universe = sorted(
         set(files["image_id"])
+        | set(unopened["image_id"])
         | set(labels.index)
         | set(label_errors["image_id"])
         | set(dup_rows["image_id"])
@@ -136,8 +237,9 @@ def plan_images(cfg: BuildConfig, jobs: int, store: Store, progress: bool) -> pd
         label_errors = label_errors[label_errors["image_id"].isin(subset)]
         dup_rows = dup_rows[dup_rows["image_id"].isin(subset)]
 
-    headers = _scan_headers(cfg.dicom_dir, files["path"].tolist(), jobs, store, progress)
-    df = files.merge(headers, on="path", how="left")
+    unopened = unopened[unopened["image_id"].isin(subset)] if subset is not None else unopened
+    headers = _scan_headers(cfg.dicom_dir, files, jobs, store, progress)
+    df = pd.concat([files.merge(headers, on="path", how="left"), unopened], ignore_index=True)
     df = df.merge(
         labels, left_on="image_id", right_index=True, how="outer" if cfg.labels else "left"
     )
@@ -193,20 +295,41 @@ def plan_images(cfg: BuildConfig, jobs: int, store: Store, progress: bool) -> pd
     return df
 
 
+STAT_KEY = ["path", "file_size", "file_mtime_ns"]
+
+
 def _scan_headers(
-    root: str, rels: list[str], jobs: int, store: Store, progress: bool
+    root: str, files: pd.DataFrame, jobs: int, store: Store, progress: bool
 ) -> pd.DataFrame:
+    """Header rows for `files` (path, file_size, file_mtime_ns). Cached in `_work/headers.parquet`
+    keyed on each file's path, size and mtime: a file that changed since it was read is read again."""
     cache = f"{WORK}/headers.parquet"
+    cached = None
     if store.exists(cache):
         cached = pd.read_parquet(io.BytesIO(store.read_bytes(cache)))
-        if cached["path"].tolist() == rels:
-            return cached
+        if not set(STAT_KEY) <= set(cached.columns):
+            cached = None
+    if cached is not None:
+        cached = cached.merge(files[STAT_KEY], on=STAT_KEY, how="inner")
+    todo = files if cached is None else files[~files["path"].isin(cached["path"])]
+    fresh = _read_headers(root, todo, jobs, progress)
+    df = fresh if cached is None or cached.empty else pd.concat([cached, fresh], ignore_index=True)
+    df = df.sort_values("path", kind="stable").reset_index(drop=True)
+    if len(todo):
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        store.write_bytes(cache, buf.getvalue())
+    return df.drop(columns=["file_size", "file_mtime_ns"])
+
+
+def _read_headers(root: str, files: pd.DataFrame, jobs: int, progress: bool) -> pd.DataFrame:
+    rels = files["path"].tolist()
     chunk = 256
     chunks = [rels[i : i + chunk] for i in range(0, len(rels), chunk)]
     rows: list[dict] = []
     with tqdm(total=len(rels), desc="headers", unit="img", disable=not progress) as bar:
         for res in joblib.Parallel(n_jobs=jobs, return_as="generator")(
-            joblib.delayed(_scan_chunk)(root, c) for c in chunks
+            joblib.delayed(_scan_chunk)(root, c, os.getpid()) for c in chunks
         ):
             rows.extend(res)
             bar.update(len(res))
@@ -216,10 +339,15 @@ def _scan_headers(
         df[c] = df[c].astype("Int32")
     for c in ("reason", "detail", "patient_id", "study_id", "series_id"):
         df[c] = df[c].astype(object)
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    store.write_bytes(cache, buf.getvalue())
-    return df
+    for c in (
+        "z_position",
+        "pixel_spacing_y",
+        "pixel_spacing_x",
+        "rescale_slope",
+        "rescale_intercept",
+    ):
+        df[c] = df[c].astype(float)
+    return df.merge(files[STAT_KEY], on="path", how="left")
 
 
 # ---------------------------------------------------------------- shards
@@ -246,13 +374,15 @@ def _py(v):
 
 
 def _records(part: pd.DataFrame, root: str, labelled: bool) -> list[dict]:
-    """What a shard task needs, as small plain dicts (workers never see the whole table)."""
+    """What a shard task needs, as small plain dicts (workers never see the whole table).
+    `stamp` (size, mtime) is not used to compile: it makes the shard's ledger key change with its files."""
     recs = []
     for r in part.itertuples(index=False):
         recs.append(
             {
                 "image_id": r.image_id,
                 "path": join(root, r.path),
+                "stamp": [int(r.file_size), int(r.file_mtime_ns)],
                 "header": {k: _py(getattr(r, k)) for k in HEADER_FIELDS + PIXEL_FIELDS},
                 "meta": {
                     "image_id": r.image_id,
@@ -267,6 +397,13 @@ def _records(part: pd.DataFrame, root: str, labelled: bool) -> list[dict]:
             }
         )
     return recs
+
+
+def shard_key(recs: list[dict], cfg: BuildConfig) -> str:
+    """sha256 of everything that decides a shard's bytes: the config and its records (files with
+    their size and mtime, headers, labels, fold, order). A finished shard is reused only if equal."""
+    blob = json.dumps({"config": cfg.to_dict(), "records": recs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
@@ -287,34 +424,45 @@ def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
         original_shape=[h["rows"], h["cols"]],
         crop_box=list(box) if box is not None else None,
     )
+    if len(encode_meta(meta)) > MAX_JSON_BYTES:
+        raise ImageError(
+            "metadata_too_large",
+            f"{rec['path']}: its sample json would exceed the readers' {MAX_JSON_BYTES}-byte limit "
+            "(an oversized tag value)",
+        )
     return img, meta
 
 
-def compile_shard(out: str, name: str, recs: list[dict], cfg: BuildConfig) -> dict:
+def _compile_one(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray | None, dict]:
+    """(image, meta) or (None, error result): whatever goes wrong with one file is its error row."""
+    try:
+        img, meta = compile_record(rec, cfg)
+    except ImageError as e:
+        return None, {"image_id": rec["image_id"], "reason": e.reason, "detail": e.detail[:MAX_DETAIL]}  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - one damaged file must never stop a compile
+        return None, {"image_id": rec["image_id"], "reason": "compile_failed", "detail": _detail(rec["path"], e)}  # fmt: skip
+    return img, meta
+
+
+def compile_shard(
+    out: str, name: str, recs: list[dict], cfg: BuildConfig, key: str, parent_pid: int | None = None
+) -> dict:
     """Joblib task: compile one shard's images into `out/name`; return and persist per-image results.
 
-    The tar is moved into place first, then `_work/<name>.json`: a shard counts as done only when
-    both exist and the tar's hash matches, so a task killed anywhere is simply run again.
+    The tar is moved into place first, then `_work/<name>.json` (with `key`, see shard_key): a
+    shard counts as done only when both exist, the key matches and the tar's hash matches, so a
+    task killed anywhere, or one whose inputs changed, is simply run again.
     """
+    exit_with_parent(parent_pid)
     results = []
 
     def samples():
         for rec in recs:
-            try:
-                img, meta = compile_record(rec, cfg)
-            except ImageError as e:
-                results.append(
-                    {"image_id": rec["image_id"], "reason": e.reason, "detail": e.detail}
-                )
+            img, meta = _compile_one(rec, cfg)
+            if img is None:
+                results.append(meta)
                 continue
-            results.append(
-                {
-                    "image_id": rec["image_id"],
-                    "reason": None,
-                    "detail": None,
-                    "crop_box": meta["crop_box"],
-                }
-            )
+            results.append({"image_id": rec["image_id"], "reason": None, "detail": None, "crop_box": meta["crop_box"]})  # fmt: skip
             yield {"__key__": rec["image_id"], "image": img, "meta": meta}
 
     store = Store(out)
@@ -322,17 +470,22 @@ def compile_shard(out: str, name: str, recs: list[dict], cfg: BuildConfig) -> di
     n = write_tar(tmp, samples(), cfg.encoding)
     info = {"name": name, "samples": n, "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp)}
     store.commit(name, tmp)
-    done = {"shard": info, "results": results}
+    done = {"shard": info, "results": results, "key": key}
     store.write_bytes(f"{WORK}/{name}.json", json.dumps(done, sort_keys=True).encode())
     return done
 
 
-def _load_done(store: Store, name: str) -> dict | None:
-    """Results of a shard a previous run finished, if its tar is intact."""
+def _load_done(store: Store, name: str, key: str) -> dict | None:
+    """Results of a shard a previous run finished from the same inputs, if its tar is intact."""
     rec = f"{WORK}/{name}.json"
     if not (store.exists(rec) and store.exists(name)):
         return None
-    done = json.loads(store.read_bytes(rec))
+    try:
+        done = json.loads(store.read_bytes(rec))
+    except ValueError:
+        return None
+    if not isinstance(done, dict) or done.get("key") != key:
+        return None
     if store.size(name) != done["shard"]["bytes"] or store.sha256(name) != done["shard"]["sha256"]:
         return None
     return done
@@ -342,25 +495,36 @@ def _load_done(store: Store, name: str) -> dict | None:
 
 
 def _prepare_out(store: Store, cfg: BuildConfig, overwrite: bool) -> None:
-    """Create the output, or check that what is there was made by the same config."""
+    """Create the output, or check that what is there was made by the same config; with
+    `overwrite`, delete what an earlier build of ours wrote there (owned_names), nothing else."""
     state = f"{WORK}/config.json"
     ours = json.dumps(cfg.to_dict(), sort_keys=True)
-    entries = store.listdir()
-    if entries:
+    owned, foreign = owned_names(store)
+    if not owned and foreign:
+        raise BuildError(
+            f"--out {store} holds files that no ich-prep build wrote ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder for --out"
+        )
+    if owned:
         theirs = None
         if store.exists(state):
             theirs = store.read_bytes(state).decode()
         elif store.exists(MANIFEST):
-            theirs = json.dumps(
-                json.loads(store.read_bytes(MANIFEST)).get("config"), sort_keys=True
+            with contextlib.suppress(ValueError):
+                theirs = json.dumps(json.loads(store.read_bytes(MANIFEST)).get("config"), sort_keys=True)  # fmt: skip
+        if theirs != ours and not overwrite:
+            raise BuildError(
+                f"{store} already holds a build with a different config; "
+                "choose another --out, or pass --overwrite to replace it"
             )
-        if theirs != ours:
-            if not overwrite:
+        if overwrite:
+            if foreign:
                 raise BuildError(
-                    f"{store} already holds a build with a different config (or unknown files); "
-                    "choose another --out, or pass --overwrite to replace it"
+                    f"--overwrite: {store} also holds files no ich-prep build wrote "
+                    f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); nothing was "
+                    "deleted: move them away or choose another --out"
                 )
-            for name in entries:
+            for name in owned:
                 store.remove(name)
     store.makedirs(WORK)
     store.write_bytes(state, ours.encode())
@@ -376,11 +540,49 @@ def _index_table(df: pd.DataFrame, shard_of: dict[str, str]) -> pd.DataFrame:
     for c in LABELS:
         df[c] = df[c].astype("Int8")
     df["fold"] = df["fold"].astype(np.int8)
-    cols = ["image_id", "path", "patient_id", "study_id", "series_id", "z_position", "slice_rank", "pixel_spacing_y", "pixel_spacing_x",
+    cols = ["image_id", "path", "file_size", "file_mtime_ns", "patient_id", "study_id", "series_id", "z_position", "slice_rank", "pixel_spacing_y", "pixel_spacing_x",
             "rows", "cols", "crop_y0", "crop_y1", "crop_x0", "crop_x1", "split", "fold", "shard", *LABELS, "status", "reason", "detail"]  # fmt: skip
     for c in ("path", "patient_id", "study_id", "series_id", "reason", "detail", "shard"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     return df[cols]
+
+
+def inputs_record(cfg: BuildConfig, inputs: list[InputFile]) -> dict:
+    """What the build was made from, as the manifest records it: the number of .dcm entries, a
+    sha256 over their paths, sizes and mtimes, and the labels CSV's sha256."""
+    h = hashlib.sha256()
+    for f in inputs:
+        h.update(
+            f"{f.path}\t{f.size}\t{f.mtime_ns}\t{int(f.regular)}\n".encode(
+                "utf-8", "surrogateescape"
+            )
+        )
+    labels = None
+    if cfg.labels is not None:
+        with fsspec.open(cfg.labels, "rb") as f:
+            labels = sha256_stream(f)
+    return {"files": len(inputs), "files_sha256": h.hexdigest(), "labels_sha256": labels}
+
+
+def _changes(store: Store, was: dict, now: dict, inputs: list[InputFile]) -> str:
+    """A few words naming what changed between a finished build's inputs and today's."""
+    parts = []
+    if was.get("labels_sha256") != now["labels_sha256"]:
+        parts.append("the labels CSV changed")
+    if was.get("files_sha256") != now["files_sha256"]:
+        old = pd.read_parquet(io.BytesIO(store.read_bytes(INDEX)), columns=STAT_KEY).dropna()
+        old = {r.path: (int(r.file_size), int(r.file_mtime_ns)) for r in old.itertuples()}
+        cur = {f.path: (f.size, f.mtime_ns) for f in inputs}
+        for what, names in (
+            ("new", [p for p in cur if p not in old]),
+            ("changed", [p for p in cur if p in old and old[p] != cur[p]]),
+            ("gone", [p for p in old if p not in cur]),
+        ):
+            if names:
+                parts.append(f"{len(names)} {what} file(s) (e.g. {', '.join(names[:3])})")
+        if len(parts) == (was.get("labels_sha256") != now["labels_sha256"]):
+            parts.append(f"the .dcm files under --dicom-dir differ ({now['files']} now, {was.get('files')} then)")  # fmt: skip
+    return "; ".join(parts)
 
 
 def build(
@@ -391,36 +593,45 @@ def build(
     progress: bool = True,
     backend: str | None = None,
 ) -> BuildResult:
-    """Compile `cfg.dicom_dir` into shards under `out`. Safe to kill and re-run."""
+    """Compile `cfg.dicom_dir` into shards under `out`. Safe to kill and re-run; one build at a
+    time per `out`. A finished build whose config and inputs are unchanged is left as it is; one
+    whose inputs changed is refused (pass `overwrite` to rebuild it)."""
     t0 = time.perf_counter()
     store = Store(out)
-    if store.exists(MANIFEST) and not overwrite:
-        m = json.loads(store.read_bytes(MANIFEST))
-        if m.get("config") == cfg.to_dict():
-            return BuildResult(out, m, {"already_complete": True})
+    check_apart(store.root, cfg.dicom_dir, cfg.labels)
     if not is_dir(cfg.dicom_dir):
         raise BuildError(f"--dicom-dir {cfg.dicom_dir} is not a folder")
-    _prepare_out(store, cfg, overwrite)
-    store.remove(MANIFEST)
-    with joblib.parallel_config(backend=backend) if backend else contextlib.nullcontext():
-        df = plan_images(cfg, jobs, store, progress)  # the header pass runs on the same workers
-    label_stats = df.attrs.get("label_stats", {})
-    plan = plan_shards(df, cfg)
-    labelled = cfg.labels is not None
+    if store.local and os.path.exists(store.path) and not os.path.isdir(store.path):
+        raise BuildError(f"--out {out} is a file, not a folder; choose a folder path for --out")
+    inputs = list_inputs(cfg.dicom_dir, ".dcm")
+    if not inputs:
+        raise BuildError(f"--dicom-dir {cfg.dicom_dir} holds no .dcm files; check the path")
+    now = inputs_record(cfg, inputs)
+    if store.exists(MANIFEST) and not overwrite:
+        with contextlib.suppress(ValueError):
+            m = json.loads(store.read_bytes(MANIFEST))
+            if isinstance(m, dict) and m.get("config") == cfg.to_dict():
+                changed = _changes(store, m.get("inputs") or {}, now, inputs)
+                if not changed:
+                    return BuildResult(out, m, {"already_complete": True})
+                raise BuildError(
+                    f"{out} was built from other inputs: {changed}; pass --overwrite to rebuild "
+                    "it, or choose another --out"
+                )
+    store.makedirs()
+    with BuildLock(store):
+        return _build_locked(cfg, store, inputs, now, jobs, overwrite, progress, backend, t0)
 
-    done: dict[str, dict] = {}
-    pending = []
-    for name in plan:
-        d = _load_done(store, name)
-        if d is None:
-            pending.append(name)
-        else:
-            done[name] = d
+
+def _compile_pending(store, plan, cfg, keys, pending, jobs, progress, backend) -> dict[str, dict]:
+    """Run one joblib task per pending shard; the finished shards' results by name."""
+    labelled, done = cfg.labels is not None, {}
+    parent = os.getpid() if backend != "dask" else None
     todo = sum(len(plan[n]) for n in pending)
     with tqdm(total=todo, desc="compile", unit="img", disable=not progress) as bar:
         tasks = (
             joblib.delayed(compile_shard)(
-                store.root, n, _records(plan[n], cfg.dicom_dir, labelled), cfg
+                store.root, n, _records(plan[n], cfg.dicom_dir, labelled), cfg, keys[n], parent
             )
             for n in pending
         )
@@ -429,7 +640,41 @@ def build(
             for res in joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
                 done[res["shard"]["name"]] = res
                 bar.update(len(res["results"]))
+    return done
 
+
+def _remove_leftovers(store: Store, shards: set[str]) -> None:
+    """Delete what earlier runs of this build left: `.partial` files of ours (a worker killed
+    mid-write; its task was redone) and shard-named files this plan does not have (written before
+    the inputs changed). Nothing else: a file we did not name stays."""
+    final = shards | {MANIFEST, INDEX, "README.md"}
+    for name in store.listdir():
+        base = name.removesuffix(".partial")
+        if (base in final and name != base) or (SHARD_RE.fullmatch(base) and name not in shards):
+            store.remove(name)
+
+
+def _build_locked(cfg, store, inputs, now, jobs, overwrite, progress, backend, t0) -> BuildResult:
+    _prepare_out(store, cfg, overwrite)
+    store.remove(MANIFEST)
+    with joblib.parallel_config(backend=backend) if backend else contextlib.nullcontext():
+        df = plan_images(cfg, inputs, jobs, store, progress)  # header pass on the same workers
+    label_stats = df.attrs.get("label_stats", {})
+    plan = plan_shards(df, cfg)
+    labelled = cfg.labels is not None
+    keys = {n: shard_key(_records(part, cfg.dicom_dir, labelled), cfg) for n, part in plan.items()}
+
+    done: dict[str, dict] = {}
+    pending, stale = [], 0
+    for name in plan:
+        d = _load_done(store, name, keys[name])
+        if d is None:
+            pending.append(name)
+            stale += store.exists(f"{WORK}/{name}.json")
+        else:
+            done[name] = d
+    todo = sum(len(plan[n]) for n in pending)
+    done.update(_compile_pending(store, plan, cfg, keys, pending, jobs, progress, backend))
     # Fold per-image results back into the table.
     shard_of, crop_of = {}, {}
     for name in plan:
@@ -470,6 +715,7 @@ def build(
         "tool": "ich_prep",
         "tool_version": __version__,
         "config": cfg.to_dict(),
+        "inputs": now,
         "split": cfg.split,
         "counts": counts,
         "index": {
@@ -484,9 +730,7 @@ def build(
     store.write_bytes("README.md", dataset_card(manifest).encode())
     store.write_bytes(MANIFEST, dumps(manifest))
     store.remove(WORK)
-    for name in store.listdir():  # left by a worker killed mid-shard; its task was redone
-        if name.endswith(".partial"):
-            store.remove(name)
+    _remove_leftovers(store, set(plan))
     wall = time.perf_counter() - t0
     total_bytes = sum(s["bytes"] for s in shards)
     summary = {
@@ -500,5 +744,6 @@ def build(
         "wall_s": wall,
         "images_per_s": todo / wall if wall > 0 else 0.0,
         "resumed_shards": len(plan) - len(pending),
+        "changed_shards": stale,
     }
-    return BuildResult(out, manifest, summary)
+    return BuildResult(store.root, manifest, summary)

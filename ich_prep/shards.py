@@ -139,6 +139,11 @@ def sha256_file(path: str | os.PathLike) -> str:
         return sha256_stream(f)
 
 
+def encode_meta(meta: dict) -> bytes:
+    """A sample's json member, exactly as written (compact, sorted keys)."""
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     ti = tarfile.TarInfo(name)
     ti.size, ti.mtime, ti.mode = len(data), TAR_MTIME, 0o444
@@ -152,7 +157,7 @@ def write_tar(path: str | os.PathLike, samples, encoding: str) -> int:
     with open(path, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
-                meta = json.dumps(s["meta"], sort_keys=True, separators=(",", ":")).encode()
+                meta = encode_meta(s["meta"])
                 _add(tar, f"{s['__key__']}.{encoding}", encode_image(s["image"], encoding))
                 _add(tar, f"{s['__key__']}.json", meta)
                 n += 1

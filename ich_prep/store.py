@@ -8,9 +8,12 @@ folder on a cluster or straight to a bucket.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -112,23 +115,72 @@ class Store:
             self.fs.rm(p, recursive=True)
 
 
-def list_files(root: str, suffix: str) -> list[str]:
-    """Relative paths of every file ending in `suffix` below root (folder or URL), sorted."""
-    out = []
+@dataclass(frozen=True)
+class InputFile:
+    """One input below a root: its relative path and what says whether it changed since the last
+    run (size and modification time; a URL's mtime, LastModified or ETag when the store has one)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    regular: bool  # a regular file (FIFOs, devices, sockets and broken links are not opened)
+
+
+def _stamp_ns(info: dict) -> int:
+    """A store's modification stamp as an int: mtime / LastModified / created, else an ETag hash."""
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            v = v.timestamp()
+        try:
+            return int(float(v) * 1e9)
+        except (TypeError, ValueError):
+            continue
+    etag = str(info.get("ETag") or info.get("etag") or "")
+    return int.from_bytes(hashlib.sha256(etag.encode()).digest()[:7], "big") if etag else 0
+
+
+def _walk_local(root: str, suffix: str):
+    """os.scandir walk (no symlinked folders followed) yielding InputFile for names ending in suffix."""
+    stack = [root]
+    while stack:
+        top = stack.pop()
+        with os.scandir(top) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.name.lower().endswith(suffix):
+                    rel = os.path.normpath(os.path.relpath(e.path, root))
+                    try:
+                        st = e.stat()  # follows a symlink to a file; a broken link fails
+                    except OSError:
+                        yield InputFile(rel, -1, 0, False)
+                        continue
+                    yield InputFile(rel, st.st_size, st.st_mtime_ns, stat.S_ISREG(st.st_mode))
+
+
+def list_inputs(root: str, suffix: str) -> list[InputFile]:
+    """Every entry ending in `suffix` below root (folder or URL), sorted by relative path, with its
+    size and mtime; one stat per file (a few seconds for 875k files on a local disk)."""
     if not is_url(root):
-        for dirpath, _, files in os.walk(root):
-            rel_dir = os.path.relpath(dirpath, root)
-            out.extend(
-                os.path.normpath(os.path.join(rel_dir, f))
-                for f in files
-                if f.lower().endswith(suffix)
-            )
-        return sorted(out)
+        return sorted(_walk_local(root, suffix), key=lambda f: f.path)
     fs, path = fsspec.core.url_to_fs(root)
     base = path.rstrip("/") + "/"
-    return sorted(
-        p[len(base) :] for p in fs.find(path) if p.lower().endswith(suffix) and p.startswith(base)
-    )
+    out = []
+    for p, info in fs.find(path, detail=True).items():
+        if p.lower().endswith(suffix) and p.startswith(base):
+            regular = info.get("type", "file") == "file"
+            out.append(
+                InputFile(p[len(base) :], int(info.get("size") or 0), _stamp_ns(info), regular)
+            )
+    return sorted(out, key=lambda f: f.path)
+
+
+def list_files(root: str, suffix: str) -> list[str]:
+    """Relative paths of every file ending in `suffix` below root (folder or URL), sorted."""
+    return [f.path for f in list_inputs(root, suffix)]
 
 
 def is_dir(root: str) -> bool:

@@ -1,0 +1,226 @@
+"""The output folder of a build: where it may be, what in it is ours, and who is writing it.
+
+- `check_apart(out, dicom_dir, labels)`: refuse an --out that equals, contains or lies inside
+  --dicom-dir, or that holds --labels, before anything is created or deleted.
+- `owned_names(store)`: the files a build of ours wrote there, named from its own manifest and
+  ledger (`_work/`), so `--overwrite` deletes those and nothing else.
+- `BuildLock`: one build at a time per folder, with the holder (host, pid, start time) recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import time
+
+import fsspec
+
+from ich_prep.errors import UserError
+from ich_prep.store import Store, is_url
+
+LOCK = ".ich-prep.lock"
+WORK = "_work"
+MANIFEST, INDEX, CARD = "manifest.json", "index.parquet", "README.md"
+# Names our builds give shards; a `.partial` is one being written.
+SHARD_RE = re.compile(r"(train-f\d+|test)-\d{5}\.tar")
+WORK_FILE_RE = re.compile(r"(config\.json|headers\.parquet|(train-f\d+|test)-\d{5}\.tar\.json)")
+
+
+class OutDirError(UserError):
+    """--out cannot be used: it overlaps the inputs, holds foreign files, or another build holds it."""
+
+
+# ---------------------------------------------------------------- where --out may be
+
+
+def _location(path: str) -> tuple[str, str]:
+    """(protocol, absolute path without trailing slash): local paths resolved through symlinks."""
+    if is_url(path) and not str(path).startswith("file://"):
+        fs, p = fsspec.core.url_to_fs(str(path))
+        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        return proto, "/" + p.strip("/")
+    p = str(path)[len("file://") :] if str(path).startswith("file://") else str(path)
+    return "file", os.path.realpath(p).rstrip("/") or "/"
+
+
+def _inside(child: tuple[str, str], parent: tuple[str, str]) -> bool:
+    return child[0] == parent[0] and (
+        child[1] == parent[1] or child[1].startswith(parent[1].rstrip("/") + "/")
+    )
+
+
+def check_apart(out: str, dicom_dir: str, labels: str | None) -> None:
+    """Raise OutDirError if a build into `out` could overwrite or delete an input."""
+    o, d = _location(out), _location(dicom_dir)
+    if _inside(o, d) or _inside(d, o):
+        where = "is" if o == d else ("lies inside" if _inside(o, d) else "contains")
+        raise OutDirError(
+            f"--out {out} {where} --dicom-dir {dicom_dir}; a build must not write among its "
+            "inputs: choose an --out outside the DICOM folder, e.g. shards/train"
+        )
+    if labels is not None and _inside(_location(labels), o):
+        raise OutDirError(
+            f"--out {out} holds --labels {labels}; a build must not write beside its inputs: "
+            "choose another --out, or move the labels CSV out of it"
+        )
+
+
+# ---------------------------------------------------------------- what is ours
+
+
+def _json(store: Store, name: str) -> dict | None:
+    try:
+        d = json.loads(store.read_bytes(name))
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def owned_names(store: Store) -> tuple[list[str], list[str]]:
+    """(ours, foreign): entries of the folder a build of ours wrote, and everything else.
+
+    Ours: with a manifest, the manifest, index, card and the shards it lists; with a ledger
+    (`_work/config.json`), `_work/` and the shards its records name; in either case shard-named
+    files (`train-fK-NNNNN.tar`, `test-NNNNN.tar`) and their `.partial`s. A folder with neither
+    holds nothing of ours. The lock is neither (the running build holds it)."""
+    entries = [n for n in store.listdir() if n != LOCK]
+    manifest = _json(store, MANIFEST) if MANIFEST in entries else None
+    work = store.listdir(WORK) if WORK in entries else []
+    ledger = "config.json" in work
+    if manifest is None and not ledger:
+        return [], entries
+    named = set()
+    if manifest is not None:
+        named |= {MANIFEST, INDEX, CARD}
+        for s in manifest.get("shards") or []:
+            name = s.get("name") if isinstance(s, dict) else None
+            if isinstance(name, str) and SHARD_RE.fullmatch(name):
+                named.add(name)
+    if ledger and all(WORK_FILE_RE.fullmatch(n.removesuffix(".partial")) for n in work):
+        named.add(WORK)  # a ledger holding only files a build writes
+    ours, foreign = [], []
+    for n in entries:
+        base = n.removesuffix(".partial")
+        (ours if n in named or base in named or SHARD_RE.fullmatch(base) else foreign).append(n)
+    return ours, foreign
+
+
+# ---------------------------------------------------------------- one build at a time
+
+
+def _holder() -> dict:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+def _describe(h: dict | None) -> str:
+    if not h:
+        return "holder unknown"
+    return f"host {h.get('host')}, pid {h.get('pid')}, started {h.get('started')}"
+
+
+def _alive_here(h: dict) -> bool:
+    """Whether the holder is a live process on this host (pid reuse aside)."""
+    if h.get("host") != socket.gethostname() or not isinstance(h.get("pid"), int):
+        return True  # cannot tell for another host: assume it is running
+    try:
+        os.kill(h["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class BuildLock:
+    """Exclusive lock on an output folder for one build.
+
+    Local folders: `fcntl.flock` on `<out>/.ich-prep.lock`, which the kernel releases when the
+    holder dies (kill -9 included), so a stale lock is taken over by the next build. The file
+    holds the holder's host, pid and start time for the message a second build prints. URLs (no
+    flock): the lock object is written if absent; one left by a dead process on this host is taken
+    over; one from another host must be removed by hand (the message says which object).
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.fd: int | None = None
+        self.held = False
+        self.took_over: dict | None = None  # the holder of a stale lock this one replaced
+
+    def __enter__(self) -> BuildLock:
+        self._acquire_local() if self.store.local else self._acquire_url()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _refuse(self, holder: dict | None, extra: str = "") -> OutDirError:
+        return OutDirError(
+            f"--out {self.store} is in use by another ich-prep build ({_describe(holder)}); "
+            f"wait for it to finish or choose another --out{extra}"
+        )
+
+    def _acquire_local(self) -> None:
+        import fcntl
+
+        path = os.path.join(self.store.path, LOCK)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise self._refuse(holder) from None
+            try:  # the file may have been removed by the previous holder between open and flock
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        old = _read_holder(fd)
+        self.took_over = old or None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+        self.fd = fd
+        self.held = True
+
+    def _acquire_url(self) -> None:
+        if self.store.exists(LOCK):
+            old = _json(self.store, LOCK)
+            if old is None or _alive_here(old):
+                raise self._refuse(
+                    old, f" (if no build is running, delete {self.store.root}/{LOCK})"
+                )
+            self.took_over = old
+        self.store.write_bytes(LOCK, json.dumps(_holder()).encode())
+        self.held = True
+
+    def release(self) -> None:
+        """Remove the lock file, then drop the lock (in this order: a waiting build re-checks)."""
+        if not self.held:
+            return
+        self.held = False
+        if self.fd is None:
+            self.store.remove(LOCK)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.store.path, LOCK))
+        os.close(self.fd)
+        self.fd = None
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        d = json.loads(os.pread(fd, 4096, 0) or b"null")
+    except ValueError:
+        return None
+    return d if isinstance(d, dict) else None
