@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import threading
@@ -89,13 +90,18 @@ _watching = threading.Event()
 
 
 def exit_with_parent(parent_pid: int | None) -> None:
-    """In a worker process that `parent_pid` started: exit as soon as that parent is gone
+    """In a loky worker of the build process `parent_pid`: exit as soon as that parent is gone
     (kill -9 included), instead of compiling the tasks already queued for it into --out.
 
-    A daemon thread polls getppid() twice a second; an orphan is re-parented, so it changes.
-    Does nothing in the build process itself or on a Dask worker (whose parent is a nanny)."""
-    if parent_pid is None or os.getppid() != parent_pid or _watching.is_set():
+    A daemon thread polls getppid() twice a second (an orphan is re-parented, so it changes); a
+    worker that is already an orphan when a task reaches it exits at once. Does nothing in the
+    build process itself (--jobs 1) or outside loky workers (a Dask worker's parent is a nanny)."""
+    if parent_pid is None or os.getpid() == parent_pid or _watching.is_set():
         return
+    if not multiprocessing.current_process().name.startswith("LokyProcess"):
+        return
+    if os.getppid() != parent_pid:
+        os._exit(1)
     _watching.set()
 
     def watch():
@@ -183,7 +189,7 @@ def _files_table(inputs: list[InputFile]) -> pd.DataFrame:
         "not_regular_file": "not a regular file (a FIFO, device, socket or broken link); only regular files are read",
         "bad_file_name": "file name is not valid UTF-8; rename it",
     }
-    files["detail"] = [None if r is None else f"{p}: {why[r]}" for p, r in zip(files["path"], files["reason"], strict=True)]  # fmt: skip
+    files["detail"] = [f"{p}: {why[r]}" if r in why else None for p, r in zip(files["path"], files["reason"], strict=True)]  # fmt: skip
     return files
 
 
