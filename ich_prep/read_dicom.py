@@ -1,40 +1,69 @@
 """Read RSNA DICOM slices: header metadata and stored pixel values. All DICOM I/O lives here.
 
 Failures raise ImageError with a short machine-readable reason and a message naming the file,
-so the builder records them as index rows instead of stopping.
+so the builder records them as index rows instead of stopping. read_header and read_slice raise
+ImageError and nothing else for anything about the file (a damaged file can make pydicom raise
+almost anything); KeyboardInterrupt and SystemExit still stop a build.
+
+Every read is bounded: a local path is opened non-blocking and checked to be a regular file
+before a byte is read (a FIFO named ID_x.dcm never hangs the build), and no file larger than
+MAX_DICOM_BYTES, nor a deflated one that inflates beyond it, is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
+import math
+import os
+import stat
 import warnings
+import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
 import pydicom
+from fsspec.implementations.local import LocalFileSystem
 from pydicom.errors import InvalidDicomError
+
+# The largest file read, in bytes. The largest slice accepted (4096 x 4096, 16 bits) is 32 MiB of
+# pixels; an RSNA slice is 0.5 MiB. 256 MiB leaves room for big headers and overlays while
+# bounding what one worker holds in memory for one file (a deflated file: its inflated size).
+MAX_DICOM_BYTES = 256 * 1024 * 1024
+MAX_DETAIL = 500  # characters of an ImageError's detail: it is stored in the index
+# PatientID (LO) and the UIDs (UI) are at most 64 characters in DICOM; RSNA's pseudonyms can be a
+# little longer. Anything longer than this is refused: it would go into every sample's json.
+MAX_ID_CHARS = 256
 
 
 class ImageError(Exception):
-    """A slice that cannot be compiled; `reason` is one of REASONS."""
+    """A slice that cannot be compiled; `reason` is one of REASONS, `detail` at most MAX_DETAIL chars."""
 
     def __init__(self, reason: str, detail: str):
+        if len(detail) > MAX_DETAIL:
+            detail = detail[: MAX_DETAIL - 3] + "..."
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
 
 
 REASONS = {
-    "unreadable": "not a DICOM file, or truncated",
+    "unreadable": "not a DICOM file, truncated or damaged (the detail names the error)",
+    "not_regular_file": "a FIFO, device, directory or socket: never read",
+    "too_large": f"larger than {MAX_DICOM_BYTES // 2**20} MiB (or inflates beyond that): never read",
     "no_pixel_data": "PixelData (7FE0,0010) missing",
     "unsupported_transfer_syntax": "compressed pixels that no installed decoder handles",
     "not_ct": "Modality (0008,0060) is not CT",
     "bad_shape": "not a single-frame 2-D grey image of a plausible size",
     "bad_bit_depth": "BitsAllocated/BitsStored/PixelRepresentation the HU conversion does not know",
     "missing_tag": "a tag the conversion needs is absent or not a number",
+    "bad_rescale": "RescaleSlope 0 or not finite, or RescaleIntercept not finite: no Hounsfield units",
+    "bad_tag": "a kept tag out of bounds: an id too long or with control characters, "
+    "a position or pixel spacing not finite, a spacing <= 0",
 }
 
 
@@ -79,6 +108,20 @@ def _quiet_warnings():
         yield
 
 
+@contextlib.contextmanager
+def _any_error_is_image_error(path):
+    """Whatever else reading one file raises becomes ImageError('unreadable') with the type and
+    message: a damaged file makes pydicom raise TypeError (a multi-valued Rows), struct.error,
+    zlib.error, AttributeError, NotImplementedError (an unknown VR), ... ImageError passes
+    through; KeyboardInterrupt and SystemExit are not Exceptions and still stop a build."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any error about one file must be that file's error row
+        raise ImageError("unreadable", f"{path}: {type(e).__name__}: {e}") from e
+
+
 def _first(value):
     """First value of a possibly multi-valued element, e.g. WindowCenter '00036\\00036'."""
     if isinstance(value, pydicom.multival.MultiValue):
@@ -102,13 +145,78 @@ def _float_tag(ds, keyword: str, path, default=None) -> float:
         ) from e
 
 
-def header_from_dataset(ds, path) -> dict:
-    """The per-slice metadata the index keeps, validated.
+def _rescale(ds, path) -> tuple[float, float]:
+    """(RescaleSlope (0028,1053), RescaleIntercept (0028,1052)): HU = stored * slope + intercept.
 
-    Tags: PatientID (0010,0020), StudyInstanceUID (0020,000D), SeriesInstanceUID (0020,000E),
-    ImagePositionPatient (0020,0032, z = third value), PixelSpacing (0028,0030), Rows/Columns,
-    BitsStored (0028,0101), PixelRepresentation (0028,0103), RescaleSlope/Intercept (0028,1053/1052).
-    """
+    A slope of 0 or a non-finite slope or intercept would give a constant (all-air) or NaN image
+    that looks compiled: refused."""
+    slope = _float_tag(ds, "RescaleSlope", path)
+    intercept = _float_tag(ds, "RescaleIntercept", path)
+    if slope == 0 or not math.isfinite(slope):
+        raise ImageError(
+            "bad_rescale",
+            f"{path}: RescaleSlope={slope!r}; HU = stored x slope + intercept needs a finite, "
+            "non-zero slope (0 makes every pixel one value)",
+        )
+    if not math.isfinite(intercept):
+        raise ImageError(
+            "bad_rescale",
+            f"{path}: RescaleIntercept={intercept!r}; HU = stored x slope + intercept needs a "
+            "finite intercept",
+        )
+    return slope, intercept
+
+
+def _id_tag(ds, keyword: str, path) -> str:
+    """A kept id (PatientID (0010,0020), Study/SeriesInstanceUID (0020,000D/000E)) as text.
+
+    At most MAX_ID_CHARS characters (DICOM allows 64; the id goes into every sample's json) and
+    printable (no newline, escape, other control or format character: ids group patients into folds and
+    are printed on one line); otherwise refused, naming the tag and its length, not its value."""
+    value = str(ds.get(keyword, ""))
+    if len(value) > MAX_ID_CHARS:
+        raise ImageError(
+            "bad_tag", f"{path}: {keyword} is {len(value)} characters long; at most {MAX_ID_CHARS}"
+        )
+    if not value.isprintable():
+        bad = next(i for i, c in enumerate(value) if not c.isprintable())
+        raise ImageError(
+            "bad_tag", f"{path}: {keyword} has a non-printable character at position {bad}"
+        )
+    return value
+
+
+def _geometry(ds, path) -> tuple[float, float, float]:
+    """(z, row spacing, column spacing) from ImagePositionPatient (0020,0032, third value) and
+    PixelSpacing (0028,0030). A missing spacing is (nan, nan), usable without --spacing-mm; a
+    present one must be finite and > 0, and z finite."""
+    ipp = ds.get("ImagePositionPatient")
+    if ipp is None or len(ipp) != 3:
+        raise ImageError(
+            "missing_tag", f"{path}: ImagePositionPatient is missing; slices cannot be ordered"
+        )
+    spacing = ds.get("PixelSpacing")
+    try:
+        sy, sx = (
+            (float(spacing[0]), float(spacing[1]))
+            if spacing and len(spacing) == 2
+            else (np.nan, np.nan)
+        )
+        z = float(ipp[2])
+    except (TypeError, ValueError) as e:
+        raise ImageError(
+            "missing_tag", f"{path}: ImagePositionPatient/PixelSpacing not numeric"
+        ) from e
+    if not math.isfinite(z):
+        raise ImageError("bad_tag", f"{path}: ImagePositionPatient z={z!r} is not finite")
+    if spacing and len(spacing) == 2 and not (0 < sy < math.inf and 0 < sx < math.inf):
+        raise ImageError(
+            "bad_tag", f"{path}: PixelSpacing={sy!r}\\{sx!r}; expected two finite values > 0 mm"
+        )
+    return z, sy, sx
+
+
+def _check_complete(ds, path) -> None:
     essential = ("Modality", "Rows", "Columns", "BitsAllocated")
     if sum(k not in ds for k in essential) >= 2:
         # pydicom reads a file cut inside its header without complaint; what is left lacks the basics.
@@ -119,6 +227,11 @@ def header_from_dataset(ds, path) -> dict:
     modality = str(ds.get("Modality", "")).strip()
     if modality != "CT":
         raise ImageError("not_ct", f"{path}: Modality is {modality or 'missing'!r}, expected 'CT'")
+
+
+def _storage(ds, path) -> tuple[int, int, int, int]:
+    """(rows, cols, BitsStored (0028,0101), PixelRepresentation (0028,0103)) of a one-frame grey
+    16-bit image (Rows/Columns (0028,0010/0011), NumberOfFrames, SamplesPerPixel, BitsAllocated)."""
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -137,28 +250,27 @@ def header_from_dataset(ds, path) -> dict:
             f"{path}: BitsAllocated={bits_alloc} BitsStored={bits_stored} "
             f"PixelRepresentation={pixel_rep}; expected 16-bit storage with 0 or 1 representation",
         )
-    ipp = ds.get("ImagePositionPatient")
-    if ipp is None or len(ipp) != 3:
-        raise ImageError(
-            "missing_tag", f"{path}: ImagePositionPatient is missing; slices cannot be ordered"
-        )
-    spacing = ds.get("PixelSpacing")
-    try:
-        sy, sx = (
-            (float(spacing[0]), float(spacing[1]))
-            if spacing and len(spacing) == 2
-            else (np.nan, np.nan)
-        )
-        z = float(ipp[2])
-    except (TypeError, ValueError) as e:
-        raise ImageError(
-            "missing_tag", f"{path}: ImagePositionPatient/PixelSpacing not numeric"
-        ) from e
+    return rows, cols, bits_stored, pixel_rep
+
+
+def header_from_dataset(ds, path) -> dict:
+    """The per-slice metadata the index keeps, validated.
+
+    Tags: PatientID (0010,0020), StudyInstanceUID (0020,000D), SeriesInstanceUID (0020,000E),
+    ImagePositionPatient (0020,0032, z = third value), PixelSpacing (0028,0030), Rows/Columns,
+    BitsStored (0028,0101), PixelRepresentation (0028,0103), RescaleSlope/Intercept (0028,1053/1052),
+    PixelPaddingValue (0028,0120). Values that would break the output are refused here, never
+    passed on: ids of bounded length, finite geometry, a rescale that gives Hounsfield units.
+    """
+    _check_complete(ds, path)
+    rows, cols, bits_stored, pixel_rep = _storage(ds, path)
+    z, sy, sx = _geometry(ds, path)
+    slope, intercept = _rescale(ds, path)
     padding = ds.get("PixelPaddingValue")
     return {
-        "patient_id": str(ds.get("PatientID", "")),
-        "study_id": str(ds.get("StudyInstanceUID", "")),
-        "series_id": str(ds.get("SeriesInstanceUID", "")),
+        "patient_id": _id_tag(ds, "PatientID", path),
+        "study_id": _id_tag(ds, "StudyInstanceUID", path),
+        "series_id": _id_tag(ds, "SeriesInstanceUID", path),
         "z_position": z,
         "pixel_spacing_y": sy,
         "pixel_spacing_x": sx,
@@ -166,35 +278,131 @@ def header_from_dataset(ds, path) -> dict:
         "cols": cols,
         "bits_stored": bits_stored,
         "pixel_representation": pixel_rep,
-        "rescale_slope": _float_tag(ds, "RescaleSlope", path),
-        "rescale_intercept": _float_tag(ds, "RescaleIntercept", path),
+        "rescale_slope": slope,
+        "rescale_intercept": intercept,
         "pixel_padding_value": None if padding is None else int(_first(padding)),
     }
 
 
-def _open(path, stop_before_pixels: bool, name=None):
-    """dcmread a local path, an fsspec URL (s3://..., file://...) read through a file object, or
-    a file object already open (`name`: its path, for messages)."""
+_HEAD = 8192  # bytes looked at for a deflated syntax; a real file meta is a few hundred bytes
+# O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer (on a regular file it
+# changes nothing). O_NOCTTY: a terminal never becomes our controlling terminal.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+def _too_large(size: int, path) -> ImageError | None:
+    if size <= MAX_DICOM_BYTES:
+        return None
+    return ImageError(
+        "too_large", f"{path}: {size} bytes; a DICOM file over {MAX_DICOM_BYTES} bytes is not read"
+    )
+
+
+def _refused(st: os.stat_result, path) -> ImageError | None:
+    """Why a file with this fstat must not be read (not a regular file, too large), or None."""
+    if stat.S_ISREG(st.st_mode):
+        return _too_large(st.st_size, path)
+    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO, device or socket"
+    return ImageError("not_regular_file", f"{path}: {kind}, not a regular file; not read")
+
+
+def _open_local(path, name=None) -> tuple[BinaryIO, int]:
+    """(binary file, size) of a local path, only if it is a regular file of at most
+    MAX_DICOM_BYTES: checked with fstat on the open descriptor (no race with a rename) before a
+    byte is read. `name`: the path or URL for messages."""
     name = path if name is None else name
     try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as e:
+        # ENXIO: a socket, or a device with no driver behind it.
+        reason = "not_regular_file" if e.errno == errno.ENXIO else "unreadable"
+        raise ImageError(reason, f"{name}: {type(e).__name__}: {e}") from e
+    st = os.fstat(fd)
+    problem = _refused(st, name)
+    if problem is not None:
+        os.close(fd)
+        raise problem
+    return os.fdopen(fd, "rb", buffering=_HEAD), st.st_size
+
+
+def _open_file(path) -> tuple[BinaryIO, int]:
+    """(binary file, size) of a local path or an fsspec URL (s3://..., file://...), size-checked.
+    A file:// URL is a local path, opened the same way (a FIFO there must not hang either)."""
+    if "://" not in str(path):
+        return _open_local(path)
+    fs, p = fsspec.core.url_to_fs(str(path))
+    if isinstance(fs, LocalFileSystem):
+        return _open_local(p, name=path)
+    f = fs.open(p, "rb")
+    size = getattr(f, "size", None)
+    size = fs.size(p) if size is None else size
+    problem = _too_large(size, path)
+    if problem is not None:
+        f.close()
+        raise problem
+    return f, size
+
+
+_DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
+
+
+def _check_inflated_size(f: BinaryIO, path) -> None:
+    """pydicom inflates a Deflated Explicit VR Little Endian file whole, and a few KB of deflate
+    can claim gigabytes: when the file's meta says deflated, inflate it here first, in bounded
+    steps, and refuse it beyond MAX_DICOM_BYTES. Other files cost one look at their first _HEAD
+    bytes, already buffered (a deflated syntax UID beyond them, in a file meta that long, is not
+    seen). Leaves `f` at its start."""
+    if isinstance(f, io.BufferedReader):  # a local file: its buffer (_HEAD bytes), no extra read
+        head = f.peek(_HEAD)[:_HEAD]
+    else:
+        head = f.read(_HEAD)
+        f.seek(0)
+    if _DEFLATED.encode() not in head:
+        return
+    # Exactly what dcmread reads before the data set (pydicom is pinned in pyproject.toml).
+    pydicom.filereader.read_preamble(f, False)
+    meta = pydicom.filereader._read_file_meta_info(f)
+    pydicom.filereader._read_command_set_elements(f)
+    if meta.get("TransferSyntaxUID") == _DEFLATED:
+        d, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while chunk := d.unconsumed_tail or f.read(1 << 20):
+            total += len(d.decompress(chunk, 1 << 24))
+            if total > MAX_DICOM_BYTES:
+                raise ImageError(
+                    "too_large",
+                    f"{path}: deflated data set inflates beyond {MAX_DICOM_BYTES} bytes",
+                )
+    f.seek(0)
+
+
+def _parse(f: BinaryIO, stop_before_pixels: bool, path):
+    """dcmread an open file; `path` names it in messages."""
+    try:
+        _check_inflated_size(f, path)
         with quiet_rsna_uids():
-            if isinstance(path, io.IOBase):
-                return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-            if "://" in str(path):
-                with fsspec.open(str(path), "rb") as f:
-                    return pydicom.dcmread(f, stop_before_pixels=stop_before_pixels)
-            return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+            return pydicom.dcmread(f, stop_before_pixels=stop_before_pixels)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise ImageError(
-            "unreadable", f"{name}: {type(e).__name__}: {e}; is it a complete DICOM file?"
+            "unreadable", f"{path}: {type(e).__name__}: {e}; is it a complete DICOM file?"
         ) from e
 
 
+def _open(path, stop_before_pixels: bool):
+    """dcmread a local path or an fsspec URL through a bounded file object (_open_file). The
+    header pass (stop_before_pixels) reads only up to the pixels, through the file's buffer."""
+    f, _ = _open_file(path)
+    with f:
+        return _parse(f, stop_before_pixels, path)
+
+
 def read_header(path: str | Path) -> dict:
-    """Header metadata only (no pixels): fast enough to scan the whole dataset before planning folds."""
-    ds = _open(path, stop_before_pixels=True)
-    with quiet_rsna_uids():
-        return header_from_dataset(ds, path)
+    """Header metadata only (no pixels): fast enough to scan the whole dataset before planning folds.
+
+    Raises ImageError, and nothing else, for anything about the file."""
+    with _any_error_is_image_error(path):
+        ds = _open(path, stop_before_pixels=True)
+        with quiet_rsna_uids():
+            return header_from_dataset(ds, path)
 
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) in little-endian byte order
@@ -224,13 +432,10 @@ def native_pixels(data: bytes, header: dict) -> np.ndarray | None:
 
 
 def _read_bytes(path) -> bytes:
-    try:
-        if "://" in str(path):
-            with fsspec.open(str(path), "rb") as f:
-                return f.read()
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise ImageError("unreadable", f"{path}: {type(e).__name__}: {e}") from e
+    """The whole file (a regular file of at most MAX_DICOM_BYTES, see _open_file)."""
+    f, size = _open_file(path)
+    with f:
+        return f.read(size)
 
 
 def read_slice(path: str | Path, header: dict | None = None) -> tuple[np.ndarray, dict]:
@@ -239,20 +444,34 @@ def read_slice(path: str | Path, header: dict | None = None) -> tuple[np.ndarray
     `header`: the dict read_header returned for this file in the header pass. With it, the pixels
     of a native file are taken from its bytes without parsing the DICOM a second time
     (native_pixels); other files go through pydicom, without converting the tags again.
+    Raises ImageError, and nothing else, for anything about the file.
     """
+    with _any_error_is_image_error(path):
+        return _read_slice(path, header)
+
+
+def _read_slice(path, header: dict | None) -> tuple[np.ndarray, dict]:
     if header is not None:
         data = _read_bytes(path)
         stored = native_pixels(data, header)
         if stored is not None:
             return stored, header
-        ds = _open(io.BytesIO(data), stop_before_pixels=False, name=path)
+        ds = _parse(io.BytesIO(data), stop_before_pixels=False, path=path)
     else:
         ds = _open(path, stop_before_pixels=False)
-    if header is None:
         with quiet_rsna_uids():
             header = header_from_dataset(ds, path)
     if "PixelData" not in ds:
         raise ImageError("no_pixel_data", f"{path}: PixelData (7FE0,0010) is missing")
+    stored = _pixels(ds, header, path)
+    if stored.shape != (header["rows"], header["cols"]):
+        raise ImageError("bad_shape", f"{path}: pixel array shape {stored.shape} != Rows x Columns")
+    return stored, header
+
+
+def _pixels(ds, header: dict, path) -> np.ndarray:
+    """PixelData (7FE0,0010) as stored values: a view of native little-endian bytes, else
+    pydicom's pixel_array (big-endian, compressed)."""
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         if tsyntax is None or (not tsyntax.is_compressed and tsyntax.is_little_endian):
@@ -265,20 +484,25 @@ def read_slice(path: str | Path, header: dict | None = None) -> tuple[np.ndarray
                     "unreadable",
                     f"{path}: PixelData holds {len(buf)} bytes, {need} expected; file truncated?",
                 )
-            stored = np.frombuffer(buf, dtype=dtype, count=need // 2).reshape(
+            return np.frombuffer(buf, dtype=dtype, count=need // 2).reshape(
                 header["rows"], header["cols"]
             )
-        else:
-            with quiet_rsna_uids():
-                stored = ds.pixel_array
+        with quiet_rsna_uids():
+            return ds.pixel_array
     except (NotImplementedError, RuntimeError) as e:
-        raise ImageError(
-            "unsupported_transfer_syntax",
-            f"{path}: transfer syntax {tsyntax} ({getattr(tsyntax, 'name', '?')}) cannot be decoded here: {e}. "
-            "Install pylibjpeg[all] or python-gdcm, or decompress with `gdcmconv --raw`",
-        ) from e
+        raise _decoder_error(e, tsyntax, path) from e
     except ValueError as e:
         raise ImageError("unreadable", f"{path}: pixel data cannot be decoded: {e}") from e
-    if stored.shape != (header["rows"], header["cols"]):
-        raise ImageError("bad_shape", f"{path}: pixel array shape {stored.shape} != Rows x Columns")
-    return stored, header
+
+
+def _decoder_error(e: Exception, tsyntax, path) -> ImageError:
+    """pydicom's decoder failure: its installed decoders all failed on the data (damaged
+    compressed pixels, 'unreadable'), or none is installed ('unsupported_transfer_syntax')."""
+    name = getattr(tsyntax, "name", "?")
+    if str(e).startswith("Unable to decode as exceptions were raised by all available plugins"):
+        return ImageError("unreadable", f"{path}: {name} pixel data is damaged: {e}")
+    return ImageError(
+        "unsupported_transfer_syntax",
+        f"{path}: transfer syntax {tsyntax} ({name}) cannot be decoded here: {e}. "
+        "Install pylibjpeg[all] or python-gdcm, or decompress with `gdcmconv --raw`",
+    )

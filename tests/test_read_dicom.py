@@ -1,14 +1,25 @@
 """Reading DICOM slices: metadata, pixels, and a clear reason for each kind of bad file."""
 
+import contextlib
+import os
+import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
 
-from ich_prep.read_dicom import ImageError, native_pixels, read_header, read_slice
+from ich_prep import read_dicom
+from ich_prep.read_dicom import ImageError, native_pixels, quiet_rsna_uids, read_header, read_slice
 from tests.conftest import phantom_hu, write_ct, write_hu
 
 
@@ -178,3 +189,231 @@ def test_missing_tags(tmp_path, missing):
     assert {"intercept": "RescaleIntercept", "slope": "RescaleSlope", "z": "ImagePositionPatient"}[
         missing
     ] in str(e.value)
+
+
+# ---------------------------------------------------------------- only regular files, bounded
+
+
+def _in_thread(fn, *args, timeout: float = 10.0):
+    """fn(*args) in a daemon thread: ('ok', value), ('raised', exception) or ('hung', None)."""
+    box = []
+
+    def run():
+        try:
+            box.append(("ok", fn(*args)))
+        except BaseException as e:  # noqa: BLE001 - handed back to the test to inspect
+            box.append(("raised", e))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    return box[0] if box else ("hung", None)
+
+
+def _unblock_fifo(path) -> None:
+    """Open the FIFO's write side once, so a reader stuck in open() (the old code) returns."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize("how", ["header", "slice", "slice with header", "file URL"])
+def test_fifo_is_not_regular_file_and_never_blocks(tmp_path, how):
+    """A FIFO named ID_x.dcm that nobody writes to: 'not_regular_file' at once, not a hang."""
+    fifo = tmp_path / "ID_fifo.dcm"
+    os.mkfifo(fifo)
+    header = read_header(write_hu(tmp_path / "ID_ok.dcm", phantom_hu()))
+    fn, args = {
+        "header": (read_header, (fifo,)),
+        "slice": (read_slice, (fifo,)),
+        "slice with header": (read_slice, (fifo, header)),
+        "file URL": (read_header, (f"file://{fifo}",)),
+    }[how]
+    try:
+        kind, value = _in_thread(fn, *args)
+    finally:
+        _unblock_fifo(fifo)
+    assert kind == "raised", f"{how} on a FIFO: {kind}"
+    assert isinstance(value, ImageError) and value.reason == "not_regular_file"
+
+
+def test_directory_and_device_named_dcm_are_not_regular_files(tmp_path):
+    """A folder and a character device (a link to /dev/zero, which never ends) are never read."""
+    (tmp_path / "ID_dir.dcm").mkdir()
+    (tmp_path / "ID_dev.dcm").symlink_to("/dev/zero")
+    for name in ("ID_dir.dcm", "ID_dev.dcm"):
+        kind, value = _in_thread(read_slice, tmp_path / name)
+        assert kind == "raised" and isinstance(value, ImageError), (name, kind, value)
+        assert value.reason == "not_regular_file" and name in value.detail
+
+
+def test_file_over_the_size_bound_is_never_read(tmp_path, monkeypatch):
+    """A file larger than MAX_DICOM_BYTES is 'too_large', in the header pass and the pixel read."""
+    p = write_hu(tmp_path / "ID_big.dcm", phantom_hu())
+    header = read_header(p)
+    monkeypatch.setattr(read_dicom, "MAX_DICOM_BYTES", p.stat().st_size - 1)
+    for fn, args in [(read_header, (p,)), (read_slice, (p, header)), (read_slice, (p,))]:
+        with pytest.raises(ImageError) as e:
+            fn(*args)
+        assert e.value.reason == "too_large"
+
+
+def test_deflated_file_that_inflates_past_the_bound_is_refused(tmp_path, monkeypatch):
+    """A small deflated file whose data set inflates beyond MAX_DICOM_BYTES (here 1 MiB) is
+    'too_large' before pydicom inflates it whole; an ordinary deflated file reads."""
+    p = write_hu(tmp_path / "ID_bomb.dcm", phantom_hu(64))
+    with quiet_rsna_uids():
+        ds = pydicom.dcmread(p)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(tmp_path / "ID_deflated.dcm", enforce_file_format=True)
+        ds.add_new(0x00091010, "OB", b"\x00" * (2 << 20))  # a private 2 MiB of zeros
+        ds.save_as(p, enforce_file_format=True)
+    assert p.stat().st_size < 64 << 10
+    monkeypatch.setattr(read_dicom, "MAX_DICOM_BYTES", 1 << 20)
+    with pytest.raises(ImageError) as e:
+        read_header(p)
+    assert e.value.reason == "too_large" and "inflates" in e.value.detail
+    stored, _ = read_slice(tmp_path / "ID_deflated.dcm")
+    np.testing.assert_array_equal(stored, np.round(phantom_hu(64) + 1024))
+
+
+# ---------------------------------------------------------------- damaged files: ImageError only
+
+
+def _damaged(tmp_path, how: str) -> Path:
+    """A file damaged so that pydicom itself raises something other than its own errors."""
+    p = write_hu(tmp_path / f"ID_{how}.dcm", phantom_hu(64))
+    data = p.read_bytes()
+    if how == "multi_valued_rows":  # Rows (0028,0010) US with two values: int() of a list
+        data = data.replace(b"\x28\x00\x10\x00US\x02\x00", b"\x28\x00\x10\x00US\x04\x00\x40\x00", 1)  # fmt: skip
+    elif how == "unknown_vr":  # BitsStored (0028,0101) with VR 'U\x93'
+        data = data.replace(b"\x28\x00\x01\x01US", b"\x28\x00\x01\x01U\x93", 1)
+    elif how == "odd_length_ul":  # the group length (0002,0000) UL with 3 bytes
+        data = data[:138] + b"\x03" + data[139:]
+    elif how in ("deflated", "rle"):
+        with quiet_rsna_uids():
+            ds = pydicom.dcmread(p)
+            if how == "rle":
+                ds.compress(RLELossless)
+                del ds.SamplesPerPixel
+            else:
+                ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+            ds.save_as(p, enforce_file_format=True)
+        data = p.read_bytes()
+        if how == "deflated":
+            data = data[: len(data) // 2] + b"\xff" * 8 + data[len(data) // 2 + 8 :]
+    p.write_bytes(data)
+    return p
+
+
+@pytest.mark.parametrize(
+    "how", ["multi_valued_rows", "unknown_vr", "odd_length_ul", "deflated", "rle"]
+)
+def test_damaged_file_raises_image_error_naming_the_cause(tmp_path, how):
+    """TypeError, NotImplementedError, BytesLengthException, zlib.error, AttributeError from
+    pydicom become ImageError('unreadable'), its detail naming the file and the error type."""
+    p = _damaged(tmp_path, how)
+    with pytest.raises(ImageError) as e:
+        read_slice(p, read_header(p))
+    assert e.value.reason in read_dicom.REASONS and p.name in e.value.detail
+    with pytest.raises(ImageError):
+        read_slice(p)
+
+
+def test_keyboard_interrupt_is_not_swallowed(tmp_path, monkeypatch):
+    """Ctrl-C inside pydicom still stops a build: only Exception becomes ImageError."""
+    p = write_hu(tmp_path / "ID_k.dcm", phantom_hu(64))
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pydicom, "dcmread", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        read_header(p)
+
+
+def test_image_error_detail_is_bounded():
+    """Details go into the index: at most MAX_DETAIL characters, however long the message."""
+    e = ImageError("unreadable", "x" * 100_000)
+    assert len(e.detail) <= read_dicom.MAX_DETAIL and len(str(e)) < read_dicom.MAX_DETAIL + 20
+
+
+# ---------------------------------------------------------------- tag values that break the output
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom: value too long for its VR
+@pytest.mark.parametrize(
+    "kw, tag",
+    [
+        ({"patient": "ID_" + "x" * 100_000}, "PatientID"),
+        ({"series": "ID_se" + "1" * 100_000}, "InstanceUID"),
+    ],
+)
+def test_huge_id_is_bad_tag_naming_its_length_not_its_value(tmp_path, kw, tag):
+    """A 100,000-character PatientID or UID (it would go into every sample's json): 'bad_tag'."""
+    p = write_hu(tmp_path / "ID_huge.dcm", phantom_hu(64), **kw)
+    with pytest.raises(ImageError) as e:
+        read_header(p)
+    assert e.value.reason == "bad_tag" and tag in e.value.detail
+    assert "characters long" in e.value.detail and "xxxxxxxx" not in e.value.detail
+    assert "11111111" not in e.value.detail
+
+
+@pytest.mark.filterwarnings("ignore:The value length:UserWarning")  # pydicom, when writing it
+def test_ids_a_little_over_the_dicom_length_are_kept(tmp_path):
+    """RSNA pseudonyms may exceed LO's 64 characters a little: kept up to MAX_ID_CHARS."""
+    pid = "ID_" + "a" * 90
+    assert read_header(write_hu(tmp_path / "ID_l.dcm", phantom_hu(64), patient=pid))["patient_id"] == pid  # fmt: skip
+
+
+def test_id_with_a_newline_is_bad_tag(tmp_path):
+    """Ids group patients into folds and are printed one per line: control characters refused."""
+    p = write_hu(tmp_path / "ID_nl.dcm", phantom_hu(64), patient="ID_a\nb")
+    with pytest.raises(ImageError) as e:
+        read_header(p)
+    assert e.value.reason == "bad_tag" and "PatientID" in e.value.detail
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS:UserWarning")  # written on purpose
+@pytest.mark.parametrize(
+    "kw", [{"slope": "0"}, {"slope": "nan"}, {"slope": "inf"}, {"intercept": "nan"}, {"intercept": "-inf"}]
+)  # fmt: skip
+def test_bad_rescale_is_an_error_not_a_blank_image(tmp_path, kw):
+    """RescaleSlope 0/nan/inf or RescaleIntercept nan/inf: 'bad_rescale' naming the tag and value."""
+    p = write_hu(tmp_path / "ID_r.dcm", phantom_hu(64), **kw)
+    with pytest.raises(ImageError) as e:
+        read_slice(p)
+    tag = "RescaleSlope" if "slope" in kw else "RescaleIntercept"
+    assert e.value.reason == "bad_rescale" and f"{tag}=" in e.value.detail
+
+
+def _with_geometry(tmp_path, spacing=None, z="0") -> Path:
+    p = write_hu(tmp_path / "ID_g.dcm", phantom_hu(64))
+    with quiet_rsna_uids():
+        ds = pydicom.dcmread(p)
+        if spacing is None:
+            del ds.PixelSpacing
+        else:
+            ds.PixelSpacing = spacing
+        ds.ImagePositionPatient = ["-125", "-125", z]
+        ds.save_as(p, enforce_file_format=True)
+    return p
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS:UserWarning")  # written on purpose
+@pytest.mark.parametrize(
+    "spacing, z",
+    [(["inf", "inf"], "0"), (["0", "0"], "0"), (["-0.5", "-0.5"], "0"), (["nan", "0.5"], "0"),
+     (["0.5", "0.5"], "nan"), (["0.5", "0.5"], "inf")],
+)  # fmt: skip
+def test_non_finite_or_non_positive_geometry_is_bad_tag(tmp_path, spacing, z):
+    """PixelSpacing inf/0/negative/nan or a non-finite z: 'bad_tag' naming the tag."""
+    with pytest.raises(ImageError) as e:
+        read_header(_with_geometry(tmp_path, spacing, z))
+    assert e.value.reason == "bad_tag"
+    assert ("PixelSpacing" if z == "0" else "ImagePositionPatient") in e.value.detail
+
+
+def test_missing_spacing_is_still_tolerated(tmp_path):
+    """No PixelSpacing: (nan, nan), as before (only --spacing-mm needs it)."""
+    h = read_header(_with_geometry(tmp_path, None))
+    assert np.isnan(h["pixel_spacing_y"]) and np.isnan(h["pixel_spacing_x"])
