@@ -6,10 +6,15 @@ Pure functions over numpy arrays; no I/O, no globals. Shapes: (H, W) for one sli
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
 AIR_HU = -1024.0
+# The largest side a slice is resampled to with --spacing-mm (float32: 256 MiB). A 512-pixel RSNA
+# slice at 0.5 mm resampled to 0.25 mm is 1024; a spacing 100x too fine asks for tens of GB.
+MAX_RESAMPLED_PX = 8192
 # Anything above this is tissue for the head mask: skin and fat are about -100..0 HU, air -1000.
 TISSUE_HU = -300.0
 
@@ -136,6 +141,21 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
+def resampled_side(side: int, pixel_mm: float, spacing_mm: float) -> int:
+    """Side in pixels of a `side`-pixel square of `pixel_mm` mm pixels resampled to `spacing_mm`.
+
+    Raises ValueError when that is not 1 to MAX_RESAMPLED_PX pixels (or not a number): a spacing
+    so fine that the image cannot be allocated, or so coarse that the head vanishes to nothing."""
+    exact = side * pixel_mm / spacing_mm if spacing_mm > 0 else math.nan
+    if not (math.isfinite(exact) and 1 <= round(exact) <= MAX_RESAMPLED_PX):
+        raise ValueError(
+            f"resampling {side} pixels of {pixel_mm} mm to {spacing_mm} mm gives {exact:.4g} pixels "
+            f"a side; refusing anything outside 1..{MAX_RESAMPLED_PX} (check --spacing-mm and "
+            "PixelSpacing (0028,0030))"
+        )
+    return round(exact)
+
+
 def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     """HU (H, W) -> uint8 (H, W): lo = center - width/2 maps to 0, lo + width to 255, rounded, clipped."""
     lo = center - width / 2.0
@@ -164,7 +184,7 @@ def compile_image(
     square = crop_to_square(hu, box)
     if spacing_mm is not None and pixel_spacing is not None and np.all(np.isfinite(pixel_spacing)):
         # Rows and columns share the spacing in RSNA data; use the row spacing (0028,0030)[0].
-        target = max(1, round(square.shape[0] * float(pixel_spacing[0]) / spacing_mm))
+        target = resampled_side(square.shape[0], float(pixel_spacing[0]), spacing_mm)
         scaled = resize(square, target)
         out = fit_to_canvas(scaled, size)
     else:

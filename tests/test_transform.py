@@ -5,14 +5,17 @@ import pytest
 
 from ich_prep.transform import (
     AIR_HU,
+    MAX_RESAMPLED_PX,
     compile_image,
     crop_to_square,
     fit_to_canvas,
     head_box,
+    resampled_side,
     resize,
     stored_to_hu,
     window,
 )
+from tests.conftest import phantom_hu
 
 
 def test_signed_16bit_to_hu():
@@ -134,3 +137,40 @@ def test_resize_close_to_exact_area_average():
     hu = cv2.GaussianBlur(rng.normal(40, 200, (430, 430)).astype(np.float32), (0, 0), 3)
     exact = cv2.resize(hu, (256, 256), interpolation=cv2.INTER_AREA)
     assert np.abs(resize(hu, 256) - exact).mean() < 3.0
+
+
+@pytest.mark.parametrize("spacing_mm", [0.001, 0.006])
+def test_resampling_past_the_size_bound_is_refused_before_allocating(spacing_mm):
+    """--spacing-mm 0.001 on 0.5 mm pixels asked for a 64,000-pixel square (16 GB) of a 128-pixel
+    head (about 100 pixels wide); now a ValueError naming the sizes, before anything is allocated."""
+    with pytest.raises(ValueError, match="pixels a side"):
+        compile_image(
+            phantom_hu(128).astype(np.float32),
+            [(40, 80)] * 3,
+            64,
+            (0.5, 0.5),
+            spacing_mm=spacing_mm,
+        )
+
+
+@pytest.mark.parametrize("spacing_mm", [float("inf"), float("nan"), 0.0, -1.0, 1e6])
+def test_resampling_to_less_than_a_pixel_is_refused(spacing_mm):
+    """A spacing that shrinks the head under one pixel (inf gave a 1-pixel image, status ok), or
+    that is not a positive number: ValueError."""
+    with pytest.raises(ValueError, match="pixels a side"):
+        compile_image(
+            phantom_hu(128).astype(np.float32),
+            [(40, 80)] * 3,
+            64,
+            (0.5, 0.5),
+            spacing_mm=spacing_mm,
+        )
+
+
+def test_resampled_side_within_bounds():
+    """The resampled side is side * pixel / spacing, rounded; the bound itself is allowed."""
+    assert resampled_side(512, 0.5, 1.0) == 256
+    assert resampled_side(512, 0.5, 0.25) == 1024
+    assert resampled_side(MAX_RESAMPLED_PX, 1.0, 1.0) == MAX_RESAMPLED_PX
+    with pytest.raises(ValueError):
+        resampled_side(MAX_RESAMPLED_PX + 1, 1.0, 1.0)
