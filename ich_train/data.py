@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ich_prep import LABELS
+from ich_prep.errors import UserError
 from ich_prep.manifest import FormatError, join, load_index, load_manifest
 from ich_prep.remote import open_stream
 from ich_prep.shards import decode_image, decode_json
@@ -33,7 +34,7 @@ from ich_prep.shards import decode_image, decode_json
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard that is missing, damaged, or disagrees with its manifest."""
 
 
