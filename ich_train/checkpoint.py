@@ -2,23 +2,33 @@
 
 {'format', 'model', 'optimizer', 'scheduler', 'step', 'epoch', 'config', 'rng', 'prior',
  'normalize', 'image_size', 'data', 'metrics', 'best_loss', 'best_metrics'}; written to a
-temporary name, then renamed.
+temporary name, then renamed. A checkpoint is read like any file a user hands over: never
+unpickled (torch.load(weights_only=True) only), and every key a reader uses is checked first.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
+import pickle
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ich_prep import LABELS
+from ich_prep.errors import UserError
+
 CHECKPOINT_FORMAT = 1
+# keys evaluate/predict need, and the further keys a --resume needs
+INFER_KEYS = ("model", "config", "prior", "normalize", "image_size", "data")
+RESUME_KEYS = ("optimizer", "scheduler", "rng", "step", "epoch", "best_loss", "best_metrics")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing or not one of ours."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file that is missing, not one of ours, or damaged."""
 
 
 def rng_state() -> dict:
@@ -59,24 +69,135 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_checkpoint(path: str | Path, **state) -> None:
-    """torch.save `state` (plus the format number) atomically."""
+    """torch.save `state` (plus the format number) atomically; an interrupted save leaves nothing."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by save_checkpoint, loaded on the CPU with weights_only=True."""
+def safe_torch_load(path: str | Path):
+    """torch.load(weights_only=True) on the CPU: tensors and python primitives only, nothing is
+    unpickled. Its warnings (e.g. about a foreign pickle protocol) are silenced: the caller turns a
+    refusal into one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def short_reason(e: BaseException) -> str:
+    """The first line of an exception's message, bounded, with its type: for one-line errors."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    first = first if len(first) <= 160 else first[:157] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def load_failure(e: BaseException) -> str:
+    """Why safe_torch_load refused a file, in a few words (torch's own text suggests turning
+    weights_only off, which is exactly what must not be done with a file someone handed over)."""
+    if isinstance(e, pickle.UnpicklingError):
+        return "it holds pickled Python objects besides tensors, which are never unpickled"
+    return f"it is not a torch file of tensors ({short_reason(e)})"
+
+
+def load_checkpoint(path: str | Path, keys: tuple[str, ...] = INFER_KEYS) -> dict:
+    """A checkpoint written by save_checkpoint, loaded on the CPU with weights_only=True, with
+    `keys` present and of the expected types (CheckpointError naming the file otherwise)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder; pass the best.pt or last.pt inside a run folder"
+        )
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} not found; pass a best.pt or last.pt from a run folder"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path} is not a readable ich-train checkpoint: {e}") from e
+        ckpt = safe_torch_load(path)
+    except Exception as e:  # anything a foreign file makes torch raise: it is not a checkpoint
+        raise CheckpointError(
+            f"{path} is not an ich-train checkpoint: {load_failure(e)}; pass a best.pt or last.pt "
+            "written by ich-train fit"
+        ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an ich-train checkpoint (format {CHECKPOINT_FORMAT})")
+        raise CheckpointError(
+            f"{path} is not an ich-train checkpoint (format {CHECKPOINT_FORMAT}); pass a best.pt "
+            "or last.pt written by ich-train fit"
+        )
+    check_keys(ckpt, keys, path)
     return ckpt
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _numbers(v, n: int) -> bool:
+    return isinstance(v, list | tuple) and len(v) == n and all(_is_number(x) for x in v)
+
+
+_CHECKS = {
+    "model": lambda v: (
+        isinstance(v, dict)
+        and bool(v)
+        and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+    ),
+    "config": lambda v: isinstance(v, dict) and isinstance(v.get("model"), str),
+    "prior": lambda v: _numbers(v, len(LABELS)) and all(0 <= x <= 1 for x in v),
+    "normalize": lambda v: (
+        isinstance(v, dict)
+        and _numbers(v.get("mean"), 3)
+        and _numbers(v.get("std"), 3)
+        and all(x > 0 for x in v["std"])
+    ),
+    "image_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= 4096,
+    "data": lambda v: isinstance(v, dict),
+    "optimizer": lambda v: isinstance(v, dict),
+    "scheduler": lambda v: isinstance(v, dict),
+    "rng": lambda v: isinstance(v, dict),
+    "step": lambda v: isinstance(v, int) and v >= 0,
+    "epoch": lambda v: isinstance(v, int) and v >= 0,
+    "best_loss": _is_number,
+    "best_metrics": lambda v: isinstance(v, dict),
+}
+
+
+def check_keys(ckpt: dict, keys: tuple[str, ...], path) -> None:
+    """CheckpointError naming the first key of `keys` that is missing or malformed."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path} is an incomplete ich-train checkpoint (no {', '.join(missing)}); it was cut "
+            "short or edited: pass a best.pt or last.pt written by ich-train fit"
+        )
+    for k in keys:
+        if not _CHECKS[k](ckpt[k]):
+            raise CheckpointError(
+                f"{path} is a damaged ich-train checkpoint ('{k}' is malformed); pass a best.pt "
+                "or last.pt written by ich-train fit"
+            )
+
+
+def load_weights(module: torch.nn.Module, state: dict, path, model_name: str) -> None:
+    """module.load_state_dict(state) (strict), or a one-line CheckpointError saying how the
+    checkpoint's weights fail to fit `model_name` (torch's own message runs to hundreds of lines)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [
+        k
+        for k in own
+        if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)
+    ]
+    if missing or unexpected or shape:
+        example = (shape or missing or unexpected)[0]
+        raise CheckpointError(
+            f"{path}: its weights do not fit --model {model_name} ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(shape)} of another shape, e.g. {example!r}); "
+            "the file was edited or mixes two models: pass a checkpoint written by ich-train fit"
+        )
+    module.load_state_dict(state)

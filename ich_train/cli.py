@@ -1,4 +1,11 @@
-"""`ich-train fit | evaluate | predict | bench`: one add_*_parser / do_* pair per subcommand."""
+"""`ich-train fit | evaluate | predict | bench`: one add_*_parser / do_* pair per subcommand.
+
+A user mistake (any `ich_prep.errors.UserError`: config, checkpoint, shard, submission, device,
+model errors) is caught once, in `main`, and printed as one line `ich-train <command>: <message>`
+(exit 2); so is a usage error argparse finds. Ctrl-C is one line too (exit 130; for `fit`, how
+`--resume` continues), and an I/O error (disk full, permission) one line with exit 1. Anything
+else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +13,39 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
+from ich_prep.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER, UserError
 from ich_prep.manifest import FormatError
-from ich_train.checkpoint import CheckpointError
-from ich_train.config import ConfigError, TrainConfig
-from ich_train.data import ShardError, default_workers
-from ich_train.model import PretrainedError
-from ich_train.submission import SubmissionError
+from ich_train.config import TrainConfig
+from ich_train.data import default_workers
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-# errors a user can fix from the message; anything else is a bug and keeps its traceback
-USER_ERRORS = (
-    ConfigError,
-    FormatError,
-    ShardError,
-    CheckpointError,
-    PretrainedError,
-    SubmissionError,
-    FileNotFoundError,
-)
+# errors a user can fix from the message; anything else is a bug and keeps its traceback.
+# FormatError is listed until it is a UserError everywhere; FileNotFoundError: a path that is not there
+USER_ERRORS = (UserError, FormatError, FileNotFoundError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in one line, like every other error (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(lo: int):
+    """An argparse type: a whole number >= lo."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}")
+        return n
+
+    return parse
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -46,10 +67,12 @@ def float_list(text: str) -> tuple[float, ...]:
 
 
 def _runtime_args(p: argparse.ArgumentParser, batch_size: int) -> None:
-    p.add_argument("--batch-size", type=int, default=batch_size, help="per process (per GPU)")
+    p.add_argument(
+        "--batch-size", type=_at_least(1), default=batch_size, help="per process (per GPU)"
+    )
     p.add_argument(
         "--workers",
-        type=int,
+        type=_at_least(0),
         default=default_workers(),
         help="DataLoader workers per process (default: cores per process - 1, at most 16)",
     )
@@ -212,12 +235,12 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--shards", required=True)
     p.add_argument("--model", default="efficientnet_b0")
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=_at_least(1), default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=_at_least(0), default=3, help="untimed steps first")
     p.add_argument("--dicom-dir", default=None, help="DICOM folder for the baseline loader (c)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument(
-        "--loader-steps", type=int, default=50, help="batches timed for the loaders alone"
+        "--loader-steps", type=_at_least(1), default=50, help="batches timed for the loaders alone"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model first")
     _runtime_args(p, 256)
@@ -233,17 +256,64 @@ def do_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ich-train", description=__doc__)
+    parser = _Parser(prog="ich-train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_fit_parser, add_evaluate_parser, add_predict_parser, add_bench_parser):
         add(sub)
     return parser
 
 
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def user_message(e: BaseException) -> str:
+    """The message of a user error as one line. An error raised in a DataLoader worker reaches us
+    re-raised by torch with the worker's whole traceback as its message: keep only the original
+    message (the text after the traceback's last `<module>.<Type>: `)."""
+    text = str(e)
+    if "Original Traceback (most recent call last):" in text:
+        t = type(e)
+        name = (
+            t.__qualname__
+            if t.__module__ in ("builtins", "__main__")
+            else f"{t.__module__}.{t.__qualname__}"
+        )
+        head, sep, tail = text.rpartition(f"\n{name}: ")
+        if sep:
+            text = tail
+    return one_line(text)
+
+
+def _stopped(args) -> str:
+    """What a stopped command leaves behind and how to go on."""
+    if args.command == "fit":
+        last = Path(args.out) / "last.pt"
+        if last.is_file():
+            return (
+                f"; {last} holds the last saved epoch (or --checkpoint-every step): run the same "
+                "command with --resume to continue from there"
+            )
+        return f"; nothing was saved in {args.out} yet: run the same command again to start over"
+    if args.command in ("evaluate", "predict"):
+        return "; no output file was written"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error (already printed, one line)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER)
+    prog = f"ich-train {args.command}"
     try:
         return args.func(args)
     except USER_ERRORS as e:
-        print(f"ich-train {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        print(f"{prog}: {user_message(e)}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted{_stopped(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        print(f"{prog}: I/O error: {one_line(str(e))}", file=sys.stderr)
+        return EXIT_FAILED

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
+
+from ich_prep.errors import UserError
 
 # Fields that may differ between a run and its resume: where things are and how fast they go,
 # never what is learned. `shards` may move (local folder -> URL); the data itself is compared
@@ -27,8 +31,31 @@ LOSSES = ("bce", "asl")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-class ConfigError(ValueError):
-    """A TrainConfig that cannot run, or a resume whose config differs in a field that matters."""
+MAX_IMAGE_SIZE = 4096  # ich-prep's largest --size
+MAX_SEED = 2**32 - 1  # numpy's seeded generators take 0..2**32-1
+
+
+class ConfigError(UserError, ValueError):
+    """A TrainConfig that cannot run, or a resume whose config differs in a field that matters.
+    A ValueError too, so callers that caught ValueError before still do."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_number(name: str, value, lo: float, hi: float, *, lo_open=False, hi_open=False) -> None:
+    """ConfigError naming the flag unless `value` is a finite number in the range."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        if math.isinf(hi):
+            allowed = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+        else:
+            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+            allowed = f"a number in {left}{lo:g}, {hi:g}{right}"
+        raise ConfigError(f"{_flag(name)} must be {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -83,8 +110,6 @@ class TrainConfig:
             raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1 or self.accum_steps < 1:
             raise ConfigError("--batch-size and --accum-steps must be at least 1")
-        if self.image_size is not None and self.image_size < 16:
-            raise ConfigError(f"--image-size must be at least 16, got {self.image_size}")
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
         if self.precision not in PRECISIONS:
@@ -108,6 +133,43 @@ class TrainConfig:
             raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Every numeric flag finite and in its range: `--lr nan` or a negative decay would
+        otherwise train into NaN (or nonsense) and fail far from the flag that caused it."""
+        inf = math.inf
+        for name, lo, hi, kw in (
+            ("lr", 0, inf, {"lo_open": True}),
+            ("min_lr_ratio", 0, 1, {}),
+            ("weight_decay", 0, inf, {}),
+            ("grad_clip", 0, inf, {}),
+            ("drop_rate", 0, 1, {"hi_open": True}),
+            ("asl_gamma_pos", 0, inf, {}),
+            ("asl_gamma_neg", 0, inf, {}),
+            ("asl_clip", 0, 1, {"hi_open": True}),
+            ("hflip", 0, 1, {}),
+            ("rotate_deg", 0, 180, {}),
+            ("scale", 0, 1, {"hi_open": True}),
+            ("shift", 0, 1, {}),
+            ("brightness", 0, 1, {}),
+            ("contrast", 0, 1, {}),
+            ("noise", 0, 1, {}),
+        ):
+            _check_number(name, getattr(self, name), lo, hi, **kw)
+        for v in self.pos_weight or ():
+            _check_number("pos_weight", v, 0, inf)
+        for name, value, lo, hi in (
+            ("seed", self.seed, 0, MAX_SEED),
+            ("shuffle_buffer", self.shuffle_buffer, 1, inf),
+            ("image_size", self.image_size, 16, MAX_IMAGE_SIZE),
+            ("epoch_samples", self.epoch_samples, 1, inf),
+            ("valid_batch_size", self.valid_batch_size, 1, inf),
+        ):
+            whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if value is not None and not (whole and lo <= value <= hi):
+                allowed = f"from {lo} to {hi}" if hi != inf else f">= {lo}"
+                raise ConfigError(f"{_flag(name)} must be a whole number {allowed}, got {value!r}")
 
     @property
     def eval_batch_size(self) -> int:
@@ -149,10 +211,9 @@ def check_resumable(saved: dict, current: TrainConfig) -> None:
     """Refuse to resume when a field that changes what is learned differs, naming the fix."""
     diff = config_mismatch(saved, current)
     if diff:
-        lines = "\n".join(
-            f"  --{k.replace('_', '-')}: run has {a!r}, now {b!r}" for k, (a, b) in diff.items()
-        )
+        fields = "; ".join(f"{_flag(k)}: run has {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(
-            f"cannot resume {current.out}: the config differs in fields that change training:\n{lines}\n"
-            "pass the run's original values (see its config.json) or start a new run with another --out"
+            f"cannot resume {current.out}: the config differs in fields that change training "
+            f"({fields}); pass the run's original values (see its config.json) or start a new run "
+            "with another --out"
         )

@@ -11,6 +11,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from ich_prep.errors import UserError
+
+
+class DeviceError(UserError, RuntimeError):
+    """A --device this machine does not have (or torch does not know)."""
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -30,14 +36,38 @@ class Dist:
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto': this process's GPU when there is one, else the CPU."""
+    """'auto': this process's GPU when there is one, else the CPU. A device torch does not know or
+    this machine does not have is a DeviceError naming the fix, before anything is read or written."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(
+            f"--device {name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda asked for but torch sees no GPU; use --device cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+            raise DeviceError(
+                f"--device {name} asked for, but torch sees no GPU here; use --device cpu "
+                "(or auto), or install a CUDA build of torch"
+            )
+        index = local_rank if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                f"no cuda:{index}; pick an index below that"
+            )
+        return torch.device("cuda", index)
+    if dev.type != "cpu":
+        try:  # mps, xpu, ...: usable only where the backend is present
+            torch.empty(1, device=dev)
+        except Exception as e:
+            raise DeviceError(
+                f"--device {name} is not usable on this machine ({type(e).__name__}); "
+                "use --device cpu or auto"
+            ) from e
+    return dev
 
 
 def setup(device: str = "auto") -> Dist:

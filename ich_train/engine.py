@@ -13,9 +13,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ich_prep.errors import UserError
 from ich_train.checkpoint import unwrap
+from ich_train.data import ShardError
 from ich_train.distributed import Dist, all_gather, all_sum
 from ich_train.metrics import compute_metrics
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The training loss became NaN or infinite: the learning rate or warmup is the usual cause."""
 
 
 def autocast(device: torch.device, precision: str):
@@ -94,8 +100,9 @@ def train_one_epoch(
         if step % log_every == 0 or step == n_steps:
             mean = loss_sum.item() / n_batches  # the only host sync, every log_every steps
             if not math.isfinite(mean):
-                raise FloatingPointError(
-                    f"training loss became {mean} at epoch {epoch} step {step}; lower --lr or raise --warmup-frac"
+                raise DivergedError(
+                    f"training loss became {mean} at epoch {epoch + 1} step {step}; lower --lr or "
+                    "raise --warmup-frac and start a new --out"
                 )
             bar.set_postfix(
                 loss=f"{mean:.4f}", img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}"
@@ -169,9 +176,9 @@ def validate(
     t0 = time.perf_counter()
     out = predict(model, loader, augment, dist=dist, precision=precision, progress=progress)
     if len(out["ids"]) != expected or len(set(out["ids"])) != expected:
-        raise RuntimeError(
+        raise ShardError(
             f"validation saw {len(out['ids'])} samples ({len(set(out['ids']))} distinct), the manifest lists "
-            f"{expected}; the shards disagree with the manifest"
+            f"{expected}; the shards disagree with the manifest: check the build with ich-prep verify"
         )
     metrics = compute_metrics(out["labels"], out["probs"])
     metrics["valid_time_s"] = time.perf_counter() - t0

@@ -12,12 +12,18 @@ import torch
 from ich_prep import LABELS
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
-from ich_train.checkpoint import CheckpointError, load_checkpoint
+from ich_train.checkpoint import CheckpointError, load_checkpoint, load_weights
 from ich_train.data import Build, EvalStream, create_loader
 from ich_train.engine import predict
 from ich_train.metrics import compute_metrics, weighted_log_loss
-from ich_train.model import create_model
-from ich_train.submission import align_to_index, check_submission, write_submission
+from ich_train.model import UnknownModelError, create_model
+from ich_train.submission import (
+    SubmissionError,
+    align_to_index,
+    check_out_file,
+    check_submission,
+    write_submission,
+)
 
 NO_AUGMENT = AugmentParams(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
@@ -26,8 +32,14 @@ def load_model(path: str | Path, device: torch.device):
     """(model in eval mode on `device`, its DeviceAugment without augmentation, the checkpoint dict)."""
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    model = create_model(cfg["model"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = create_model(cfg["model"])
+    except UnknownModelError:
+        raise CheckpointError(
+            f"{path} was trained as --model {cfg['model']!r}, which this timm does not have; "
+            "install the timm version the run used"
+        ) from None
+    load_weights(model, ckpt["model"], path, cfg["model"])
     cl = bool(cfg.get("channels_last", True))
     model.to(device, memory_format=torch.channels_last if cl else torch.preserve_format).eval()
     norm = ckpt["normalize"]
@@ -68,6 +80,8 @@ def evaluate(
     batch_size: int = 128, workers: int = 4, device: str = "auto", progress: bool = True,
 ) -> dict:  # fmt: skip
     """Metrics of `checkpoint` on `fold` of `shards`; out-of-fold predictions written to `out` (Parquet)."""
+    path = Path(out) if out else Path(checkpoint).with_name(f"oof_fold{fold}.parquet")
+    check_out_file(path, "--out", "oof.parquet")
     dist = distributed.setup(device)
     try:
         build = Build(shards)
@@ -82,7 +96,6 @@ def evaluate(
         metrics["images"] = len(res["ids"])
         trained_on = cfg.get("train_folds") or [f for f in build.folds if f != cfg["valid_fold"]]
         metrics["out_of_fold"] = fold not in trained_on
-        path = Path(out) if out else Path(checkpoint).with_name(f"oof_fold{fold}.parquet")
         if dist.main:
             frame = pd.DataFrame({"image_id": res["ids"], "fold": fold})
             for j, lab in enumerate(LABELS):
@@ -90,7 +103,13 @@ def evaluate(
             for j, lab in enumerate(LABELS):
                 frame[f"pred_{lab}"] = res["probs"][:, j]
             path.parent.mkdir(parents=True, exist_ok=True)
-            frame.to_parquet(path, index=False)
+            tmp = path.with_name(path.name + ".partial")
+            try:
+                frame.to_parquet(tmp, index=False)
+                tmp.replace(path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         metrics["predictions"] = str(path)
         return metrics
     finally:
@@ -103,6 +122,7 @@ def predict_submission(
 ) -> dict:  # fmt: skip
     """Average the probabilities of `checkpoints` (and TTA views) over every shard of `shards`; write
     the Kaggle CSV. Images the build could not read get the checkpoints' mean training prior."""
+    check_out_file(out)
     dist = distributed.setup(device)
     try:
         build = Build(shards)
@@ -113,8 +133,9 @@ def predict_submission(
             order = np.argsort(res["ids"])
             probs, these = res["probs"][order], [res["ids"][i] for i in order]
             if ids is not None and these != ids:
-                raise RuntimeError(
-                    f"{path} predicted a different set of images than {checkpoints[0]}"
+                raise SubmissionError(
+                    f"{path} predicted a different set of images than {checkpoints[0]}; "
+                    f"the build {shards} changed while predicting, predict again"
                 )
             ids, total = these, probs if total is None else total + probs
             priors.append(np.asarray(res["ckpt"]["prior"]))

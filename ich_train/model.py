@@ -9,28 +9,34 @@ import torch
 from torch import nn
 
 from ich_prep import LABELS
+from ich_prep.errors import UserError
+from ich_train.checkpoint import load_failure, safe_torch_load
 
 _WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")  # checked in this order
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
 
 
-class PretrainedError(ValueError):
-    """A --pretrained file that is missing or does not fit the model."""
+class PretrainedError(UserError, ValueError):
+    """A --pretrained file that is missing, unreadable, or does not fit the model."""
+
+
+class UnknownModelError(UserError, ValueError):
+    """A --model name timm does not have."""
+
+
+def check_model_name(name: str) -> None:
+    """UnknownModelError naming the fix unless timm has a model `name` (tags like .a1_in1k allowed)."""
+    if not (isinstance(name, str) and timm.is_model(name)):
+        raise UnknownModelError(
+            f"--model {name!r} is not a timm model; list them with "
+            "`python -c 'import timm; print(timm.list_models())'`"
+        )
 
 
 def create_model(name: str, pretrained: str | None = None, drop_rate: float = 0.0) -> nn.Module:
     """timm model `name` with a 6-label head, randomly initialised unless `pretrained` (a local file)."""
-    try:
-        model = timm.create_model(
-            name, pretrained=False, num_classes=len(LABELS), drop_rate=drop_rate
-        )
-    except RuntimeError as e:
-        if "Unknown model" not in str(e):
-            raise
-        raise ValueError(
-            f"--model {name!r} is not a timm model; list them with "
-            "`python -c 'import timm; print(timm.list_models())'`"
-        ) from e
+    check_model_name(name)
+    model = timm.create_model(name, pretrained=False, num_classes=len(LABELS), drop_rate=drop_rate)
     if pretrained:
         load_pretrained(model, pretrained)
     return model
@@ -51,21 +57,31 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise PretrainedError(
             f"--pretrained {path} is not a file; download the weights and pass their local path"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_file(str(path))
+        else:
+            sd = safe_torch_load(path)  # weights_only=True: never unpickled
+    except Exception as e:  # anything a foreign file makes the readers raise
+        raise PretrainedError(
+            f"--pretrained {path} is not a weights file: {load_failure(e)}; pass a .safetensors "
+            "file or a timm/torch .pth state dict"
+        ) from e
+    if path.suffix != ".safetensors":
         for key in _WRAPPERS:
             if isinstance(sd, dict) and isinstance(sd.get(key), dict):
                 sd = sd[key]
                 break
     if not isinstance(sd, dict):
-        raise PretrainedError(f"{path} holds a {type(sd).__name__}, not a state dict")
+        raise PretrainedError(
+            f"--pretrained {path} holds a {type(sd).__name__}, not a state dict; pass a "
+            ".safetensors file or a timm/torch .pth state dict"
+        )
     out = {}
     for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
+        if not (isinstance(k, str) and isinstance(v, torch.Tensor)):
             continue
         for prefix in _PREFIXES:
             k = k.removeprefix(prefix)
@@ -84,7 +100,7 @@ def load_pretrained(model: nn.Module, path: str | Path, min_fraction: float = 0.
     loaded = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     if len(loaded) < min_fraction * len(own):
         raise PretrainedError(
-            f"{path} matches only {len(loaded)} of {len(own)} tensors of this model; "
+            f"--pretrained {path} matches only {len(loaded)} of {len(own)} tensors of this model; "
             "it holds weights for another architecture: pass weights for the --model you chose"
         )
     model.load_state_dict(loaded, strict=False)

@@ -27,8 +27,12 @@ class MetricsLog:
         self.rows.append(dict(row))
         frame = pd.DataFrame(self.rows)
         tmp = self.csv.with_name(self.csv.name + ".partial")
-        frame.to_csv(tmp, index=False)
-        tmp.replace(self.csv)
+        try:  # a Ctrl-C here leaves the previous metrics.csv, and no .partial
+            frame.to_csv(tmp, index=False)
+            tmp.replace(self.csv)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         plot_metrics(frame, self.png)
 
 

@@ -9,10 +9,26 @@ import numpy as np
 import pandas as pd
 
 from ich_prep import LABELS
+from ich_prep.errors import UserError
 
 
-class SubmissionError(ValueError):
-    """Predictions that cannot make a complete, valid submission."""
+class SubmissionError(UserError, ValueError):
+    """Predictions that cannot make a complete, valid submission, or an --out that cannot hold one."""
+
+
+def check_out_file(path: str | Path, flag: str = "--out", example: str = "submission.csv") -> None:
+    """SubmissionError unless `path` can become a file: not a folder, no file where a parent folder
+    must be. Checked before any work, so a mistake costs nothing and leaves nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise SubmissionError(
+            f"{flag} {path} is a folder; give a file path such as {path / example}"
+        )
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise SubmissionError(
+                f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}"
+            )
 
 
 def submission_frame(image_ids: list[str], probs: np.ndarray) -> pd.DataFrame:
@@ -56,11 +72,18 @@ def align_to_index(
 
 
 def write_submission(path: str | Path, image_ids: list[str], probs: np.ndarray) -> Path:
+    """The CSV written to a temporary name, then renamed: a failure or Ctrl-C leaves no file."""
     path = Path(path)
+    check_out_file(path)
+    frame = submission_frame(image_ids, probs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    submission_frame(image_ids, probs).to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(path)
+    try:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

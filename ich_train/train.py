@@ -22,18 +22,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
 from ich_train.checkpoint import (
+    INFER_KEYS,
+    RESUME_KEYS,
     CheckpointError,
     load_checkpoint,
+    load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    short_reason,
 )
 from ich_train.config import ConfigError, TrainConfig, check_resumable
 from ich_train.data import Build, EvalStream, TrainStream, create_loader
 from ich_train.engine import train_one_epoch, validate
 from ich_train.losses import create_loss
 from ich_train.metrics import label_prior, prior_baseline_loss
-from ich_train.model import create_model, load_pretrained, normalization
+from ich_train.model import check_model_name, create_model, load_pretrained, normalization
 from ich_train.optim import create_optimizer, create_scheduler
 from ich_train.runlog import MetricsLog
 
@@ -46,6 +50,14 @@ def augment_seed(seed: int, epoch: int, rank: int) -> int:
 def _check_mid_epoch(partial: dict, cfg: TrainConfig, dist: distributed.Dist) -> None:
     """A checkpoint saved inside an epoch resumes exactly only with the same processes and workers:
     together they fix which samples each batch held."""
+    keys = ("step", "world", "workers", "ranks", "generators")
+    if not (isinstance(partial, dict) and all(k in partial for k in keys)) or not (
+        len(partial["ranks"]) == len(partial["generators"]) == partial["world"]
+    ):
+        raise CheckpointError(
+            f"{cfg.out}/last.pt has a damaged epoch_progress (saved inside an epoch); "
+            "start a new run with another --out"
+        )
     if partial["world"] != dist.world or partial["workers"] != cfg.workers:
         raise ConfigError(
             f"{cfg.out}/last.pt was saved inside an epoch by {partial['world']} process(es) with "
@@ -63,16 +75,34 @@ def fit(cfg: TrainConfig, resume: bool = False) -> dict:
         distributed.cleanup()
 
 
+def check_out_folder(out: Path) -> None:
+    """ConfigError unless --out can be a run folder: neither it nor a parent is a file."""
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            where = "" if p == out else f" ({p} is a file)"
+            raise ConfigError(
+                f"--out {out} cannot be a run folder{where}: an existing file is in the way; "
+                "choose a folder path for --out"
+            )
+
+
 def _open_run(cfg: TrainConfig, build: Build, resume: bool, dist: distributed.Dist) -> dict | None:
     """The checkpoint to resume from (None for a new run). Rank 0 alone reads the run folder (other
-    nodes may not see it) and shares the checkpoint, or the error, with every rank."""
-    ckpt, error, last = None, None, Path(cfg.out) / "last.pt"
+    nodes may not see it) and shares the checkpoint, or the error, with every rank. Writes nothing."""
+    ckpt, error, out = None, None, Path(cfg.out)
+    last = out / "last.pt"
     if dist.main:
         try:
+            check_out_folder(out)
             if resume:
-                ckpt = load_checkpoint(last)
+                if not last.exists():
+                    raise ConfigError(
+                        f"--resume: {last} does not exist (no epoch or --checkpoint-every step "
+                        "was saved yet); run without --resume to start the run"
+                    )
+                ckpt = load_checkpoint(last, INFER_KEYS + RESUME_KEYS)
                 check_resumable(ckpt["config"], cfg)
-                if ckpt["data"]["fingerprint"] != build.fingerprint:
+                if ckpt["data"].get("fingerprint") != build.fingerprint:
                     raise ConfigError(
                         f"{cfg.shards} is not the build {cfg.out} was trained on (index sha256 "
                         "differs); pass the original --shards or start a new --out"
@@ -87,6 +117,24 @@ def _open_run(cfg: TrainConfig, build: Build, resume: bool, dist: distributed.Di
     if error is not None:
         raise error
     return ckpt
+
+
+def _restore(ckpt: dict, cfg: TrainConfig, model, ema, optimizer, scheduler) -> None:
+    """Load a resumed run's weights, optimizer, schedule and RNG states, or a CheckpointError
+    naming last.pt (a file that passed the key checks but was edited or cut)."""
+    last = Path(cfg.out) / "last.pt"
+    load_weights(model, ckpt.get("model_train", ckpt["model"]), last, cfg.model)
+    if ema is not None:
+        load_weights(ema.module, ckpt["model"], last, cfg.model)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise CheckpointError(
+            f"{last} cannot be resumed: its optimizer, schedule or RNG state is damaged "
+            f"({short_reason(e)}); start a new run with another --out"
+        ) from e
 
 
 def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
@@ -110,21 +158,24 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     image_size = cfg.image_size or build.size
 
     # ---- run folder; a resume must match the saved config in every field that changes training
+    check_model_name(cfg.model)
     ckpt = _open_run(cfg, build, resume, dist)
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
 
-    # ---- model, optimizer, schedule, loss, augmentation
+    # ---- model (and --pretrained) before anything is written: a bad file leaves no run folder
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     model = create_model(cfg.model, drop_rate=cfg.drop_rate)
-    if cfg.pretrained and ckpt is None:
-        report = load_pretrained(model, cfg.pretrained)
+    report = load_pretrained(model, cfg.pretrained) if cfg.pretrained and ckpt is None else None
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    if report is not None:
         say(
             f"pretrained: {len(report['loaded'])} tensors from {cfg.pretrained}, new: {report['missing']}"
         )
+
+    # ---- optimizer, schedule, loss, augmentation
     mean, std = normalization(model)
     model.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay, dev)
@@ -135,13 +186,8 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     # the EMA copy is what validation, best.pt and predict use; the raw weights keep training
     ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema > 0 else None
     if ckpt is not None:
-        model.load_state_dict(ckpt.get("model_train", ckpt["model"]))
-        if ema is not None:
-            ema.module.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        _restore(ckpt, cfg, model, ema, optimizer, scheduler)
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best_loss"]
-        set_rng_state(ckpt["rng"])
         partial = ckpt.get("epoch_progress")
         if partial is not None:  # saved inside an epoch: redo none of its steps
             _check_mid_epoch(partial, cfg, dist)
