@@ -15,12 +15,15 @@ import json
 import sys
 from pathlib import Path
 
-from ich_prep.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER, UserError
+from ich_prep.errors import UserError
 from ich_prep.manifest import FormatError
 from ich_train.config import TrainConfig
 from ich_train.data import default_workers
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+EXIT_FAILED = 1  # an I/O error (disk full, permission, network)
+EXIT_USER = 2  # a UserError or a usage error: fix the flag or file named
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 # errors a user can fix from the message; anything else is a bug and keeps its traceback.
 # FormatError is listed until it is a UserError everywhere; FileNotFoundError: a path that is not there
 USER_ERRORS = (UserError, FormatError, FileNotFoundError)
