@@ -8,6 +8,8 @@ unpickled (torch.load(weights_only=True) only), and every key a reader uses is c
 
 from __future__ import annotations
 
+import hashlib
+import json
 import numbers
 import os
 import pickle
@@ -25,10 +27,13 @@ CHECKPOINT_FORMAT = 1
 # keys evaluate/predict need, and the further keys a --resume needs
 INFER_KEYS = ("model", "config", "prior", "normalize", "image_size", "data")
 RESUME_KEYS = ("optimizer", "scheduler", "rng", "step", "epoch", "best_loss", "best_metrics")
+# manifest config fields that say where the inputs were, not what was built (the index's sha256
+# covers what was read): a build of the same inputs from another mount point is the same data
+BUILD_LOCATION_FIELDS = ("dicom_dir", "labels")
 
 
 class CheckpointError(UserError, ValueError):
-    """A checkpoint file that is missing, not one of ours, or damaged."""
+    """A checkpoint file that is missing, not one of ours, damaged, or for another build."""
 
 
 def rng_state() -> dict:
@@ -201,3 +206,79 @@ def load_weights(module: torch.nn.Module, state: dict, path, model_name: str) ->
             "the file was edited or mixes two models: pass a checkpoint written by ich-train fit"
         )
     module.load_state_dict(state)
+
+
+# ---- the build a checkpoint was trained on
+
+
+def build_description(manifest: dict) -> dict:
+    """What identifies a build's data: its format version, its config (everything that decides
+    the output bytes, less where the inputs were) and its index's sha256 (every image, label and
+    fold)."""
+    config = manifest.get("config")
+    config = dict(config) if isinstance(config, dict) else {}
+    for key in BUILD_LOCATION_FIELDS:
+        config.pop(key, None)
+    index = manifest.get("index")
+    return {
+        "format_version": str(manifest.get("format_version", "")),
+        "config": json.loads(json.dumps(config)),
+        "index_sha256": str(index.get("sha256", "")) if isinstance(index, dict) else "",
+    }
+
+
+def build_fingerprint(description: dict) -> str:
+    """sha256 of a build_description, as canonical json."""
+    text = json.dumps(description, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def build_differences(saved: dict, now: dict) -> list[str]:
+    """['size 64 -> 32', ...] between two build descriptions (empty when they are the same)."""
+    out = []
+    if saved.get("format_version") != now.get("format_version"):
+        out.append(f"format_version {saved.get('format_version')} -> {now.get('format_version')}")
+    a, b = saved.get("config", {}), now.get("config", {})
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            out.append(f"{key} {_short(a.get(key))} -> {_short(b.get(key))}")
+    if saved.get("index_sha256") != now.get("index_sha256"):
+        out.append("index.parquet differs (other images, labels or folds)")
+    return out
+
+
+def same_build(data: dict, manifest: dict) -> tuple[bool, list[str]]:
+    """(whether checkpoint data section `data` was written for the build of `manifest`, the
+    differences). Checkpoints from before build descriptions were recorded stored the index
+    sha256 as fingerprint plus size, encoding, windows and spacing: those are compared."""
+    now = build_description(manifest)
+    if "build" in data and isinstance(data["build"], dict):
+        if data.get("fingerprint") == build_fingerprint(now):
+            return True, []
+        return False, build_differences(data["build"], now) or ["fingerprint differs"]
+    diffs = []
+    if data.get("fingerprint") != now["index_sha256"]:
+        diffs.append("index.parquet differs (other images, labels or folds)")
+    config = now["config"]
+    for key in ("size", "encoding", "windows", "spacing_mm"):
+        if key in data and data[key] != config.get(key):
+            diffs.append(f"{key} {_short(data[key])} -> {_short(config.get(key))}")
+    return not diffs, diffs
+
+
+def checkpoint_data(build) -> dict:
+    """The checkpoint's 'data' section for a Build: its fingerprint and description, plus the
+    fields evaluate/predict compare a test build against (encoding, size, windows, spacing)."""
+    description = build_description(build.manifest)
+    return {
+        "fingerprint": build_fingerprint(description),
+        "build": description,
+        "encoding": build.encoding,
+        "size": build.size,
+        **build.preprocessing,
+    }

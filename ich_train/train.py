@@ -25,9 +25,11 @@ from ich_train.checkpoint import (
     INFER_KEYS,
     RESUME_KEYS,
     CheckpointError,
+    checkpoint_data,
     load_checkpoint,
     load_weights,
     rng_state,
+    same_build,
     save_checkpoint,
     set_rng_state,
     short_reason,
@@ -102,10 +104,13 @@ def _open_run(cfg: TrainConfig, build: Build, resume: bool, dist: distributed.Di
                     )
                 ckpt = load_checkpoint(last, INFER_KEYS + RESUME_KEYS)
                 check_resumable(ckpt["config"], cfg)
-                if ckpt["data"].get("fingerprint") != build.fingerprint:
+                same, diffs = same_build(ckpt["data"], build.manifest)
+                if not same:
+                    was = ckpt["config"].get("shards", "?")
                     raise ConfigError(
-                        f"{cfg.shards} is not the build {cfg.out} was trained on (index sha256 "
-                        "differs); pass the original --shards or start a new --out"
+                        f"--resume: --shards {cfg.shards} is not the build {cfg.out} was trained on "
+                        f"({was}): {'; '.join(diffs)}; pass --shards {was} (or a copy of it) or "
+                        "start a new run with another --out"
                     )
             elif last.exists():
                 raise ConfigError(
@@ -257,12 +262,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             prior=prior.tolist(),
             normalize={"mean": list(mean), "std": list(std)},
             image_size=image_size,
-            data={
-                "fingerprint": build.fingerprint,
-                "encoding": build.encoding,
-                "size": build.size,
-                **build.preprocessing,
-            },  # fmt: skip
+            data=checkpoint_data(build),
             metrics=metrics,
             best_loss=best,
             best_metrics=best_row,

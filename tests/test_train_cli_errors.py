@@ -6,6 +6,7 @@ the real command in a subprocess."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -19,7 +20,10 @@ import pandas as pd
 import pytest
 import torch
 
+from ich_prep.build import build
+from ich_prep.config import BuildConfig
 from ich_prep.errors import UserError
+from ich_prep.synth import write_synthetic
 from ich_train.checkpoint import CheckpointError, load_checkpoint
 from ich_train.cli import main
 from ich_train.config import ConfigError
@@ -290,3 +294,64 @@ def test_ctrl_c_during_fit_says_how_to_resume_and_resume_finishes(tmp_path):
     assert not list(out.glob("*.partial"))
     assert main([*args, "--resume"]) == 0
     assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [0, 1]
+
+
+# ---- resume against another build (same DICOMs, other --size)
+
+
+@pytest.fixture(scope="module")
+def two_sizes(tmp_path_factory):
+    """Two ich-prep builds of the same synthetic DICOMs at --size 32 and 48, and a 1-epoch run on
+    the first."""
+    tmp = tmp_path_factory.mktemp("sizes")
+    raw = write_synthetic(tmp / "raw", patients=6, seed=2, slices_per_series=4, test_patients=1)
+    for size in (32, 48):
+        cfg = BuildConfig(dicom_dir=raw["train_dir"], labels=raw["labels_csv"], size=size, folds=2, shard_size=16)  # fmt: skip
+        build(cfg, tmp / f"b{size}", jobs=1, progress=False)
+    run = tmp / "run"
+    assert main(["fit", "--shards", str(tmp / "b32"), "--out", str(run), "--model", "resnet10t",
+                 "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--valid-fold", "1",
+                 "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+    return tmp, run
+
+
+def _resume(run: Path, shards: Path) -> int:
+    return main(["fit", "--shards", str(shards), "--out", str(run), "--model", "resnet10t",
+                 "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--valid-fold", "1",
+                 "--workers", "0", "--no-progress", "--resume"])  # fmt: skip
+
+
+def test_resume_refuses_a_build_of_the_same_dicoms_at_another_size(two_sizes, capsys):
+    """Same DICOMs, same index, other --size: the fingerprint covers the build's config, so the
+    resume is refused in one line naming both builds and the difference."""
+    tmp, run = two_sizes
+    idx = [json.loads((tmp / b / "manifest.json").read_text())["index"]["sha256"] for b in ("b32", "b48")]  # fmt: skip
+    assert idx[0] == idx[1]  # what the old fingerprint compared: it could not tell them apart
+    assert _resume(run, tmp / "b48") == 2
+    line = one_error_line(capsys, "fit")
+    assert str(tmp / "b48") in line and str(tmp / "b32") in line and "size 32 -> 48" in line
+
+
+def test_resume_accepts_the_same_build_moved(two_sizes, capsys):
+    """The same build in another folder is the same data: --shards may move."""
+    tmp, run = two_sizes
+    moved = tmp / "moved"
+    if not moved.exists():
+        shutil.copytree(tmp / "b32", moved)
+    assert _resume(run, moved) == 0, capsys.readouterr().err
+
+
+def test_old_checkpoints_compare_their_recorded_size(two_sizes, tmp_path, capsys):
+    """A checkpoint from before build descriptions (fingerprint = index sha256) still resumes on
+    its build, and is refused for the other size through the size it recorded."""
+    tmp, run = two_sizes
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    ckpt = load_checkpoint(old / "last.pt")
+    data = ckpt["data"]
+    ckpt["data"] = {"fingerprint": data["build"]["index_sha256"], "encoding": data["encoding"],
+                    "size": data["size"], "windows": data["windows"], "spacing_mm": data["spacing_mm"]}  # fmt: skip
+    torch.save(ckpt, old / "last.pt")
+    assert _resume(old, tmp / "b48") == 2
+    assert "size 32 -> 48" in one_error_line(capsys, "fit")
+    assert _resume(old, tmp / "b32") == 0
