@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from ich_prep.errors import UserError
 from ich_prep.manifest import FormatError
@@ -196,12 +199,28 @@ def do_evaluate(args) -> int:
 
     m = evaluate(args.checkpoint, args.shards, args.fold, args.out, tuple(args.tta), args.batch_size,
                  args.workers, args.device, args.progress)  # fmt: skip
-    print(json.dumps(m, indent=1))
+    # strict JSON on stdout (an AUC of a one-class label is NaN: null here), notes on stderr
+    print(json.dumps(strict_json(m), indent=1, allow_nan=False))
     if not m["out_of_fold"]:
         print(
-            f"note: fold {args.fold} was a training fold of this checkpoint; these metrics are not out-of-fold"
+            f"ich-train evaluate: note: fold {args.fold} was a training fold of this checkpoint; "
+            "these metrics are not out-of-fold",
+            file=sys.stderr,
         )
     return 0
+
+
+def strict_json(value):
+    """`value` with NaN and infinities as None and numpy scalars as python ones: valid JSON."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def add_predict_parser(sub) -> None:

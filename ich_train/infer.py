@@ -3,6 +3,7 @@ predict_submission() a test build (checkpoints and TTA averaged) into a Kaggle C
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,17 @@ def check_preprocessing(path, ckpt: dict, build: Build) -> None:
                 f"{path} was trained on a build with {key} = {was}, but {build.root} has {now}; "
                 f"rebuild it with the training build's settings (ich-prep build --{key.replace('_', '-')} ...)"
             )
+
+
+def labelled_split(build: Build) -> str | None:
+    """The split name of a build whose readable images carry labels (a training build), else None."""
+    ok = build.ok
+    labelled = ok[list(LABELS)].notna().any(axis=None) if len(ok) else False
+    split = build.manifest.get("split")
+    if split == "train" or labelled:
+        names = sorted(str(v) for v in ok["split"].dropna().unique()) if len(ok) else []
+        return str(split) if isinstance(split, str) else "/".join(names) or "train"
+    return None
 
 
 def _predict_checkpoint(path, build, shards, dist, batch_size, workers, tta, progress) -> dict:
@@ -126,6 +138,14 @@ def predict_submission(
     dist = distributed.setup(device)
     try:
         build = Build(shards)
+        split = labelled_split(build)
+        if split and dist.main:
+            print(
+                f"ich-train predict: warning: --shards {shards} is a labelled {split!r} build, not a "
+                "test build; the submission is written anyway (a Kaggle submission is predicted on "
+                "the test build: ich-prep build without --labels)",
+                file=sys.stderr,
+            )
         sel = build.select(None)
         total, priors, ids = None, [], None
         for path in checkpoints:
@@ -146,6 +166,7 @@ def predict_submission(
             check_submission(out, ids)
         return {
             "out": out,
+            "split": split or "test",
             "images": len(ids),
             "filled_with_prior": n_filled,
             "checkpoints": len(checkpoints),

@@ -355,3 +355,35 @@ def test_old_checkpoints_compare_their_recorded_size(two_sizes, tmp_path, capsys
     assert _resume(old, tmp / "b48") == 2
     assert "size 32 -> 48" in one_error_line(capsys, "fit")
     assert _resume(old, tmp / "b32") == 0
+
+
+# ---- predict on a training build, evaluate's JSON
+
+
+def test_predict_on_a_training_build_warns_naming_the_split(trained, tmp_path, capsys):
+    """A submission from a labelled build is written, with one warning line naming the split;
+    a test build gives no warning."""
+    _, train, test, good = trained
+    common = ["--checkpoint", str(good), "--workers", "0", "--no-progress"]
+    assert main(["predict", *common, "--shards", str(train), "--out", str(tmp_path / "a.csv")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning" in err and "'train'" in err
+    assert main(["predict", *common, "--shards", str(test), "--out", str(tmp_path / "b.csv")]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_evaluate_prints_strict_json_with_null_for_nan(trained, tmp_path, capsys):
+    """A fold without positives has NaN AUCs: stdout is strict JSON (null), parseable as is."""
+    _, _, _, good = trained
+    negatives = make_build(
+        tmp_path / "neg", folds=2, per_shard=8, size=32, positive_rate=0.0, seed=4
+    )
+    assert main(["evaluate", "--checkpoint", str(good), "--shards", str(negatives), "--fold", "1",
+                 "--out", str(tmp_path / "oof.parquet"), "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    m = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert m["valid_auc_any"] is None and m["valid_auc_mean"] is None
+    assert isinstance(m["valid_loss"], float)
