@@ -12,7 +12,7 @@ def info(root: str, examples: int = 3) -> dict:
     """Format, config, counts per split and fold, label prevalence per fold, bytes, errors."""
     root = str(root)
     m = load_manifest(root)
-    index = load_index(root)
+    index = load_index(root, manifest=m)
     index = index[[c for c in INFO_COLUMNS if c in index.columns]]
     cfg, counts = m["config"], m["counts"]
     ok = index[index["status"] == "ok"]

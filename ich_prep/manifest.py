@@ -12,17 +12,22 @@ import os
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ich_prep import FORMAT_VERSION, remote
+from ich_prep.errors import UserError
 from ich_prep.remote import open_stream  # noqa: F401  (re-exported: streaming open of a shard)
 
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest of ~1,000 shards is ~200 KiB
-MAX_INDEX_BYTES = 4 * 1024**3  # the full RSNA index (~750k rows) is ~50 MB
+MAX_INDEX_BYTES = 1024**3  # the full RSNA index (~875k rows) is ~50 MB
+MAX_INDEX_ROWS = 10_000_000  # 11x the whole RSNA data
+MAX_INDEX_INFLATED = 4 * 1024**3  # decompressed column data, as the Parquet footer declares it
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A shard folder this version cannot read (missing manifest, newer format, damaged json)."""
 
 
@@ -99,9 +104,43 @@ def check_shard_names(manifest: dict, where: str) -> None:
             )
 
 
-def load_index(root: str | os.PathLike, columns: list[str] | None = None) -> pd.DataFrame:
-    """index.parquet of the build at `root` (folder or URL prefix)."""
+def load_index(
+    root: str | os.PathLike, columns: list[str] | None = None, manifest: dict | None = None
+) -> pd.DataFrame:
+    """index.parquet of the build at `root` (folder or URL prefix), bounded before it is
+    materialised: at most MAX_INDEX_BYTES on disk, MAX_INDEX_ROWS rows (exactly the manifest's
+    `counts.inputs` when `manifest` is given) and MAX_INDEX_INFLATED bytes once decompressed, as the
+    Parquet footer declares them; a local path must be a regular file."""
     url = join(root, INDEX)
-    if "://" in str(root):
-        return pd.read_parquet(io.BytesIO(read_bytes(url, MAX_INDEX_BYTES)), columns=columns)
-    return pd.read_parquet(url, columns=columns)
+    try:
+        data = read_bytes(url, MAX_INDEX_BYTES)
+    except FileNotFoundError as e:
+        raise FormatError(f"{url} not found; copy the whole build folder or rebuild it") from e
+    except OSError as e:
+        raise FormatError(f"{url} cannot be read ({e}); copy it again or rebuild") from e
+    want = None if manifest is None else (manifest.get("counts") or {}).get("inputs")
+    return parse_index(data, url, columns, want)
+
+
+def parse_index(
+    data: bytes, url: str, columns: list[str] | None = None, rows: int | None = None
+) -> pd.DataFrame:
+    """index.parquet bytes -> DataFrame, refusing before decompressing anything an index whose
+    footer declares more than MAX_INDEX_ROWS rows (or other than `rows`) or more than
+    MAX_INDEX_INFLATED bytes of column data. FormatError for anything unreadable."""
+    try:
+        pf = pq.ParquetFile(io.BytesIO(data))
+        meta = pf.metadata
+        inflated = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        n = meta.num_rows
+        if n > MAX_INDEX_ROWS or (rows is not None and n != rows) or inflated > MAX_INDEX_INFLATED:
+            raise FormatError(
+                f"{url} declares {n} rows ({inflated} bytes decompressed); the manifest says "
+                f"{rows} rows, the limits are {MAX_INDEX_ROWS} rows and {MAX_INDEX_INFLATED} bytes: "
+                "refused (run `ich-prep verify`, rebuild the build)"
+            )
+        return pf.read(columns=columns).to_pandas()
+    except FormatError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise FormatError(f"{url} is not a readable Parquet index ({type(e).__name__}: {str(e)[:200]}); copy it again or rebuild") from e  # fmt: skip

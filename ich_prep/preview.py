@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ich_prep import LABELS
+from ich_prep.errors import UserError
 from ich_prep.manifest import join, load_index, load_manifest
 from ich_prep.remote import decode_bounded, iter_samples, open_stream
 
@@ -27,7 +28,7 @@ BG = (24, 24, 24)
 WHITE, RED, GREEN, GREY = (235, 235, 235), (80, 80, 255), (120, 220, 120), (170, 170, 170)  # BGR
 
 
-class PreviewError(ValueError):
+class PreviewError(UserError, ValueError):
     """Nothing to show for the filters asked."""
 
 
@@ -156,7 +157,7 @@ def preview(
     if n < 1:
         raise PreviewError(f"--n must be at least 1, got {n}")
     m = load_manifest(root)
-    index = load_index(root, columns=["image_id", "fold", "shard", "status", *LABELS])
+    index = load_index(root, columns=["image_id", "fold", "shard", "status", *LABELS], manifest=m)
     rows = candidates(index, label, fold)
     samples = collect(root, m, rows, n, seed)
     if not samples:

@@ -11,11 +11,13 @@ nothing is ever unpickled.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import html.parser
 import io
 import os
 import re
+import stat
 import tarfile
 import urllib.error
 import urllib.parse
@@ -65,11 +67,27 @@ def _fs(url: str):
     return fsspec.core.url_to_fs(url)
 
 
+def open_local(path: str | os.PathLike) -> BinaryIO:
+    """A local file opened for reading only if it is a regular file: opened non-blocking (a FIFO
+    cannot hang the open), then checked with fstat before a byte is read. OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device, socket or folder); refused", str(path))  # fmt: skip
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_stream(url: str | os.PathLike) -> BinaryIO:
-    """A sequential binary stream of a local file or URL. Raises FileNotFoundError when absent."""
+    """A sequential binary stream of a local file or URL. Raises FileNotFoundError when absent;
+    a local path that is not a regular file raises OSError before anything is read."""
     url = str(url)
     if not is_url(url):
-        return open(url, "rb")
+        return open_local(url)
     if _is_http(url):
         return _http(url)
     fs, path = _fs(url)
@@ -89,7 +107,10 @@ def file_size(url: str | os.PathLike) -> int | None:
     """Size in bytes (None when a server does not say). Raises FileNotFoundError when absent."""
     url = str(url)
     if not is_url(url):
-        return os.stat(url).st_size
+        st = os.stat(url)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file; refused", url)
+        return st.st_size
     if _is_http(url):
         with _http(url, "HEAD") as r:
             n = r.headers.get("Content-Length")
@@ -207,42 +228,50 @@ def unsafe_member(ti: tarfile.TarInfo) -> str | None:
 
 @dataclass
 class Sample:
-    """One key's members as read from a shard, with what was wrong with them."""
+    """One key's members as read from a shard: the format's fields, what was wrong with them
+    (`problems`: readers refuse the sample), and members of other kinds skipped unread."""
 
     key: str
     fields: dict[str, bytes] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
-def iter_samples(stream: BinaryIO, encoding: str) -> Iterator[Sample]:
-    """Samples of a tar stream, grouped by key; unsafe or unexpected members become problems.
+def iter_samples(
+    stream: BinaryIO, encoding: str, size: int | None = None, max_members: int | None = None
+) -> Iterator[Sample]:
+    """Samples of an uncompressed tar stream, grouped by key; the one bounded reader of shards.
 
-    Tar errors (truncation, broken headers) propagate as tarfile.TarError / EOFError / OSError.
+    Only regular members with flat names are read; a json member over MAX_JSON_BYTES, an image
+    member over what a (size, size, 3) uint8 image can take (max_raw_bytes(size); any member over
+    MAX_MEMBER_BYTES without a size) and unsafe members are problems, never read into memory;
+    members of other kinds are skipped unread; more than `max_members` members stop the read with
+    ValueError. Tar errors (truncation, broken headers, a compressed tar) propagate as
+    tarfile.TarError / EOFError / OSError.
     """
-    wanted = {encoding, "json"}
+    limits = {"json": MAX_JSON_BYTES, encoding: MAX_MEMBER_BYTES if size is None else max_raw_bytes(size)}  # fmt: skip
     cur: Sample | None = None
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for ti in tar:
-            why = unsafe_member(ti)
+    with tarfile.open(fileobj=stream, mode="r|") as tar:  # "r|": no transparent decompression
+        for n, ti in enumerate(tar, 1):
+            if max_members is not None and n > max_members:
+                raise ValueError(f"more than {max_members} tar members; refused")
             key, _, ext = ti.name.partition(".")
             if cur is not None and key != cur.key:
                 yield cur
                 cur = None
             if cur is None:
                 cur = Sample(key)
+            why = unsafe_member(ti)
+            if why is None and ext in limits and ti.size > limits[ext]:
+                why = f"member {ti.name!r} is {ti.size} bytes, over the {limits[ext]}-byte limit for .{ext}"  # fmt: skip
+            if why is None and ext in cur.fields:
+                why = f"member {ti.name!r} appears twice in a row"
             if why:
                 cur.problems.append(why)
-                continue
-            if ext not in wanted:
-                cur.problems.append(f"unexpected member {ti.name!r} (expected .{encoding}, .json)")
-                continue
-            if ext in cur.fields:
-                cur.problems.append(f"member {ti.name!r} appears twice in a row")
-                continue
-            if ext == "json" and ti.size > MAX_JSON_BYTES:
-                cur.problems.append(f"member {ti.name!r} is over the {MAX_JSON_BYTES}-byte limit")
-                continue
-            cur.fields[ext] = tar.extractfile(ti).read()
+            elif ext not in limits:
+                cur.skipped.append(f"unexpected member {ti.name!r} (expected .{encoding}, .json)")
+            else:
+                cur.fields[ext] = tar.extractfile(ti).read()
         if cur is not None:
             yield cur
 
@@ -306,11 +335,13 @@ def image_header(data: bytes, encoding: str, size: int) -> tuple[tuple[int, ...]
                 if major == 1
                 else np.lib.format.read_array_header_2_0
             )
-            shape, _, dtype = reader(f)
+            shape, fortran_order, dtype = reader(f)
         except (ValueError, SyntaxError, EOFError) as e:
             raise ValueError(f"not a .npy array ({e})") from e
         if dtype.hasobject:
             raise ValueError("a .npy of Python objects (would need pickle); refused")
+        if fortran_order:
+            raise ValueError("a Fortran-order .npy (readers take C order only); refused")
         need = int(np.prod(shape)) * dtype.itemsize
         if len(raw) - f.tell() != need:
             raise ValueError(f"{len(raw) - f.tell()} bytes of pixels, header {shape} needs {need}")

@@ -9,7 +9,6 @@ one. `quick=True` checks file sizes and counts only. The result is a Report: a l
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from collections import Counter
@@ -20,7 +19,15 @@ import pandas as pd
 import pyarrow as pa
 
 from ich_prep import LABELS
-from ich_prep.manifest import INDEX, MANIFEST, MAX_INDEX_BYTES, FormatError, join, load_manifest
+from ich_prep.manifest import (
+    INDEX,
+    MANIFEST,
+    MAX_INDEX_BYTES,
+    FormatError,
+    join,
+    load_manifest,
+    parse_index,
+)
 from ich_prep.remote import (
     HashingReader,
     file_size,
@@ -110,7 +117,7 @@ def _check_sample(s, name: str, fold: int, cfg: dict, labels: dict) -> list[Prob
     """Member safety, image header (shape/dtype), json bounds and agreement with the index."""
     enc, size = cfg["encoding"], int(cfg["size"])
     where = f"{name}:{s.key}"
-    out = [Problem("unsafe_member", where, f"{name}: {why}") for why in s.problems]
+    out = [Problem("unsafe_member", where, f"{name}: {why}") for why in s.problems + s.skipped]
     if enc not in s.fields:
         out.append(Problem("bad_sample", where, f"{name}: sample {s.key} has no .{enc} image"))
     else:
@@ -177,7 +184,7 @@ def _check_shard(root: str, entry: dict, cfg: dict, labels: dict, quick: bool) -
     try:
         with open_stream(url) as raw:
             reader = HashingReader(raw)
-            for s in iter_samples(reader, cfg["encoding"]):
+            for s in iter_samples(reader, cfg["encoding"], int(cfg["size"])):
                 r.keys.append(s.key)
                 r.problems += _check_sample(s, name, int(entry["fold"]), cfg, labels)
             reader.drain()
@@ -207,7 +214,7 @@ def _check_index(root: str, manifest: dict, report: Report) -> pd.DataFrame | No
     try:
         if report.quick:
             p = _index_size_problem(file_size(url), int(meta.get("bytes", -1)))
-            index = pd.read_parquet(io.BytesIO(read_bytes(url, MAX_INDEX_BYTES)))
+            index = parse_index(read_bytes(url, MAX_INDEX_BYTES), url)
         else:
             data = read_bytes(url, MAX_INDEX_BYTES)
             p = _index_size_problem(len(data), int(meta.get("bytes", -1)))
@@ -215,11 +222,11 @@ def _check_index(root: str, manifest: dict, report: Report) -> pd.DataFrame | No
                 p = Problem(
                     "altered", INDEX, f"{INDEX}: sha256 differs from {MANIFEST}; {COPY_AGAIN}"
                 )
-            index = pd.read_parquet(io.BytesIO(data))
+            index = parse_index(data, url)
     except FileNotFoundError:
         report.add("missing", INDEX, f"{INDEX} not found; {COPY_AGAIN}")
         return None
-    except (pa.ArrowException, OSError, ValueError) as e:  # what pyarrow raises for a damaged file
+    except (pa.ArrowException, OSError, ValueError) as e:  # FormatError is a ValueError
         report.add(
             "index", INDEX, f"{INDEX} cannot be read ({type(e).__name__}: {e}); {COPY_AGAIN}"
         )
@@ -237,10 +244,13 @@ def _check_index(root: str, manifest: dict, report: Report) -> pd.DataFrame | No
     for image_id in ok["image_id"][ok["image_id"].duplicated()].unique():
         report.add("duplicate_row", f"{INDEX} row {image_id}", f"{INDEX}: image {image_id} has more than one ok row")  # fmt: skip
     per_shard = ok["shard"].value_counts().to_dict()
+    folds = ok.groupby("shard")["fold"].unique().to_dict()
     listed = {s["name"] for s in manifest["shards"]}
     for s in manifest["shards"]:
         if per_shard.get(s["name"], 0) != int(s["samples"]):
             report.add("count", s["name"], f"{INDEX} has {per_shard.get(s['name'], 0)} ok rows for {s['name']}, {MANIFEST} says {s['samples']} samples")  # fmt: skip
+        if s["name"] in folds and sorted(int(f) for f in folds[s["name"]]) != [int(s["fold"])]:
+            report.add("index", s["name"], f"{INDEX} rows of {s['name']} are fold {sorted(int(f) for f in folds[s['name']])}, {MANIFEST} says fold {s['fold']}")  # fmt: skip
     stray = ok[~ok["shard"].isin(listed)]
     for row in stray.itertuples():
         report.add("missing_sample", f"{INDEX} row {row.image_id}", f"{INDEX} row {row.image_id} points to shard {row.shard!r}, which {MANIFEST} does not list")  # fmt: skip

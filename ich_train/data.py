@@ -3,8 +3,10 @@
 Folds are chosen through the manifest (whole shards belong to one fold), so unselected shards are
 never opened. Shards open like every other file of a build (ich_prep.remote.open_stream: local
 paths, http(s) with the standard library, other fsspec URLs such as s3://). Tar members are read
-with webdataset's tar iterators, keeping only the two members
-the format defines (`<key>.<encoding>` and `<key>.json`); nothing is ever unpickled. Training
+with ich_prep's bounded tar reader (remote.iter_samples, the one verify and preview use), keeping
+only the two members the format defines (`<key>.<encoding>` and `<key>.json`); nothing is ever
+unpickled. Each sample is checked against the index: it must be one of the shard's ok rows, and
+its json labels must equal the index's. Training
 streams are infinite shard cycles cut at an exact number of batches per rank, so every rank runs the
 same number of steps even with fewer shards than ranks x workers.
 """
@@ -17,18 +19,17 @@ import os
 import random
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
 from ich_prep.manifest import FormatError, join, load_index, load_manifest
-from ich_prep.remote import open_stream
+from ich_prep.remote import iter_samples, open_stream
 from ich_prep.shards import decode_image, decode_json
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
@@ -44,6 +45,9 @@ class Shard:
     url: str
     fold: int
     samples: int
+    size: int = 0  # image side from the manifest (bounds member sizes, checks shapes); 0: unknown
+    # image id -> labels of the index's ok rows for this shard (None labels in a test build)
+    expected: dict | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 class Build:
@@ -54,20 +58,61 @@ class Build:
         self.manifest = load_manifest(self.root)
         self.encoding = self.manifest["config"]["encoding"]
         self.size = int(self.manifest["config"]["size"])
-        self.index = load_index(self.root, columns=INDEX_COLUMNS)
+        self.index = load_index(self.root, columns=INDEX_COLUMNS, manifest=self.manifest)
         self.ok = self.index[self.index["status"] == "ok"]
+        entries = self._checked_entries()
+        expected = self._expected()
         self.shards = [
-            Shard(s["name"], join(self.root, s["name"]), int(s["fold"]), int(s["samples"]))
-            for s in self.manifest["shards"]
-            if int(s["samples"]) > 0
+            Shard(
+                e["name"],
+                join(self.root, e["name"]),
+                int(e["fold"]),
+                int(e["samples"]),
+                self.size,
+                expected.get(e["name"], {}),
+            )  # fmt: skip
+            for e in entries
+            if int(e["samples"]) > 0
         ]
+
+    def _fail(self, what: str) -> ShardError:
+        return ShardError(f"{self.root}: {what}; the build is inconsistent, run `ich-prep verify {self.root}` and rebuild it")  # fmt: skip
+
+    def _checked_entries(self) -> list[dict]:
+        """The manifest's shard entries, each agreeing with the index: a unique name, a count of
+        samples equal to the index's ok rows for it, the fold of those rows; no ok row elsewhere."""
+        entries = self.manifest["shards"]
+        names = [e.get("name") if isinstance(e, dict) else None for e in entries]
+        if len(set(names)) != len(names):
+            raise self._fail("manifest lists a shard more than once")
         counts = self.ok["shard"].value_counts().to_dict()
-        for s in self.shards:
-            if counts.get(s.name, 0) != s.samples:
-                raise ShardError(
-                    f"{self.root}: manifest lists {s.samples} samples in {s.name} but the index has "
-                    f"{counts.get(s.name, 0)} ok rows; the build is inconsistent, rebuild it with ich-prep"
-                )
+        folds = self.ok.groupby("shard")["fold"].unique().to_dict()
+        for e in entries:
+            n = e.get("samples")
+            if type(n) is not int or n < 0 or type(e.get("fold")) is not int:
+                raise self._fail(f"manifest entry {e.get('name')} has samples {n!r}, fold {e.get('fold')!r}")  # fmt: skip
+            if counts.get(e["name"], 0) != n:
+                raise self._fail(f"manifest lists {n} samples in {e['name']} but the index has {counts.get(e['name'], 0)} ok rows")  # fmt: skip
+            if n and list(folds[e["name"]]) != [e["fold"]]:
+                raise self._fail(f"index rows of {e['name']} are fold {sorted(folds[e['name']])}, the manifest says {e['fold']}")  # fmt: skip
+        stray = set(counts) - set(names)
+        if stray:
+            raise self._fail(f"index rows point to shards the manifest does not list ({sorted(stray)[:3]})")  # fmt: skip
+        return entries
+
+    def _expected(self) -> dict[str, dict]:
+        """shard name -> {image id: labels (list of 6 ints) or None} of its ok rows."""
+        ok = self.ok
+        lab = ok[list(LABELS)]
+        rows = (
+            [None] * len(ok)
+            if lab.isna().all(axis=None)
+            else lab.astype("Int64").astype(object).where(lab.notna(), None).to_numpy().tolist()
+        )
+        out: dict[str, dict] = {}
+        for shard, image_id, y in zip(ok["shard"], ok["image_id"], rows, strict=True):
+            out.setdefault(shard, {})[image_id] = y
+        return out
 
     @property
     def fingerprint(self) -> str:
@@ -116,19 +161,11 @@ class Build:
         return self.ok.loc[self.ok["shard"].isin(names), "image_id"]
 
 
-def _member_filter(encoding: str):
-    """select_files predicate: keep `<key>.<encoding>` and `<key>.json`, skip every other member unread."""
-    wanted = {encoding.lower(), "json"}
-
-    def keep(fname: str) -> bool:
-        suffix = fname.rsplit("/", 1)[-1].partition(".")[2]
-        return suffix.lower() in wanted
-
-    return keep
-
-
 def read_shard(shard: Shard, encoding: str) -> Iterator[dict]:
-    """Raw samples {'__key__', encoding: bytes, 'json': bytes} of one shard, checked against the manifest."""
+    """Raw samples {'__key__', '__url__', encoding: bytes, 'json': bytes} of one shard, read with
+    ich_prep's one bounded tar reader (remote.iter_samples: regular members, bounded sizes and
+    member count, other members skipped unread) and checked against the manifest and the index
+    (`shard.expected`: the ok rows' ids and labels, when known)."""
     try:
         stream = open_stream(shard.url)
     except FileNotFoundError as e:
@@ -141,24 +178,15 @@ def read_shard(shard: Shard, encoding: str) -> Iterator[dict]:
         ) from e
     n = 0
     try:
-        files = tar_file_expander(
-            [{"url": shard.url, "stream": stream}],
-            select_files=_member_filter(encoding),
-            eof_value=None,
-        )
-        for sample in group_by_keys(files):
-            if encoding not in sample or "json" not in sample:
-                have = sorted(k for k in sample if not k.startswith("__"))
-                raise ShardError(
-                    f"{shard.url}: sample {sample['__key__']} has members {have}, expected "
-                    f"'{encoding}' (the manifest's encoding) and 'json'; the shard is damaged, rebuild it"
-                )
+        for s in iter_samples(stream, encoding, shard.size or None, 8 * shard.samples + 64):
+            yield _raw_sample(shard, s, encoding)
             n += 1
-            yield sample
-    except tarfile.TarError as e:
+    except (tarfile.TarError, EOFError, ValueError) as e:
         raise ShardError(
-            f"{shard.url} is not a readable tar file ({e.args[0]}); re-copy or rebuild it"
+            f"{shard.url} is not a readable tar file ({e}); re-copy or rebuild it (ich-prep verify names the damage)"
         ) from e
+    except OSError as e:
+        raise ShardError(f"{shard.url}: read failed ({e}); re-copy it or check the server") from e
     finally:
         stream.close()
     if n != shard.samples:
@@ -168,23 +196,57 @@ def read_shard(shard: Shard, encoding: str) -> Iterator[dict]:
         )
 
 
+def _raw_sample(shard: Shard, s, encoding: str) -> dict:
+    if s.problems:
+        raise ShardError(f"{shard.url}: sample {s.key}: {s.problems[0]}; the shard is damaged or crafted, rebuild it")  # fmt: skip
+    if encoding not in s.fields or "json" not in s.fields:
+        raise ShardError(
+            f"{shard.url}: sample {s.key} has members {sorted(s.fields)}, expected "
+            f"'{encoding}' (the manifest's encoding) and 'json'; the shard is damaged, rebuild it"
+        )
+    raw = {"__key__": s.key, "__url__": shard.url, **s.fields}
+    if shard.expected is not None:
+        if s.key not in shard.expected:
+            raise ShardError(f"{shard.url} holds sample {s.key}, which index.parquet does not list for this shard; the build is inconsistent, rebuild it")  # fmt: skip
+        raw["__labels__"] = shard.expected[s.key]
+    if shard.size:
+        raw["__size__"] = shard.size
+    return raw
+
+
+def _labels_of(meta: dict, raw: dict) -> np.ndarray:
+    """float32 (6,) labels: the index's (one source of truth), which the json must repeat; NaN
+    for an unlabelled sample."""
+    where = f"{raw.get('__url__')}: sample {raw['__key__']}"
+    labels = meta.get("labels")
+    if labels is not None and not (
+        isinstance(labels, list)
+        and len(labels) == len(LABELS)
+        and all(type(v) is int and v in (0, 1) for v in labels)
+    ):
+        raise ShardError(f"{where}: labels {str(labels)[:80]} are not {len(LABELS)} values of 0 or 1; rebuild the shard")  # fmt: skip
+    want = raw.get("__labels__", labels)
+    if want != labels:
+        raise ShardError(f"{where}: json labels {labels} disagree with index.parquet {want}; the build is inconsistent (ich-prep verify), rebuild it")  # fmt: skip
+    if labels is None:
+        return np.full(len(LABELS), np.nan, np.float32)
+    return np.asarray(labels, np.float32)
+
+
 def decode_sample(raw: dict, encoding: str) -> tuple[str, np.ndarray, np.ndarray]:
     """(image_id, uint8 (H, W, 3), float32 labels (6,), NaN when unlabelled)."""
+    where = f"{raw.get('__url__')}: sample {raw['__key__']}"
     try:
         image = decode_image(raw[encoding], encoding)
         meta = decode_json(raw["json"])
-    except ValueError as e:
-        raise ShardError(f"{raw.get('__url__')}: sample {raw['__key__']}: {e}") from e
-    labels = meta.get("labels")
-    if labels is None:
-        y = np.full(len(LABELS), np.nan, np.float32)
-    else:
-        y = np.asarray(labels, np.float32)
-        if y.shape != (len(LABELS),):
-            raise ShardError(
-                f"{raw.get('__url__')}: sample {raw['__key__']} has {len(y)} labels, expected 6"
-            )
-    return raw["__key__"], image, y
+    except (ValueError, RecursionError) as e:  # RecursionError: json nested thousands deep
+        raise ShardError(f"{where}: {str(e)[:200]}") from e
+    if not isinstance(meta, dict):
+        raise ShardError(f"{where}: json is a {type(meta).__name__}, not an object; rebuild the shard")  # fmt: skip
+    size = raw.get("__size__")
+    if size and image.shape != (size, size, 3):
+        raise ShardError(f"{where}: image is {image.shape}, the manifest says ({size}, {size}, 3); rebuild the shard")  # fmt: skip
+    return raw["__key__"], image, _labels_of(meta, raw)
 
 
 def collate(items: list[tuple[str, np.ndarray, np.ndarray]]) -> dict:
