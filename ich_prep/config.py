@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import re
 from dataclasses import dataclass
+
+from ich_prep.errors import UserError
 
 # (center, width) in Hounsfield units.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -24,6 +28,19 @@ ENCODINGS: dict[str, str] = {
     "jpg": "lossy: JPEG quality 95 (about 21 KiB per image)",
 }
 DEFAULT_ENCODING = "npy.gz"
+
+# Sane ranges for the numeric settings (inclusive). Outside them a build is a mistake: a 0.001 mm
+# spacing asks for a 145 GB image, numpy's seeded generators take 0..2**32-1, and so on.
+SIZE_RANGE = (16, 4096)  # output side in pixels
+SPACING_RANGE_MM = (0.1, 10.0)  # CT pixel spacing is 0.2-1 mm; 10 mm is already a 25-pixel head
+MAX_FOLDS = 100
+MAX_SHARD_SIZE = 100_000  # samples per shard: one task holds one shard's results in memory
+MAX_SEED = 2**32 - 1
+
+
+class ConfigError(UserError, ValueError):
+    """A build setting out of range or malformed; the message names the flag and what it allows.
+    A ValueError too, so callers that caught ValueError before still do."""
 
 
 @dataclass(frozen=True)
@@ -47,14 +64,14 @@ def parse_windows(spec: str | tuple[str, ...] | list[str]) -> tuple[Window, ...]
             continue
         m = re.fullmatch(r"(-?\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", item)
         if not m or float(m.group(2)) <= 0:
-            raise ValueError(
-                f"window {item!r} is neither a preset ({', '.join(WINDOW_PRESETS)}) "
+            raise ConfigError(
+                f"--windows: {item!r} is neither a preset ({', '.join(WINDOW_PRESETS)}) "
                 "nor a CENTER/WIDTH pair with a positive width, e.g. 40/80"
             )
         out.append(Window(f"c{m.group(1)}w{m.group(2)}", float(m.group(1)), float(m.group(2))))
     if len(out) != 3:
-        raise ValueError(
-            f"need exactly 3 windows (one per image channel), got {len(out)}: {spec!r}"
+        raise ConfigError(
+            f"--windows: need exactly 3 windows (one per image channel), got {len(out)}: {spec!r}"
         )
     return tuple(out)
 
@@ -76,18 +93,35 @@ class BuildConfig:
     fraction: float | None = None
 
     def __post_init__(self):
+        def bad(flag: str, allowed: str, value) -> ConfigError:
+            return ConfigError(f"{flag} must be {allowed}, got {value!r}")
+
+        def whole(flag: str, value, lo: int, hi: int | None = None) -> None:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if not ok or value < lo or (hi is not None and value > hi):
+                allowed = f"a whole number from {lo} to {hi}" if hi else f"a whole number >= {lo}"
+                raise bad(flag, allowed, value)
+
         if self.encoding not in ENCODINGS:
-            raise ValueError(f"unknown encoding {self.encoding!r}; choose one of {list(ENCODINGS)}")
-        if self.size < 16:
-            raise ValueError(f"--size must be at least 16 pixels, got {self.size}")
-        if self.labels is not None and self.folds < 2:
-            raise ValueError(f"--folds must be at least 2, got {self.folds}")
-        if self.shard_size < 1:
-            raise ValueError(f"--shard-size must be positive, got {self.shard_size}")
-        if self.fraction is not None and not 0 < self.fraction <= 1:
-            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
-        if self.spacing_mm is not None and self.spacing_mm <= 0:
-            raise ValueError(f"--spacing-mm must be positive, got {self.spacing_mm}")
+            raise ConfigError(
+                f"--encoding {self.encoding!r} is unknown; choose one of {', '.join(ENCODINGS)}"
+            )
+        whole("--size", self.size, *SIZE_RANGE)
+        if self.labels is not None:
+            whole("--folds", self.folds, 2, MAX_FOLDS)
+        whole("--seed", self.seed, 0, MAX_SEED)
+        whole("--shard-size", self.shard_size, 1, MAX_SHARD_SIZE)
+        if self.limit is not None:
+            whole("--limit", self.limit, 1)
+        if self.fraction is not None and not (
+            isinstance(self.fraction, numbers.Real) and 0 < self.fraction <= 1
+        ):
+            raise bad("--fraction", "in (0, 1] (e.g. 0.1 for a tenth)", self.fraction)
+        if self.spacing_mm is not None:
+            lo, hi = SPACING_RANGE_MM
+            sp = self.spacing_mm
+            if not (isinstance(sp, numbers.Real) and math.isfinite(sp) and lo <= sp <= hi):
+                raise bad("--spacing-mm", f"a pixel spacing from {lo} to {hi} mm", sp)
 
     @property
     def split(self) -> str:

@@ -2,9 +2,16 @@
 
 A `UserError` message says what is wrong, which file or flag, and how to fix it. Anything that is
 not a UserError is a bug (or an I/O failure the CLI reports on its own line), never the user's fault.
+The exit codes of `ich-prep` follow (the README lists them too).
 """
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # an I/O error (disk full, permission, network), or `verify` found problems
+EXIT_USER = 2  # a UserError or a usage error: nothing was built; fix the flag or file named
+EXIT_MAX_ERRORS = 3  # the build finished, but more inputs failed than --max-errors allows
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 
 
 class UserError(Exception):

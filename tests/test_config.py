@@ -1,9 +1,12 @@
 """The build config: window parsing, validation, and the CLI's clear refusals."""
 
+import re
+
 import pytest
 
 from ich_prep.cli import main
-from ich_prep.config import BuildConfig, Window, parse_windows
+from ich_prep.config import BuildConfig, ConfigError, Window, parse_windows
+from ich_prep.errors import UserError
 
 
 def test_presets_and_pairs():
@@ -38,12 +41,35 @@ def test_config_round_trips_through_json_dict():
 @pytest.mark.parametrize(
     "kw, word",
     [({"encoding": "webp"}, "encoding"), ({"size": 8}, "size"), ({"fraction": 1.5}, "fraction"),
-     ({"shard_size": 0}, "shard-size"), ({"labels": "x.csv", "folds": 1}, "folds")],
+     ({"shard_size": 0}, "shard-size"), ({"labels": "x.csv", "folds": 1}, "folds"),
+     ({"limit": 0}, "--limit must be a whole number >= 1"), ({"limit": -1}, "--limit"),
+     ({"fraction": 0.0}, "fraction"), ({"spacing_mm": float("inf")}, "0.1 to 10.0 mm"),
+     ({"spacing_mm": float("nan")}, "spacing-mm"), ({"spacing_mm": 0.001}, "spacing-mm"),
+     ({"spacing_mm": 10.5}, "spacing-mm"), ({"seed": -1}, "--seed must be a whole number from 0"),
+     ({"seed": 2**32}, "seed"), ({"size": 4097}, "16 to 4096"), ({"shard_size": 100_001}, "shard-size"),
+     ({"labels": "x.csv", "folds": 101}, "2 to 100"), ({"size": 64.5}, "size")],
 )  # fmt: skip
 def test_invalid_config_refused(kw, word):
-    """Impossible settings are refused naming the option."""
-    with pytest.raises(ValueError, match=word):
+    """Impossible or absurd settings are refused naming the option and its range: a ConfigError,
+    which is a UserError (one line, exit 2 in the CLI) and still a ValueError."""
+    with pytest.raises(ConfigError, match=re.escape(word)) as e:
         BuildConfig(dicom_dir="d", **kw)
+    assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+
+
+def test_edges_of_the_ranges_are_allowed():
+    """The bounds themselves are valid settings."""
+    BuildConfig(dicom_dir="d", labels="x.csv", size=16, spacing_mm=0.1, seed=0, limit=1,
+                fraction=1.0, shard_size=1, folds=2)  # fmt: skip
+    BuildConfig(dicom_dir="d", labels="x.csv", size=4096, spacing_mm=10.0, seed=2**32 - 1,
+                shard_size=100_000, folds=100)  # fmt: skip
+
+
+def test_manifest_config_out_of_range_is_refused():
+    """A config read back from a manifest goes through the same checks."""
+    d = BuildConfig(dicom_dir="d").to_dict()
+    with pytest.raises(ConfigError, match="--spacing-mm"):
+        BuildConfig.from_dict({**d, "spacing_mm": 0.001})
 
 
 def test_cli_refuses_bad_windows_with_exit_2(tmp_path, capsys):
