@@ -1,11 +1,14 @@
 """Read the RSNA labels CSV (`ID_<image>_<subtype>,Label`, long format) into one row per image.
 
 Streams the file in record batches with pyarrow, so millions of rows cost a few compact
-columns, not Python objects. Every problem becomes a counted error, never an exception.
+columns, not Python objects. A problem with one row's id or label becomes a counted error row;
+a file that is not such a CSV at all (no `ID,Label` header, no rows, a row with the wrong number
+of fields, bytes that are not UTF-8) raises LabelsError naming the file, the line and the format.
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, field
 
 import fsspec
@@ -16,8 +19,19 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from ich_prep import LABELS
+from ich_prep.errors import UserError
 
 _ID_RE = r"^(?P<image>ID_[0-9A-Za-z]+)_(?P<subtype>" + "|".join(LABELS) + r")$"
+EXPECTED = (
+    "expected the RSNA format: a header line ID,Label, then rows like ID_63eb1e259_epidural,0"
+)
+
+
+class LabelsError(UserError, ValueError):
+    """The labels CSV cannot be read as `ID,Label` rows (a ValueError too, as before)."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"--labels {path}: {problem}; {EXPECTED}")
 
 
 @dataclass
@@ -35,8 +49,35 @@ def _error_frame(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
 
 def read_labels(path: str, block_size: int = 1 << 22) -> LabelTable:
     """Parse, validate and pivot the labels CSV."""
-    with fsspec.open(path, "rb") as f:  # a local path or any fsspec URL
-        return _read(f, path, block_size)
+    try:
+        with fsspec.open(path, "rb") as f:  # a local path or any fsspec URL
+            return _read(f, path, block_size)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:  # pyarrow names no line: find it
+        raise LabelsError(path, _locate(path, str(e))) from None
+
+
+def _locate(path: str, arrow_message: str) -> str:
+    """What is wrong with the CSV, with the line number when one line is to blame (a second,
+    plain pass over the file, only taken when pyarrow has refused it)."""
+    if "Empty CSV" in arrow_message:
+        return "the file is empty (0 bytes or only blank lines)"
+    with fsspec.open(path, "rb") as f:
+        n_fields = None
+        for no, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {no} has a byte that is not UTF-8 (0x{raw[e.start]:02x} at column {e.start + 1})"  # fmt: skip
+            fields = next(csv.reader([text]), [])
+            if not fields:
+                continue  # a blank line, skipped by the reader too
+            if n_fields is None:
+                n_fields = len(fields)
+            elif len(fields) != n_fields:
+                shown = text.strip()
+                shown = shown if len(shown) <= 80 else shown[:77] + "..."
+                return f"line {no} has {len(fields)} field(s), not {n_fields}: {shown!r}"
+    return f"pyarrow cannot parse it: {' '.join(arrow_message.split())}"
 
 
 def _read(f, path: str, block_size: int) -> LabelTable:
@@ -45,9 +86,9 @@ def _read(f, path: str, block_size: int) -> LabelTable:
         f, read_options=pacsv.ReadOptions(block_size=block_size), convert_options=opts
     )
     if reader.schema.names[:2] != ["ID", "Label"]:
-        raise ValueError(
-            f"{path}: header is {reader.schema.names}, expected 'ID,Label' (the RSNA stage_2_train.csv format)"
-        )
+        names = ",".join(reader.schema.names)
+        shown = names if len(names) <= 80 else names[:77] + "..."
+        raise LabelsError(path, f"line 1 (the header) is {shown!r}")
     parts, bad = [], []
     line = 2  # line 1 is the header
     n_rows = 0
@@ -109,6 +150,8 @@ def _read(f, path: str, block_size: int) -> LabelTable:
         image_names = np.array([], dtype=object)
         rows = np.array([], dtype=np.int32)
     del parts
+    if n_rows == 0:
+        raise LabelsError(path, "there is a header but no rows")
     n_rows_kept = len(rows)
     rows = np.unique(rows)  # distinct (image, subtype, label)
     duplicate_rows = n_rows_kept - len(rows)

@@ -1,7 +1,10 @@
 """The labels CSV: pivot to one row per image, and every problem counted with its reason."""
 
+import pytest
+
 from ich_prep import LABELS
-from ich_prep.labels import read_labels
+from ich_prep.errors import UserError
+from ich_prep.labels import LabelsError, read_labels
 from tests.conftest import csv_rows as rows
 
 
@@ -79,3 +82,49 @@ def test_real_subset_counts(real_samples):
     )
     t = read_labels(str(csv))
     assert len(t.labels) == 1044 and t.labels["any"].sum() == 84 and t.errors.empty
+
+
+BAD_FILES = {
+    "wrong header": (b"Id,Lbl\nID_a1_epidural,0\n", "line 1 (the header) is 'Id,Lbl'"),
+    "no Label column": (b"ID\nID_a1_epidural\n", "line 1 (the header) is 'ID'"),
+    "no header": (b"ID_a1_epidural,0\nID_a1_any,0\n", "line 1 (the header) is 'ID_a1_epidural,0'"),
+    "0 bytes": (b"", "the file is empty"),
+    "blank lines only": (b"\n\n", "the file is empty"),
+    "header only": (b"ID,Label\n", "there is a header but no rows"),
+    "1 field": (b"ID,Label\nID_a1_epidural,0\nID_a1_any\n", "line 3 has 1 field(s), not 2: 'ID_a1_any'"),
+    "3 fields": (b"ID,Label\nID_a1_epidural,0,1\n", "line 2 has 3 field(s), not 2"),
+    "not UTF-8": (b"ID,Label\nID_a1_epidural,0\nID_a1_a\xffny,0\n", "line 3 has a byte that is not UTF-8 (0xff at column 8)"),
+    "not UTF-8 header": (b"\xffID,Label\nID_a1_epidural,0\n", "line 1 has a byte that is not UTF-8"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_not_a_labels_csv_is_one_clear_error(tmp_path, case):
+    """A file that is not ID,Label rows: LabelsError (a UserError and a ValueError) naming the
+    file, the line when one is to blame, and the expected format; never a pyarrow traceback."""
+    content, says = BAD_FILES[case]
+    p = tmp_path / "labels.csv"
+    p.write_bytes(content)
+    with pytest.raises(LabelsError) as e:
+        read_labels(str(p))
+    msg = str(e.value)
+    assert msg.startswith(f"--labels {p}: ") and says in msg, msg
+    assert "ID,Label" in msg and "ID_63eb1e259_epidural,0" in msg and "\n" not in msg
+    assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+
+
+def test_bad_row_deep_in_a_big_file_is_found_by_line(tmp_path):
+    """A 3-field row in a later pyarrow block is reported with its own line number."""
+    lines = [line for i in range(400) for line in rows(f"ID_{i:05x}", {})]
+    lines.insert(2000, "ID_zz_any,0,extra")
+    p = write_csv(tmp_path, lines)
+    with pytest.raises(LabelsError, match="line 2002 has 3 field"):
+        read_labels(p, block_size=4096)
+
+
+def test_bom_and_crlf_are_fine(tmp_path):
+    """A UTF-8 BOM (Excel) and CRLF line ends parse like the plain file."""
+    p = tmp_path / "labels.csv"
+    p.write_bytes(b"\xef\xbb\xbfID,Label\r\n" + "\r\n".join(rows("ID_a1", {})).encode() + b"\r\n")
+    t = read_labels(str(p))
+    assert t.errors.empty and list(t.labels.index) == ["ID_a1"]
