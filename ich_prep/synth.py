@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ich_prep import LABELS
+from ich_prep.errors import UserError
 from ich_prep.read_dicom import quiet_rsna_uids
 
 SUBTYPES = LABELS[1:]
@@ -23,6 +24,10 @@ CSV_ORDER = (*SUBTYPES, "any")  # the Kaggle row order within one image
 MIN_BLEED_MM2 = 30.0  # a bleed smaller than this after overlaps is not drawn, so never labelled
 AIR, CSF, BLOOD = -1000.0, 6.0, 72.0
 FORMS = ("signed16", "unsigned12", "wrap12")
+
+
+class SynthError(UserError, ValueError):
+    """A synthetic set that cannot be written as asked (a count below 1, --out not a folder)."""
 
 
 @dataclass(frozen=True)
@@ -320,6 +325,12 @@ def write_synthetic(
     per label and the number of series per storage form.
     """
     out = Path(out)
+    for flag, n, lo in (("--patients", patients, 1), ("--slices", slices_per_series, 1),
+                        ("--seed", seed, 0), ("test_patients", test_patients, 0)):  # fmt: skip
+        if n is not None and n < lo:
+            raise SynthError(f"{flag} must be at least {lo}, got {n}")
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"--out {out} is an existing file, not a folder; choose a folder path")
     n_test = max(2, patients // 4) if test_patients is None else test_patients
     rng = np.random.default_rng(seed)
     used: set[str] = set()

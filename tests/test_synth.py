@@ -9,9 +9,10 @@ import pydicom
 import pytest
 
 from ich_prep import LABELS
+from ich_prep.errors import UserError
 from ich_prep.labels import read_labels
 from ich_prep.read_dicom import ImageError, quiet_rsna_uids, read_header, read_slice
-from ich_prep.synth import MIN_BLEED_MM2, encode_hu, write_synthetic
+from ich_prep.synth import MIN_BLEED_MM2, SynthError, encode_hu, write_synthetic
 from ich_prep.transform import head_box, stored_to_hu
 
 KAGGLE_ORDER = [
@@ -229,3 +230,29 @@ def test_quirks_off_gives_plain_storage(tmp_path):
             1,
         )
     assert read_labels(s["labels_csv"]).stats["duplicate_rows_dropped"] == 0
+
+
+@pytest.mark.parametrize(
+    "kw, word",
+    [({"patients": 0}, "--patients"), ({"slices_per_series": 0}, "--slices"),
+     ({"patients": -1}, "--patients"), ({"seed": -1}, "--seed")],
+)  # fmt: skip
+def test_impossible_counts_refused_before_writing(tmp_path, kw, word):
+    """0 patients or 0 slices: a SynthError naming the flag (was a numpy traceback); nothing written."""
+    with pytest.raises(SynthError, match=f"{word} must be at least") as e:
+        write_synthetic(tmp_path / "s", **kw)
+    assert isinstance(e.value, UserError) and not (tmp_path / "s").exists()
+
+
+def test_out_that_is_a_file_refused(tmp_path):
+    """--out naming an existing file: a SynthError, and the file is left as it was."""
+    (tmp_path / "f").write_text("keep")
+    with pytest.raises(SynthError, match="is an existing file"):
+        write_synthetic(tmp_path / "f", patients=1)
+    assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_smallest_set_writes(tmp_path):
+    """One patient with one slice per series is a valid (tiny) set."""
+    s = write_synthetic(tmp_path, patients=1, slices_per_series=1)
+    assert s["train_images"] >= 1 and read_labels(s["labels_csv"]).errors.empty
