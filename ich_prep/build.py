@@ -20,7 +20,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fsspec
 import joblib
 import numpy as np
 import pandas as pd
@@ -33,6 +32,7 @@ from ich_prep.labels import read_labels
 from ich_prep.manifest import INDEX, MANIFEST, dumps, join
 from ich_prep.outdir import SHARD_RE, BuildLock, check_apart, owned_names
 from ich_prep.read_dicom import ImageError, read_header, read_slice
+from ich_prep.remote import open_stream
 from ich_prep.shards import MAX_JSON_BYTES, encode_meta, sha256_file, sha256_stream, write_tar
 from ich_prep.split import assign_folds, shuffled, slice_ranks
 from ich_prep.store import InputFile, Store, is_dir, list_inputs
@@ -61,7 +61,6 @@ PIXEL_FIELDS = [
 
 # Error reasons the build itself gives (read_dicom.REASONS has the per-file reading ones).
 BUILD_REASONS = {
-    "not_regular_file": "a FIFO, device, socket or broken link named *.dcm: never opened",
     "bad_file_name": "a file name that is not valid UTF-8 (cannot be recorded in the index)",
     "compile_failed": "reading worked but turning the pixels into the image failed (type and message in detail)",
     "metadata_too_large": "the sample's json would exceed the readers' limit (an oversized tag value)",
@@ -420,6 +419,12 @@ def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
     """One DICOM -> (uint8 image (size, size, 3), metadata). Raises ImageError."""
     h = rec.get("header")
     stored, h = read_slice(rec["path"], h if h and h.get("rows") else None)
+    spacing = (h["pixel_spacing_y"], h["pixel_spacing_x"])
+    if cfg.spacing_mm is not None and not all(v is not None and np.isfinite(v) for v in spacing):
+        raise ImageError(
+            "missing_tag",
+            f"{rec['path']}: PixelSpacing (0028,0030) is missing; --spacing-mm needs it to resample",
+        )
     hu = header_to_hu(stored, h)
     img, box = compile_image(
         hu,
@@ -569,8 +574,13 @@ def inputs_record(cfg: BuildConfig, inputs: list[InputFile]) -> dict:
         )
     labels = None
     if cfg.labels is not None:
-        with fsspec.open(cfg.labels, "rb") as f:
-            labels = sha256_stream(f)
+        try:
+            with open_stream(cfg.labels) as f:  # a local path: regular files only (no FIFO hang)
+                labels = sha256_stream(f)
+        except OSError as e:
+            raise BuildError(
+                f"--labels {cfg.labels} cannot be read ({e}); give the RSNA labels CSV file"
+            ) from e
     return {"files": len(inputs), "files_sha256": h.hexdigest(), "labels_sha256": labels}
 
 

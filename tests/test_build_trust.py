@@ -375,3 +375,40 @@ def test_workers_exit_when_the_build_is_killed(tmp_path):
     time.sleep(1.5)
     assert sorted(os.listdir(out / "_work")) == snapshot
     assert not (out / "manifest.json").exists()
+
+
+def test_labels_fifo_is_refused_not_a_hang(tmp_path):
+    """--labels naming a FIFO: one BuildError at once (hashing it would block forever)."""
+    d = tmp_path / "train"
+    write_hu(d / "ID_ok.dcm", phantom_hu(64))
+    os.mkfifo(tmp_path / "labels.csv")
+    done = []
+
+    def run():
+        try:
+            build(cfg_for(d, tmp_path / "labels.csv"), tmp_path / "out", jobs=1, progress=False)
+        except BuildError as e:
+            done.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert done and "regular file" in str(done[0])
+
+
+def test_spacing_mm_without_pixel_spacing_is_an_error_row(tmp_path):
+    """--spacing-mm and a slice with no PixelSpacing: that slice is an error row, not a slice
+    silently resized to another physical scale."""
+    import pydicom
+
+    d = tmp_path / "test"
+    write_hu(d / "ID_ok.dcm", phantom_hu(64))
+    p = write_hu(d / "ID_nospacing.dcm", phantom_hu(64), z=1.0)
+    ds = pydicom.dcmread(p)
+    del ds.PixelSpacing
+    ds.save_as(p)
+    build(cfg_for(d, spacing_mm=1.0), tmp_path / "out", jobs=1, progress=False)
+    index = pd.read_parquet(tmp_path / "out" / "index.parquet").set_index("image_id")
+    assert index.loc["ID_nospacing", "reason"] == "missing_tag"
+    assert "PixelSpacing" in index.loc["ID_nospacing", "detail"]
+    assert index.loc["ID_ok", "status"] == "ok"
