@@ -1,18 +1,57 @@
-"""`ich-prep` command line: build, synth, verify, info, preview. `main(argv=None)` for tests."""
+"""`ich-prep` command line: build, synth, verify, info, preview. `main(argv=None)` for tests.
+
+Every way a command can stop ends in one line on stderr and an exit code (errors.EXIT_*): a
+UserError (a bad flag or input; exit 2) and an I/O error or Ctrl-C (exit 1 / 130) are caught once,
+in `main`; a usage error argparse finds is one line too (exit 2).
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import socket
 import sys
+import threading
+from urllib.parse import urlsplit
 
 from ich_prep import __version__
+from ich_prep.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MAX_ERRORS, EXIT_USER, UserError
+from ich_prep.store import is_url
+
+SCHEDULER_TIMEOUT_S = 10.0  # connecting to a dask scheduler that accepted the TCP connection
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors in one line, like every other error (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(lo: int):
+    """An argparse type: a whole number >= lo."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}")
+        return n
+
+    return parse
 
 
 def _jobs(value: str) -> int:
-    n = int(value)
-    return n if n > 0 else (os.cpu_count() or 1)
+    try:
+        return _at_least(1)(value)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(
+            f"{e} (worker processes; leave --jobs out to use all {os.cpu_count() or 1} cores)"
+        ) from None
 
 
 # ---------------------------------------------------------------- build
@@ -35,9 +74,11 @@ def add_build(sub) -> None:
         "--jobs",
         type=_jobs,
         default=os.cpu_count() or 1,
-        help="parallel workers (default: all cores)",
+        help="parallel workers, at least 1 (default: all cores)",
     )
-    p.add_argument("--size", type=int, default=256, help="output side in pixels (default 256)")
+    p.add_argument(
+        "--size", type=int, default=256, help="output side in pixels, 16 to 4096 (default 256)"
+    )
     p.add_argument(
         "--windows",
         default=",".join(DEFAULT_WINDOWS),
@@ -46,11 +87,13 @@ def add_build(sub) -> None:
     p.add_argument(
         "--spacing-mm",
         type=float,
-        help="resample to this pixel spacing first (common physical scale)",
+        help="resample to this pixel spacing first, 0.1 to 10 mm (common physical scale)",
     )
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--folds", type=int, default=5, help="2 to 100 (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="0 to 2**32-1 (default 0)")
+    p.add_argument(
+        "--shard-size", type=int, default=1000, help="samples per shard, 1 to 100000 (default 1000)"
+    )
     p.add_argument(
         "--encoding",
         choices=list(ENCODINGS),
@@ -58,12 +101,12 @@ def add_build(sub) -> None:
         help="image encoding in the shards",
     )
     p.add_argument(
-        "--limit", type=int, help="compile a seeded random subset of N images (prototyping)"
+        "--limit", type=int, help="compile a seeded random subset of N >= 1 images (prototyping)"
     )
     p.add_argument(
         "--fraction",
         type=float,
-        help="compile a seeded random fraction of the images (prototyping)",
+        help="compile a seeded random fraction in (0, 1] of the images (prototyping)",
     )
     p.add_argument(
         "--overwrite",
@@ -72,7 +115,7 @@ def add_build(sub) -> None:
     )
     p.add_argument(
         "--max-errors",
-        type=int,
+        type=_at_least(0),
         help="exit non-zero when more inputs than this fail (default: never)",
     )
     p.add_argument(
@@ -89,44 +132,26 @@ def add_build(sub) -> None:
 
 
 def do_build(args) -> int:
-    from ich_prep.build import BuildError, build
+    from ich_prep.build import build
     from ich_prep.config import BuildConfig, parse_windows
 
-    try:
-        cfg = BuildConfig(
-            dicom_dir=args.dicom_dir,
-            labels=args.labels,
-            size=args.size,
-            windows=parse_windows(args.windows),
-            spacing_mm=args.spacing_mm,
-            folds=args.folds,
-            seed=args.seed,
-            shard_size=args.shard_size,
-            encoding=args.encoding,
-            limit=args.limit,
-            fraction=args.fraction,
-        )
-    except ValueError as e:
-        print(f"ich-prep build: {e}", file=sys.stderr)
-        return 2
-    client = None
-    backend = None
-    if args.backend == "dask":
-        try:
-            from dask.distributed import Client
-        except ImportError:
-            print(
-                "ich-prep build: --backend dask needs the dask extra: pip install 'ich-toolkit[dask]'",
-                file=sys.stderr,
-            )
-            return 2
-        if not args.scheduler:
-            print(
-                "ich-prep build: --backend dask needs --scheduler tcp://HOST:PORT", file=sys.stderr
-            )
-            return 2
-        client = Client(args.scheduler)
-        backend = "dask"
+    cfg = BuildConfig(
+        dicom_dir=args.dicom_dir,
+        labels=args.labels,
+        size=args.size,
+        windows=parse_windows(args.windows),
+        spacing_mm=args.spacing_mm,
+        folds=args.folds,
+        seed=args.seed,
+        shard_size=args.shard_size,
+        encoding=args.encoding,
+        limit=args.limit,
+        fraction=args.fraction,
+    )
+    check_build_paths(args.dicom_dir, args.labels, args.out)
+    if args.scheduler and args.backend != "dask":
+        raise UserError(f"--scheduler {args.scheduler} needs --backend dask")
+    client = connect_dask(args.scheduler) if args.backend == "dask" else None
     try:
         res = build(
             cfg,
@@ -134,11 +159,8 @@ def do_build(args) -> int:
             jobs=args.jobs,
             overwrite=args.overwrite,
             progress=not args.quiet,
-            backend=backend,
+            backend="dask" if client is not None else None,
         )
-    except BuildError as e:
-        print(f"ich-prep build: {e}", file=sys.stderr)
-        return 2
     finally:
         if client is not None:
             client.close()
@@ -148,8 +170,102 @@ def do_build(args) -> int:
             f"ich-prep build: {res.manifest['counts']['error']} inputs failed, more than --max-errors {args.max_errors}",
             file=sys.stderr,
         )
-        return 3
+        return EXIT_MAX_ERRORS
     return 0
+
+
+def _has_file(root: str, suffix: str) -> bool:
+    """Whether any entry below a local folder ends in `suffix` (case-insensitive); stops at the
+    first one, so it costs one directory read on a real data set and a full walk only when none."""
+    stack = [root]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    if e.name.lower().endswith(suffix):
+                        return True
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+        except OSError:
+            continue  # an unreadable sub-folder: the build itself reports what it cannot read
+    return False
+
+
+def check_build_paths(dicom_dir: str, labels: str | None, out: str) -> None:
+    """Refuse, before anything is written, local paths that cannot work (URLs are left to build)."""
+    if not is_url(dicom_dir):
+        if not os.path.exists(dicom_dir):
+            raise UserError(
+                f"--dicom-dir {dicom_dir} is not a folder (it does not exist); give the folder that holds the .dcm slices"  # fmt: skip
+            )
+        if not os.path.isdir(dicom_dir):
+            raise UserError(
+                f"--dicom-dir {dicom_dir} is not a folder but a file; give the folder that holds the .dcm slices"  # fmt: skip
+            )
+        if not _has_file(dicom_dir, ".dcm"):
+            raise UserError(
+                f"--dicom-dir {dicom_dir} holds no .dcm files (searched recursively); check the path"
+            )
+    if labels is not None and not is_url(labels):
+        if not os.path.exists(labels):
+            raise UserError(
+                f"--labels {labels} does not exist; give the labels CSV (e.g. stage_2_train.csv), "
+                "or leave --labels out for an unlabelled test set"
+            )
+        if os.path.isdir(labels):
+            raise UserError(
+                f"--labels {labels} is a folder; give the labels CSV file in it (e.g. stage_2_train.csv)"  # fmt: skip
+            )
+    if not is_url(out) and os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is an existing file, not a folder; choose a folder path for --out")  # fmt: skip
+
+
+def connect_dask(address: str | None):
+    """A dask.distributed Client for --scheduler, or a UserError within seconds saying why not."""
+    try:
+        from dask.distributed import Client
+    except ImportError:
+        raise UserError(
+            "--backend dask needs the dask extra: pip install 'ich-toolkit[dask]'"
+        ) from None
+    if not address:
+        raise UserError("--backend dask needs --scheduler tcp://HOST:PORT")
+    scheme = address.split("://", 1)[0] if "://" in address else "tcp"
+    if scheme in ("tcp", "tls"):  # a plain TCP check first: refused at once, not after 30 s
+        url = urlsplit(address if "://" in address else f"tcp://{address}")
+        try:
+            host, port = url.hostname, url.port or 8786
+        except ValueError:
+            host = port = None
+        if not host:
+            raise UserError(f"--scheduler {address} is not an address like tcp://HOST:PORT")
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except OSError as e:
+            raise UserError(
+                f"--scheduler {address}: cannot reach a dask scheduler there ({_os_error(e)}); "
+                "start one (`dask scheduler`) or check HOST:PORT"
+            ) from None
+    # Client's own timeout covers the TCP connect, not the handshake: a port that accepts and
+    # then stays silent (not a dask scheduler) would hang it forever, so it gets a deadline too.
+    got: dict = {}
+
+    def connect() -> None:
+        try:
+            got["client"] = Client(address, timeout=SCHEDULER_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - reported below, in the calling thread
+            got["error"] = e
+
+    t = threading.Thread(target=connect, name="ich-prep-dask-connect", daemon=True)
+    t.start()
+    t.join(SCHEDULER_TIMEOUT_S + 5)
+    if "client" in got:
+        return got["client"]
+    why = _one_line(str(got["error"])) if "error" in got else f"no answer in {SCHEDULER_TIMEOUT_S + 5:g} s"  # fmt: skip
+    raise UserError(
+        f"--scheduler {address}: no dask scheduler answered ({why}); "
+        "check HOST:PORT (the scheduler's port, 8786 by default) and that `dask scheduler` runs there"
+    )
 
 
 def print_summary(res) -> None:
@@ -183,10 +299,12 @@ def add_synth(sub) -> None:
     p = sub.add_parser(
         "synth", help="write a small synthetic RSNA-like dataset (real DICOM files + labels CSV)"
     )
-    p.add_argument("--out", required=True)
-    p.add_argument("--patients", type=int, default=24)
-    p.add_argument("--slices", type=int, default=6, help="slices per series")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder to write (created if absent)")
+    p.add_argument("--patients", type=_at_least(1), default=24, help="at least 1 (default 24)")
+    p.add_argument(
+        "--slices", type=_at_least(1), default=6, help="slices per series, at least 1 (default 6)"
+    )
+    p.add_argument("--seed", type=_at_least(0), default=0)
     p.set_defaults(func=do_synth)
 
 
@@ -237,13 +355,8 @@ def add_info(sub) -> None:
 
 def do_info(args) -> int:
     from ich_prep.info import format_info, info
-    from ich_prep.manifest import FormatError
 
-    try:
-        d = info(args.root)
-    except (FormatError, OSError) as e:
-        print(f"ich-prep info: {e}", file=sys.stderr)
-        return 2
+    d = info(args.root)
     print(json.dumps(d, indent=1) if args.json else format_info(d))
     return 0
 
@@ -258,25 +371,22 @@ def add_preview(sub) -> None:
         "preview", help="contact sheet PNG of decoded samples: id, labels, each window"
     )
     p.add_argument("root", metavar="DIR_OR_URL", help="build folder or URL prefix")
-    p.add_argument("--n", type=int, default=64, help="samples to show (default 64)")
+    p.add_argument("--n", type=_at_least(1), default=64, help="samples to show (default 64)")
     p.add_argument("--out", default="preview.png", help="PNG to write (default preview.png)")
     p.add_argument("--label", choices=LABELS, help="only samples positive for this label")
     p.add_argument("--fold", type=int, help="only samples of this fold")
     p.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
-    p.add_argument("--panel", type=int, default=96, help="pixels per window panel (default 96)")
+    p.add_argument(
+        "--panel", type=_at_least(8), default=96, help="pixels per window panel (default 96)"
+    )
     p.set_defaults(func=do_preview)
 
 
 def do_preview(args) -> int:
-    from ich_prep.manifest import FormatError
-    from ich_prep.preview import PreviewError, preview, write_png
+    from ich_prep.preview import preview, write_png
 
-    try:
-        sheet, n = preview(args.root, args.n, args.label, args.fold, args.seed, args.panel)
-        write_png(args.out, sheet)
-    except (FormatError, PreviewError, OSError) as e:
-        print(f"ich-prep preview: {e}", file=sys.stderr)
-        return 2
+    sheet, n = preview(args.root, args.n, args.label, args.fold, args.seed, args.panel)
+    write_png(args.out, sheet)
     print(f"wrote {args.out}: {n} samples, {sheet.shape[1]}x{sheet.shape[0]} px")
     return 0
 
@@ -285,7 +395,7 @@ def do_preview(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ich-prep", description="Compile RSNA ICH head-CT DICOMs into WebDataset shards."
     )
     parser.add_argument("--version", action="version", version=f"ich-prep {__version__}")
@@ -295,9 +405,48 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(s: str) -> str:
+    return " ".join(s.split())
+
+
+def _os_error(e: OSError) -> str:
+    """'No space left on device (ENOSPC): /path' from an OSError, whatever raised it."""
+    if e.strerror is None:
+        return str(e) or type(e).__name__
+    code = f" ({errno.errorcode[e.errno]})" if e.errno in errno.errorcode else ""
+    where = "".join(f"{' -> ' if i else ': '}{f}" for i, f in enumerate((e.filename, e.filename2)) if f is not None)  # fmt: skip
+    return f"{e.strerror}{code}{where}"
+
+
+def _stopped(args) -> str:
+    """What a stopped command leaves behind and how to go on."""
+    if args.command == "build":
+        return (
+            f"; finished shards in {args.out} are kept (a .partial file is never used): "
+            "run the same command again to resume"
+        )
+    if args.command == "synth":
+        return f"; {args.out} may be incomplete: run the same command again to rewrite it"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = make_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER)
+    prog = f"ich-prep {args.command}"
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"{prog}: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted{_stopped(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        print(f"{prog}: I/O error: {_one_line(_os_error(e))}{_stopped(args)}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
