@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ich_prep.shards import MAX_JSON_BYTES, decode_image, gunzip
+from ich_prep.shards import MAX_JSON_BYTES, decode_image
 
 TIMEOUT_S = 60.0
 MAX_MEMBER_BYTES = 256 * 1024 * 1024  # a 1024x1024x3 raw image is 3 MiB; far larger is hostile
@@ -284,77 +284,14 @@ def max_raw_bytes(size: int) -> int:
     return size * size * 3 + 65536
 
 
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def declared_dims(data: bytes, encoding: str) -> tuple[int, int]:
-    """(height, width) a png/jpg header declares, read before decoding (so no pixel bomb is decoded)."""
-    if encoding == "png":
-        if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
-            raise ValueError("not a png (bad signature or no IHDR)")
-        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-    if data[:2] != b"\xff\xd8":
-        raise ValueError("not a jpeg (no SOI marker)")
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            raise ValueError("damaged jpeg marker stream")
-        m = data[i + 1]
-        if m == 0xFF:
-            i += 1
-            continue
-        if m in _SOF:
-            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(
-                data[i + 7 : i + 9], "big"
-            )
-        if m == 0x01 or 0xD0 <= m <= 0xD9:
-            i += 2
-            continue
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    raise ValueError("jpeg has no frame header")
-
-
-def _check_dims(data: bytes, encoding: str, size: int) -> None:
-    h, w = declared_dims(data, encoding)
-    if not (0 < h <= 4 * size and 0 < w <= 4 * size):
-        raise ValueError(
-            f"{encoding} header declares {h}x{w}; expected about {size}x{size}; refused"
-        )
-
-
 def image_header(data: bytes, encoding: str, size: int) -> tuple[tuple[int, ...], str]:
-    """(shape, dtype) of an encoded image. For .npy(.gz) only the header is parsed (and the gzip
-    CRC and the data length checked); png/jpg are decoded. Raises ValueError; never unpickles."""
-    if encoding in ("npy", "npy.gz"):
-        raw = gunzip(data, max_raw_bytes(size)) if encoding == "npy.gz" else data
-        f = io.BytesIO(raw)
-        try:
-            major, _ = np.lib.format.read_magic(f)
-            reader = (
-                np.lib.format.read_array_header_1_0
-                if major == 1
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran_order, dtype = reader(f)
-        except (ValueError, SyntaxError, EOFError) as e:
-            raise ValueError(f"not a .npy array ({e})") from e
-        if dtype.hasobject:
-            raise ValueError("a .npy of Python objects (would need pickle); refused")
-        if fortran_order:
-            raise ValueError("a Fortran-order .npy (readers take C order only); refused")
-        need = int(np.prod(shape)) * dtype.itemsize
-        if len(raw) - f.tell() != need:
-            raise ValueError(f"{len(raw) - f.tell()} bytes of pixels, header {shape} needs {need}")
-        return tuple(int(s) for s in shape), dtype.str.lstrip("|<>=")
-    _check_dims(data, encoding, size)
-    arr = decode_image(data, encoding)
+    """(shape, dtype) of an encoded image, decoded within the layout's bound. Raises ValueError;
+    never unpickles."""
+    arr = decode_bounded(data, encoding, size)
     return arr.shape, arr.dtype.str.lstrip("|<>=")
 
 
 def decode_bounded(data: bytes, encoding: str, size: int) -> np.ndarray:
-    """decode_image with the gzip inflation bounded (a small shard member cannot become GBs)."""
-    if encoding == "npy.gz":
-        return decode_image(gunzip(data, max_raw_bytes(size)), "npy")
-    if encoding in ("png", "jpg"):
-        _check_dims(data, encoding, size)
-    return decode_image(data, encoding)
+    """decode_image refusing anything larger decoded than a (size, size, 3) uint8 image (a small
+    shard member cannot become gigabytes: gzip inflation bounded, png/jpg headers read first)."""
+    return decode_image(data, encoding, max_raw_bytes(size))

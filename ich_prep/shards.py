@@ -16,6 +16,8 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -27,26 +29,82 @@ MAX_JSON_BYTES = 64 * 1024  # a sample's json is a few hundred bytes; anything f
 MAX_IMAGE_BYTES = 4096 * 4096 * 3 + 1024  # largest plausible decoded image (.npy header included)
 
 
+def _encode_npy(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(img), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _encode_npy_gz(img: np.ndarray) -> bytes:
+    # ISA-L deflate: standard gzip bytes (stock webdataset/gzip read them), ~4x faster than zlib
+    # level 1 and smaller at level 2 (benchmarks/bench_encoding.py).
+    return igzip.compress(_encode_npy(img), compresslevel=2, mtime=0)
+
+
+def _cv2_encoder(ext: str, params: list[int]):
+    def encode(img: np.ndarray) -> bytes:
+        ok, b = cv2.imencode(ext, img[..., ::-1], params)  # RGB order on disk
+        if not ok:
+            raise ValueError(f"cv2 could not encode a {img.shape} image as {ext}")
+        return b.tobytes()
+
+    return encode
+
+
+def _decode_npy(data: bytes, limit: int) -> np.ndarray:
+    if len(data) > limit:
+        raise ValueError(f".npy of {len(data)} bytes is over the {limit}-byte limit; refused")
+    return _load_npy(data)
+
+
+def _decode_npy_gz(data: bytes, limit: int) -> np.ndarray:
+    return _load_npy(gunzip(data, limit))
+
+
+def _decode_cv2(kind: str):
+    def decode(data: bytes, limit: int) -> np.ndarray:
+        h, w = declared_dims(data, kind)
+        if not (0 < h and 0 < w and h * w * 3 <= limit):
+            raise ValueError(
+                f"{kind} header declares {h}x{w}, over the {limit}-byte limit; refused"
+            )
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if arr is None:
+            raise ValueError(f"not a decodable {kind} image")
+        return arr[..., ::-1]
+
+    return decode
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One image encoding: `encode(uint8 (H, W, 3)) -> bytes`; `decode(bytes, limit) -> array`,
+    refusing (ValueError) anything that would take more than `limit` bytes decoded, checked from
+    the header before any pixel is decoded (gzip inflation bounded, png/jpg dimensions read first)."""
+
+    encode: Callable[[np.ndarray], bytes]
+    decode: Callable[[bytes, int], np.ndarray]
+
+
+# The encoding registry: member suffix -> codec (config.ENCODINGS describes each for the CLI).
+CODECS: dict[str, Codec] = {
+    "npy.gz": Codec(_encode_npy_gz, _decode_npy_gz),
+    "png": Codec(_cv2_encoder(".png", [cv2.IMWRITE_PNG_COMPRESSION, 1]), _decode_cv2("png")),
+    "npy": Codec(_encode_npy, _decode_npy),
+    "jpg": Codec(_cv2_encoder(".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95]), _decode_cv2("jpg")),
+}  # fmt: skip
+
+
+def codec(encoding: str) -> Codec:
+    try:
+        return CODECS[encoding]
+    except KeyError:
+        raise ValueError(f"unknown encoding {encoding!r}; one of {sorted(CODECS)}") from None
+
+
 def encode_image(img: np.ndarray, encoding: str) -> bytes:
-    """uint8 (H, W, 3) -> bytes in `encoding` (a key of config.ENCODINGS)."""
-    if encoding in ("npy", "npy.gz"):
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(img), allow_pickle=False)
-        raw = buf.getvalue()
-        # ISA-L deflate: standard gzip bytes (stock webdataset/gzip read them), ~4x faster than zlib
-        # level 1 and smaller at level 2 (benchmarks/bench_encoding.py).
-        return igzip.compress(raw, compresslevel=2, mtime=0) if encoding == "npy.gz" else raw
-    if encoding == "png":
-        ok, b = cv2.imencode(
-            ".png", img[..., ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1]
-        )  # RGB order on disk
-    elif encoding == "jpg":
-        ok, b = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
-    else:
-        raise ValueError(f"unknown encoding {encoding!r}")
-    if not ok:
-        raise ValueError(f"cv2 could not encode a {img.shape} image as {encoding}")
-    return b.tobytes()
+    """uint8 (H, W, 3) -> bytes in `encoding` (a key of CODECS)."""
+    return codec(encoding).encode(img)
 
 
 @functools.lru_cache(maxsize=64)
@@ -59,8 +117,10 @@ def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...]]:
         np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
     )
     shape, fortran_order, dtype = read(f)
-    if fortran_order or dtype.hasobject:
-        raise ValueError(f".npy header {header[10:].strip()!r}: expected a C-order numeric array")
+    if dtype.hasobject:
+        raise ValueError("a .npy of Python objects (would need pickle); refused")
+    if fortran_order:
+        raise ValueError("a Fortran-order .npy: readers take C-order arrays only; refused")
     return dtype, shape
 
 
@@ -74,30 +134,54 @@ def _load_npy(raw: bytes) -> np.ndarray:
         if raw[6] == 1
         else 12 + int.from_bytes(raw[8:12], "little")
     )
-    dtype, shape = _npy_layout(raw[:n])
+    try:
+        dtype, shape = _npy_layout(raw[:n])
+    except (SyntaxError, EOFError) as e:
+        raise ValueError(f"not a .npy array ({e})") from e
     count = int(np.prod(shape))
     if len(raw) - n != count * dtype.itemsize:
         raise ValueError(f".npy data holds {len(raw) - n} bytes, its header says {shape} {dtype}")
     return np.frombuffer(raw, dtype, count, offset=n).reshape(shape)
 
 
-def decode_image(data: bytes, encoding: str) -> np.ndarray:
-    """bytes -> uint8 (H, W, 3), channel i = window i. Never unpickles (object dtypes are refused).
-    npy/npy.gz give a read-only view of the inflated bytes (no copy); copy it to write in place."""
-    if encoding in ("npy", "npy.gz"):
-        arr = _load_npy(gunzip(data) if encoding == "npy.gz" else data)
-    elif encoding in ("png", "jpg"):
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if arr is None:
-            raise ValueError(f"not a decodable {encoding} image")
-        arr = arr[..., ::-1]
-    else:
-        raise ValueError(f"unknown encoding {encoding!r}")
+def decode_image(data: bytes, encoding: str, limit: int = MAX_IMAGE_BYTES) -> np.ndarray:
+    """bytes -> uint8 (H, W, 3), channel i = window i, at most `limit` bytes decoded. Never
+    unpickles (object dtypes are refused). npy/npy.gz give a read-only view of the inflated bytes
+    (no copy); copy it to write in place."""
+    arr = codec(encoding).decode(data, limit)
     if arr.dtype != np.uint8 or arr.ndim != 3:
         raise ValueError(
             f"decoded image has dtype {arr.dtype} shape {arr.shape}, expected uint8 (H, W, 3)"
         )
     return np.ascontiguousarray(arr)
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def declared_dims(data: bytes, kind: str) -> tuple[int, int]:
+    """(height, width) a png/jpg header declares, read before decoding (so no pixel bomb is decoded)."""
+    if kind == "png":
+        if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+            raise ValueError("not a png (bad signature or no IHDR)")
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a jpeg (no SOI marker)")
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            raise ValueError("damaged jpeg marker stream")
+        m = data[i + 1]
+        if m == 0xFF:
+            i += 1
+            continue
+        if m in _SOF:
+            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")  # fmt: skip
+        if m == 0x01 or 0xD0 <= m <= 0xD9:
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    raise ValueError("jpeg has no frame header")
 
 
 def gunzip(data: bytes, limit: int = MAX_IMAGE_BYTES) -> bytes:

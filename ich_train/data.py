@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ich_prep import LABELS
 from ich_prep.errors import UserError
 from ich_prep.manifest import FormatError, join, load_index, load_manifest
-from ich_prep.remote import iter_samples, open_stream
+from ich_prep.remote import iter_samples, max_raw_bytes, open_stream
 from ich_prep.shards import decode_image, decode_json
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
@@ -237,7 +237,7 @@ def decode_sample(raw: dict, encoding: str) -> tuple[str, np.ndarray, np.ndarray
     """(image_id, uint8 (H, W, 3), float32 labels (6,), NaN when unlabelled)."""
     where = f"{raw.get('__url__')}: sample {raw['__key__']}"
     try:
-        image = decode_image(raw[encoding], encoding)
+        image = decode_image(raw[encoding], encoding, max_raw_bytes(raw.get("__size__") or 4096))
         meta = decode_json(raw["json"])
     except (ValueError, RecursionError) as e:  # RecursionError: json nested thousands deep
         raise ShardError(f"{where}: {str(e)[:200]}") from e

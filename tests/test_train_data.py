@@ -5,6 +5,7 @@ import pickle
 import pytest
 import torch
 
+from ich_prep.manifest import FormatError
 from ich_train.data import Build, EvalStream, ShardError, TrainStream, create_loader, read_shard
 from tests.train_fixtures import deadline, make_build
 
@@ -161,11 +162,18 @@ def test_truncated_shard_is_detected(tmp_path):
 
 def test_index_and_manifest_disagreeing_is_refused(tmp_path):
     """An index whose ok rows do not match the manifest's shard counts is an inconsistent build."""
+    import json
+
     import pandas as pd
 
     root = make_build(tmp_path, folds=2, per_shard=4, size=16)
     index = pd.read_parquet(root / "index.parquet")
     index.iloc[:-1].to_parquet(root / "index.parquet")
+    with pytest.raises(FormatError, match="declares 7 rows.*manifest says 8"):
+        Build(root)  # the row count is checked from the Parquet footer first
+    m = json.loads((root / "manifest.json").read_text())
+    m["counts"]["inputs"] = 7
+    (root / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ShardError, match="inconsistent"):
         Build(root)
 
