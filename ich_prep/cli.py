@@ -289,6 +289,10 @@ def print_summary(res) -> None:
         print(
             f"wall: {s['wall_s']:.1f} s   {s['images_per_s']:.1f} images/s   (shards resumed: {s['resumed_shards']})"
         )
+    if s.get("changed_shards"):
+        print(
+            f"inputs changed since the interrupted run: {s['changed_shards']} finished shards compiled again"
+        )
     print(f"output: {res.out}")
 
 

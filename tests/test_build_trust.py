@@ -194,6 +194,7 @@ def test_kill_9_then_labels_change_then_rerun(tmp_path):
     change_labels(labels, sorted(truth)[0])
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
+    assert "inputs changed since the interrupted run" in rerun.stdout
     clean = subprocess.run([*cmd[:-1], str(tmp_path / "clean")], capture_output=True, timeout=300)
     assert clean.returncode == 0
     assert out_bytes(out) == out_bytes(tmp_path / "clean")
