@@ -132,8 +132,60 @@ class BuildConfig:
         """Plain json types (lists, not tuples), as stored in manifest.json."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    @property
+    def layout(self) -> ImageLayout:
+        """The shape of every image in the build: size x size, one uint8 channel per window."""
+        names = tuple(w.name for w in self.windows)
+        return ImageLayout(self.size, self.size, len(names), names)
+
     @classmethod
     def from_dict(cls, d: dict) -> BuildConfig:
+        """The config a manifest records, every field's type and range checked (ConfigError)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config is a {type(d).__name__}, not an object")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown or "dicom_dir" not in d:
+            raise ConfigError(f"config has unknown fields {sorted(unknown)} or no dicom_dir")
         d = dict(d)
-        d["windows"] = tuple(Window(**w) for w in d["windows"])
+        d["windows"] = _windows_from(d.get("windows", [dataclasses.asdict(w) for w in parse_windows(DEFAULT_WINDOWS)]))  # fmt: skip
+        for key in ("dicom_dir", "encoding"):
+            if key in d and not isinstance(d[key], str):
+                raise ConfigError(f"config {key} is {d[key]!r}, not a string")
+        if d.get("labels") is not None and not isinstance(d["labels"], str):
+            raise ConfigError(f"config labels is {d['labels']!r}, not a string or null")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """What every image of a build is: height x width x channels of `dtype`, channel i named
+    channel_names[i] (a window name). Readers take it from the manifest instead of assuming 3."""
+
+    height: int
+    width: int
+    channels: int
+    channel_names: tuple[str, ...]
+    dtype: str = "uint8"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    @property
+    def max_bytes(self) -> int:
+        """The most one decoded image may take (a .npy header included): the bound every decode gets."""
+        return self.height * self.width * self.channels + 65536
+
+
+def _windows_from(items) -> tuple[Window, ...]:
+    """Windows as a manifest records them: a list of 3 {name, center, width} with finite numbers."""
+    if not isinstance(items, list) or len(items) != 3:
+        raise ConfigError(f"config windows is {str(items)[:80]}, not a list of 3 windows")
+    out = []
+    for w in items:
+        ok = isinstance(w, dict) and set(w) == {"name", "center", "width"}
+        nums = ok and all(isinstance(w[k], numbers.Real) and not isinstance(w[k], bool) and math.isfinite(w[k]) for k in ("center", "width"))  # fmt: skip
+        if not (nums and isinstance(w["name"], str) and w["width"] > 0):
+            raise ConfigError(f"config window {str(w)[:80]} is not {{name, center, width > 0}}")
+        out.append(Window(w["name"], float(w["center"]), float(w["width"])))
+    return tuple(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ich_prep import FORMAT_VERSION, remote
+from ich_prep.config import BuildConfig, ConfigError
 from ich_prep.errors import UserError
 from ich_prep.remote import open_stream  # noqa: F401  (re-exported: streaming open of a shard)
 
@@ -23,6 +25,7 @@ MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest of ~1,000 shards is ~200 KiB
 MAX_INDEX_BYTES = 1024**3  # the full RSNA index (~875k rows) is ~50 MB
+SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_INDEX_ROWS = 10_000_000  # 11x the whole RSNA data
 MAX_INDEX_INFLATED = 4 * 1024**3  # decompressed column data, as the Parquet footer declares it
 
@@ -76,15 +79,52 @@ def load_manifest(root: str | os.PathLike) -> dict:
         raise FormatError(
             f"{url} not found: {root} is not a finished ich-prep build (run `ich-prep build`)"
         ) from e
+    except OSError as e:
+        raise FormatError(f"{url} cannot be read ({e}); copy the build again") from e
     try:
         manifest = json.loads(data)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{url} is not valid json: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise FormatError(f"{url} is not valid json: {str(e)[:200]}") from e
     if not isinstance(manifest, dict):
         raise FormatError(f"{url} is not a json object")
     check_version(manifest.get("format_version", "0"), url)
     check_shard_names(manifest, url)
+    check_entries(manifest, url)
+    build_config(manifest, url)
     return manifest
+
+
+def build_config(manifest: dict, where: str = MANIFEST) -> BuildConfig:
+    """The manifest's config, typed and validated (FormatError naming the field otherwise)."""
+    if "config" not in manifest:
+        raise FormatError(f"{where} has no 'config'; not an ich-prep build, or a damaged one: rebuild it")  # fmt: skip
+    try:
+        return BuildConfig.from_dict(manifest["config"])
+    except (ConfigError, TypeError) as e:
+        raise FormatError(f"{where}: config: {str(e)[:200]}; rebuild the build") from e
+
+
+def _count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def check_entries(manifest: dict, where: str) -> None:
+    """Every shard entry has a unique name, samples/bytes >= 0, an int fold, a 64-hex sha256; the
+    counts and the index entry are numbers where readers use them."""
+    names = set()
+    for e in manifest["shards"]:
+        bad = [k for k in ("samples", "bytes") if not _count(e.get(k))]
+        bad += [] if type(e.get("fold")) is int else ["fold"]
+        bad += [] if SHA256.fullmatch(str(e.get("sha256"))) else ["sha256"]
+        if bad or e["name"] in names:
+            what = f"bad {', '.join(bad)}" if bad else "listed twice"
+            raise FormatError(f"{where}: shard entry {e['name']} has {what}; the manifest is damaged, copy it again or rebuild")  # fmt: skip
+        names.add(e["name"])
+    counts, index = manifest.get("counts"), manifest.get("index")
+    if not (isinstance(counts, dict) and all(_count(counts.get(k)) for k in ("inputs", "ok", "error"))):  # fmt: skip
+        raise FormatError(f"{where}: 'counts' lacks whole numbers inputs/ok/error; the manifest is damaged")  # fmt: skip
+    if not (isinstance(index, dict) and _count(index.get("bytes")) and SHA256.fullmatch(str(index.get("sha256")))):  # fmt: skip
+        raise FormatError(f"{where}: 'index' lacks its bytes and sha256; the manifest is damaged")
 
 
 def check_shard_names(manifest: dict, where: str) -> None:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
-from ich_prep.manifest import join, load_index, load_manifest
+from ich_prep.manifest import build_config, join, load_index, load_manifest
 from ich_prep.remote import decode_bounded, iter_samples, open_stream
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -55,7 +55,8 @@ def candidates(
 
 def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0) -> list[dict]:
     """Up to `n` samples among `rows`: image, meta row. Streams as few shards as it can."""
-    enc, size = manifest["config"]["encoding"], int(manifest["config"]["size"])
+    cfg = build_config(manifest)
+    enc, layout = cfg.encoding, cfg.layout
     by_shard = {k: set(v) for k, v in rows.groupby("shard")["image_id"]}
     names = sorted(by_shard)
     order = np.random.default_rng(seed).permutation(len(names))
@@ -63,10 +64,10 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
     out: list[dict] = []
     for i in order:
         name = names[i]
-        with open_stream(join(root, name)) as f, closing(iter_samples(f, enc)) as it:
+        with open_stream(join(root, name)) as f, closing(iter_samples(f, enc, layout)) as it:
             for s in it:
                 if s.key in by_shard[name] and enc in s.fields and not s.problems:
-                    img = decode_bounded(s.fields[enc], enc, size)
+                    img = decode_bounded(s.fields[enc], enc, layout)
                     out.append({"image_id": s.key, "image": img, "row": info.loc[s.key]})
                     if len(out) == n:
                         return out

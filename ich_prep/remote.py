@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from ich_prep.config import ImageLayout
 from ich_prep.shards import MAX_JSON_BYTES, decode_image
 
 TIMEOUT_S = 60.0
@@ -238,18 +239,21 @@ class Sample:
 
 
 def iter_samples(
-    stream: BinaryIO, encoding: str, size: int | None = None, max_members: int | None = None
+    stream: BinaryIO,
+    encoding: str,
+    layout: ImageLayout | None = None,
+    max_members: int | None = None,
 ) -> Iterator[Sample]:
     """Samples of an uncompressed tar stream, grouped by key; the one bounded reader of shards.
 
     Only regular members with flat names are read; a json member over MAX_JSON_BYTES, an image
-    member over what a (size, size, 3) uint8 image can take (max_raw_bytes(size); any member over
-    MAX_MEMBER_BYTES without a size) and unsafe members are problems, never read into memory;
+    member over what one image of `layout` can take (layout.max_bytes; MAX_MEMBER_BYTES without a
+    layout) and unsafe members are problems, never read into memory;
     members of other kinds are skipped unread; more than `max_members` members stop the read with
     ValueError. Tar errors (truncation, broken headers, a compressed tar) propagate as
     tarfile.TarError / EOFError / OSError.
     """
-    limits = {"json": MAX_JSON_BYTES, encoding: MAX_MEMBER_BYTES if size is None else max_raw_bytes(size)}  # fmt: skip
+    limits = {"json": MAX_JSON_BYTES, encoding: MAX_MEMBER_BYTES if layout is None else layout.max_bytes}  # fmt: skip
     cur: Sample | None = None
     with tarfile.open(fileobj=stream, mode="r|") as tar:  # "r|": no transparent decompression
         for n, ti in enumerate(tar, 1):
@@ -279,19 +283,14 @@ def iter_samples(
 # ---------------------------------------------------------------- bounded image decoding
 
 
-def max_raw_bytes(size: int) -> int:
-    """The most an uncompressed (size, size, 3) uint8 .npy can take, header included."""
-    return size * size * 3 + 65536
-
-
-def image_header(data: bytes, encoding: str, size: int) -> tuple[tuple[int, ...], str]:
+def image_header(data: bytes, encoding: str, layout: ImageLayout) -> tuple[tuple[int, ...], str]:
     """(shape, dtype) of an encoded image, decoded within the layout's bound. Raises ValueError;
     never unpickles."""
-    arr = decode_bounded(data, encoding, size)
+    arr = decode_bounded(data, encoding, layout)
     return arr.shape, arr.dtype.str.lstrip("|<>=")
 
 
-def decode_bounded(data: bytes, encoding: str, size: int) -> np.ndarray:
-    """decode_image refusing anything larger decoded than a (size, size, 3) uint8 image (a small
-    shard member cannot become gigabytes: gzip inflation bounded, png/jpg headers read first)."""
-    return decode_image(data, encoding, max_raw_bytes(size))
+def decode_bounded(data: bytes, encoding: str, layout: ImageLayout) -> np.ndarray:
+    """decode_image refusing anything larger decoded than one image of `layout` (a small shard
+    member cannot become gigabytes: gzip inflation bounded, png/jpg headers read first)."""
+    return decode_image(data, encoding, layout.max_bytes)

@@ -19,11 +19,13 @@ import pandas as pd
 import pyarrow as pa
 
 from ich_prep import LABELS
+from ich_prep.config import BuildConfig
 from ich_prep.manifest import (
     INDEX,
     MANIFEST,
     MAX_INDEX_BYTES,
     FormatError,
+    build_config,
     join,
     load_manifest,
     parse_index,
@@ -113,18 +115,20 @@ def _index_size_problem(got: int | None, want: int) -> Problem | None:
     )
 
 
-def _check_sample(s, name: str, fold: int, cfg: dict, labels: dict) -> list[Problem]:
-    """Member safety, image header (shape/dtype), json bounds and agreement with the index."""
-    enc, size = cfg["encoding"], int(cfg["size"])
+def _check_sample(s, name: str, fold: int, cfg: BuildConfig, labels: dict) -> list[Problem]:
+    """Member safety, image (the manifest's layout), json bounds and agreement with the index."""
+    enc, layout = cfg.encoding, cfg.layout
     where = f"{name}:{s.key}"
     out = [Problem("unsafe_member", where, f"{name}: {why}") for why in s.problems + s.skipped]
     if enc not in s.fields:
         out.append(Problem("bad_sample", where, f"{name}: sample {s.key} has no .{enc} image"))
     else:
         try:
-            shape, dtype = image_header(s.fields[enc], enc, size)
-            if shape != (size, size, 3) or dtype != "u1":
-                raise ValueError(f"image is {dtype} {shape}, expected uint8 ({size}, {size}, 3)")
+            shape, dtype = image_header(s.fields[enc], enc, layout)
+            if shape != layout.shape or dtype != "u1":
+                raise ValueError(
+                    f"image is {dtype} {shape}, expected {layout.dtype} {layout.shape}"
+                )
         except ValueError as e:
             out.append(Problem("bad_image", where, f"{name}: image of {s.key} is damaged: {e}"))
     if "json" not in s.fields:
@@ -158,7 +162,9 @@ def _check_sample(s, name: str, fold: int, cfg: dict, labels: dict) -> list[Prob
     return out
 
 
-def _check_shard(root: str, entry: dict, cfg: dict, labels: dict, quick: bool) -> _ShardResult:
+def _check_shard(
+    root: str, entry: dict, cfg: BuildConfig, labels: dict, quick: bool
+) -> _ShardResult:
     """Size, then (unless quick) one streaming pass: sha256, members, image headers, json."""
     name, r = entry["name"], _ShardResult()
     url = join(root, name)
@@ -184,7 +190,7 @@ def _check_shard(root: str, entry: dict, cfg: dict, labels: dict, quick: bool) -
     try:
         with open_stream(url) as raw:
             reader = HashingReader(raw)
-            for s in iter_samples(reader, cfg["encoding"], int(cfg["size"])):
+            for s in iter_samples(reader, cfg.encoding, cfg.layout, 8 * int(entry["samples"]) + 64):
                 r.keys.append(s.key)
                 r.problems += _check_sample(s, name, int(entry["fold"]), cfg, labels)
             reader.drain()
@@ -285,7 +291,7 @@ def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
     except (FormatError, OSError) as e:
         report.add("manifest", MANIFEST, str(e))
         return report
-    cfg = manifest["config"]
+    cfg = build_config(manifest)
     _extra_files(root, manifest, report)
     index = _check_index(root, manifest, report)
     labels: dict[str, list[int]] = {}

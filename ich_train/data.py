@@ -27,10 +27,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ich_prep import LABELS
+from ich_prep.config import ImageLayout
 from ich_prep.errors import UserError
-from ich_prep.manifest import FormatError, join, load_index, load_manifest
-from ich_prep.remote import iter_samples, max_raw_bytes, open_stream
-from ich_prep.shards import decode_image, decode_json
+from ich_prep.manifest import FormatError, build_config, join, load_index, load_manifest
+from ich_prep.remote import iter_samples, open_stream
+from ich_prep.shards import MAX_IMAGE_BYTES, decode_image, decode_json
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
 
@@ -45,7 +46,7 @@ class Shard:
     url: str
     fold: int
     samples: int
-    size: int = 0  # image side from the manifest (bounds member sizes, checks shapes); 0: unknown
+    layout: ImageLayout | None = None  # the manifest's image layout: bounds members, checks shapes
     # image id -> labels of the index's ok rows for this shard (None labels in a test build)
     expected: dict | None = field(default=None, compare=False, hash=False, repr=False)
 
@@ -56,8 +57,8 @@ class Build:
     def __init__(self, root: str):
         self.root = str(root)
         self.manifest = load_manifest(self.root)
-        self.encoding = self.manifest["config"]["encoding"]
-        self.size = int(self.manifest["config"]["size"])
+        cfg = build_config(self.manifest)
+        self.encoding, self.size, self.layout = cfg.encoding, cfg.size, cfg.layout
         self.index = load_index(self.root, columns=INDEX_COLUMNS, manifest=self.manifest)
         self.ok = self.index[self.index["status"] == "ok"]
         entries = self._checked_entries()
@@ -68,7 +69,7 @@ class Build:
                 join(self.root, e["name"]),
                 int(e["fold"]),
                 int(e["samples"]),
-                self.size,
+                self.layout,
                 expected.get(e["name"], {}),
             )  # fmt: skip
             for e in entries
@@ -178,7 +179,7 @@ def read_shard(shard: Shard, encoding: str) -> Iterator[dict]:
         ) from e
     n = 0
     try:
-        for s in iter_samples(stream, encoding, shard.size or None, 8 * shard.samples + 64):
+        for s in iter_samples(stream, encoding, shard.layout, 8 * shard.samples + 64):
             yield _raw_sample(shard, s, encoding)
             n += 1
     except (tarfile.TarError, EOFError, ValueError) as e:
@@ -209,8 +210,8 @@ def _raw_sample(shard: Shard, s, encoding: str) -> dict:
         if s.key not in shard.expected:
             raise ShardError(f"{shard.url} holds sample {s.key}, which index.parquet does not list for this shard; the build is inconsistent, rebuild it")  # fmt: skip
         raw["__labels__"] = shard.expected[s.key]
-    if shard.size:
-        raw["__size__"] = shard.size
+    if shard.layout is not None:
+        raw["__layout__"] = shard.layout
     return raw
 
 
@@ -237,15 +238,17 @@ def decode_sample(raw: dict, encoding: str) -> tuple[str, np.ndarray, np.ndarray
     """(image_id, uint8 (H, W, 3), float32 labels (6,), NaN when unlabelled)."""
     where = f"{raw.get('__url__')}: sample {raw['__key__']}"
     try:
-        image = decode_image(raw[encoding], encoding, max_raw_bytes(raw.get("__size__") or 4096))
+        layout = raw.get("__layout__")
+        image = decode_image(
+            raw[encoding], encoding, layout.max_bytes if layout else MAX_IMAGE_BYTES
+        )
         meta = decode_json(raw["json"])
     except (ValueError, RecursionError) as e:  # RecursionError: json nested thousands deep
         raise ShardError(f"{where}: {str(e)[:200]}") from e
     if not isinstance(meta, dict):
         raise ShardError(f"{where}: json is a {type(meta).__name__}, not an object; rebuild the shard")  # fmt: skip
-    size = raw.get("__size__")
-    if size and image.shape != (size, size, 3):
-        raise ShardError(f"{where}: image is {image.shape}, the manifest says ({size}, {size}, 3); rebuild the shard")  # fmt: skip
+    if layout is not None and image.shape != layout.shape:
+        raise ShardError(f"{where}: image is {image.shape}, the manifest says {layout.shape}; rebuild the shard")  # fmt: skip
     return raw["__key__"], image, _labels_of(meta, raw)
 
 

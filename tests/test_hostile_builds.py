@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ich_prep.manifest import dumps
-from ich_prep.remote import max_raw_bytes
+from ich_prep.config import ImageLayout
+from ich_prep.manifest import FormatError, dumps
 from ich_prep.shards import encode_image, sha256_file
 from ich_prep.verify import verify
 from ich_train.data import Build, ShardError, decode_sample, read_shard
@@ -84,7 +84,9 @@ def test_gzip_compressed_tar_is_refused_by_the_trainer(root):
 
 def test_image_member_over_the_layout_bound_is_never_read(root):
     """An image member larger than a (size, size, 3) uint8 image can be: refused from its header."""
-    replace_member(root, ".npy.gz", b"\0" * (max_raw_bytes(SIZE) + 1))
+    replace_member(
+        root, ".npy.gz", b"\0" * (ImageLayout(SIZE, SIZE, 3, ("a", "b", "c")).max_bytes + 1)
+    )
     refuse_everywhere(root, "over the .*-byte limit")
 
 
@@ -123,8 +125,37 @@ def test_manifest_shard_entries_that_disagree_with_the_index(root, change):
     else:
         m["shards"].append(dict(m["shards"][0]))
     save_manifest(root, m)
-    with pytest.raises(ShardError, match="inconsistent"):
+    with pytest.raises(
+        FormatError, match="bad samples" if change == "negative" else "listed twice"
+    ):
         Build(str(root))
+    assert not verify(str(root)).ok
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.pop("config"), "no 'config'"),
+        (lambda m: m["shards"][0].pop("bytes"), "bad bytes"),
+        (lambda m: m["config"].update(size="abc"), "size"),
+        (lambda m: m["config"].update(windows="brain"), "windows"),
+        (lambda m: m["config"].update(size=10**9), "size"),
+        (lambda m: m.update(counts=[]), "counts"),
+    ],
+    ids=["no-config", "no-bytes", "size-abc", "windows-string", "size-huge", "counts-list"],
+)
+def test_malformed_manifest_fields_are_one_clear_error(root, edit, match):
+    """Missing config, a shard without bytes, size 'abc', windows 'brain', size 10**9: one
+    FormatError naming the field, for Build, info and verify alike (no KeyError/TypeError)."""
+    from ich_prep.info import info
+
+    m = manifest(root)
+    edit(m)
+    save_manifest(root, m)
+    for read in (lambda: Build(str(root)), lambda: info(str(root))):
+        with pytest.raises(FormatError, match=match):
+            read()
+    assert "manifest" in verify(str(root)).by_kind()
 
 
 def test_index_fold_relabelled(root):

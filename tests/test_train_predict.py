@@ -118,14 +118,16 @@ def test_predict_refuses_a_build_with_other_windows(setup, tmp_path, capsys):
     from ich_train.checkpoint import load_checkpoint
 
     _, _, test, ckpts = setup
-    brain = [{"name": "brain", "center": 40.0, "width": 80.0}]
+    brain = [{"name": "brain", "center": 40.0, "width": 80.0},
+             {"name": "subdural", "center": 80.0, "width": 200.0},
+             {"name": "bone", "center": 600.0, "width": 2800.0}]  # fmt: skip
     ckpt = load_checkpoint(ckpts[0])
     ckpt["data"]["windows"] = brain
     torch.save(ckpt, tmp_path / "ckpt.pt")
     other = tmp_path / "test"
     shutil.copytree(test, other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["config"]["windows"] = [{"name": "brain", "center": 35.0, "width": 80.0}]
+    manifest["config"]["windows"] = [{**brain[0], "center": 35.0}, *brain[1:]]
     (other / "manifest.json").write_text(json.dumps(manifest))
     args = ["predict", "--checkpoint", str(tmp_path / "ckpt.pt"), "--shards", str(other),
             "--out", str(tmp_path / "s.csv"), "--workers", "0", "--no-progress"]  # fmt: skip

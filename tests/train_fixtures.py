@@ -16,6 +16,7 @@ import pandas as pd
 import webdataset as wds
 
 from ich_prep import FORMAT_VERSION, LABELS
+from ich_prep.config import BuildConfig
 from ich_prep.shards import TAR_MTIME, encode_image, sha256_file, write_shard
 
 # subtype (1..5) -> channels its blob brightens
@@ -125,7 +126,14 @@ def make_build(
         "format_version": FORMAT_VERSION,
         "tool": "ich_prep",
         "tool_version": "test",
-        "config": {"size": size, "encoding": encoding, "folds": 0 if test else folds, "seed": seed},
+        "config": BuildConfig(
+            dicom_dir="synthetic",
+            labels=None if test else "synthetic.csv",
+            size=size,
+            encoding=encoding,
+            folds=folds if folds >= 2 else 5,
+            seed=seed,
+        ).to_dict(),
         "split": "test" if test else "train",
         "counts": {"inputs": len(rows), "ok": k, "error": error_rows},
         "index": {
