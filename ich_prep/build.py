@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ich_prep import FORMAT_VERSION, LABELS, __version__
 from ich_prep.config import BuildConfig
 from ich_prep.errors import UserError
-from ich_prep.labels import read_labels
+from ich_prep.labels import LabelTable, read_labels
 from ich_prep.manifest import INDEX, MANIFEST, dumps, join
 from ich_prep.outdir import SHARD_RE, BuildLock, check_apart, owned_names
 from ich_prep.read_dicom import ImageError, read_header, read_slice
@@ -205,7 +205,12 @@ def _printable(s: str) -> str:
 
 
 def plan_images(
-    cfg: BuildConfig, inputs: list[InputFile], jobs: int, store: Store, progress: bool
+    cfg: BuildConfig,
+    inputs: list[InputFile],
+    jobs: int,
+    store: Store,
+    progress: bool,
+    lt: LabelTable | None = None,
 ) -> pd.DataFrame:
     """One row per input with header fields, labels, status; ok rows get fold and slice rank."""
     files = _files_table(inputs)
@@ -218,7 +223,7 @@ def plan_images(
     files = files.drop(columns=["reason", "detail"])
 
     if cfg.labels is not None:
-        lt = read_labels(cfg.labels)
+        lt = lt if lt is not None else read_labels(cfg.labels)
         labels, label_errors, label_stats = lt.labels, lt.errors, lt.stats
     else:
         labels, label_errors, label_stats = (
@@ -638,9 +643,11 @@ def build(
                     f"{out} was built from other inputs: {changed}; pass --overwrite to rebuild "
                     "it, or choose another --out"
                 )
+    # A labels CSV that is not ID,Label rows stops the build here, before --out is created.
+    lt = read_labels(cfg.labels) if cfg.labels is not None else None
     store.makedirs()
     with BuildLock(store):
-        return _build_locked(cfg, store, inputs, now, jobs, overwrite, progress, backend, t0)
+        return _build_locked(cfg, store, inputs, now, (jobs, overwrite, progress, backend), t0, lt)
 
 
 def _compile_pending(store, plan, cfg, keys, pending, jobs, progress, backend) -> dict[str, dict]:
@@ -674,11 +681,12 @@ def _remove_leftovers(store: Store, shards: set[str]) -> None:
             store.remove(name)
 
 
-def _build_locked(cfg, store, inputs, now, jobs, overwrite, progress, backend, t0) -> BuildResult:
+def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
+    jobs, overwrite, progress, backend = run
     _prepare_out(store, cfg, overwrite)
     store.remove(MANIFEST)
     with joblib.parallel_config(backend=backend) if backend else contextlib.nullcontext():
-        df = plan_images(cfg, inputs, jobs, store, progress)  # header pass on the same workers
+        df = plan_images(cfg, inputs, jobs, store, progress, lt)  # header pass on the same workers
     label_stats = df.attrs.get("label_stats", {})
     plan = plan_shards(df, cfg)
     labelled = cfg.labels is not None

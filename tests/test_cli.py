@@ -211,6 +211,7 @@ def test_malformed_labels_csv_refused(synth, tmp_path, capsys, content, says):
     line = one_line(capsys.readouterr().err)
     assert f"--labels {csv}: " in line and says in line, line
     assert "ID,Label" in line and "ID_63eb1e259_epidural,0" in line
+    assert not (tmp_path / "out").exists()  # refused before --out is created
 
 
 # ---------------------------------------------------------------- synth
