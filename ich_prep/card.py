@@ -112,7 +112,10 @@ def dataset_card(manifest: dict) -> str:
         "```",
         "",
         "With plain webdataset (no project code; `only=` decodes just the two fields this format "
-        "defines, so no other member type is ever unpickled):",
+        "defines, so no other member type is ever unpickled). Plain webdataset and Hugging Face "
+        "`datasets` do not bound member sizes or gzip inflation (a 1 MiB member can inflate to "
+        "gigabytes): on a build you did not make yourself, run `ich-prep verify` first; ich-prep "
+        "and ich-train read through a bounded reader.",
         "",
         "```python",
         "import glob",
