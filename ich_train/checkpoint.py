@@ -190,6 +190,11 @@ def check_keys(ckpt: dict, keys: tuple[str, ...], path) -> None:
 def load_weights(module: torch.nn.Module, state: dict, path, model_name: str) -> None:
     """module.load_state_dict(state) (strict), or a one-line CheckpointError saying how the
     checkpoint's weights fail to fit `model_name` (torch's own message runs to hundreds of lines)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} is a damaged ich-train checkpoint (its weights are a {type(state).__name__}, "
+            "not a state dict); pass a best.pt or last.pt written by ich-train fit"
+        )
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
