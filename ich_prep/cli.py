@@ -17,37 +17,23 @@ import threading
 from urllib.parse import urlsplit
 
 from ich_prep import __version__
-from ich_prep.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MAX_ERRORS, EXIT_USER, UserError
+from ich_prep.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_MAX_ERRORS,
+    EXIT_USER,
+    OneLineParser,
+    UserError,
+    at_least,
+)
 from ich_prep.store import is_url
 
 SCHEDULER_TIMEOUT_S = 10.0  # connecting to a dask scheduler that accepted the TCP connection
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with its usage errors in one line, like every other error (exit 2)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USER, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def _at_least(lo: int):
-    """An argparse type: a whole number >= lo."""
-
-    def parse(value: str) -> int:
-        try:
-            n = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-        if n < lo:
-            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}")
-        return n
-
-    return parse
-
-
 def _jobs(value: str) -> int:
     try:
-        return _at_least(1)(value)
+        return at_least(1)(value)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(
             f"{e} (worker processes; leave --jobs out to use all {os.cpu_count() or 1} cores)"
@@ -115,7 +101,7 @@ def add_build(sub) -> None:
     )
     p.add_argument(
         "--max-errors",
-        type=_at_least(0),
+        type=at_least(0),
         help="exit non-zero when more inputs than this fail (default: never)",
     )
     p.add_argument(
@@ -304,11 +290,11 @@ def add_synth(sub) -> None:
         "synth", help="write a small synthetic RSNA-like dataset (real DICOM files + labels CSV)"
     )
     p.add_argument("--out", required=True, help="folder to write (created if absent)")
-    p.add_argument("--patients", type=_at_least(1), default=24, help="at least 1 (default 24)")
+    p.add_argument("--patients", type=at_least(1), default=24, help="at least 1 (default 24)")
     p.add_argument(
-        "--slices", type=_at_least(1), default=6, help="slices per series, at least 1 (default 6)"
+        "--slices", type=at_least(1), default=6, help="slices per series, at least 1 (default 6)"
     )
-    p.add_argument("--seed", type=_at_least(0), default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.set_defaults(func=do_synth)
 
 
@@ -375,13 +361,13 @@ def add_preview(sub) -> None:
         "preview", help="contact sheet PNG of decoded samples: id, labels, each window"
     )
     p.add_argument("root", metavar="DIR_OR_URL", help="build folder or URL prefix")
-    p.add_argument("--n", type=_at_least(1), default=64, help="samples to show (default 64)")
+    p.add_argument("--n", type=at_least(1), default=64, help="samples to show (default 64)")
     p.add_argument("--out", default="preview.png", help="PNG to write (default preview.png)")
     p.add_argument("--label", choices=LABELS, help="only samples positive for this label")
     p.add_argument("--fold", type=int, help="only samples of this fold")
     p.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
     p.add_argument(
-        "--panel", type=_at_least(8), default=96, help="pixels per window panel (default 96)"
+        "--panel", type=at_least(8), default=96, help="pixels per window panel (default 96)"
     )
     p.set_defaults(func=do_preview)
 
@@ -399,7 +385,7 @@ def do_preview(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="ich-prep", description="Compile RSNA ICH head-CT DICOMs into WebDataset shards."
     )
     parser.add_argument("--version", action="version", version=f"ich-prep {__version__}")

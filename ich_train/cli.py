@@ -18,40 +18,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ich_prep.errors import UserError
-from ich_prep.manifest import FormatError
+from ich_prep.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USER,
+    OneLineParser,
+    UserError,
+    at_least,
+)
 from ich_train.config import TrainConfig
 from ich_train.data import default_workers
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-EXIT_FAILED = 1  # an I/O error (disk full, permission, network)
-EXIT_USER = 2  # a UserError or a usage error: fix the flag or file named
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 # errors a user can fix from the message; anything else is a bug and keeps its traceback.
-# FormatError is listed until it is a UserError everywhere; FileNotFoundError: a path that is not there
-USER_ERRORS = (UserError, FormatError, FileNotFoundError)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with its usage errors in one line, like every other error (exit 2)."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USER, f"{self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def _at_least(lo: int):
-    """An argparse type: a whole number >= lo."""
-
-    def parse(value: str) -> int:
-        try:
-            n = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-        if n < lo:
-            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}")
-        return n
-
-    return parse
+# (FormatError, ShardError, CheckpointError... are UserErrors); FileNotFoundError: a path that is not there
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -74,11 +55,11 @@ def float_list(text: str) -> tuple[float, ...]:
 
 def _runtime_args(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument(
-        "--batch-size", type=_at_least(1), default=batch_size, help="per process (per GPU)"
+        "--batch-size", type=at_least(1), default=batch_size, help="per process (per GPU)"
     )
     p.add_argument(
         "--workers",
-        type=_at_least(0),
+        type=at_least(0),
         default=default_workers(),
         help="DataLoader workers per process (default: cores per process - 1, at most 16)",
     )
@@ -257,12 +238,12 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--shards", required=True)
     p.add_argument("--model", default="efficientnet_b0")
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--steps", type=_at_least(1), default=20, help="timed steps per measurement")
-    p.add_argument("--warmup", type=_at_least(0), default=3, help="untimed steps first")
+    p.add_argument("--steps", type=at_least(1), default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first")
     p.add_argument("--dicom-dir", default=None, help="DICOM folder for the baseline loader (c)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument(
-        "--loader-steps", type=_at_least(1), default=50, help="batches timed for the loaders alone"
+        "--loader-steps", type=at_least(1), default=50, help="batches timed for the loaders alone"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model first")
     _runtime_args(p, 256)
@@ -278,7 +259,7 @@ def do_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ich-train", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="ich-train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_fit_parser, add_evaluate_parser, add_predict_parser, add_bench_parser):
         add(sub)

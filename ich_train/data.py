@@ -116,11 +116,6 @@ class Build:
         return out
 
     @property
-    def fingerprint(self) -> str:
-        """The index checksum: identifies the data a run was trained on."""
-        return str(self.manifest.get("index", {}).get("sha256", ""))
-
-    @property
     def preprocessing(self) -> dict:
         """What a model trained on this build expects of its input pixels, beyond the size (which
         the device resize adapts): the windows (HU centre/width per channel) and the pixel spacing."""
