@@ -184,3 +184,28 @@ def parse_index(
         raise
     except (pa.ArrowException, OSError, ValueError) as e:
         raise FormatError(f"{url} is not a readable Parquet index ({type(e).__name__}: {str(e)[:200]}); copy it again or rebuild") from e  # fmt: skip
+
+
+def index_mismatches(manifest: dict, index: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """Where the index disagrees with the manifest, as (kind, where, message): row counts, one ok
+    row per image, each shard's ok rows equal to its `samples` and all of its fold, no ok row in
+    a shard the manifest does not list. The one check verify reports and the trainer refuses on."""
+    out = []
+    c = manifest.get("counts", {})
+    ok = index[index["status"] == "ok"]
+    if c.get("inputs") != len(index) or c.get("ok") != len(ok):
+        out.append(("count", INDEX, f"{INDEX} has {len(index)} rows ({len(ok)} ok), {MANIFEST} says {c.get('inputs')} ({c.get('ok')} ok)"))  # fmt: skip
+    for image_id in ok["image_id"][ok["image_id"].duplicated()].unique()[:50]:
+        out.append(("duplicate_row", f"{INDEX} row {image_id}", f"{INDEX}: image {image_id} has more than one ok row"))  # fmt: skip
+    per_shard = ok["shard"].value_counts().to_dict()
+    folds = ok.groupby("shard")["fold"].unique().to_dict()
+    for s in manifest["shards"]:
+        name, n = s["name"], per_shard.get(s["name"], 0)
+        if n != s["samples"]:
+            out.append(("count", name, f"{INDEX} has {n} ok rows for {name}, {MANIFEST} says {s['samples']} samples"))  # fmt: skip
+        if name in folds and sorted(int(f) for f in folds[name]) != [s["fold"]]:
+            out.append(("index", name, f"{INDEX} rows of {name} are fold {sorted(int(f) for f in folds[name])}, {MANIFEST} says fold {s['fold']}"))  # fmt: skip
+    listed = {s["name"] for s in manifest["shards"]}
+    for row in ok[~ok["shard"].isin(listed)].head(50).itertuples():
+        out.append(("missing_sample", f"{INDEX} row {row.image_id}", f"{INDEX} row {row.image_id} points to shard {row.shard!r}, which {MANIFEST} does not list"))  # fmt: skip
+    return out

@@ -26,6 +26,7 @@ from ich_prep.manifest import (
     MAX_INDEX_BYTES,
     FormatError,
     build_config,
+    index_mismatches,
     join,
     load_manifest,
     parse_index,
@@ -243,23 +244,8 @@ def _check_index(root: str, manifest: dict, report: Report) -> pd.DataFrame | No
     if missing_cols:
         report.add("index", INDEX, f"{INDEX} lacks columns {sorted(missing_cols)}")
         return None
-    c = manifest.get("counts", {})
-    ok = index[index["status"] == "ok"]
-    if c.get("inputs") != len(index) or c.get("ok") != len(ok):
-        report.add("count", INDEX, f"{INDEX} has {len(index)} rows ({len(ok)} ok), {MANIFEST} says {c.get('inputs')} ({c.get('ok')} ok)")  # fmt: skip
-    for image_id in ok["image_id"][ok["image_id"].duplicated()].unique():
-        report.add("duplicate_row", f"{INDEX} row {image_id}", f"{INDEX}: image {image_id} has more than one ok row")  # fmt: skip
-    per_shard = ok["shard"].value_counts().to_dict()
-    folds = ok.groupby("shard")["fold"].unique().to_dict()
-    listed = {s["name"] for s in manifest["shards"]}
-    for s in manifest["shards"]:
-        if per_shard.get(s["name"], 0) != int(s["samples"]):
-            report.add("count", s["name"], f"{INDEX} has {per_shard.get(s['name'], 0)} ok rows for {s['name']}, {MANIFEST} says {s['samples']} samples")  # fmt: skip
-        if s["name"] in folds and sorted(int(f) for f in folds[s["name"]]) != [int(s["fold"])]:
-            report.add("index", s["name"], f"{INDEX} rows of {s['name']} are fold {sorted(int(f) for f in folds[s['name']])}, {MANIFEST} says fold {s['fold']}")  # fmt: skip
-    stray = ok[~ok["shard"].isin(listed)]
-    for row in stray.itertuples():
-        report.add("missing_sample", f"{INDEX} row {row.image_id}", f"{INDEX} row {row.image_id} points to shard {row.shard!r}, which {MANIFEST} does not list")  # fmt: skip
+    for kind, where, message in index_mismatches(manifest, index):
+        report.add(kind, where, message)
     return index
 
 

@@ -29,7 +29,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ich_prep import LABELS
 from ich_prep.config import ImageLayout
 from ich_prep.errors import UserError
-from ich_prep.manifest import FormatError, build_config, join, load_index, load_manifest
+from ich_prep.manifest import (
+    FormatError,
+    build_config,
+    index_mismatches,
+    join,
+    load_index,
+    load_manifest,
+)
 from ich_prep.remote import iter_samples, open_stream
 from ich_prep.shards import MAX_IMAGE_BYTES, decode_image, decode_json
 
@@ -80,26 +87,11 @@ class Build:
         return ShardError(f"{self.root}: {what}; the build is inconsistent, run `ich-prep verify {self.root}` and rebuild it")  # fmt: skip
 
     def _checked_entries(self) -> list[dict]:
-        """The manifest's shard entries, each agreeing with the index: a unique name, a count of
-        samples equal to the index's ok rows for it, the fold of those rows; no ok row elsewhere."""
-        entries = self.manifest["shards"]
-        names = [e.get("name") if isinstance(e, dict) else None for e in entries]
-        if len(set(names)) != len(names):
-            raise self._fail("manifest lists a shard more than once")
-        counts = self.ok["shard"].value_counts().to_dict()
-        folds = self.ok.groupby("shard")["fold"].unique().to_dict()
-        for e in entries:
-            n = e.get("samples")
-            if type(n) is not int or n < 0 or type(e.get("fold")) is not int:
-                raise self._fail(f"manifest entry {e.get('name')} has samples {n!r}, fold {e.get('fold')!r}")  # fmt: skip
-            if counts.get(e["name"], 0) != n:
-                raise self._fail(f"manifest lists {n} samples in {e['name']} but the index has {counts.get(e['name'], 0)} ok rows")  # fmt: skip
-            if n and list(folds[e["name"]]) != [e["fold"]]:
-                raise self._fail(f"index rows of {e['name']} are fold {sorted(folds[e['name']])}, the manifest says {e['fold']}")  # fmt: skip
-        stray = set(counts) - set(names)
-        if stray:
-            raise self._fail(f"index rows point to shards the manifest does not list ({sorted(stray)[:3]})")  # fmt: skip
-        return entries
+        """The manifest's shard entries, once the index agrees with them (index_mismatches)."""
+        problems = index_mismatches(self.manifest, self.index)
+        if problems:
+            raise self._fail(problems[0][2])
+        return self.manifest["shards"]
 
     def _expected(self) -> dict[str, dict]:
         """shard name -> {image id: labels (list of 6 ints) or None} of its ok rows."""
