@@ -30,7 +30,7 @@ from ich_prep.config import BuildConfig
 from ich_prep.errors import UserError
 from ich_prep.labels import LabelTable, read_labels
 from ich_prep.manifest import INDEX, MANIFEST, dumps, join
-from ich_prep.outdir import SHARD_RE, BuildLock, check_apart, owned_names
+from ich_prep.outdir import SHARD_RE, WORK_FILE_RE, BuildLock, check_apart, owned_names
 from ich_prep.read_dicom import ImageError, read_header, read_slice
 from ich_prep.remote import open_stream
 from ich_prep.shards import MAX_JSON_BYTES, encode_meta, sha256_file, sha256_stream, write_tar
@@ -140,9 +140,8 @@ def _detail(where: str, e: Exception) -> str:
     return f"{where}: {type(e).__name__}: {e}"[:MAX_DETAIL]
 
 
-SAFE_ID = re.compile(
-    r"[A-Za-z0-9_-]{1,80}"
-)  # a tar member key every reader (and webdataset) keeps whole
+# A tar member key every reader (remote.SAFE_FILE_NAME) and webdataset keep whole.
+SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}")
 
 
 def _image_id(rel: str) -> str:
@@ -152,7 +151,7 @@ def _image_id(rel: str) -> str:
     stem = Path(rel).name[: -len(".dcm")]
     if SAFE_ID.fullmatch(stem):
         return stem
-    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:48]
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).lstrip("_-")[:48].rstrip("_-")
     digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).hexdigest()[:12]
     return f"{safe}_{digest}" if safe else f"file_{digest}"
 
@@ -171,19 +170,22 @@ def _select_subset(ids: list[str], cfg: BuildConfig) -> set[str] | None:
 def _files_table(inputs: list[InputFile]) -> pd.DataFrame:
     """One row per input file: path, image_id, file_size, file_mtime_ns, and reason/detail for the
     files that are never opened (not regular, name not UTF-8); sorted by path, as listed."""
+    named = [_is_utf8(f.path) for f in inputs]  # before any table: arrow strings refuse surrogates
+    reason = [
+        ("not_regular_file" if not f.regular else None) if ok else "bad_file_name"
+        for f, ok in zip(inputs, named, strict=True)
+    ]
     files = pd.DataFrame(
         {
-            "path": [f.path for f in inputs],
+            "path": [
+                f.path if ok else _printable(f.path) for f, ok in zip(inputs, named, strict=True)
+            ],
             "image_id": [_image_id(f.path) for f in inputs],
             "file_size": pd.array([f.size for f in inputs], dtype="Int64"),
             "file_mtime_ns": pd.array([f.mtime_ns for f in inputs], dtype="Int64"),
-            "reason": [None if f.regular else "not_regular_file" for f in inputs],
+            "reason": pd.array(reason, dtype=object),
         },
     )
-    files["reason"] = files["reason"].astype(object)
-    named = files["path"].map(_is_utf8)
-    files.loc[~named, "reason"] = "bad_file_name"
-    files["path"] = files["path"].map(_printable)
     why = {
         "not_regular_file": "not a regular file (a FIFO, device, socket or broken link); only regular files are read",
         "bad_file_name": "file name is not valid UTF-8; rename it",
@@ -670,6 +672,16 @@ def _compile_pending(store, plan, cfg, keys, pending, jobs, progress, backend) -
     return done
 
 
+def _remove_ledger(store: Store) -> None:
+    """Delete the `_work/` files a build writes (and `_work/` once empty); a file we did not
+    write there stays."""
+    for name in store.listdir(WORK):
+        if WORK_FILE_RE.fullmatch(name.removesuffix(".partial")):
+            store.remove(f"{WORK}/{name}")
+    if not store.listdir(WORK):
+        store.remove(WORK)
+
+
 def _remove_leftovers(store: Store, shards: set[str]) -> None:
     """Delete what earlier runs of this build left: `.partial` files of ours (a worker killed
     mid-write; its task was redone) and shard-named files this plan does not have (written before
@@ -757,7 +769,7 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
 
     store.write_bytes("README.md", dataset_card(manifest).encode())
     store.write_bytes(MANIFEST, dumps(manifest))
-    store.remove(WORK)
+    _remove_ledger(store)
     _remove_leftovers(store, set(plan))
     wall = time.perf_counter() - t0
     total_bytes = sum(s["bytes"] for s in shards)

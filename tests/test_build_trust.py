@@ -301,15 +301,21 @@ def test_dotted_and_spaced_file_names_are_readable(tmp_path):
     """DICOM UIDs as file names (dots) and spaces: every ok row is a sample that verify, stock
     webdataset and the trainer's reader load; the index keeps the original file name."""
     d = tmp_path / "test"
-    names = ["1.2.840.113619.2.55.3.dcm", "1.2.840.113619.2.55.4.dcm", "scan one.dcm", "ID_plain.dcm"]  # fmt: skip
+    names = ["1.2.840.113619.2.55.3.dcm", "1.2.840.113619.2.55.4.dcm", "scan one.dcm", "-dash.dcm", "ID_plain.dcm"]  # fmt: skip
     for i, n in enumerate(names):
         write_hu(d / n, phantom_hu(64), z=float(i))
+    # a name that is not UTF-8: one error row, not a traceback
+    x = write_hu(tmp_path / "x.dcm", phantom_hu(64))
+    os.rename(os.fsencode(x), os.path.join(os.fsencode(d), b"bad\xffname.dcm"))
     res = build(cfg_for(d), tmp_path / "out", jobs=1, progress=False)
-    assert res.manifest["counts"]["ok"] == 4
+    assert res.manifest["counts"]["ok"] == 5
+    assert res.manifest["counts"]["errors_by_reason"] == {"bad_file_name": 1}
     index = pd.read_parquet(tmp_path / "out" / "index.parquet")
+    assert index.loc[index["reason"] == "bad_file_name", "path"].tolist() == ["bad\\xffname.dcm"]
+    index = index[index["status"] == "ok"]
     assert sorted(index["path"]) == sorted(names)
     ids = dict(zip(index["path"], index["image_id"], strict=True))
-    assert ids["ID_plain.dcm"] == "ID_plain" and len(set(ids.values())) == 4
+    assert ids["ID_plain.dcm"] == "ID_plain" and len(set(ids.values())) == 5
     assert all("." not in i and " " not in i for i in ids.values())
     assert verify(str(tmp_path / "out")).ok
     urls = sorted(glob.glob(str(tmp_path / "out" / "*.tar")))
@@ -413,3 +419,14 @@ def test_spacing_mm_without_pixel_spacing_is_an_error_row(tmp_path):
     assert index.loc["ID_nospacing", "reason"] == "missing_tag"
     assert "PixelSpacing" in index.loc["ID_nospacing", "detail"]
     assert index.loc["ID_ok", "status"] == "ok"
+
+
+def test_resume_keeps_a_users_file_in_work(data, tmp_path, monkeypatch):
+    """A file someone put in `_work/` of an interrupted build survives the finishing rerun."""
+    dicom_dir, labels, _ = data
+    out = tmp_path / "out"
+    interrupt_before_manifest(monkeypatch, cfg_for(dicom_dir, labels), out)
+    (out / "_work" / "mine.txt").write_text("keep")
+    build(cfg_for(dicom_dir, labels), out, jobs=1, progress=False)
+    assert (out / "_work" / "mine.txt").read_text() == "keep"
+    assert sorted(os.listdir(out / "_work")) == ["mine.txt"]
