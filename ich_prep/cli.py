@@ -40,6 +40,22 @@ def _jobs(value: str) -> int:
         ) from None
 
 
+def check_jobs(jobs: int, backend: str) -> None:
+    """Local workers beyond 4 per core only cost memory (and a huge count never starts)."""
+    cores = os.cpu_count() or 1
+    if backend != "dask" and jobs > 4 * cores:
+        raise UserError(
+            f"--jobs {jobs} is more than 4 worker processes per core on this {cores}-core machine; "
+            f"use --jobs {cores} (the default), or --backend dask to spread work over a cluster"
+        )
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute and normal, so `./x`, `x/` and `$PWD/x` name the same build
+    input (the config records it; a resume compares it). URLs are kept as they are."""
+    return path if is_url(path) else os.path.abspath(path)
+
+
 # ---------------------------------------------------------------- build
 
 
@@ -121,9 +137,10 @@ def do_build(args) -> int:
     from ich_prep.build import build
     from ich_prep.config import BuildConfig, parse_windows
 
+    check_jobs(args.jobs, args.backend)
     cfg = BuildConfig(
-        dicom_dir=args.dicom_dir,
-        labels=args.labels,
+        dicom_dir=_absolute(args.dicom_dir),
+        labels=None if args.labels is None else _absolute(args.labels),
         size=args.size,
         windows=parse_windows(args.windows),
         spacing_mm=args.spacing_mm,

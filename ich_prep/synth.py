@@ -331,6 +331,11 @@ def write_synthetic(
             raise SynthError(f"{flag} must be at least {lo}, got {n}")
     if out.exists() and not out.is_dir():
         raise SynthError(f"--out {out} is an existing file, not a folder; choose a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        raise SynthError(
+            f"--out {out} is not empty; synth writes a fresh set (its CSV must match its files): "
+            "choose a new or empty folder"
+        )
     n_test = max(2, patients // 4) if test_patients is None else test_patients
     rng = np.random.default_rng(seed)
     used: set[str] = set()

@@ -430,3 +430,30 @@ def test_resume_keeps_a_users_file_in_work(data, tmp_path, monkeypatch):
     build(cfg_for(dicom_dir, labels), out, jobs=1, progress=False)
     assert (out / "_work" / "mine.txt").read_text() == "keep"
     assert sorted(os.listdir(out / "_work")) == ["mine.txt"]
+
+
+def test_paths_spelled_differently_name_the_same_build(data, tmp_path, monkeypatch, capsys):
+    """`./data/train`, `$PWD/data/train/` and `data/train`: one build (a rerun is complete, not a
+    'different config' refusal that only --overwrite, throwing away finished shards, would pass)."""
+    from ich_prep.cli import main
+
+    dicom_dir, labels, _ = data
+    monkeypatch.chdir(tmp_path)
+    base = ["build", "--size", "32", "--shard-size", "4", "--folds", "3", "--jobs", "1", "--quiet"]
+    rel = [*base, "--dicom-dir", "./data/train", "--labels", "data/labels.csv", "--out", "out"]
+    assert main(rel) == 0
+    absolute = [*base, "--dicom-dir", f"{dicom_dir}/", "--labels", str(labels), "--out", f"{tmp_path}/out/"]  # fmt: skip
+    capsys.readouterr()
+    assert main(absolute) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_jobs_far_beyond_the_cores_is_refused(data, tmp_path, capsys):
+    """--jobs 100000 on a small machine: one line, exit 2, nothing written (it used to hang)."""
+    from ich_prep.cli import main
+
+    dicom_dir, labels, _ = data
+    args = ["build", "--dicom-dir", str(dicom_dir), "--labels", str(labels), "--out", str(tmp_path / "o"), "--jobs", "100000"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--jobs 100000" in err and not (tmp_path / "o").exists()

@@ -256,3 +256,26 @@ def test_smallest_set_writes(tmp_path):
     """One patient with one slice per series is a valid (tiny) set."""
     s = write_synthetic(tmp_path, patients=1, slices_per_series=1)
     assert s["train_images"] >= 1 and read_labels(s["labels_csv"]).errors.empty
+
+
+def test_synth_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    """A second synth into the same folder would leave a CSV that covers half the files: refused."""
+    from ich_prep.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "s"), "--patients", "2", "--slices", "2"]) == 0
+    before = sorted(p.name for p in (tmp_path / "s" / "stage_2_train").iterdir())
+    argv = [
+        "synth",
+        "--out",
+        str(tmp_path / "s"),
+        "--patients",
+        "2",
+        "--slices",
+        "2",
+        "--seed",
+        "1",
+    ]
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "s" / "stage_2_train").iterdir()) == before
