@@ -18,13 +18,11 @@ from urllib.parse import urlsplit
 
 from ich_prep import __version__
 from ich_prep.errors import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
     EXIT_MAX_ERRORS,
-    EXIT_USER,
     OneLineParser,
     UserError,
     at_least,
+    run_cli,
 )
 from ich_prep.store import is_url
 
@@ -438,22 +436,15 @@ def _stopped(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = make_parser().parse_args(argv)
-    except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER)
-    prog = f"ich-prep {args.command}"
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"{prog}: {_one_line(str(e))}", file=sys.stderr)
-        return EXIT_USER
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted{_stopped(args)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as e:
-        print(f"{prog}: I/O error: {_one_line(_os_error(e))}{_stopped(args)}", file=sys.stderr)
-        return EXIT_FAILED
+    return run_cli(
+        make_parser(),
+        argv,
+        "ich-prep",
+        (UserError,),
+        lambda e: _one_line(str(e)),
+        lambda e, args: f"{_one_line(_os_error(e))}{_stopped(args)}",
+        _stopped,
+    )
 
 
 if __name__ == "__main__":

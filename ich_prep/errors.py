@@ -8,6 +8,8 @@ The exit codes of `ich-prep` follow (the README lists them too).
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable, Sequence
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # an I/O error (disk full, permission, network), or `verify` found problems
@@ -40,3 +42,33 @@ def at_least(lo: int):
         return n
 
     return parse
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    tool: str,
+    user_errors: tuple[type[BaseException], ...],
+    message: Callable[[BaseException], str],
+    io_message: Callable[[OSError, argparse.Namespace], str],
+    stopped: Callable[[argparse.Namespace], str],
+) -> int:
+    """Parse, run the subcommand, and turn every way it can end into an exit code with at most one
+    line on stderr: user errors (exit 2), Ctrl-C (130, saying what was kept), I/O errors (1).
+    Anything else is a bug and keeps its traceback. Both CLIs' main() are this call."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER)
+    prog = f"{tool} {args.command}"
+    try:
+        return args.func(args)
+    except user_errors as e:
+        print(f"{prog}: {message(e)}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted{stopped(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        print(f"{prog}: I/O error: {io_message(e, args)}", file=sys.stderr)
+        return EXIT_FAILED

@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from ich_prep.errors import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_USER,
     OneLineParser,
     UserError,
     at_least,
+    run_cli,
 )
 from ich_train.config import TrainConfig
 from ich_train.data import default_workers
@@ -304,19 +302,12 @@ def _stopped(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help, or a usage error (already printed, one line)
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER)
-    prog = f"ich-train {args.command}"
-    try:
-        return args.func(args)
-    except USER_ERRORS as e:
-        print(f"{prog}: {user_message(e)}", file=sys.stderr)
-        return EXIT_USER
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted{_stopped(args)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as e:
-        print(f"{prog}: I/O error: {one_line(str(e))}", file=sys.stderr)
-        return EXIT_FAILED
+    return run_cli(
+        build_parser(),
+        argv,
+        "ich-train",
+        USER_ERRORS,
+        user_message,
+        lambda e, args: one_line(str(e)),
+        _stopped,
+    )
