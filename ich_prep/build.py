@@ -59,7 +59,8 @@ PIXEL_FIELDS = [
 ]
 
 
-# Error reasons the build itself gives (read_dicom.REASONS has the per-file reading ones).
+# Error reasons of the build and the labels CSV (read_dicom.REASONS has the per-file reading
+# ones): together, every `reason` an index row can have.
 BUILD_REASONS = {
     "bad_file_name": "a file name that is not valid UTF-8 (cannot be recorded in the index)",
     "compile_failed": "reading worked but turning the pixels into the image failed (type and message in detail)",
@@ -67,6 +68,12 @@ BUILD_REASONS = {
     "duplicate_file": "another file has the same image id",
     "missing_file": "the labels CSV lists an image with no file",
     "unlabeled_file": "a file with no rows in the labels CSV",
+    # from ich_prep.labels: rows of the labels CSV
+    "malformed_csv_id": "a CSV ID that is not ID_<image>_<subtype>",
+    "malformed_label": "a CSV label that is not 0 or 1",
+    "conflicting_labels": "two CSV rows give one (image, subtype) different labels",
+    "missing_labels": "an image without a row for every subtype",
+    "any_mismatch": "'any' disagrees with the subtypes",
 }
 MAX_DETAIL = 500  # characters of an error row's detail
 

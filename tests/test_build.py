@@ -125,6 +125,10 @@ def test_every_bad_input_accounted_for(tmp_path):
         "not_an_id": "malformed_csv_id",
     }
     assert index.loc[list(expected), "reason"].to_dict() == expected
+    from ich_prep.build import BUILD_REASONS
+    from ich_prep.read_dicom import REASONS
+
+    assert set(index["reason"].dropna()) <= set(REASONS) | set(BUILD_REASONS)
     assert (index.loc[good, "status"] == "ok").all()
     assert index["detail"].notna().sum() == len(expected)
     c = res.manifest["counts"]
