@@ -22,6 +22,14 @@ class UserError(Exception):
     """A mistake the user can fix: a bad flag, a missing or malformed input, a busy output folder."""
 
 
+class NotRegularFile(UserError, OSError):
+    """A path that should be a regular file is a FIFO, device, socket or folder: never read.
+    Also an OSError, so code that handles unreadable files handles it."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its usage errors in one line, like every other error (exit 2). Both CLIs."""
 

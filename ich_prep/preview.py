@@ -9,6 +9,7 @@ streamed only until enough samples are found (shards are shuffled within a fold 
 from __future__ import annotations
 
 import math
+import tarfile
 from contextlib import closing
 
 import cv2
@@ -64,14 +65,27 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
     out: list[dict] = []
     for i in order:
         name = names[i]
-        with open_stream(join(root, name)) as f, closing(iter_samples(f, enc, layout)) as it:
-            for s in it:
-                if s.key in by_shard[name] and enc in s.fields and not s.problems:
-                    img = decode_bounded(s.fields[enc], enc, layout)
-                    out.append({"image_id": s.key, "image": img, "row": info.loc[s.key]})
-                    if len(out) == n:
-                        return out
+        try:
+            with open_stream(join(root, name)) as f, closing(iter_samples(f, enc, layout)) as it:
+                for s in it:
+                    img = _image(s, by_shard[name], enc, layout)
+                    if img is not None:
+                        out.append({"image_id": s.key, "image": img, "row": info.loc[s.key]})
+                        if len(out) == n:
+                            return out
+        except (tarfile.TarError, EOFError, OSError, ValueError):
+            continue  # a damaged or unreadable shard: show what the others hold (verify names it)
     return out
+
+
+def _image(s, wanted: set[str], enc: str, layout) -> np.ndarray | None:
+    """The sample's image if it is one of `wanted` and sound; None for a damaged sample."""
+    if s.key not in wanted or enc not in s.fields or s.problems:
+        return None
+    try:
+        return decode_bounded(s.fields[enc], enc, layout)
+    except ValueError:
+        return None
 
 
 def _text(img, s: str, x: int, y: int, color) -> None:

@@ -29,6 +29,7 @@ from typing import BinaryIO
 import numpy as np
 
 from ich_prep.config import ImageLayout
+from ich_prep.errors import NotRegularFile
 from ich_prep.shards import MAX_JSON_BYTES, decode_image
 
 TIMEOUT_S = 60.0
@@ -75,7 +76,7 @@ def open_local(path: str | os.PathLike) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device, socket or folder); refused", str(path))  # fmt: skip
+            raise NotRegularFile(errno.EINVAL, "not a regular file (a FIFO, device, socket or folder); refused", str(path))  # fmt: skip
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -110,7 +111,7 @@ def file_size(url: str | os.PathLike) -> int | None:
     if not is_url(url):
         st = os.stat(url)
         if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file; refused", url)
+            raise NotRegularFile(errno.EINVAL, "not a regular file; refused", url)
         return st.st_size
     if _is_http(url):
         with _http(url, "HEAD") as r:

@@ -207,7 +207,10 @@ def decode_json(data: bytes) -> dict:
         raise ValueError(
             f"json member of {len(data)} bytes exceeds the {MAX_JSON_BYTES}-byte limit"
         )
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except RecursionError as e:  # "[[[[..." thousands deep
+        raise ValueError("json nested too deeply; refused") from e
 
 
 def sha256_stream(f, chunk: int = 1 << 20) -> str:
