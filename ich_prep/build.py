@@ -233,7 +233,11 @@ def plan_images(
 
     if cfg.labels is not None:
         lt = lt if lt is not None else read_labels(cfg.labels)
-        labels, label_errors, label_stats = lt.labels, lt.errors, lt.stats
+        labels, label_errors, label_stats = lt.labels, lt.errors.copy(), lt.stats
+        # CSV ids name files: key them like file names (the same for every RSNA id; a hashed key
+        # for an id over 80 characters, so its file is still found)
+        labels.index = labels.index.map(lambda i: _image_id(f"{i}.dcm"))
+        label_errors["image_id"] = label_errors["image_id"].map(lambda i: _image_id(f"{i}.dcm"))
     else:
         labels, label_errors, label_stats = (
             pd.DataFrame(columns=list(LABELS)),

@@ -457,3 +457,21 @@ def test_jobs_far_beyond_the_cores_is_refused(data, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--jobs 100000" in err and not (tmp_path / "o").exists()
+
+
+def test_labelled_file_with_a_very_long_id_is_matched_to_its_labels(tmp_path):
+    """ID_ + 200 letters: its key is hashed (tar names are bounded), and its CSV rows still find it
+    (it used to be reported missing_file + unlabeled_file)."""
+    d = tmp_path / "train"
+    long_id = "ID_" + "L" * 200
+    lines = []
+    for i, image_id in enumerate([long_id, "ID_short1", "ID_short2", "ID_short3"]):
+        write_hu(d / f"{image_id}.dcm", phantom_hu(64), patient=f"ID_p{i}", z=float(i))
+        lines += csv_rows(image_id)
+    (tmp_path / "labels.csv").write_text("ID,Label\n" + "\n".join(lines) + "\n")
+    res = build(
+        cfg_for(d, tmp_path / "labels.csv", folds=2), tmp_path / "out", jobs=1, progress=False
+    )
+    assert res.manifest["counts"]["ok"] == 4 and res.manifest["counts"]["inputs"] == 4
+    index = pd.read_parquet(tmp_path / "out" / "index.parquet")
+    assert index.loc[index["path"] == f"{long_id}.dcm", "image_id"].str.len().item() < 80
