@@ -29,8 +29,8 @@ from ich_prep import FORMAT_VERSION, LABELS, __version__
 from ich_prep.config import BuildConfig
 from ich_prep.errors import UserError
 from ich_prep.labels import LabelTable, read_labels
-from ich_prep.manifest import INDEX, MANIFEST, dumps, join
-from ich_prep.outdir import SHARD_RE, WORK_FILE_RE, BuildLock, check_apart, owned_names
+from ich_prep.manifest import CARD, INDEX, MANIFEST, dumps, join
+from ich_prep.outdir import SHARD_RE, WORK, WORK_FILE_RE, BuildLock, check_apart, owned_names
 from ich_prep.read_dicom import ImageError, read_header, read_slice
 from ich_prep.remote import open_stream
 from ich_prep.shards import MAX_JSON_BYTES, encode_meta, sha256_file, sha256_stream, write_tar
@@ -38,7 +38,6 @@ from ich_prep.split import assign_folds, shuffled, slice_ranks
 from ich_prep.store import InputFile, Store, is_dir, list_inputs
 from ich_prep.transform import compile_image, header_to_hu
 
-WORK = "_work"
 HEADER_FIELDS = [
     "patient_id",
     "study_id",
@@ -697,7 +696,7 @@ def _remove_leftovers(store: Store, shards: set[str]) -> None:
     """Delete what earlier runs of this build left: `.partial` files of ours (a worker killed
     mid-write; its task was redone) and shard-named files this plan does not have (written before
     the inputs changed). Nothing else: a file we did not name stays."""
-    final = shards | {MANIFEST, INDEX, "README.md"}
+    final = shards | {MANIFEST, INDEX, CARD}
     for name in store.listdir():
         base = name.removesuffix(".partial")
         if (base in final and name != base) or (SHARD_RE.fullmatch(base) and name not in shards):
@@ -778,7 +777,7 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
     }
     from ich_prep.card import dataset_card  # local import: the card is presentation only
 
-    store.write_bytes("README.md", dataset_card(manifest).encode())
+    store.write_bytes(CARD, dataset_card(manifest).encode())
     store.write_bytes(MANIFEST, dumps(manifest))
     _remove_ledger(store)
     _remove_leftovers(store, set(plan))

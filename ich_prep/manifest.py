@@ -23,6 +23,7 @@ from ich_prep.remote import open_stream  # noqa: F401  (re-exported: streaming o
 
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
+CARD = "README.md"  # the dataset card
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest of ~1,000 shards is ~200 KiB
 MAX_INDEX_BYTES = 1024**3  # the full RSNA index (~875k rows) is ~50 MB
 SHA256 = re.compile(r"[0-9a-f]{64}")

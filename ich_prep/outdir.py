@@ -19,11 +19,11 @@ import time
 import fsspec
 
 from ich_prep.errors import UserError
+from ich_prep.manifest import CARD, INDEX, MANIFEST
 from ich_prep.store import Store, is_url
 
 LOCK = ".ich-prep.lock"
 WORK = "_work"
-MANIFEST, INDEX, CARD = "manifest.json", "index.parquet", "README.md"
 # Names our builds give shards; a `.partial` is one being written.
 SHARD_RE = re.compile(r"(train-f\d+|test)-\d{5}\.tar")
 WORK_FILE_RE = re.compile(r"(config\.json|headers\.parquet|(train-f\d+|test)-\d{5}\.tar\.json)")

@@ -21,6 +21,7 @@ import pyarrow as pa
 from ich_prep import LABELS
 from ich_prep.config import BuildConfig
 from ich_prep.manifest import (
+    CARD,
     INDEX,
     MANIFEST,
     MAX_INDEX_BYTES,
@@ -42,7 +43,6 @@ from ich_prep.remote import (
 )
 from ich_prep.shards import decode_json
 
-CARD = "README.md"
 COPY_AGAIN = "copy it again from the source build"
 
 
