@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 
 from ich_prep import LABELS
+from ich_prep.config import BuildConfig
+from ich_prep.manifest import build_config
 
 
 def _human(n: int) -> str:
@@ -27,7 +29,7 @@ def _labels_table(counts: dict) -> list[str]:
     return rows
 
 
-def _split_section(cfg: dict, counts: dict, shards: list[dict]) -> list[str]:
+def _split_section(cfg: BuildConfig, counts: dict, shards: list[dict]) -> list[str]:
     per_fold = counts["per_fold"]
     n_shards = {}
     for s in shards:
@@ -35,9 +37,9 @@ def _split_section(cfg: dict, counts: dict, shards: list[dict]) -> list[str]:
     return [
         "## Split",
         "",
-        f"{cfg['folds']} folds, grouped by patient (no patient is in two folds) and stratified over "
+        f"{cfg.folds} folds, grouped by patient (no patient is in two folds) and stratified over "
         "the six labels by iterative stratification of patient-level label vectors, seed "
-        f"{cfg['seed']}. Shards are named `train-f{{fold}}-{{n:05d}}.tar`: a fold is a set of whole "
+        f"{cfg.seed}. Shards are named `train-f{{fold}}-{{n:05d}}.tar`: a fold is a set of whole "
         "shards, so selecting folds is selecting file names. Within a fold the samples are shuffled "
         "(seeded), so every shard mixes patients.",
         "",
@@ -48,19 +50,22 @@ def _split_section(cfg: dict, counts: dict, shards: list[dict]) -> list[str]:
 
 
 def dataset_card(manifest: dict) -> str:
-    """Markdown text built from the manifest alone (so it never disagrees with it)."""
-    cfg, counts, shards = manifest["config"], manifest["counts"], manifest["shards"]
-    windows = ", ".join(f"{w['name']} (L{w['center']:g}/W{w['width']:g})" for w in cfg["windows"])
+    """Markdown text built from the manifest alone (so it never disagrees with it): its typed
+    config (`build_config`) and the image layout that config gives."""
+    cfg, counts, shards = build_config(manifest), manifest["counts"], manifest["shards"]
+    layout = cfg.layout
+    windows = ", ".join(f"{w.name} (L{w.center:g}/W{w.width:g})" for w in cfg.windows)
     n_bytes = sum(s["bytes"] for s in shards)
-    enc, size = cfg["encoding"], cfg["size"]
-    train = manifest["split"] == "train"
+    enc = cfg.encoding
+    h, w, c = layout.shape
+    train = cfg.split == "train"
     pattern = "train-f*.tar" if train else "test-*.tar"
     lines = [
         f"# RSNA intracranial hemorrhage shards ({manifest['split']})",
         "",
         f"Compiled by `ich_prep` {manifest['tool_version']} (shard format "
         f"{manifest['format_version']}) from head-CT DICOM slices of the RSNA 2019 Intracranial "
-        f"Hemorrhage Detection data. Each sample is one slice: a {size}x{size}x3 uint8 image "
+        f"Hemorrhage Detection data. Each sample is one slice: a {h}x{w}x{c} {layout.dtype} image "
         f"(channel i = window i: {windows}), encoded as `{enc}`, plus a json of metadata"
         + (" and labels" if train else "")
         + ". The format is specified in docs/shard-format.md of ich-toolkit.",
@@ -71,7 +76,7 @@ def dataset_card(manifest: dict) -> str:
         "## Config",
         "",
         "```json",
-        json.dumps(cfg, indent=1, sort_keys=True),
+        json.dumps(cfg.to_dict(), indent=1, sort_keys=True),
         "```",
         "",
         "## Counts",
@@ -105,7 +110,7 @@ def dataset_card(manifest: dict) -> str:
         "",
         "```bash",
         (
-            f"ich-train fit --shards THIS_FOLDER --valid-fold {cfg['folds'] - 1} --out runs/exp1"
+            f"ich-train fit --shards THIS_FOLDER --valid-fold {cfg.folds - 1} --out runs/exp1"
             if train
             else "ich-train predict --checkpoint runs/exp1/best.pt --shards THIS_FOLDER --out submission.csv"
         ),
@@ -126,7 +131,7 @@ def dataset_card(manifest: dict) -> str:
         + ('  # one fold: "THIS_FOLDER/train-f0-*.tar"' if train else ""),
         f'ds = wds.WebDataset(urls, shardshuffle=False).decode("rgb8", only=["{enc}", "json"])',
         f'for image, meta in ds.to_tuple("{enc}", "json"):',
-        f"    pass  # image: uint8 ({size}, {size}, 3); meta: "
+        f"    pass  # image: {layout.dtype} ({h}, {w}, {c}); meta: "
         + ("labels (any, epidural, ...), fold, ids" if train else "ids, geometry"),
         "```",
         "",

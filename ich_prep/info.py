@@ -2,24 +2,53 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pandas as pd
+
 from ich_prep import LABELS
-from ich_prep.manifest import load_index, load_manifest
+from ich_prep.manifest import INDEX, FormatError, build_config, load_index, load_manifest
 
 INFO_COLUMNS = ["image_id", "split", "fold", "shard", "status", "reason", "detail", *LABELS]
+REQUIRED_COLUMNS = ["image_id", "fold", "shard", "status"]
+
+
+def _checked_index(index: pd.DataFrame, where: str, labelled: bool) -> pd.DataFrame:
+    """The index's INFO_COLUMNS, once the ones info reads are there with usable types (fold whole
+    numbers, labels 0/1/null); FormatError naming the column otherwise."""
+    need = REQUIRED_COLUMNS + (list(LABELS) if labelled else [])
+    missing = [c for c in need if c not in index.columns]
+    if missing:
+        raise FormatError(f"{where} has no column {', '.join(missing)}; the index is damaged, copy it again or rebuild")  # fmt: skip
+    index = index[[c for c in INFO_COLUMNS if c in index.columns]].copy()
+    for c in ("split", "reason", "detail"):
+        if c not in index.columns:
+            index[c] = None
+    bad = [] if pd.api.types.is_integer_dtype(index["fold"]) else ["fold"]
+    for k in LABELS if labelled else ():
+        col = index[k]
+        if not (pd.api.types.is_numeric_dtype(col) and col.dropna().isin([0, 1]).all()):
+            bad.append(k)
+    if bad:
+        raise FormatError(f"{where}: column {', '.join(bad)} holds values of the wrong type (fold: whole numbers; labels: 0, 1 or null); the index is damaged, rebuild it")  # fmt: skip
+    return index
 
 
 def info(root: str, examples: int = 3) -> dict:
     """Format, config, counts per split and fold, label prevalence per fold, bytes, errors."""
     root = str(root)
     m = load_manifest(root)
-    index = load_index(root, manifest=m)
-    index = index[[c for c in INFO_COLUMNS if c in index.columns]]
-    cfg, counts = m["config"], m["counts"]
+    cfg, counts = build_config(m, root), m["counts"]
+    layout, build_split = cfg.layout, cfg.split
+    labelled = build_split == "train"
+    index = _checked_index(load_index(root, manifest=m), f"{root}: {INDEX}", labelled)
+    index["split"] = index["split"].fillna(build_split)
     ok = index[index["status"] == "ok"]
     shard_bytes = {s["name"]: int(s["bytes"]) for s in m["shards"]}
     shards_of = {}
     for s in m["shards"]:
-        shards_of.setdefault((s.get("split", m["split"]), int(s["fold"])), []).append(s["name"])
+        key = (str(s.get("split", build_split)), int(s["fold"]))
+        shards_of.setdefault(key, []).append(s["name"])
     groups = []
     for (split, fold), part in ok.groupby(["split", "fold"], sort=True):
         names = shards_of.get((split, int(fold)), [])
@@ -33,7 +62,7 @@ def info(root: str, examples: int = 3) -> dict:
             }
         )
     prevalence = {}
-    if m["split"] == "train" and len(ok):
+    if labelled and len(ok):
         lab = ok[["fold", *LABELS]].astype({k: "float64" for k in LABELS})
         for fold, part in lab.groupby("fold", sort=True):
             prevalence[str(int(fold))] = {k: round(float(part[k].mean()), 4) for k in LABELS}
@@ -49,12 +78,25 @@ def info(root: str, examples: int = 3) -> dict:
         "root": root,
         "format_version": m["format_version"],
         "tool": f"{m.get('tool', '?')} {m.get('tool_version', '?')}",
-        "split": m["split"],
+        "split": build_split,
         "config": {
-            k: cfg.get(k)
-            for k in ("size", "encoding", "windows", "spacing_mm", "folds", "seed", "shard_size")
-        }
-        | {"limit": cfg.get("limit"), "fraction": cfg.get("fraction")},
+            "size": cfg.size,
+            "encoding": cfg.encoding,
+            "windows": [dataclasses.asdict(w) for w in cfg.windows],
+            "spacing_mm": cfg.spacing_mm,
+            "folds": cfg.folds,
+            "seed": cfg.seed,
+            "shard_size": cfg.shard_size,
+            "limit": cfg.limit,
+            "fraction": cfg.fraction,
+        },
+        "image": {
+            "height": layout.height,
+            "width": layout.width,
+            "channels": layout.channels,
+            "channel_names": list(layout.channel_names),
+            "dtype": layout.dtype,
+        },
         "counts": {"inputs": len(index), "ok": len(ok), "error": len(errors)},
         "groups": groups,
         "prevalence": prevalence,
@@ -78,7 +120,7 @@ def _mib(n: int) -> str:
 
 def format_info(d: dict) -> str:
     """Plain-text tables for a terminal."""
-    c = d["config"]
+    c, im = d["config"], d["image"]
     windows = ", ".join(f"{w['name']} L{w['center']:g}/W{w['width']:g}" for w in c["windows"])
     subset = (
         f"; subset: limit {c['limit']}, fraction {c['fraction']}"
@@ -89,7 +131,8 @@ def format_info(d: dict) -> str:
     lines = [
         f"{d['root']}",
         f"format {d['format_version']} ({d['tool']}), split {d['split']}",
-        f"images: {c['size']}x{c['size']}x3 uint8, encoding {c['encoding']}; windows (channels): {windows}",
+        f"images: {im['height']}x{im['width']}x{im['channels']} {im['dtype']}, encoding {c['encoding']}; "
+        f"windows (channels): {windows}",
         f"spacing: {spacing}; folds {c['folds']}, seed {c['seed']}, "
         f"shard size {c['shard_size']}{subset}",
         "",

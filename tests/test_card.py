@@ -124,3 +124,17 @@ def test_no_patient_identifiers_in_the_output(tmp_path):
                         blobs.append(gzip.decompress(data) if ti.name.endswith(".gz") else data)
     assert len(blobs) > 10 and b"Doe^John" in (dicom_dir / "ID_000000000.dcm").read_bytes()
     assert not [n for n in needles for b in blobs if n in b]
+
+
+def test_card_describes_the_typed_layout(built):
+    """The card's image shape and channel names come from the typed config's layout: a 48-pixel
+    build with explicit C/W windows says 48x48x3 and names those windows."""
+    from ich_prep.card import dataset_card
+
+    m = manifest_of(built)
+    m["config"].update(size=48, windows=[{"name": "c40w80", "center": 40, "width": 80},
+                                         {"name": "c80w200", "center": 80, "width": 200},
+                                         {"name": "c600w2800", "center": 600, "width": 2800}])  # fmt: skip
+    card = dataset_card(m)
+    assert "a 48x48x3 uint8 image (channel i = window i: c40w80 (L40/W80), c80w200" in card
+    assert "# image: uint8 (48, 48, 3)" in card and '"size": 48' in card

@@ -99,3 +99,37 @@ def test_older_major_format_is_refused(folder):
     rewrite_manifest(folder, {**manifest_of(folder), "format_version": "0.9"})
     with pytest.raises(FormatError, match="too old.*rebuild"):
         load_manifest(folder)
+
+
+def test_image_layout_comes_from_the_typed_config(built, capsys):
+    """The image shape and channel names are the manifest config's layout, not an assumed 3."""
+    d = info(built)
+    assert d["image"] == {"height": 64, "width": 64, "channels": 3, "dtype": "uint8",
+                          "channel_names": ["brain", "subdural", "bone"]}  # fmt: skip
+    assert d["config"]["windows"][0] == {"name": "brain", "center": 40.0, "width": 80.0}
+    assert main(["info", str(built)]) == 0
+    assert "images: 64x64x3 uint8, encoding npy.gz" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda ix: ix.drop(columns=["status"]), "no column status"),
+        (lambda ix: ix.assign(fold=ix["fold"].astype(str)), "column fold holds values"),
+        (lambda ix: ix.assign(any=ix["any"].astype(str)), "column any holds values"),
+    ],
+    ids=["no-status", "fold-str", "labels-str"],
+)
+def test_index_without_usable_columns_is_one_line(folder, capsys, damage, message):
+    """An index (hash recomputed) lacking a column info reads, or with one of the wrong type:
+    exit 2 and one line naming the column, not a KeyError or ValueError traceback."""
+    from ich_prep.shards import sha256_file
+
+    path = folder / "index.parquet"
+    damage(pd.read_parquet(path)).to_parquet(path, index=False)
+    m = manifest_of(folder)
+    m["index"].update(bytes=path.stat().st_size, sha256=sha256_file(path))
+    rewrite_manifest(folder, m)
+    assert main(["info", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
