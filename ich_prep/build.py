@@ -16,7 +16,6 @@ import os
 import re
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,17 +24,24 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ich_prep import FORMAT_VERSION, LABELS, __version__
+from ich_prep import LABELS
 from ich_prep.config import BuildConfig
 from ich_prep.errors import UserError
 from ich_prep.labels import LabelTable, read_labels
-from ich_prep.manifest import CARD, INDEX, MANIFEST, dumps, join
+from ich_prep.location import (
+    InputFile,
+    Store,
+    is_dir,
+    join,
+    list_inputs,
+    open_stream,
+    sha256_stream,
+)
+from ich_prep.manifest import CARD, INDEX, MANIFEST, write_build
 from ich_prep.outdir import SHARD_RE, WORK, WORK_FILE_RE, BuildLock, check_apart, owned_names
 from ich_prep.read_dicom import ImageError, read_header, read_slice
-from ich_prep.remote import open_stream
-from ich_prep.shards import MAX_JSON_BYTES, encode_meta, sha256_file, sha256_stream, write_tar
+from ich_prep.shards import MAX_JSON_BYTES, encode_meta, write_shard
 from ich_prep.split import assign_folds, shuffled, slice_ranks
-from ich_prep.store import InputFile, Store, is_dir, list_inputs
 from ich_prep.transform import compile_image, header_to_hu
 
 HEADER_FIELDS = [
@@ -146,7 +152,7 @@ def _detail(where: str, e: Exception) -> str:
     return f"{where}: {type(e).__name__}: {e}"[:MAX_DETAIL]
 
 
-# A tar member key every reader (remote.SAFE_FILE_NAME) and webdataset keep whole.
+# A tar member key every reader (shards.SAFE_FILE_NAME) and webdataset keep whole.
 SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,79}")
 
 
@@ -498,10 +504,7 @@ def compile_shard(
             yield {"__key__": rec["image_id"], "image": img, "meta": meta}
 
     store = Store(out)
-    tmp = store.local_file(name)
-    n = write_tar(tmp, samples(), cfg.encoding)
-    info = {"name": name, "samples": n, "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp)}
-    store.commit(name, tmp)
+    info = write_shard(store, name, samples(), cfg.encoding)
     done = {"shard": info, "results": results, "key": key}
     store.write_bytes(f"{WORK}/{name}.json", json.dumps(done, sort_keys=True).encode())
     return done
@@ -737,12 +740,6 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
                 df.loc[m, ["status", "reason", "detail"]] = ["error", r["reason"], r["detail"]]
     df["crop_box"] = df["image_id"].map(crop_of)
     index = _index_table(df, shard_of)
-    buf = io.BytesIO()
-    index.to_parquet(buf, index=False)
-    index_bytes = buf.getvalue()
-    store.write_bytes(INDEX, index_bytes)
-
-    ok = index[index["status"] == "ok"]
     shards = [
         {
             **done[n]["shard"],
@@ -751,34 +748,8 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
         }
         for n in plan
     ]
-    counts = {
-        "inputs": len(index),
-        "ok": len(ok),
-        "error": int((index["status"] == "error").sum()),
-        "errors_by_reason": dict(sorted(Counter(index["reason"].dropna()).items())),
-        "positives": {k: int(ok[k].sum()) for k in LABELS} if labelled else None,
-        "per_fold": {str(k): int(v) for k, v in sorted(Counter(ok["fold"]).items())},
-        **label_stats,
-    }
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "tool": "ich_prep",
-        "tool_version": __version__,
-        "config": cfg.to_dict(),
-        "inputs": now,
-        "split": cfg.split,
-        "counts": counts,
-        "index": {
-            "name": INDEX,
-            "bytes": len(index_bytes),
-            "sha256": hashlib.sha256(index_bytes).hexdigest(),
-        },
-        "shards": shards,
-    }
-    from ich_prep.card import dataset_card  # local import: the card is presentation only
-
-    store.write_bytes(CARD, dataset_card(manifest).encode())
-    store.write_bytes(MANIFEST, dumps(manifest))
+    manifest = write_build(store, cfg, index, shards, now, label_stats)
+    counts = manifest["counts"]
     _remove_ledger(store)
     _remove_leftovers(store, set(plan))
     wall = time.perf_counter() - t0

@@ -24,7 +24,7 @@ from ich_prep.errors import (
     at_least,
     run_cli,
 )
-from ich_prep.store import is_url
+from ich_prep.location import is_url
 
 SCHEDULER_TIMEOUT_S = 10.0  # connecting to a dask scheduler that accepted the TCP connection
 

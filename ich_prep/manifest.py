@@ -1,25 +1,27 @@
 """manifest.json and index.parquet: write atomically, read from a folder or URL, check the version.
 
 URLs: http(s):// is read with the standard library (no aiohttp needed); other schemes (s3://, ...)
-through fsspec. See ich_prep.remote for the streaming and the safety rules.
+through fsspec. See ich_prep.location for the streaming and the safety rules.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
-from pathlib import Path
+from collections import Counter
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ich_prep import FORMAT_VERSION, remote
+from ich_prep import FORMAT_VERSION, LABELS, __version__, location
 from ich_prep.config import BuildConfig, ConfigError
 from ich_prep.errors import UserError
-from ich_prep.remote import open_stream  # noqa: F401  (re-exported: streaming open of a shard)
+from ich_prep.location import Store, join
+from ich_prep.shards import SAFE_FILE_NAME
 
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
@@ -35,22 +37,61 @@ class FormatError(UserError, ValueError):
     """A shard folder this version cannot read (missing manifest, newer format, damaged json)."""
 
 
-def join(root: str | os.PathLike, name: str) -> str:
-    """root + '/' + name for local paths and URLs alike."""
-    root = str(root)
-    return root.rstrip("/") + "/" + name if "://" in root else str(Path(root) / name)
-
-
 def read_bytes(url: str, limit: int | None = None) -> bytes:
     """Whole file from a local path or URL (http(s)://, s3://, ...), refusing more than `limit` bytes."""
     try:
-        return remote.read_bytes(url, limit)
+        return location.read_bytes(url, limit)
     except ValueError as e:
         raise FormatError(str(e)) from e
 
 
 def dumps(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def write_build(
+    store: Store,
+    cfg: BuildConfig,
+    index: pd.DataFrame,
+    shards: list[dict],
+    inputs: dict | None = None,
+    extra_counts: dict | None = None,
+) -> dict:
+    """The last step of every build (ich-prep's, and the test fixtures'): index.parquet, the
+    dataset card, then manifest.json, last and atomically (a folder without it is not a build).
+    `shards` are write_shard's entries plus 'split' and 'fold'. Returns the manifest."""
+    buf = io.BytesIO()
+    index.to_parquet(buf, index=False)
+    data = buf.getvalue()
+    store.write_bytes(INDEX, data)
+    ok = index[index["status"] == "ok"]
+    labelled = cfg.labels is not None
+    counts = {
+        "inputs": len(index),
+        "ok": len(ok),
+        "error": int((index["status"] == "error").sum()),
+        "errors_by_reason": dict(sorted(Counter(index["reason"].dropna()).items())),
+        "positives": {k: int(ok[k].sum()) for k in LABELS} if labelled else None,
+        "per_fold": {str(k): int(v) for k, v in sorted(Counter(ok["fold"]).items())},
+        **(extra_counts or {}),
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tool": "ich_prep",
+        "tool_version": __version__,
+        "config": cfg.to_dict(),
+        "inputs": inputs,
+        "split": cfg.split,
+        "counts": counts,
+        "index": {"name": INDEX, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+        "shards": shards,
+    }
+    from ich_prep.card import dataset_card  # local import: the card is presentation only
+
+    store.write_bytes(CARD, dataset_card(manifest).encode())
+    store.write_bytes(MANIFEST, dumps(manifest))
+    return manifest
+
 
 
 def check_version(version: str, where: str) -> None:
@@ -135,11 +176,7 @@ def check_shard_names(manifest: dict, where: str) -> None:
         raise FormatError(f"{where}: 'shards' is not a list")
     for s in shards:
         name = s.get("name") if isinstance(s, dict) else None
-        if not (
-            isinstance(name, str)
-            and remote.SAFE_FILE_NAME.fullmatch(name)
-            and name.endswith(".tar")
-        ):
+        if not (isinstance(name, str) and SAFE_FILE_NAME.fullmatch(name) and name.endswith(".tar")):
             raise FormatError(
                 f"{where}: shard name {name!r} is not a plain <name>.tar file name; refusing it"
             )

@@ -19,8 +19,8 @@ import time
 import fsspec
 
 from ich_prep.errors import UserError
+from ich_prep.location import Store, is_url
 from ich_prep.manifest import CARD, INDEX, MANIFEST
-from ich_prep.store import Store, is_url
 
 LOCK = ".ich-prep.lock"
 WORK = "_work"

@@ -18,8 +18,9 @@ import pandas as pd
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
-from ich_prep.manifest import build_config, join, load_index, load_manifest
-from ich_prep.remote import decode_bounded, iter_samples, open_stream
+from ich_prep.location import join, open_stream
+from ich_prep.manifest import build_config, load_index, load_manifest
+from ich_prep.shards import decode_bounded, iter_samples
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 SCALE = 0.38

@@ -1,7 +1,9 @@
-"""Write and read the tar shards: one sample = image + json metadata, keyed by image id.
+"""The shard format: one sample = image + json metadata, keyed by image id; written and read here.
 
-Writing goes to a temporary name and is renamed only when complete, so a partial shard never
-looks finished. A fixed tar mtime and fixed owner make the bytes reproducible.
+The encoding registry (`CODECS`: member suffix -> encode / bounded decode), bounded json, the tar
+writer (`write_shard`: a temporary name, renamed only when complete, so a partial shard never looks
+finished; a fixed tar mtime and owner make the bytes reproducible) and the one bounded tar reader
+(`iter_samples`) that verify, preview, the trainer and the tests use.
 
 The tar layout is webdataset's (members `<key>.<field>` in key order, read by webdataset as is),
 written with the standard library's tarfile: importing webdataset imports torch (~500 MB per
@@ -11,22 +13,27 @@ worker), and ich_prep never imports torch.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import os
+import re
 import tarfile
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import cv2
 import numpy as np
 from isal import igzip, isal_zlib
 
+from ich_prep.config import ImageLayout
+from ich_prep.location import Store, sha256_file
+
 TAR_MTIME = 0.0  # fixed so that identical content gives identical bytes
 MAX_JSON_BYTES = 64 * 1024  # a sample's json is a few hundred bytes; anything far larger is refused
 MAX_IMAGE_BYTES = 4096 * 4096 * 3 + 1024  # largest plausible decoded image (.npy header included)
+MAX_MEMBER_BYTES = 256 * 1024 * 1024  # any member, without a layout to bound it more tightly
+SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # what a shard or member may be called
 
 
 def _encode_npy(img: np.ndarray) -> bytes:
@@ -213,19 +220,6 @@ def decode_json(data: bytes) -> dict:
         raise ValueError("json nested too deeply; refused") from e
 
 
-def sha256_stream(f, chunk: int = 1 << 20) -> str:
-    """sha256 of a binary file object, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    while block := f.read(chunk):
-        h.update(block)
-    return h.hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return sha256_stream(f)
-
-
 def encode_meta(meta: dict) -> bytes:
     """A sample's json member, exactly as written (compact, sorted keys)."""
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
@@ -251,19 +245,116 @@ def write_tar(path: str | os.PathLike, samples, encoding: str) -> int:
     return n
 
 
-def write_shard(path: str | os.PathLike, samples, encoding: str) -> dict:
-    """write_tar to `path` atomically (temporary name, then rename).
+def write_shard(store: Store, name: str, samples, encoding: str) -> dict:
+    """write_tar as `name` in a build folder (local or URL), atomically: a local temporary file,
+    then `store.commit`. The one shard writer (the build's tasks and the test fixtures).
 
-    Returns {'name', 'samples', 'bytes', 'sha256'}.
+    Returns the manifest's shard entry: {'name', 'samples', 'bytes', 'sha256'}.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = store.local_file(name)
     n = write_tar(tmp, samples, encoding)
     # No fsync: the rename is atomic against a killed process; a power cut is what `verify` is for.
-    os.replace(tmp, path)
-    return {
-        "name": path.name,
-        "samples": n,
-        "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
-    }
+    info = {"name": name, "samples": n, "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp)}
+    store.commit(name, tmp)
+    return info
+
+
+# ---------------------------------------------------------------- reading: the one bounded tar reader
+
+
+def unsafe_member(ti: tarfile.TarInfo) -> str | None:
+    """Why a tar member must not be read, or None: regular files with flat relative names only."""
+    name = ti.name
+    if not ti.isreg():
+        kind = (
+            "symlink"
+            if ti.issym()
+            else "hard link"
+            if ti.islnk()
+            else "device"
+            if ti.isdev()
+            else "folder"
+            if ti.isdir()
+            else "fifo"
+            if ti.isfifo()
+            else "special entry"
+        )
+        return f"member {name!r} is a {kind}; shards hold regular files only"
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
+        return f"member {name!r} has an absolute path"
+    if ".." in re.split(r"[/\\]", name):
+        return f"member {name!r} climbs out of the folder ('..')"
+    if not SAFE_FILE_NAME.fullmatch(name):
+        return f"member {name!r} is not a flat <key>.<field> name"
+    if ti.size > MAX_MEMBER_BYTES:
+        return f"member {name!r} is {ti.size} bytes, over the {MAX_MEMBER_BYTES}-byte limit"
+    return None
+
+
+@dataclass
+class Sample:
+    """One key's members as read from a shard: the format's fields, what was wrong with them
+    (`problems`: readers refuse the sample), and members of other kinds skipped unread."""
+
+    key: str
+    fields: dict[str, bytes] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def iter_samples(
+    stream: BinaryIO,
+    encoding: str,
+    layout: ImageLayout | None = None,
+    max_members: int | None = None,
+) -> Iterator[Sample]:
+    """Samples of an uncompressed tar stream, grouped by key; the one bounded reader of shards.
+
+    Only regular members with flat names are read; a json member over MAX_JSON_BYTES, an image
+    member over what one image of `layout` can take (layout.max_bytes; MAX_MEMBER_BYTES without a
+    layout) and unsafe members are problems, never read into memory;
+    members of other kinds are skipped unread; more than `max_members` members stop the read with
+    ValueError. Tar errors (truncation, broken headers, a compressed tar) propagate as
+    tarfile.TarError / EOFError / OSError.
+    """
+    limits = {"json": MAX_JSON_BYTES, encoding: MAX_MEMBER_BYTES if layout is None else layout.max_bytes}  # fmt: skip
+    cur: Sample | None = None
+    with tarfile.open(fileobj=stream, mode="r|") as tar:  # "r|": no transparent decompression
+        for n, ti in enumerate(tar, 1):
+            if max_members is not None and n > max_members:
+                raise ValueError(f"more than {max_members} tar members; refused")
+            key, _, ext = ti.name.partition(".")
+            if cur is not None and key != cur.key:
+                yield cur
+                cur = None
+            if cur is None:
+                cur = Sample(key)
+            why = unsafe_member(ti)
+            if why is None and ext in limits and ti.size > limits[ext]:
+                why = f"member {ti.name!r} is {ti.size} bytes, over the {limits[ext]}-byte limit for .{ext}"  # fmt: skip
+            if why is None and ext in cur.fields:
+                why = f"member {ti.name!r} appears twice in a row"
+            if why:
+                cur.problems.append(why)
+            elif ext not in limits:
+                cur.skipped.append(f"unexpected member {ti.name!r} (expected .{encoding}, .json)")
+            else:
+                cur.fields[ext] = tar.extractfile(ti).read()
+        if cur is not None:
+            yield cur
+
+
+# ---------------------------------------------------------------- bounded image decoding
+
+
+def image_header(data: bytes, encoding: str, layout: ImageLayout) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype) of an encoded image, decoded within the layout's bound. Raises ValueError;
+    never unpickles."""
+    arr = decode_bounded(data, encoding, layout)
+    return arr.shape, arr.dtype.str.lstrip("|<>=")
+
+
+def decode_bounded(data: bytes, encoding: str, layout: ImageLayout) -> np.ndarray:
+    """decode_image refusing anything larger decoded than one image of `layout` (a small shard
+    member cannot become gigabytes: gzip inflation bounded, png/jpg headers read first)."""
+    return decode_image(data, encoding, layout.max_bytes)

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from ich_prep import LABELS
 from ich_prep.config import BuildConfig
+from ich_prep.location import HashingReader, file_size, join, list_names, open_stream, read_bytes
 from ich_prep.manifest import (
     CARD,
     INDEX,
@@ -28,20 +29,10 @@ from ich_prep.manifest import (
     FormatError,
     build_config,
     index_mismatches,
-    join,
     load_manifest,
     parse_index,
 )
-from ich_prep.remote import (
-    HashingReader,
-    file_size,
-    image_header,
-    iter_samples,
-    list_names,
-    open_stream,
-    read_bytes,
-)
-from ich_prep.shards import decode_json
+from ich_prep.shards import decode_json, image_header, iter_samples
 
 COPY_AGAIN = "copy it again from the source build"
 

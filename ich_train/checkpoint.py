@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
-import os
 import pickle
 import random
 import warnings
@@ -22,6 +21,7 @@ import torch
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
+from ich_prep.location import atomic_file
 
 CHECKPOINT_FORMAT = 1
 # keys evaluate/predict need, and the further keys a --resume needs
@@ -75,14 +75,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_checkpoint(path: str | Path, **state) -> None:
     """torch.save `state` (plus the format number) atomically; an interrupted save leaves nothing."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+    with atomic_file(path) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def safe_torch_load(path: str | Path):

@@ -1,9 +1,9 @@
 """Shards -> batches of uint8 images.
 
 Folds are chosen through the manifest (whole shards belong to one fold), so unselected shards are
-never opened. Shards open like every other file of a build (ich_prep.remote.open_stream: local
+never opened. Shards open like every other file of a build (ich_prep.location.open_stream: local
 paths, http(s) with the standard library, other fsspec URLs such as s3://). Tar members are read
-with ich_prep's bounded tar reader (remote.iter_samples, the one verify and preview use), keeping
+with ich_prep's bounded tar reader (shards.iter_samples, the one verify and preview use), keeping
 only the two members the format defines (`<key>.<encoding>` and `<key>.json`); nothing is ever
 unpickled. Each sample is checked against the index: it must be one of the shard's ok rows, and
 its json labels must equal the index's. Training
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ich_prep import LABELS
 from ich_prep.config import ImageLayout
 from ich_prep.errors import UserError
+from ich_prep.location import open_stream
 from ich_prep.manifest import (
     FormatError,
     build_config,
@@ -37,8 +38,7 @@ from ich_prep.manifest import (
     load_index,
     load_manifest,
 )
-from ich_prep.remote import iter_samples, open_stream
-from ich_prep.shards import MAX_IMAGE_BYTES, decode_image, decode_json
+from ich_prep.shards import MAX_IMAGE_BYTES, decode_image, decode_json, iter_samples
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
 
@@ -151,7 +151,7 @@ class Build:
 
 def read_shard(shard: Shard, encoding: str) -> Iterator[dict]:
     """Raw samples {'__key__', '__url__', encoding: bytes, 'json': bytes} of one shard, read with
-    ich_prep's one bounded tar reader (remote.iter_samples: regular members, bounded sizes and
+    ich_prep's one bounded tar reader (shards.iter_samples: regular members, bounded sizes and
     member count, other members skipped unread) and checked against the manifest and the index
     (`shard.expected`: the ok rows' ids and labels, when known)."""
     try:

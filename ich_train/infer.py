@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from ich_prep import LABELS
+from ich_prep.location import atomic_file
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
 from ich_train.checkpoint import CheckpointError, load_checkpoint, load_weights
@@ -115,13 +116,8 @@ def evaluate(
             for j, lab in enumerate(LABELS):
                 frame[f"pred_{lab}"] = res["probs"][:, j]
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".partial")
-            try:
+            with atomic_file(path) as tmp:
                 frame.to_parquet(tmp, index=False)
-                tmp.replace(path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
         metrics["predictions"] = str(path)
         return metrics
     finally:

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ich_prep.location import atomic_file  # noqa: E402
+
 
 class MetricsLog:
     """Rows of metric dicts, rewritten to CSV (and plotted) after every append."""
@@ -26,13 +28,8 @@ class MetricsLog:
     def append(self, row: dict) -> None:
         self.rows.append(dict(row))
         frame = pd.DataFrame(self.rows)
-        tmp = self.csv.with_name(self.csv.name + ".partial")
-        try:  # a Ctrl-C here leaves the previous metrics.csv, and no .partial
+        with atomic_file(self.csv) as tmp:  # a Ctrl-C here leaves the previous metrics.csv
             frame.to_csv(tmp, index=False)
-            tmp.replace(self.csv)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         plot_metrics(frame, self.png)
 
 

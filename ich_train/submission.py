@@ -10,6 +10,7 @@ import pandas as pd
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
+from ich_prep.location import atomic_file
 
 
 class SubmissionError(UserError, ValueError):
@@ -77,13 +78,8 @@ def write_submission(path: str | Path, image_ids: list[str], probs: np.ndarray) 
     check_out_file(path)
     frame = submission_frame(image_ids, probs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+    with atomic_file(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -19,6 +19,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ich_prep.location import atomic_file
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
 from ich_train.checkpoint import (
@@ -323,8 +324,8 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             log.append(row)
             save(out / "last.pt", epoch, row)
             if improved:
-                shutil.copyfile(out / "last.pt", out / "best.pt.partial")
-                (out / "best.pt.partial").replace(out / "best.pt")
+                with atomic_file(out / "best.pt") as tmp:
+                    shutil.copyfile(out / "last.pt", tmp)
             say(
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, valid loss "
                 f"{row['valid_loss']:.4f} (prior {prior_loss:.4f}), AUC any {row['valid_auc_any']:.3f}, "

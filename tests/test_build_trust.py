@@ -20,8 +20,8 @@ import webdataset as wds
 
 from ich_prep.build import BuildError, build
 from ich_prep.config import BuildConfig
+from ich_prep.location import Store
 from ich_prep.outdir import LOCK, BuildLock, OutDirError
-from ich_prep.store import Store
 from ich_prep.verify import verify
 from tests.conftest import csv_rows, make_dataset, phantom_hu, write_hu
 

@@ -17,6 +17,7 @@ import pytest
 
 import ich_prep.build as build_mod
 import ich_prep.cli as cli
+import ich_prep.shards as shards_mod
 from ich_prep.build import BuildError
 from ich_prep.cli import check_build_paths, main
 from ich_prep.config import ConfigError
@@ -300,7 +301,7 @@ def test_ctrl_c_in_process_returns_130(synth, tmp_path, capsys, monkeypatch):
 def test_full_disk_ends_in_one_line_and_the_rerun_is_byte_identical(synth, tmp_path, capsys, monkeypatch):  # fmt: skip
     """ENOSPC while writing the second shard (injected: no tmpfs to fill here): exit 1, one line
     naming the error and the file; the rerun resumes and equals a clean build byte for byte."""
-    real = build_mod.write_tar
+    real = shards_mod.write_tar
     calls = []
 
     def full_disk(path, samples, encoding):
@@ -312,7 +313,7 @@ def test_full_disk_ends_in_one_line_and_the_rerun_is_byte_identical(synth, tmp_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     out, clean = tmp_path / "out", tmp_path / "clean"
-    monkeypatch.setattr(build_mod, "write_tar", full_disk)
+    monkeypatch.setattr(shards_mod, "write_tar", full_disk)
     assert main(build_args(synth, out)) == 1
     line = one_line(capsys.readouterr().err)
     assert line.startswith("ich-prep build: I/O error: No space left on device (ENOSPC): ")

@@ -7,8 +7,8 @@ import pytest
 
 from ich_prep.build import build
 from ich_prep.config import BuildConfig
+from ich_prep.location import Store, list_files
 from ich_prep.manifest import load_manifest
-from ich_prep.store import Store, list_files
 from ich_prep.verify import verify
 from tests.conftest import make_dataset
 

@@ -15,9 +15,11 @@ import numpy as np
 import pandas as pd
 import webdataset as wds
 
-from ich_prep import FORMAT_VERSION, LABELS
+from ich_prep import LABELS
 from ich_prep.config import BuildConfig
-from ich_prep.shards import TAR_MTIME, encode_image, sha256_file, write_shard
+from ich_prep.location import Store, sha256_file
+from ich_prep.manifest import write_build
+from ich_prep.shards import TAR_MTIME, encode_image, write_shard
 
 # subtype (1..5) -> channels its blob brightens
 SUBTYPE_CHANNELS = {1: (0,), 2: (1,), 3: (2,), 4: (0, 1), 5: (1, 2)}
@@ -46,26 +48,17 @@ def _labels(subtype: int | None) -> list[int]:
     return y
 
 
-def _write(path: Path, samples: list[dict], encoding: str, extra: dict[str, bytes] | None) -> dict:
+def _write(store: Store, name: str, samples: list[dict], encoding: str, extra: dict[str, bytes] | None) -> dict:  # fmt: skip
+    """The real shard writer; with `extra`, a deliberately odd shard (unexpected members) written
+    with webdataset's TarWriter."""
     if not extra:
-        return write_shard(path, samples, encoding)
+        return write_shard(store, name, samples, encoding)
+    path = Path(store.root) / name
     with wds.TarWriter(str(path), encoder=False, mtime=TAR_MTIME) as w:
         for s in samples:
             meta = json.dumps(s["meta"], sort_keys=True).encode()
-            w.write(
-                {
-                    "__key__": s["__key__"],
-                    encoding: encode_image(s["image"], encoding),
-                    "json": meta,
-                    **extra,
-                }
-            )
-    return {
-        "name": path.name,
-        "samples": len(samples),
-        "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
-    }
+            w.write({"__key__": s["__key__"], encoding: encode_image(s["image"], encoding), "json": meta, **extra})  # fmt: skip
+    return {"name": name, "samples": len(samples), "bytes": path.stat().st_size, "sha256": sha256_file(path)}  # fmt: skip
 
 
 def make_build(
@@ -82,9 +75,11 @@ def make_build(
     extra: dict[str, bytes] | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write shards, index.parquet and manifest.json of a train build (folds 0..folds-1) or a test build."""
+    """A train build (folds 0..folds-1) or a test build of learnable images, written by the real
+    writers (shards.write_shard, manifest.write_build) from an index of the columns readers use."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    store = Store(root)
     rng = np.random.default_rng(seed)
     groups = (
         [(-1, n) for n in range(shards_per_fold)]
@@ -106,13 +101,8 @@ def make_build(
             )
             rows.append({"image_id": image_id, "fold": fold, "shard": name, "status": "ok", "reason": None,
                          **{lab: (None if y is None else y[j]) for j, lab in enumerate(LABELS)}})  # fmt: skip
-        shards.append(
-            {
-                **_write(root / name, samples, encoding, extra),
-                "split": "test" if test else "train",
-                "fold": fold,
-            }
-        )
+        entry = _write(store, name, samples, encoding, extra)
+        shards.append({**entry, "split": "test" if test else "train", "fold": fold})
     for e in range(error_rows):
         rows.append({"image_id": f"ID_bad{e:05d}", "fold": -1, "shard": None, "status": "error",
                      "reason": "unreadable", **{lab: None for lab in LABELS}})  # fmt: skip
@@ -121,29 +111,15 @@ def make_build(
     index["fold"] = index["fold"].astype("int8")
     for lab in LABELS:
         index[lab] = index[lab].astype("Int8")
-    index.to_parquet(root / "index.parquet", index=False)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "tool": "ich_prep",
-        "tool_version": "test",
-        "config": BuildConfig(
-            dicom_dir="synthetic",
-            labels=None if test else "synthetic.csv",
-            size=size,
-            encoding=encoding,
-            folds=folds if folds >= 2 else 5,
-            seed=seed,
-        ).to_dict(),
-        "split": "test" if test else "train",
-        "counts": {"inputs": len(rows), "ok": k, "error": error_rows},
-        "index": {
-            "name": "index.parquet",
-            "bytes": (root / "index.parquet").stat().st_size,
-            "sha256": sha256_file(root / "index.parquet"),
-        },  # fmt: skip
-        "shards": shards,
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    cfg = BuildConfig(
+        dicom_dir="synthetic",
+        labels=None if test else "synthetic.csv",
+        size=size,
+        encoding=encoding,
+        folds=folds if folds >= 2 else 5,
+        seed=seed,
+    )
+    write_build(store, cfg, index, shards)
     return root
 
 
