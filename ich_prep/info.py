@@ -13,9 +13,9 @@ INFO_COLUMNS = ["image_id", "split", "fold", "shard", "status", "reason", "detai
 REQUIRED_COLUMNS = ["image_id", "fold", "shard", "status"]
 
 
-def _checked_index(index: pd.DataFrame, where: str, labelled: bool) -> pd.DataFrame:
-    """The index's INFO_COLUMNS, once the ones info reads are there with usable types (fold whole
-    numbers, labels 0/1/null); FormatError naming the column otherwise."""
+def checked_index(index: pd.DataFrame, where: str, labelled: bool) -> pd.DataFrame:
+    """The index's INFO_COLUMNS, once the ones info and preview read are there with usable types
+    (fold whole numbers, labels 0/1/null); FormatError naming the column otherwise."""
     need = REQUIRED_COLUMNS + (list(LABELS) if labelled else [])
     missing = [c for c in need if c not in index.columns]
     if missing:
@@ -24,7 +24,8 @@ def _checked_index(index: pd.DataFrame, where: str, labelled: bool) -> pd.DataFr
     for c in ("split", "reason", "detail"):
         if c not in index.columns:
             index[c] = None
-    bad = [] if pd.api.types.is_integer_dtype(index["fold"]) else ["fold"]
+    fold = index["fold"]
+    bad = [] if pd.api.types.is_integer_dtype(fold) and fold.notna().all() else ["fold"]
     for k in LABELS if labelled else ():
         col = index[k]
         if not (pd.api.types.is_numeric_dtype(col) and col.dropna().isin([0, 1]).all()):
@@ -41,7 +42,7 @@ def info(root: str, examples: int = 3) -> dict:
     cfg, counts = build_config(m, root), m["counts"]
     layout, build_split = cfg.layout, cfg.split
     labelled = build_split == "train"
-    index = _checked_index(load_index(root, manifest=m), f"{root}: {INDEX}", labelled)
+    index = checked_index(load_index(root, manifest=m), f"{root}: {INDEX}", labelled)
     index["split"] = index["split"].fillna(build_split)
     ok = index[index["status"] == "ok"]
     shard_bytes = {s["name"]: int(s["bytes"]) for s in m["shards"]}

@@ -1,9 +1,11 @@
 """A contact sheet of decoded samples: `ich-prep preview`.
 
-Each tile shows one sample's three windows side by side (grey levels, left to right in channel
-order) under its image id, fold and positive labels, so a person can check the crop and the windows
-at a glance. Samples are chosen from the index; shards are visited in a seeded random order and
-streamed only until enough samples are found (shards are shuffled within a fold when built).
+Each tile shows one sample's windows side by side (grey levels, left to right in channel order, as
+many as the build's image layout has channels) under its image id, fold and positive labels, so a
+person can check the crop and the windows at a glance. Samples are chosen from the index; shards are
+visited in a seeded random order and streamed only until enough samples are found (shards are
+shuffled within a fold when built). A sample whose image is not the layout's shape is skipped
+(verify names it), and the sheet is bounded in memory before anything is read.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import numpy as np
 import pandas as pd
 
 from ich_prep import LABELS
+from ich_prep.config import ImageLayout, Window
 from ich_prep.errors import UserError
+from ich_prep.info import checked_index
 from ich_prep.location import join, open_stream
-from ich_prep.manifest import build_config, load_index, load_manifest
+from ich_prep.manifest import INDEX, build_config, load_index, load_manifest
 from ich_prep.shards import decode_bounded, iter_samples
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -28,6 +32,9 @@ LINE_H = 13
 GAP = 2
 BG = (24, 24, 24)
 WHITE, RED, GREEN, GREY = (235, 235, 235), (80, 80, 255), (120, 220, 120), (170, 170, 170)  # BGR
+MAX_PANEL = 1024  # pixels per window panel (a 1024 panel shows every pixel of a 1024 image)
+MAX_SHEET_BYTES = 1024**3  # the sheet and the images decoded for it, at most
+INDEX_COLUMNS = ["image_id", "fold", "shard", "status", *LABELS]
 
 
 class PreviewError(UserError, ValueError):
@@ -62,7 +69,7 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
     by_shard = {k: set(v) for k, v in rows.groupby("shard")["image_id"]}
     names = sorted(by_shard)
     order = np.random.default_rng(seed).permutation(len(names))
-    info = rows.set_index("image_id")
+    info = rows.drop_duplicates("image_id").set_index("image_id")  # verify names a duplicate
     out: list[dict] = []
     for i in order:
         name = names[i]
@@ -79,14 +86,16 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
     return out
 
 
-def _image(s, wanted: set[str], enc: str, layout) -> np.ndarray | None:
-    """The sample's image if it is one of `wanted` and sound; None for a damaged sample."""
+def _image(s, wanted: set[str], enc: str, layout: ImageLayout) -> np.ndarray | None:
+    """The sample's image if it is one of `wanted`, sound and of the layout's shape; None for a
+    damaged sample."""
     if s.key not in wanted or enc not in s.fields or s.problems:
         return None
     try:
-        return decode_bounded(s.fields[enc], enc, layout)
+        img = decode_bounded(s.fields[enc], enc, layout)
     except ValueError:
         return None
+    return img if img.shape == layout.shape else None
 
 
 def _text(img, s: str, x: int, y: int, color) -> None:
@@ -106,10 +115,15 @@ def _fit(s: str, width: int) -> list[str]:
     return [*lines, cur]
 
 
+def _tile_width(channels: int, panel: int) -> int:
+    return channels * panel + (channels - 1) * GAP
+
+
 def tile(sample: dict, panel: int, labelled: bool) -> np.ndarray:
-    """One sample: caption (id, fold, positives) above its three windows as grey panels."""
+    """One sample: caption (id, fold, positives) above its windows (channels) as grey panels."""
     img, row = sample["image"], sample["row"]
-    w = 3 * panel + 2 * GAP
+    channels = img.shape[2]
+    w = _tile_width(channels, panel)
     pos = [k for k in LABELS if labelled and pd.notna(row[k]) and int(row[k]) == 1]
     caption = _fit(", ".join(pos) if pos else ("negative" if labelled else "unlabelled"), w - 6)
     head = LINE_H * (1 + len(caption)) + 4
@@ -117,7 +131,7 @@ def tile(sample: dict, panel: int, labelled: bool) -> np.ndarray:
     _text(t, f"{sample['image_id']}  fold {int(row['fold'])}", 3, LINE_H, WHITE)
     for i, line in enumerate(caption):
         _text(t, line, 3, LINE_H * (i + 2), RED if pos else (GREEN if labelled else GREY))
-    for c in range(3):
+    for c in range(channels):
         shrink = img.shape[0] > panel
         g = cv2.resize(
             img[..., c],
@@ -131,7 +145,7 @@ def tile(sample: dict, panel: int, labelled: bool) -> np.ndarray:
 
 def contact_sheet(
     samples: list[dict],
-    windows: list[dict],
+    windows: tuple[Window, ...],
     panel: int = 96,
     labelled: bool = True,
     title: str = "",
@@ -144,7 +158,7 @@ def contact_sheet(
     rows = math.ceil(len(tiles) / cols)
     pad = 6
     legend = "panels, left to right: " + " | ".join(
-        f"{w['name']} L{w['center']:g}/W{w['width']:g}" for w in windows
+        f"{w.name} L{w.center:g}/W{w.width:g}" for w in windows
     )
     width = cols * (tw + pad) + pad
     lines = _fit(title, width - 2 * pad) if title else []
@@ -160,6 +174,18 @@ def contact_sheet(
     return sheet
 
 
+def check_size(n: int, panel: int, layout: ImageLayout) -> None:
+    """PreviewError unless `n` samples of `layout` at `panel` pixels (the tiles, the sheet and the
+    decoded images) fit in MAX_SHEET_BYTES."""
+    tile_h = panel + LINE_H * (2 + len(LABELS)) + 4  # the tallest caption: every label on a line
+    per_sample = 2 * 3 * tile_h * (_tile_width(layout.channels, panel) + 6) + layout.max_bytes
+    if n * per_sample > MAX_SHEET_BYTES:
+        raise PreviewError(
+            f"--n {n} at --panel {panel} needs about {n * per_sample / 2**20:.0f} MiB, over the "
+            f"{MAX_SHEET_BYTES // 2**20} MiB a contact sheet may take; lower --n or --panel"
+        )
+
+
 def preview(
     root: str,
     n: int = 64,
@@ -172,16 +198,23 @@ def preview(
     root = str(root)
     if n < 1:
         raise PreviewError(f"--n must be at least 1, got {n}")
+    if seed < 0:
+        raise PreviewError(f"--seed must be 0 or more, got {seed}")
+    if not 8 <= panel <= MAX_PANEL:
+        raise PreviewError(f"--panel must be from 8 to {MAX_PANEL} pixels, got {panel}")
     m = load_manifest(root)
-    index = load_index(root, columns=["image_id", "fold", "shard", "status", *LABELS], manifest=m)
+    cfg = build_config(m, root)
+    labelled = cfg.split == "train"
+    index = load_index(root, columns=INDEX_COLUMNS, manifest=m)
+    index = checked_index(index, f"{root}: {INDEX}", labelled)
     rows = candidates(index, label, fold)
+    check_size(min(n, len(rows)), panel, cfg.layout)
     samples = collect(root, m, rows, n, seed)
     if not samples:
         raise PreviewError(f"none of the {len(rows)} matching samples could be read; run `ich-prep verify {root}`")  # fmt: skip
     filters = ", ".join(f"{k} {v}" for k, v in (("label", label), ("fold", fold)) if v is not None)
     title = f"{root}: {len(samples)} of {len(rows)} samples" + (f" ({filters})" if filters else "")
-    labelled = m["split"] == "train"
-    return contact_sheet(samples, m["config"]["windows"], panel, labelled, title), len(samples)
+    return contact_sheet(samples, cfg.windows, panel, labelled, title), len(samples)
 
 
 def write_png(path: str, sheet: np.ndarray) -> None:

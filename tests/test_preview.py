@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from ich_prep.cli import main
-from ich_prep.manifest import load_manifest
-from ich_prep.preview import GAP, PreviewError, candidates, collect, tile
+from ich_prep.manifest import build_config, load_manifest
+from ich_prep.preview import GAP, MAX_PANEL, PreviewError, candidates, check_size, collect, tile
 from ich_prep.shards import decode_image
 from tests.sharing_fixtures import build_synthetic, shard_members
 
@@ -69,3 +69,42 @@ def test_unknown_label_is_refused(index):
     """A label outside the six is refused with the list of valid ones."""
     with pytest.raises(PreviewError, match="not one of any, epidural"):
         candidates(index, label="ischemic")
+
+
+@pytest.mark.parametrize("flags", [["--panel", "0"], ["--panel", "-5"], ["--panel", "100000"],
+                                   ["--n", "0"], ["--n", "-3"], ["--seed", "-1"]])  # fmt: skip
+def test_out_of_range_flags_are_one_line(built, tmp_path, capsys, flags):
+    """--panel 0, negative or 100000 (a 90 GB tile), --n 0 or negative, --seed -1: exit 2 with one
+    line naming the flag, no traceback and no PNG written."""
+    out = tmp_path / "x.png"
+    assert main(["preview", str(built), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("ich-prep preview") and flags[0] in err and not out.exists()
+
+
+def test_huge_n_shows_what_the_build_holds(built, tmp_path, capsys):
+    """--n 100000 on a small build: every sample once (the bound counts the samples there are)."""
+    out = tmp_path / "x.png"
+    assert main(["preview", str(built), "--n", "100000", "--panel", "16", "--out", str(out)]) == 0
+    ok = int((pd.read_parquet(built / "index.parquet")["status"] == "ok").sum())
+    assert f"{ok} samples" in capsys.readouterr().out
+
+
+def test_sheet_memory_is_bounded_before_reading(built):
+    """The tiles, sheet and decoded images of --n samples at --panel must fit MAX_SHEET_BYTES:
+    refused from the flags and the layout alone."""
+    layout = build_config(load_manifest(built)).layout
+    check_size(64, 96, layout)
+    check_size(40, MAX_PANEL, layout)
+    for n, panel in ((100_000, 96), (60, MAX_PANEL)):
+        with pytest.raises(PreviewError, match="lower --n or --panel"):
+            check_size(n, panel, layout)
+
+
+def test_tile_has_a_panel_per_channel(index):
+    """A layout of 2 channels makes 2 panels (tile follows the image, not an assumed 3)."""
+    row = index[index["status"] == "ok"].set_index("image_id").iloc[0]
+    img = np.zeros((32, 32, 2), np.uint8)
+    t = tile({"image_id": row.name, "image": img, "row": row}, panel=32, labelled=True)
+    assert t.shape[1] == 2 * 32 + GAP
