@@ -21,7 +21,7 @@ import torch
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
-from ich_prep.location import atomic_file
+from ich_prep.location import atomic_file, open_local
 
 CHECKPOINT_FORMAT = 1
 # keys evaluate/predict need, and the further keys a --resume needs
@@ -81,11 +81,12 @@ def save_checkpoint(path: str | Path, **state) -> None:
 
 def safe_torch_load(path: str | Path):
     """torch.load(weights_only=True) on the CPU: tensors and python primitives only, nothing is
-    unpickled. Its warnings (e.g. about a foreign pickle protocol) are silenced: the caller turns a
+    unpickled; opened through location.open_local, so only a regular file is read (a FIFO cannot
+    hang it). Its warnings (e.g. about a foreign pickle protocol) are silenced: the caller turns a
     refusal into one line."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), open_local(path) as f:
         warnings.simplefilter("ignore")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def short_reason(e: BaseException) -> str:
@@ -111,9 +112,14 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = INFER_KEYS) -> dic
         raise CheckpointError(
             f"checkpoint {path} is a folder; pass the best.pt or last.pt inside a run folder"
         )
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(
             f"checkpoint {path} not found; pass a best.pt or last.pt from a run folder"
+        )
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is not a regular file (a FIFO, device or socket); pass the best.pt "
+            "or last.pt written by ich-train fit"
         )
     try:
         ckpt = safe_torch_load(path)

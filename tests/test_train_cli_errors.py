@@ -29,7 +29,7 @@ from ich_train.cli import main
 from ich_train.config import ConfigError
 from ich_train.data import ShardError
 from ich_train.submission import SubmissionError
-from tests.train_fixtures import make_build
+from tests.train_fixtures import deadline, make_build
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "resnet10t", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
@@ -100,6 +100,8 @@ def _bad_checkpoint(kind: str, tmp: Path, good: Path) -> Path:
         torch.save(ckpt, path)
     elif kind == "truncated":
         path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif kind == "fifo":
+        os.mkfifo(path)  # nobody writes to it: a read would block forever
     return path
 
 
@@ -110,6 +112,7 @@ def _bad_checkpoint(kind: str, tmp: Path, good: Path) -> Path:
         ("format_only", "incomplete ich-train checkpoint (no model, config"),
         ("other_model", "weights do not fit --model resnet18"),
         ("truncated", "is not an ich-train checkpoint"),
+        ("fifo", "is not a regular file"),
     ],
 )
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
@@ -123,7 +126,8 @@ def test_a_bad_checkpoint_is_one_line(trained, tmp_path, capsys, kind, says, com
                 "--out", str(tmp_path / "oof.parquet")]  # fmt: skip
     else:
         args = ["predict", "--checkpoint", str(path), "--shards", str(test), "--out", str(tmp_path / "s.csv")]  # fmt: skip
-    assert main([*args, "--workers", "0", "--no-progress"]) == 2
+    with deadline(60):
+        assert main([*args, "--workers", "0", "--no-progress"]) == 2
     line = one_error_line(capsys, command)
     assert says in line and str(path) in line and "ich-train fit" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
