@@ -93,7 +93,6 @@ def write_build(
     return manifest
 
 
-
 def check_version(version: str, where: str) -> None:
     """Same major version reads; a newer major is refused with the fix."""
     try:
@@ -215,6 +214,12 @@ def parse_index(
             raise FormatError(
                 f"{url} declares {n} rows ({inflated} bytes decompressed); the manifest says "
                 f"{rows} rows, the limits are {MAX_INDEX_ROWS} rows and {MAX_INDEX_INFLATED} bytes: "
+                "refused (run `ich-prep verify`, rebuild the build)"
+            )
+        missing = [c for c in columns or () if c not in pf.schema_arrow.names]
+        if missing:  # pyarrow would drop them silently, and the reader fail far from here
+            raise FormatError(
+                f"{url} has no column {', '.join(missing)}, which every index of this format has: "
                 "refused (run `ich-prep verify`, rebuild the build)"
             )
         return pf.read(columns=columns).to_pandas()

@@ -66,7 +66,8 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
     """Up to `n` samples among `rows`: image, meta row. Streams as few shards as it can."""
     cfg = build_config(manifest)
     enc, layout = cfg.encoding, cfg.layout
-    by_shard = {k: set(v) for k, v in rows.groupby("shard")["image_id"]}
+    listed = {s["name"]: int(s["samples"]) for s in manifest["shards"]}
+    by_shard = {k: set(v) for k, v in rows.groupby("shard")["image_id"] if k in listed}
     names = sorted(by_shard)
     order = np.random.default_rng(seed).permutation(len(names))
     info = rows.drop_duplicates("image_id").set_index("image_id")  # verify names a duplicate
@@ -74,7 +75,10 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
     for i in order:
         name = names[i]
         try:
-            with open_stream(join(root, name)) as f, closing(iter_samples(f, enc, layout)) as it:
+            with (
+                open_stream(join(root, name)) as f,
+                closing(iter_samples(f, enc, layout, listed[name])) as it,
+            ):
                 for s in it:
                     img = _image(s, by_shard[name], enc, layout)
                     if img is not None:

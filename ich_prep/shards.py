@@ -302,27 +302,32 @@ class Sample:
     skipped: list[str] = field(default_factory=list)
 
 
+def max_members(samples: int) -> int:
+    """Members a shard of `samples` samples may hold before a reader stops: its 2 per sample,
+    with room for a few unexpected ones that verify reports."""
+    return 8 * samples + 64
+
+
 def iter_samples(
-    stream: BinaryIO,
-    encoding: str,
-    layout: ImageLayout | None = None,
-    max_members: int | None = None,
+    stream: BinaryIO, encoding: str, layout: ImageLayout, samples: int
 ) -> Iterator[Sample]:
     """Samples of an uncompressed tar stream, grouped by key; the one bounded reader of shards.
+    `samples` is the manifest's count for this shard.
 
     Only regular members with flat names are read; a json member over MAX_JSON_BYTES, an image
-    member over what one image of `layout` can take (layout.max_bytes; MAX_MEMBER_BYTES without a
-    layout) and unsafe members are problems, never read into memory;
-    members of other kinds are skipped unread; more than `max_members` members stop the read with
+    member over what one image of `layout` can take (layout.max_bytes), any member over
+    MAX_MEMBER_BYTES and unsafe members are problems, never read into memory; members of other
+    kinds are skipped unread; more than max_members(samples) members stop the read with
     ValueError. Tar errors (truncation, broken headers, a compressed tar) propagate as
     tarfile.TarError / EOFError / OSError.
     """
-    limits = {"json": MAX_JSON_BYTES, encoding: MAX_MEMBER_BYTES if layout is None else layout.max_bytes}  # fmt: skip
+    limits = {"json": MAX_JSON_BYTES, encoding: layout.max_bytes}
+    most = max_members(samples)
     cur: Sample | None = None
     with tarfile.open(fileobj=stream, mode="r|") as tar:  # "r|": no transparent decompression
         for n, ti in enumerate(tar, 1):
-            if max_members is not None and n > max_members:
-                raise ValueError(f"more than {max_members} tar members; refused")
+            if n > most:
+                raise ValueError(f"more than {most} tar members; refused")
             key, _, ext = ti.name.partition(".")
             if cur is not None and key != cur.key:
                 yield cur

@@ -182,7 +182,7 @@ def _check_shard(
     try:
         with open_stream(url) as raw:
             reader = HashingReader(raw)
-            for s in iter_samples(reader, cfg.encoding, cfg.layout, 8 * int(entry["samples"]) + 64):
+            for s in iter_samples(reader, cfg.encoding, cfg.layout, int(entry["samples"])):
                 r.keys.append(s.key)
                 r.problems += _check_sample(s, name, int(entry["fold"]), cfg, labels)
             reader.drain()

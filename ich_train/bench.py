@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from ich_prep.shards import decode_image
+from ich_prep.shards import decode_bounded
 from ich_train.augment import AugmentParams, DeviceAugment
 from ich_train.data import Build, TrainStream, create_loader, read_shard
 from ich_train.distributed import pick_device
@@ -94,7 +94,7 @@ def decode_cost_ms(build: Build, samples: int = 200) -> float:
     try:
         t0 = time.perf_counter()
         for data in raw:
-            decode_image(data, build.encoding)
+            decode_bounded(data, build.encoding, build.layout)
         return (time.perf_counter() - t0) / len(raw) * 1e3
     finally:
         cv2.setNumThreads(threads)

@@ -38,7 +38,7 @@ from ich_prep.manifest import (
     load_index,
     load_manifest,
 )
-from ich_prep.shards import MAX_IMAGE_BYTES, decode_image, decode_json, iter_samples
+from ich_prep.shards import decode_bounded, decode_json, iter_samples
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
 
@@ -53,7 +53,7 @@ class Shard:
     url: str
     fold: int
     samples: int
-    layout: ImageLayout | None = None  # the manifest's image layout: bounds members, checks shapes
+    layout: ImageLayout  # the manifest's image layout: bounds members, checks shapes
     # image id -> labels of the index's ok rows for this shard (None labels in a test build)
     expected: dict | None = field(default=None, compare=False, hash=False, repr=False)
 
@@ -166,7 +166,7 @@ def read_shard(shard: Shard, encoding: str) -> Iterator[dict]:
         ) from e
     n = 0
     try:
-        for s in iter_samples(stream, encoding, shard.layout, 8 * shard.samples + 64):
+        for s in iter_samples(stream, encoding, shard.layout, shard.samples):
             yield _raw_sample(shard, s, encoding)
             n += 1
     except (tarfile.TarError, EOFError, ValueError) as e:
@@ -222,19 +222,18 @@ def _labels_of(meta: dict, raw: dict) -> np.ndarray:
 
 
 def decode_sample(raw: dict, encoding: str) -> tuple[str, np.ndarray, np.ndarray]:
-    """(image_id, uint8 (H, W, 3), float32 labels (6,), NaN when unlabelled)."""
+    """(image_id, uint8 (H, W, C) of the build's layout, float32 labels (6,), NaN when
+    unlabelled), from a raw sample of read_shard (which attaches the shard's layout)."""
     where = f"{raw.get('__url__')}: sample {raw['__key__']}"
+    layout = raw["__layout__"]
     try:
-        layout = raw.get("__layout__")
-        image = decode_image(
-            raw[encoding], encoding, layout.max_bytes if layout else MAX_IMAGE_BYTES
-        )
+        image = decode_bounded(raw[encoding], encoding, layout)
         meta = decode_json(raw["json"])
     except (ValueError, RecursionError) as e:  # RecursionError: json nested thousands deep
         raise ShardError(f"{where}: {str(e)[:200]}") from e
     if not isinstance(meta, dict):
         raise ShardError(f"{where}: json is a {type(meta).__name__}, not an object; rebuild the shard")  # fmt: skip
-    if layout is not None and image.shape != layout.shape:
+    if image.shape != layout.shape:
         raise ShardError(f"{where}: image is {image.shape}, the manifest says {layout.shape}; rebuild the shard")  # fmt: skip
     return raw["__key__"], image, _labels_of(meta, raw)
 

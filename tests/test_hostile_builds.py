@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 from ich_prep.config import ImageLayout
-from ich_prep.manifest import FormatError, dumps
+from ich_prep.manifest import FormatError, dumps, load_index, load_manifest
+from ich_prep.preview import collect
 from ich_prep.shards import encode_image, sha256_file
 from ich_prep.verify import verify
 from ich_train.data import Build, ShardError, decode_sample, read_shard
@@ -99,6 +100,20 @@ def test_too_many_members_stop_the_read(root):
     write_members(root, name, members)
     with pytest.raises(ShardError, match="more than 96 tar members"):
         read_all(root)
+
+
+def test_preview_stops_reading_a_shard_at_the_member_bound(root):
+    """200 unexpected members before a shard's samples: preview's read of that shard stops at the
+    bound (96 members for 16 samples) and shows none of its images, instead of reading on."""
+    name = first(root)
+    members = shard_members(root / name)
+    write_members(root, name, [(f"ID_aaaa.x{i}", b"x") for i in range(200)] + members)
+    m = load_manifest(str(root))
+    rows = load_index(str(root), manifest=m)
+    assert collect(str(root), m, rows[rows["shard"] == name], n=100) == []
+    write_members(root, name, [(f"ID_aaaa.x{i}", b"x") for i in range(40)] + members)
+    m = load_manifest(str(root))
+    assert len(collect(str(root), m, rows[rows["shard"] == name], n=100)) == len(members) // 2
 
 
 # ---------------------------------------------------------------- one source of truth

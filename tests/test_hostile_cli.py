@@ -274,18 +274,6 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
-# Known bugs outside this module's reach, asserted as they are so that the fix turns the test red
-# (then drop the entry): case -> (the exception the ich-train commands still raise, what to fix).
-TRAIN_BUGS = {
-    "index-no-status": (
-        KeyError,
-        "ich_prep.manifest.parse_index ignores requested columns the Parquet file lacks (pyarrow "
-        "drops them silently), so ich_train.data.Build reads index['status'] and dies with a "
-        "KeyError traceback; parse_index should raise FormatError naming the missing columns",
-    ),
-}
-
-
 def crafted(made, tmp_path, case) -> Path:
     roots, _ = made
     b = shutil.copytree(roots["npy" if case in NPY_CASES else "npy.gz"], tmp_path / "b")
@@ -317,16 +305,10 @@ def test_every_reader_answers_a_crafted_build_clearly(made, tmp_path, capsys, ca
         ["predict", "--checkpoint", str(ckpt), "--shards", str(b), "--out", str(tmp_path / "s.csv"), "--workers", "0", "--no-progress"],
     ]  # fmt: skip
     for argv in train_runs:
-        if case in TRAIN_BUGS:
-            with pytest.raises(TRAIN_BUGS[case][0]):
-                run(capsys, train, argv)
-            continue
         rc, err = run(capsys, train, argv)
         assert rc == 2 and one_line(err).startswith("ich-train "), (argv[0], rc, err)
     assert not (tmp_path / "s.csv").exists()
     assert not (tmp_path / "PICKLE_RAN").exists(), "a reader unpickled a shard member"
-    if case in TRAIN_BUGS:
-        pytest.xfail(TRAIN_BUGS[case][1])
 
 
 def test_the_pickle_marker_would_show_an_unpickling(tmp_path):
