@@ -52,14 +52,16 @@ def affine_theta(n: int, p: AugmentParams, g: torch.Generator, device) -> torch.
 
 
 class DeviceAugment:
-    """Callable: (uint8 (B, H, W, 3) on device, train) -> normalised float (B, 3, S, S)."""
+    """Callable: (uint8 (B, H, W, C) on device, train) -> normalised float (B, C, S, S); C is the
+    number of `mean`/`std` values (the build's layout channels)."""
 
     def __init__(
         self, image_size: int, mean, std, params: AugmentParams, channels_last: bool = True
     ):
         self.size, self.params, self.channels_last = image_size, params, channels_last
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.channels = len(mean)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def _geometric(self, p: AugmentParams) -> bool:
         return p.hflip > 0 or p.rotate_deg > 0 or p.scale > 0 or p.shift > 0
@@ -68,9 +70,10 @@ class DeviceAugment:
     def __call__(
         self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != self.channels:
             raise ValueError(
-                f"expected uint8 (B, H, W, 3) images, got {images.dtype} {tuple(images.shape)}"
+                f"expected uint8 (B, H, W, {self.channels}) images, got {images.dtype} "
+                f"{tuple(images.shape)}"
             )
         x = images.permute(0, 3, 1, 2).float().div_(255)
         if x.shape[-2:] != (self.size, self.size):

@@ -111,15 +111,16 @@ def bench(
     torch.backends.cudnn.benchmark = dev.type == "cuda"  # as fit sets it (distributed.setup)
     build = Build(shards)
     size = image_size or build.size
-    net = create_model(model).to(dev, memory_format=torch.channels_last)
-    mean, std = normalization(net)
+    channels = build.layout.channels
+    net = create_model(model, in_chans=channels).to(dev, memory_format=torch.channels_last)
+    mean, std = normalization(net, channels)
     opt = create_optimizer(net, 1e-4, 0.0, dev)  # the optimizer fit uses
     if compile:  # compiled once here; --warmup steps (untimed) absorb the compilation
         net = torch.compile(net)
     augment = DeviceAugment(size, mean, std, AugmentParams(), channels_last=True)
     loss_fn = MultiLabelLoss().to(dev)
-    mean_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, device=dev).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=dev).view(1, -1, 1, 1)
     gen = torch.Generator(device=dev).manual_seed(0)
 
     def step(x, y):

@@ -24,6 +24,7 @@ from ich_prep.errors import UserError
 from ich_prep.location import atomic_file, open_local
 
 CHECKPOINT_FORMAT = 1
+MAX_CHANNELS = 64  # input channels a checkpoint may declare (2.5D stacks of windows stay far below)
 # keys evaluate/predict need, and the further keys a --resume needs
 INFER_KEYS = ("model", "config", "prior", "normalize", "image_size", "data")
 RESUME_KEYS = ("optimizer", "scheduler", "rng", "step", "epoch", "best_loss", "best_metrics")
@@ -155,10 +156,13 @@ _CHECKS = {
     "prior": lambda v: _numbers(v, len(LABELS)) and all(0 <= x <= 1 for x in v),
     "normalize": lambda v: (
         isinstance(v, dict)
-        and _numbers(v.get("mean"), 3)
-        and _numbers(v.get("std"), 3)
+        and isinstance(v.get("mean"), list | tuple)
+        and 1 <= len(v["mean"]) <= MAX_CHANNELS
+        and _numbers(v["mean"], len(v["mean"]))
+        and _numbers(v.get("std"), len(v["mean"]))
         and all(x > 0 for x in v["std"])
     ),
+    "in_chans": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_CHANNELS,
     "image_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= 4096,
     "data": lambda v: isinstance(v, dict),
     "optimizer": lambda v: isinstance(v, dict),

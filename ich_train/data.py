@@ -65,6 +65,7 @@ class Build:
         self.root = str(root)
         self.manifest = load_manifest(self.root)
         cfg = build_config(self.manifest)
+        self.config = cfg  # the typed BuildConfig
         self.encoding, self.size, self.layout = cfg.encoding, cfg.size, cfg.layout
         self.index = load_index(self.root, columns=INDEX_COLUMNS, manifest=self.manifest)
         self.ok = self.index[self.index["status"] == "ok"]
@@ -111,8 +112,8 @@ class Build:
     def preprocessing(self) -> dict:
         """What a model trained on this build expects of its input pixels, beyond the size (which
         the device resize adapts): the windows (HU centre/width per channel) and the pixel spacing."""
-        cfg = self.manifest["config"]
-        return {"windows": cfg.get("windows"), "spacing_mm": cfg.get("spacing_mm")}
+        recorded = self.config.to_dict()
+        return {"windows": recorded["windows"], "spacing_mm": recorded["spacing_mm"]}
 
     @property
     def folds(self) -> list[int]:

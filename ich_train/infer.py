@@ -14,7 +14,7 @@ from ich_prep import LABELS
 from ich_prep.location import atomic_file
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
-from ich_train.checkpoint import CheckpointError, load_checkpoint, load_weights
+from ich_train.checkpoint import CheckpointError, check_keys, load_checkpoint, load_weights
 from ich_train.data import Build, EvalStream, create_loader
 from ich_train.engine import predict
 from ich_train.metrics import compute_metrics, weighted_log_loss
@@ -34,8 +34,12 @@ def load_model(path: str | Path, device: torch.device):
     """(model in eval mode on `device`, its DeviceAugment without augmentation, the checkpoint dict)."""
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
+    ckpt.setdefault("in_chans", 3)  # checkpoints from before layouts: 3 channels
+    check_keys(ckpt, ("in_chans",), path)
+    if len(ckpt["normalize"]["mean"]) != ckpt["in_chans"]:
+        raise CheckpointError(f"{path} is damaged: {len(ckpt['normalize']['mean'])} normalisation values for {ckpt['in_chans']} input channels; pass a best.pt or last.pt written by ich-train fit")  # fmt: skip
     try:
-        model = create_model(cfg["model"])
+        model = create_model(cfg["model"], in_chans=ckpt["in_chans"])
     except UnknownModelError:
         raise CheckpointError(
             f"{path} was trained as --model {cfg['model']!r}, which this timm does not have; "
@@ -50,7 +54,14 @@ def load_model(path: str | Path, device: torch.device):
 
 def check_preprocessing(path, ckpt: dict, build: Build) -> None:
     """Refuse a build whose windows or pixel spacing differ from those the checkpoint was trained on:
-    its images would mean something else to the model. Checkpoints older than this check pass."""
+    its images would mean something else to the model, and a build whose images have another
+    number of channels than the model takes. Checkpoints older than this check pass."""
+    if build.layout.channels != ckpt.get("in_chans", 3):
+        raise CheckpointError(
+            f"{path} takes {ckpt.get('in_chans', 3)}-channel images, but {build.root} holds "
+            f"{build.layout.channels}-channel images ({', '.join(build.layout.channel_names)}); "
+            "evaluate on a build made with the training build's settings"
+        )
     for key, now in build.preprocessing.items():
         if key not in ckpt["data"]:
             continue

@@ -33,21 +33,32 @@ def check_model_name(name: str) -> None:
         )
 
 
-def create_model(name: str, pretrained: str | None = None, drop_rate: float = 0.0) -> nn.Module:
-    """timm model `name` with a 6-label head, randomly initialised unless `pretrained` (a local file)."""
+def create_model(
+    name: str, pretrained: str | None = None, drop_rate: float = 0.0, in_chans: int = 3
+) -> nn.Module:
+    """timm model `name` with a 6-label head taking `in_chans` input channels (the build's image
+    layout), randomly initialised unless `pretrained` (a local file)."""
     check_model_name(name)
-    model = timm.create_model(name, pretrained=False, num_classes=len(LABELS), drop_rate=drop_rate)
+    model = timm.create_model(
+        name, pretrained=False, num_classes=len(LABELS), drop_rate=drop_rate, in_chans=in_chans
+    )
     if pretrained:
         load_pretrained(model, pretrained)
     return model
 
 
-def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) the model family was trained with (timm's pretrained_cfg), ImageNet by default."""
+def normalization(
+    model: nn.Module, channels: int = 3
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per input channel: the model family's (timm's pretrained_cfg, ImageNet by
+    default) when it has `channels` values, else their averages repeated `channels` times (what
+    timm does to a stem adapted to another channel count)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))
-    return mean, std
+    mean = [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))]
+    std = [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))]
+    if len(mean) != channels or len(std) != channels:
+        mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
+    return tuple(mean), tuple(std)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -171,7 +171,8 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    model = create_model(cfg.model, drop_rate=cfg.drop_rate)
+    channels = build.layout.channels  # the model's input is the build's image layout
+    model = create_model(cfg.model, drop_rate=cfg.drop_rate, in_chans=channels)
     report = load_pretrained(model, cfg.pretrained) if cfg.pretrained and ckpt is None else None
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +183,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         )
 
     # ---- optimizer, schedule, loss, augmentation
-    mean, std = normalization(model)
+    mean, std = normalization(model, channels)
     model.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay, dev)
     scheduler = create_scheduler(
@@ -263,6 +264,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             prior=prior.tolist(),
             normalize={"mean": list(mean), "std": list(std)},
             image_size=image_size,
+            in_chans=channels,
             data=checkpoint_data(build),
             metrics=metrics,
             best_loss=best,

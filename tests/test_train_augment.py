@@ -56,3 +56,18 @@ def test_non_uint8_input_is_refused():
 
     with pytest.raises(ValueError, match="uint8"):
         DeviceAugment(32, MEAN, STD, OFF)(_batch().float(), train=False)
+
+
+def test_channel_count_follows_the_normalisation_values():
+    """Five channels (a 2.5D stack, say): five mean/std values normalise a (B, H, W, 5) batch;
+    a 3-channel batch is refused, not broadcast."""
+    import pytest
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 16, 16, 5), generator=g, dtype=torch.uint8)
+    mean, std = (0.1, 0.2, 0.3, 0.4, 0.5), (0.5, 0.4, 0.3, 0.2, 0.1)
+    out = DeviceAugment(16, mean, std, OFF)(x, train=True)
+    want = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 5, 1, 1)) / torch.tensor(std).view(1, 5, 1, 1)  # fmt: skip
+    torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match=r"\(B, H, W, 5\)"):
+        DeviceAugment(16, mean, std, OFF)(_batch(size=16), train=False)

@@ -60,3 +60,15 @@ def test_missing_weights_file_says_to_download_it(tmp_path):
     """A wrong --pretrained path is named, with the fix."""
     with pytest.raises(PretrainedError, match="local path"):
         create_model("resnet10t", pretrained=str(tmp_path / "missing.safetensors"))
+
+
+def test_input_channels_follow_the_layout():
+    """in_chans=5 gives a model taking 5 channels, and normalisation values for 5 channels (the
+    3 ImageNet values averaged, as timm adapts a stem)."""
+    from ich_train.model import normalization
+
+    model = create_model("resnet10t", in_chans=5)
+    assert model.eval()(torch.zeros(1, 5, 32, 32)).shape == (1, 6)
+    mean, std = normalization(model, 5)
+    assert len(mean) == len(std) == 5 and mean[0] == pytest.approx((0.485 + 0.456 + 0.406) / 3)
+    assert normalization(create_model("resnet10t"), 3)[0] == (0.485, 0.456, 0.406)

@@ -138,3 +138,28 @@ def test_predict_refuses_a_build_with_other_windows(setup, tmp_path, capsys):
     manifest["config"]["windows"] = brain  # the training build's windows: accepted
     (other / "manifest.json").write_text(json.dumps(manifest))
     assert main(args) == 0
+
+
+def test_checkpoint_records_its_input_channels_and_refuses_other_builds(setup, tmp_path, capsys):
+    """fit records in_chans (the build's layout); a checkpoint taking 5 channels is refused on a
+    3-channel build in one line naming both; one from before in_chans existed reads as 3."""
+    import torch
+
+    from ich_train.checkpoint import load_checkpoint
+    from ich_train.model import create_model, normalization
+
+    _, _, test, ckpts = setup
+    ckpt = load_checkpoint(ckpts[0])
+    assert ckpt["in_chans"] == 3 and len(ckpt["normalize"]["mean"]) == 3
+    five = create_model("resnet10t", in_chans=5)
+    mean, std = normalization(five, 5)
+    torch.save({**ckpt, "model": five.state_dict(), "in_chans": 5,
+                "normalize": {"mean": list(mean), "std": list(std)}}, tmp_path / "five.pt")  # fmt: skip
+    args = ["predict", "--shards", str(test), "--out", str(tmp_path / "s.csv"), "--workers", "0", "--no-progress"]  # fmt: skip
+    assert main([*args, "--checkpoint", str(tmp_path / "five.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "takes 5-channel images" in err and "3-channel images" in err
+    assert not (tmp_path / "s.csv").exists()
+    old = {k: v for k, v in ckpt.items() if k != "in_chans"}
+    torch.save(old, tmp_path / "old.pt")
+    assert main([*args, "--checkpoint", str(tmp_path / "old.pt")]) == 0
