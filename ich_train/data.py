@@ -240,7 +240,7 @@ def decode_sample(raw: dict, encoding: str) -> tuple[str, np.ndarray, np.ndarray
 
 
 def collate(items: list[tuple[str, np.ndarray, np.ndarray]]) -> dict:
-    """{'image': uint8 (B, H, W, 3), 'label': float32 (B, 6), 'id': [str]}."""
+    """{'image': uint8 (B, H, W, C), 'label': float32 (B, 6), 'id': [str]}."""
     ids, images, labels = zip(*items, strict=True)
     return {
         "image": torch.from_numpy(np.stack(images)),

@@ -47,6 +47,20 @@ def create_model(
     return model
 
 
+def init_head_bias(model: nn.Module, prior) -> bool:
+    """Set the classifier's bias to the log-odds of `prior` (each label's training frequency), so
+    the untrained model predicts the prior: its first loss is the prior baseline's plus what the
+    random head weights add, instead of ~0.7 per label from logits around 0. False (and nothing
+    changed) when the head is not a biased layer with one output per label."""
+    bias = getattr(model.get_classifier(), "bias", None)
+    if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (len(LABELS),):
+        return False
+    p = torch.as_tensor(prior, dtype=torch.float64).clamp(1e-4, 1 - 1e-4)
+    with torch.no_grad():
+        bias.copy_(torch.log(p / (1 - p)).to(bias.dtype))
+    return True
+
+
 def normalization(
     model: nn.Module, channels: int = 3
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -40,7 +40,13 @@ from ich_train.data import Build, EvalStream, TrainStream, create_loader
 from ich_train.engine import train_one_epoch, validate
 from ich_train.losses import create_loss
 from ich_train.metrics import label_prior, prior_baseline_loss
-from ich_train.model import check_model_name, create_model, load_pretrained, normalization
+from ich_train.model import (
+    check_model_name,
+    create_model,
+    init_head_bias,
+    load_pretrained,
+    normalization,
+)
 from ich_train.optim import create_optimizer, create_scheduler
 from ich_train.runlog import MetricsLog
 
@@ -174,6 +180,8 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     channels = build.layout.channels  # the model's input is the build's image layout
     model = create_model(cfg.model, drop_rate=cfg.drop_rate, in_chans=channels)
     report = load_pretrained(model, cfg.pretrained) if cfg.pretrained and ckpt is None else None
+    if ckpt is None:  # a new run starts from the prior; a resumed one has its own weights
+        init_head_bias(model, prior)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")

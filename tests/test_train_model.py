@@ -72,3 +72,34 @@ def test_input_channels_follow_the_layout():
     mean, std = normalization(model, 5)
     assert len(mean) == len(std) == 5 and mean[0] == pytest.approx((0.485 + 0.456 + 0.406) / 3)
     assert normalization(create_model("resnet10t"), 3)[0] == (0.485, 0.456, 0.406)
+
+
+def test_head_bias_starts_at_the_prior(tmp_path):
+    """init_head_bias: before any step, the model's weighted log loss on its training images is the
+    prior baseline's (within 0.01); with timm's default head it is far above it (logits near 0)."""
+    import numpy as np
+
+    from ich_train.augment import AugmentParams, DeviceAugment
+    from ich_train.data import Build, EvalStream
+    from ich_train.metrics import label_prior, weighted_log_loss
+    from ich_train.model import init_head_bias, normalization
+    from tests.train_fixtures import make_build
+
+    build = Build(make_build(tmp_path / "b", folds=2, per_shard=32, size=32, positive_rate=0.3))
+    batches = list(EvalStream(build.shards, build.encoding, 64))
+    y = np.concatenate([b["label"].numpy() for b in batches])
+    prior = label_prior(y)
+    baseline = weighted_log_loss(y, np.broadcast_to(prior, y.shape))
+
+    def loss(init: bool) -> float:
+        torch.manual_seed(0)
+        model = create_model("resnet10t").eval()
+        if init:
+            assert init_head_bias(model, prior)
+        aug = DeviceAugment(32, *normalization(model), AugmentParams())
+        with torch.no_grad():
+            p = np.concatenate([torch.sigmoid(model(aug(b["image"], train=False))).numpy() for b in batches])  # fmt: skip
+        return weighted_log_loss(y, p)
+
+    assert abs(loss(True) - baseline) < 0.01
+    assert loss(False) > baseline + 0.1
