@@ -51,8 +51,13 @@ def write_ct(
     modality: str = "CT",
     transfer_syntax=ExplicitVRLittleEndian,
     with_pixels: bool = True,
+    position: tuple | None = None,
+    orientation: list | None = None,
+    instance: int | str | None = None,
 ) -> Path:
-    """Write a real single-frame CT DICOM file with RSNA-style pseudonym UIDs."""
+    """Write a real single-frame CT DICOM file with RSNA-style pseudonym UIDs. `position`
+    (ImagePositionPatient) replaces (-125, -125, z); `orientation` (ImageOrientationPatient) and
+    `instance` (InstanceNumber) are written only when given."""
     image_id = Path(path).stem
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -66,8 +71,14 @@ def write_ct(
     ds.PatientID = patient
     ds.StudyInstanceUID = "ID_st" + series[5:]
     ds.SeriesInstanceUID = series
-    if z is not None:
+    if position is not None:
+        ds.ImagePositionPatient = list(position)
+    elif z is not None:
         ds.ImagePositionPatient = [-125, -125, z]
+    if orientation is not None:
+        ds.ImageOrientationPatient = list(orientation)
+    if instance is not None:
+        ds.InstanceNumber = instance
     ds.PixelSpacing = [0.5, 0.5]
     ds.Rows, ds.Columns = stored.shape
     ds.SamplesPerPixel = 1

@@ -1,6 +1,7 @@
 """Reading DICOM slices: metadata, pixels, and a clear reason for each kind of bad file."""
 
 import contextlib
+import math
 import os
 import threading
 import warnings
@@ -417,3 +418,56 @@ def test_missing_spacing_is_still_tolerated(tmp_path):
     """No PixelSpacing: (nan, nan), as before (only --spacing-mm needs it)."""
     h = read_header(_with_geometry(tmp_path, None))
     assert np.isnan(h["pixel_spacing_y"]) and np.isnan(h["pixel_spacing_x"])
+
+
+# ---------------------------------------------------------------- slice order tags
+
+TILT = math.radians(25)
+ROW, COL = (1.0, 0.0, 0.0), (0.0, math.cos(TILT), -math.sin(TILT))
+NORMAL = (0.0, math.sin(TILT), math.cos(TILT))  # ROW x COL
+
+
+def test_header_projects_position_on_the_tilted_normal(tmp_path):
+    """slice_position = ImagePositionPatient . (row x col cosines); InstanceNumber is read."""
+    pos = (3.0, 40.0, 10.0)
+    path = write_hu(tmp_path / "ID_t.dcm", phantom_hu(64), position=pos, orientation=[*ROW, *COL], instance=7)  # fmt: skip
+    h = read_header(path)
+    assert h["slice_position"] == pytest.approx(float(np.dot(pos, NORMAL)), abs=1e-9)
+    assert h["z_position"] == 10.0 and h["instance_number"] == 7
+    assert h["orientation_fallback"] is False
+
+
+@pytest.mark.parametrize(
+    "orientation",
+    [None, [1, 0, 0], ["a", "b", "c", "d", "e", "f"], [1, 0, 0, 1, 0, 0], ["nan", 0, 0, 0, 1, 0]],
+    ids=["missing", "three-values", "text", "parallel", "nan"],
+)
+def test_missing_or_malformed_orientation_falls_back_to_axial(tmp_path, orientation):
+    """No usable ImageOrientationPatient: the axial normal (position = z), flagged, never an error."""
+    text = orientation is not None and isinstance(orientation[0], str) and orientation[0] == "a"
+    path = write_hu(tmp_path / "ID_o.dcm", phantom_hu(64), position=(5.0, 6.0, 7.5), orientation=None if text else orientation)  # fmt: skip
+    if text:  # pydicom refuses to write letters as DS: store them as LO under the same tag
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x00200037, "LO", "\\".join(orientation))
+        with quiet_rsna_uids():
+            ds.save_as(path)
+    h = read_header(path)
+    assert h["slice_position"] == 7.5 and h["orientation_fallback"] is True
+    assert h["instance_number"] is None
+
+
+def test_malformed_instance_number_is_absent_not_an_error(tmp_path):
+    path = write_hu(tmp_path / "ID_i.dcm", phantom_hu(64), z=1.0)
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00200013, "LO", "1.5x")
+    with quiet_rsna_uids():
+        ds.save_as(path)
+    assert read_header(path)["instance_number"] is None
+
+
+def test_non_finite_x_or_y_position_is_bad_tag(tmp_path):
+    """Every ImagePositionPatient value is projected, so each must be finite."""
+    p = write_hu(tmp_path / "ID_x.dcm", phantom_hu(64), position=("nan", 0, 0))
+    with pytest.raises(ImageError) as e:
+        read_header(p)
+    assert e.value.reason == "bad_tag" and "ImagePositionPatient" in e.value.detail
