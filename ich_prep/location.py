@@ -113,6 +113,36 @@ def _read_all(f: BinaryIO, limit: int | None, what) -> bytes:
     return data
 
 
+def read_range(url: str | os.PathLike, offset: int, length: int) -> bytes:
+    """Exactly `length` bytes from `offset` (ValueError if the file ends first): a local seek, an
+    http(s) Range request (a server that ignores Range is read up to the range, bounded), or
+    fsspec's cat_file."""
+    url = str(url)
+    if not is_url(url):
+        with open_local(url) as f:
+            f.seek(offset)
+            data = f.read(length)
+    elif _is_http(url):
+        req = urllib.request.Request(
+            url,
+            headers={"User-Agent": "ich-prep", "Range": f"bytes={offset}-{offset + length - 1}"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:  # noqa: S310 (http(s) only)
+                if r.status != 206:  # the whole file came: skip to the range, bounded
+                    while offset and (skipped := len(r.read(min(offset, 1 << 20)))):
+                        offset -= skipped
+                data = r.read(length)
+        except urllib.error.URLError as e:
+            raise OSError(f"{url}: {getattr(e, 'reason', e)}") from e
+    else:
+        fs, path = _fs(url)
+        data = fs.cat_file(path, start=offset, end=offset + length)
+    if len(data) != length:
+        raise ValueError(f"{url} ends before byte {offset + length}; refused")
+    return data
+
+
 def file_size(url: str | os.PathLike) -> int | None:
     """Size in bytes (None when a server does not say). Raises FileNotFoundError when absent."""
     url = str(url)

@@ -27,7 +27,7 @@ import numpy as np
 from isal import igzip, isal_zlib
 
 from ich_prep.config import ImageLayout
-from ich_prep.location import Store, sha256_file
+from ich_prep.location import Store, read_range, sha256_file
 
 TAR_MTIME = 0.0  # fixed so that identical content gives identical bytes
 MAX_JSON_BYTES = 64 * 1024  # a sample's json is a few hundred bytes; anything far larger is refused
@@ -232,30 +232,37 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(ti, io.BytesIO(data))
 
 
-def write_tar(path: str | os.PathLike, samples, encoding: str) -> int:
-    """Write samples ({'__key__', 'image' uint8 (H,W,3), 'meta' dict}) as a tar at `path`; count."""
-    n = 0
+def write_tar(path: str | os.PathLike, samples, encoding: str) -> dict[str, tuple[int, int]]:
+    """Write samples ({'__key__', 'image' uint8 (H, W, C), 'meta' dict}) as a tar at `path`.
+    Returns each sample's span, key -> (byte offset, length): its members, headers and padding
+    included, so bytes [offset, offset + length) of the shard are a tar that read_span reads."""
+    spans = {}
     with open(path, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
                 meta = encode_meta(s["meta"])
+                start = tar.offset
                 _add(tar, f"{s['__key__']}.{encoding}", encode_image(s["image"], encoding))
                 _add(tar, f"{s['__key__']}.json", meta)
-                n += 1
-    return n
+                spans[s["__key__"]] = (start, tar.offset - start)
+    return spans
 
 
-def write_shard(store: Store, name: str, samples, encoding: str) -> dict:
+def write_shard(store: Store, name: str, samples, encoding: str, spans: dict | None = None) -> dict:
     """write_tar as `name` in a build folder (local or URL), atomically: a local temporary file,
     then `store.commit`. The one shard writer (the build's tasks and the test fixtures).
 
-    Returns the manifest's shard entry: {'name', 'samples', 'bytes', 'sha256'}.
+    Returns the manifest's shard entry {'name', 'samples', 'bytes', 'sha256'}; each sample's span
+    (write_tar), which the index records, is put in `spans` when given.
     """
     tmp = store.local_file(name)
-    n = write_tar(tmp, samples, encoding)
+    written = write_tar(tmp, samples, encoding)
     # No fsync: the rename is atomic against a killed process; a power cut is what `verify` is for.
-    info = {"name": name, "samples": n, "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp)}
+    size, sha = os.path.getsize(tmp), sha256_file(tmp)
+    info = {"name": name, "samples": len(written), "bytes": size, "sha256": sha}
     store.commit(name, tmp)
+    if spans is not None:
+        spans.update(written)
     return info
 
 
@@ -363,3 +370,25 @@ def decode_bounded(data: bytes, encoding: str, layout: ImageLayout) -> np.ndarra
     """decode_image refusing anything larger decoded than one image of `layout` (a small shard
     member cannot become gigabytes: gzip inflation bounded, png/jpg headers read first)."""
     return decode_image(data, encoding, layout.max_bytes)
+
+
+def max_span(layout: ImageLayout) -> int:
+    """The most bytes one sample's span may cover: its two members at their bounds, with a
+    512-byte header and up to 511 bytes of padding each."""
+    return layout.max_bytes + MAX_JSON_BYTES + 2 * 1024
+
+
+def read_span(url: str, offset: int, length: int, encoding: str, layout: ImageLayout) -> Sample:
+    """One sample read with a single range read of its span (the index's offset and length), from
+    a local shard or a URL, through the same bounded reader. ValueError when the span is not
+    exactly one sound sample (a span over max_span is refused before it is read)."""
+    if not (0 <= offset and 0 < length <= max_span(layout)):
+        raise ValueError(f"span {offset}+{length} is outside 1..{max_span(layout)} bytes; refused")
+    data = read_range(url, offset, length)
+    try:
+        got = list(iter_samples(io.BytesIO(data), encoding, layout, 1))
+    except (tarfile.TarError, EOFError) as e:
+        raise ValueError(f"{url} bytes {offset}+{length} are not a sample ({e})") from e
+    if len(got) != 1:
+        raise ValueError(f"{url} bytes {offset}+{length} hold {len(got)} samples, not 1")
+    return got[0]
