@@ -331,6 +331,9 @@ def header_from_dataset(ds, path) -> dict:
     rows, cols, bits_stored, pixel_rep = _storage(ds, path)
     pos, sy, sx = _geometry(ds, path)
     normal, fallback = _orientation(ds)
+    along = pos[0] * normal[0] + pos[1] * normal[1] + pos[2] * normal[2]
+    if not math.isfinite(along):  # finite values near 1e308 can still overflow
+        raise ImageError("bad_tag", f"{path}: ImagePositionPatient={pos!r} is out of range")
     slope, intercept = _rescale(ds, path)
     padding = ds.get("PixelPaddingValue")
     return {
@@ -338,7 +341,7 @@ def header_from_dataset(ds, path) -> dict:
         "study_id": _id_tag(ds, "StudyInstanceUID", path),
         "series_id": _id_tag(ds, "SeriesInstanceUID", path),
         "z_position": pos[2],
-        "slice_position": pos[0] * normal[0] + pos[1] * normal[1] + pos[2] * normal[2],
+        "slice_position": along,
         "instance_number": _instance_number(ds),
         "orientation_fallback": fallback,
         "pixel_spacing_y": sy,

@@ -465,9 +465,11 @@ def test_malformed_instance_number_is_absent_not_an_error(tmp_path):
     assert read_header(path)["instance_number"] is None
 
 
-def test_non_finite_x_or_y_position_is_bad_tag(tmp_path):
-    """Every ImagePositionPatient value is projected, so each must be finite."""
-    p = write_hu(tmp_path / "ID_x.dcm", phantom_hu(64), position=("nan", 0, 0))
+@pytest.mark.parametrize("position", [("nan", 0, 0), (0, "inf", 0), (0, "1.5e308", "1.5e308")])
+def test_non_finite_x_or_y_position_is_bad_tag(tmp_path, position):
+    """Every ImagePositionPatient value is projected, so each, and the projection, must be finite."""
+    orientation = [1, 0, 0, 0, 0.8, -0.6]
+    p = write_hu(tmp_path / "ID_x.dcm", phantom_hu(64), position=position, orientation=orientation)
     with pytest.raises(ImageError) as e:
         read_header(p)
     assert e.value.reason == "bad_tag" and "ImagePositionPatient" in e.value.detail
