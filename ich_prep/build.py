@@ -41,7 +41,14 @@ from ich_prep.manifest import CARD, INDEX, MANIFEST, write_build
 from ich_prep.outdir import SHARD_RE, WORK, WORK_FILE_RE, BuildLock, check_apart, owned_names
 from ich_prep.read_dicom import ImageError, read_header, read_slice
 from ich_prep.shards import MAX_JSON_BYTES, encode_meta, write_shard
-from ich_prep.split import assign_folds, shuffled, slice_ranks
+from ich_prep.split import (
+    assign_folds,
+    duplicate_positions,
+    pack_series,
+    series_order,
+    slice_order,
+    slice_ranks,
+)
 from ich_prep.transform import compile_image, header_to_hu
 
 HEADER_FIELDS = [
@@ -49,11 +56,15 @@ HEADER_FIELDS = [
     "study_id",
     "series_id",
     "z_position",
+    "slice_position",
+    "instance_number",
     "pixel_spacing_y",
     "pixel_spacing_x",
     "rows",
     "cols",
 ]
+# Read in the header pass, counted in the manifest (`counts.orientation_fallback`), not indexed.
+SCAN_ONLY = ["orientation_fallback"]
 # Read in the header pass and handed to the shard task, so the compile does not convert them again.
 PIXEL_FIELDS = [
     "bits_stored",
@@ -136,7 +147,7 @@ def _scan_chunk(root: str, rels: list[str], parent_pid: int | None = None) -> li
             rows.append(
                 {
                     "path": rel,
-                    **{k: h[k] for k in HEADER_FIELDS + PIXEL_FIELDS},
+                    **{k: h[k] for k in HEADER_FIELDS + PIXEL_FIELDS + SCAN_ONLY},
                     "reason": None,
                     "detail": None,
                 }
@@ -226,7 +237,8 @@ def plan_images(
     progress: bool,
     lt: LabelTable | None = None,
 ) -> pd.DataFrame:
-    """One row per input with header fields, labels, status; ok rows get fold and slice rank."""
+    """One row per input with header fields, labels, status; ok rows get a fold. (Slice ranks
+    come after compiling, from the slices that compiled: series_columns.)"""
     files = _files_table(inputs)
     dup = files["image_id"].duplicated(keep="first")
     dup_rows = files[dup].assign(
@@ -306,10 +318,6 @@ def plan_images(
     df["status"] = np.where(df["reason"].isna(), "ok", "error")
     df["split"] = cfg.split
     ok = df["status"] == "ok"
-    df["slice_rank"] = pd.array([pd.NA] * len(df), dtype="Int32")
-    df.loc[ok, "slice_rank"] = slice_ranks(
-        df.loc[ok, "series_id"].to_numpy(), df.loc[ok, "z_position"].to_numpy()
-    )
     df["fold"] = np.int8(-1)
     if cfg.labels is not None and ok.any():
         df.loc[ok, "fold"] = assign_folds(
@@ -324,6 +332,7 @@ def plan_images(
 
 
 STAT_KEY = ["path", "file_size", "file_mtime_ns"]
+SCAN_COLUMNS = ["path", *HEADER_FIELDS, *PIXEL_FIELDS, *SCAN_ONLY, "reason", "detail"]
 
 
 def _scan_headers(
@@ -335,8 +344,8 @@ def _scan_headers(
     cached = None
     if store.exists(cache):
         cached = pd.read_parquet(io.BytesIO(store.read_bytes(cache)))
-        if not set(STAT_KEY) <= set(cached.columns):
-            cached = None
+        if not set(STAT_KEY + SCAN_COLUMNS) <= set(cached.columns):
+            cached = None  # written by an older version: read the headers again
     if cached is not None:
         cached = cached.merge(files[STAT_KEY], on=STAT_KEY, how="inner")
     todo = files if cached is None else files[~files["path"].isin(cached["path"])]
@@ -361,14 +370,16 @@ def _read_headers(root: str, files: pd.DataFrame, jobs: int, progress: bool) -> 
         ):
             rows.extend(res)
             bar.update(len(res))
-    cols = ["path", *HEADER_FIELDS, *PIXEL_FIELDS, "reason", "detail"]
-    df = pd.DataFrame(rows, columns=cols)
+    df = pd.DataFrame(rows, columns=SCAN_COLUMNS)
     for c in ("rows", "cols", "bits_stored", "pixel_representation", "pixel_padding_value"):
         df[c] = df[c].astype("Int32")
+    df["instance_number"] = df["instance_number"].astype("Int64")
+    df["orientation_fallback"] = df["orientation_fallback"].astype("boolean")
     for c in ("reason", "detail", "patient_id", "study_id", "series_id"):
         df[c] = df[c].astype(object)
     for c in (
         "z_position",
+        "slice_position",
         "pixel_spacing_y",
         "pixel_spacing_x",
         "rescale_slope",
@@ -381,16 +392,42 @@ def _read_headers(root: str, files: pd.DataFrame, jobs: int, progress: bool) -> 
 # ---------------------------------------------------------------- shards
 
 
+def _in_slice_order(part: pd.DataFrame) -> pd.DataFrame:
+    """`part`'s rows sorted by series, then slice order (split.slice_order)."""
+    return part.iloc[
+        slice_order(
+            part["series_id"].to_numpy(),
+            part["slice_position"].to_numpy(np.float64),
+            part["instance_number"].to_numpy(np.float64, na_value=np.nan),
+            part["image_id"].to_numpy(),
+        )
+    ]
+
+
+def fold_order(part: pd.DataFrame, seed: int, fold: int) -> pd.DataFrame:
+    """One fold's ok images in write order: its series in a seeded-random order (series_order),
+    each series whole and in slice order."""
+    part = _in_slice_order(part)
+    place = {s: i for i, s in enumerate(series_order(part["series_id"].to_numpy(), seed, fold))}
+    where = part["series_id"].astype(str).map(place).to_numpy()
+    return part.iloc[np.argsort(where, kind="stable")]
+
+
 def plan_shards(df: pd.DataFrame, cfg: BuildConfig) -> dict[str, pd.DataFrame]:
-    """Shard name -> its ok images in write order. Whole shards belong to one fold."""
+    """Shard name -> its ok images in write order. Whole shards belong to one fold; a series is
+    written whole, in slice order, into one shard, closed before the next series would take it
+    past `cfg.shard_size` images (pack_series)."""
     plan = {}
     ok = df[df["status"] == "ok"]
     for fold in sorted(ok["fold"].unique()):
-        part = ok[ok["fold"] == fold]
-        part = part.iloc[shuffled(len(part), cfg.seed, int(fold))]
+        part = fold_order(ok[ok["fold"] == fold], cfg.seed, int(fold))
+        series = part["series_id"].astype(str).to_numpy()
+        starts = np.flatnonzero(np.r_[True, series[1:] != series[:-1]])
+        sizes = np.diff(np.r_[starts, len(part)])
+        shard_of = np.repeat(pack_series(sizes, cfg.shard_size), sizes)
         prefix = f"train-f{int(fold)}" if cfg.split == "train" else "test"
-        for n, start in enumerate(range(0, len(part), cfg.shard_size)):
-            plan[f"{prefix}-{n:05d}.tar"] = part.iloc[start : start + cfg.shard_size]
+        for n in range(int(shard_of[-1]) + 1 if len(part) else 0):
+            plan[f"{prefix}-{n:05d}.tar"] = part[shard_of == n]
     return plan
 
 
@@ -416,7 +453,7 @@ def _records(part: pd.DataFrame, root: str, labelled: bool) -> list[dict]:
                     "study_id": r.study_id,
                     "series_id": r.series_id,
                     "z_position": float(r.z_position),
-                    "slice_rank": int(r.slice_rank),
+                    "slice_position": float(r.slice_position),
                     "fold": int(r.fold),
                     "labels": [int(getattr(r, k)) for k in LABELS] if labelled else None,
                 },
@@ -425,13 +462,14 @@ def _records(part: pd.DataFrame, root: str, labelled: bool) -> list[dict]:
     return recs
 
 
-KEY_COLUMNS = ["image_id", "path", "file_size", "file_mtime_ns", *HEADER_FIELDS, *PIXEL_FIELDS, "slice_rank", "fold", *LABELS]  # fmt: skip
+KEY_COLUMNS = ["image_id", "path", "file_size", "file_mtime_ns", *HEADER_FIELDS, *PIXEL_FIELDS, "fold", *LABELS]  # fmt: skip
 
 
 def shard_key(part: pd.DataFrame, cfg: BuildConfig) -> str:
     """sha256 of everything that decides a shard's bytes: the config and, row by row in write
-    order, its files (path, size, mtime), headers, labels, fold and rank. A finished shard is
-    reused only when its key is unchanged. Vectorised (pandas' per-row hash): ~5 us per image."""
+    order, its files (path, size, mtime), headers, labels and fold (the order decides the ranks:
+    _ranked). A finished shard is reused only when its key is unchanged. Vectorised (pandas'
+    per-row hash): ~5 us per image."""
     rows = pd.util.hash_pandas_object(part[KEY_COLUMNS], index=False)
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
     h.update(rows.to_numpy().tobytes())
@@ -482,6 +520,19 @@ def _compile_one(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray | None, dict]:
     return img, meta
 
 
+def _ranked(recs: list[dict], results: list[dict]):
+    """`recs` (whole series, each in slice order) with `slice_rank` set in their meta: the number of
+    slices of the same series before it that compiled (found in `results` as they are appended),
+    so ranks run 0..n-1 over the ok slices with no gap where one failed."""
+    series, rank, seen = None, 0, len(results)
+    for rec in recs:
+        rank += sum(r["reason"] is None for r in results[seen:])  # the previous slice, if ok
+        seen = len(results)
+        if rec["meta"]["series_id"] != series:
+            series, rank = rec["meta"]["series_id"], 0
+        yield {**rec, "meta": {**rec["meta"], "slice_rank": rank}}
+
+
 def compile_shard(
     out: str, name: str, recs: list[dict], cfg: BuildConfig, key: str, parent_pid: int | None = None
 ) -> dict:
@@ -495,7 +546,7 @@ def compile_shard(
     results = []
 
     def samples():
-        for rec in recs:
+        for rec in _ranked(recs, results):
             img, meta = _compile_one(rec, cfg)
             if img is None:
                 results.append(meta)
@@ -565,8 +616,29 @@ def _prepare_out(store: Store, cfg: BuildConfig, overwrite: bool) -> None:
     store.write_bytes(state, ours.encode())
 
 
-def _index_table(df: pd.DataFrame, shard_of: dict[str, str]) -> pd.DataFrame:
+def series_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with slice_rank and series_len (int32) and duplicate_position (bool) from its ok rows,
+    nulls on error rows: ranks 0..n-1 in slice order over the slices that compiled. A series is a
+    series id within one fold, as the shards hold it."""
     df = df.copy()
+    ok = (df["status"] == "ok").to_numpy()
+    part = df[ok]
+    key = (part["fold"].astype(str) + "/" + part["series_id"].astype(str)).to_numpy()
+    pos = part["slice_position"].to_numpy(np.float64)
+    inst = part["instance_number"].to_numpy(np.float64, na_value=np.nan)
+    rank, length = slice_ranks(key, pos, inst, part["image_id"].to_numpy())
+    for col, values, dtype in (
+        ("slice_rank", rank, "Int32"),
+        ("series_len", length, "Int32"),
+        ("duplicate_position", duplicate_positions(key, pos), "boolean"),
+    ):
+        df[col] = pd.array([pd.NA] * len(df), dtype=dtype)
+        df.loc[ok, col] = values
+    return df
+
+
+def _index_table(df: pd.DataFrame, shard_of: dict[str, str]) -> pd.DataFrame:
+    df = series_columns(df)
     df["shard"] = df["image_id"].map(shard_of)
     df.loc[df["status"] != "ok", "shard"] = None
     crop = df.pop("crop_box")
@@ -575,7 +647,8 @@ def _index_table(df: pd.DataFrame, shard_of: dict[str, str]) -> pd.DataFrame:
     for c in LABELS:
         df[c] = df[c].astype("Int8")
     df["fold"] = df["fold"].astype(np.int8)
-    cols = ["image_id", "path", "file_size", "file_mtime_ns", "patient_id", "study_id", "series_id", "z_position", "slice_rank", "pixel_spacing_y", "pixel_spacing_x",
+    cols = ["image_id", "path", "file_size", "file_mtime_ns", "patient_id", "study_id", "series_id", "z_position", "slice_position", "slice_rank", "series_len",
+            "duplicate_position", "instance_number", "pixel_spacing_y", "pixel_spacing_x",
             "rows", "cols", "crop_y0", "crop_y1", "crop_x0", "crop_x1", "split", "fold", "shard", *LABELS, "status", "reason", "detail"]  # fmt: skip
     for c in ("path", "patient_id", "study_id", "series_id", "reason", "detail", "shard"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
@@ -712,7 +785,8 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
     store.remove(MANIFEST)
     with joblib.parallel_config(backend=backend) if backend else contextlib.nullcontext():
         df = plan_images(cfg, inputs, jobs, store, progress, lt)  # header pass on the same workers
-    label_stats = df.attrs.get("label_stats", {})
+    fallback = int(df["orientation_fallback"].eq(True).sum())
+    counts = {**df.attrs.get("label_stats", {}), "orientation_fallback": fallback}
     plan = plan_shards(df, cfg)
     labelled = cfg.labels is not None
     keys = {n: shard_key(part, cfg) for n, part in plan.items()}
@@ -748,7 +822,7 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
         }
         for n in plan
     ]
-    manifest = write_build(store, cfg, index, shards, now, label_stats)
+    manifest = write_build(store, cfg, index, shards, now, counts)
     counts = manifest["counts"]
     _remove_ledger(store)
     _remove_leftovers(store, set(plan))

@@ -1,4 +1,6 @@
-"""Folds grouped by patient and stratified over the six labels; deterministic from the seed."""
+"""Folds grouped by patient and stratified over the six labels; the slice order within a series
+(ranks, lengths, duplicate positions); the seeded series order within a fold. Deterministic from
+the seed; pure numpy/pandas."""
 
 from __future__ import annotations
 
@@ -31,12 +33,80 @@ def assign_folds(
     return pd.Series(fold_of, index=patients).loc[patient_ids].to_numpy()
 
 
-def slice_ranks(series_ids: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """0-based rank of each slice's z position within its series (ties broken by input order)."""
-    df = pd.DataFrame({"s": series_ids, "z": z})
-    return df.groupby("s")["z"].rank(method="first").sub(1).fillna(-1).astype(np.int32).to_numpy()
+DUPLICATE_MM = 1e-3  # slices of one series closer than this along the normal share a position
 
 
-def shuffled(n: int, seed: int, fold: int) -> np.ndarray:
-    """Deterministic permutation of a fold's n images, so each shard mixes patients."""
-    return np.random.default_rng([seed, fold + 1]).permutation(n)
+def _codes(series: np.ndarray) -> np.ndarray:
+    """Integer code per slice of its series key (np.unique's sorted order)."""
+    return np.unique(np.asarray(series, dtype=object).astype(str), return_inverse=True)[1]
+
+
+def position_groups(series: np.ndarray, position: np.ndarray, tol: float = DUPLICATE_MM):
+    """Per slice, the number of its position group: slices of one series whose positions chain
+    within `tol` mm share a group; groups are numbered in (series, position) order."""
+    pos = np.asarray(position, dtype=np.float64)
+    codes = _codes(series)
+    order = np.lexsort((pos, codes))
+    c, p = codes[order], pos[order]
+    new = np.r_[True, (c[1:] != c[:-1]) | ~(np.abs(p[1:] - p[:-1]) < tol)] if len(pos) else []
+    group = np.empty(len(pos), np.int64)
+    group[order] = np.cumsum(new) - 1
+    return group
+
+
+def slice_order(
+    series: np.ndarray, position: np.ndarray, instance: np.ndarray, image_id: np.ndarray
+) -> np.ndarray:
+    """Indices that sort slices by series, then position along the slice normal (positions within
+    DUPLICATE_MM tie), then InstanceNumber (a missing one, NaN, after the others), then image id."""
+    inst = np.asarray(instance, dtype=np.float64)
+    missing = np.isnan(inst)
+    ids = np.asarray(image_id, dtype=object).astype(str)
+    return np.lexsort(
+        (ids, np.where(missing, 0.0, inst), missing, position_groups(series, position))
+    )
+
+
+def slice_ranks(
+    series: np.ndarray, position: np.ndarray, instance: np.ndarray, image_id: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(slice_rank, series_len) per slice, int32: rank 0..n-1 in slice_order within its series,
+    and n, the series' slice count. The input order does not matter."""
+    n = len(series)
+    order = slice_order(series, position, instance, image_id)
+    codes = _codes(series)[order]
+    starts = np.r_[True, codes[1:] != codes[:-1]] if n else np.zeros(0, bool)
+    first = np.maximum.accumulate(np.where(starts, np.arange(n), 0)) if n else starts
+    rank, length = np.empty(n, np.int32), np.empty(n, np.int32)
+    rank[order] = np.arange(n) - first
+    length[order] = np.bincount(codes)[codes] if n else codes
+    return rank, length
+
+
+def duplicate_positions(
+    series: np.ndarray, position: np.ndarray, tol: float = DUPLICATE_MM
+) -> np.ndarray:
+    """True for each slice whose series holds another slice within `tol` mm (chained) of it."""
+    group = position_groups(series, position, tol)
+    return np.bincount(group)[group] > 1 if len(group) else np.zeros(0, bool)
+
+
+def series_order(series: np.ndarray, seed: int, fold: int) -> np.ndarray:
+    """The distinct series ids, sorted, in a seeded-random order per (seed, fold): the order in
+    which a fold's series are written, so consecutive series (one shard) come from many patients."""
+    ids = np.unique(np.asarray(series, dtype=object).astype(str))
+    return ids[np.random.default_rng([seed, fold + 1]).permutation(len(ids))]
+
+
+def pack_series(sizes: np.ndarray, target: int) -> np.ndarray:
+    """Shard number (0, 1, ...) of each series, in write order, packing whole series into shards
+    of about `target` slices: a shard is closed when the next series would take it past `target`,
+    unless it is empty (a series longer than `target` is a shard of its own)."""
+    out = np.empty(len(sizes), np.int64)
+    shard, filled = 0, 0
+    for i, n in enumerate(sizes):
+        if filled and filled + int(n) > target:
+            shard, filled = shard + 1, 0
+        out[i] = shard
+        filled += int(n)
+    return out
