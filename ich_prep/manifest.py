@@ -23,6 +23,7 @@ from ich_prep.errors import UserError
 from ich_prep.location import Store, join
 from ich_prep.shards import SAFE_FILE_NAME
 
+SPAN_COLUMNS = ("shard_offset", "shard_length")  # a sample's bytes in its shard: one range read
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 CARD = "README.md"  # the dataset card
@@ -182,12 +183,16 @@ def check_shard_names(manifest: dict, where: str) -> None:
 
 
 def load_index(
-    root: str | os.PathLike, columns: list[str] | None = None, manifest: dict | None = None
+    root: str | os.PathLike,
+    columns: list[str] | None = None,
+    manifest: dict | None = None,
+    optional: tuple[str, ...] = (),
 ) -> pd.DataFrame:
     """index.parquet of the build at `root` (folder or URL prefix), bounded before it is
     materialised: at most MAX_INDEX_BYTES on disk, MAX_INDEX_ROWS rows (exactly the manifest's
     `counts.inputs` when `manifest` is given) and MAX_INDEX_INFLATED bytes once decompressed, as the
-    Parquet footer declares them; a local path must be a regular file."""
+    Parquet footer declares them; a local path must be a regular file. `columns` must all be
+    there; `optional` ones are read when the index has them."""
     url = join(root, INDEX)
     try:
         data = read_bytes(url, MAX_INDEX_BYTES)
@@ -196,11 +201,15 @@ def load_index(
     except OSError as e:
         raise FormatError(f"{url} cannot be read ({e}); copy it again or rebuild") from e
     want = None if manifest is None else (manifest.get("counts") or {}).get("inputs")
-    return parse_index(data, url, columns, want)
+    return parse_index(data, url, columns, want, optional)
 
 
 def parse_index(
-    data: bytes, url: str, columns: list[str] | None = None, rows: int | None = None
+    data: bytes,
+    url: str,
+    columns: list[str] | None = None,
+    rows: int | None = None,
+    optional: tuple[str, ...] = (),
 ) -> pd.DataFrame:
     """index.parquet bytes -> DataFrame, refusing before decompressing anything an index whose
     footer declares more than MAX_INDEX_ROWS rows (or other than `rows`) or more than
@@ -222,6 +231,8 @@ def parse_index(
                 f"{url} has no column {', '.join(missing)}, which every index of this format has: "
                 "refused (run `ich-prep verify`, rebuild the build)"
             )
+        if columns is not None:
+            columns = [*columns, *(c for c in optional if c in pf.schema_arrow.names)]
         return pf.read(columns=columns).to_pandas()
     except FormatError:
         raise

@@ -301,12 +301,16 @@ def unsafe_member(ti: tarfile.TarInfo) -> str | None:
 @dataclass
 class Sample:
     """One key's members as read from a shard: the format's fields, what was wrong with them
-    (`problems`: readers refuse the sample), and members of other kinds skipped unread."""
+    (`problems`: readers refuse the sample), members of other kinds skipped unread, and the
+    sample's span in the stream (offset of its first header, bytes to the end of its last
+    member's padding): what the index records for a range read."""
 
     key: str
     fields: dict[str, bytes] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    offset: int = 0
+    length: int = 0
 
 
 def max_members(samples: int) -> int:
@@ -340,7 +344,8 @@ def iter_samples(
                 yield cur
                 cur = None
             if cur is None:
-                cur = Sample(key)
+                cur = Sample(key, offset=ti.offset)
+            cur.length = ti.offset_data + -(-ti.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE - cur.offset  # fmt: skip
             why = unsafe_member(ti)
             if why is None and ext in limits and ti.size > limits[ext]:
                 why = f"member {ti.name!r} is {ti.size} bytes, over the {limits[ext]}-byte limit for .{ext}"  # fmt: skip

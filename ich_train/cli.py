@@ -140,6 +140,14 @@ def add_fit_parser(sub) -> None:
     for name in ("hflip", "rotate_deg", "scale", "shift", "brightness", "contrast", "noise"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=DEFAULTS[name])
     p.add_argument("--shuffle-buffer", type=int, default=DEFAULTS["shuffle_buffer"])
+    p.add_argument(
+        "--loader",
+        choices=("auto", "stream", "spans"),
+        default=DEFAULTS["loader"],
+        help="spans: a uniform shuffle of samples, each read by its span in the index (mixes "
+        "series-contiguous shards); stream: read whole shards through a shuffle buffer; "
+        "auto: spans when the index records them",
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")

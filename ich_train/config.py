@@ -29,6 +29,7 @@ RUNTIME_FIELDS = frozenset(
 )
 LOSSES = ("bce", "asl")
 PRECISIONS = ("auto", "bf16", "fp32")
+LOADERS = ("auto", "stream", "spans")  # auto: spans when the build's index records them
 
 
 MAX_IMAGE_SIZE = 4096  # ich-prep's largest --size
@@ -95,6 +96,7 @@ class TrainConfig:
     contrast: float = 0.1
     noise: float = 0.02
     shuffle_buffer: int = 1000
+    loader: str = "auto"
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True
@@ -112,6 +114,8 @@ class TrainConfig:
             raise ConfigError("--batch-size and --accum-steps must be at least 1")
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loader not in LOADERS:
+            raise ConfigError(f"--loader must be one of {LOADERS}, got {self.loader!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.pos_weight is not None and len(self.pos_weight) not in (1, 6):

@@ -29,18 +29,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ich_prep import LABELS
 from ich_prep.config import ImageLayout
 from ich_prep.errors import UserError
-from ich_prep.location import open_stream
+from ich_prep.location import join, open_stream
 from ich_prep.manifest import (
+    SPAN_COLUMNS,
     FormatError,
     build_config,
     index_mismatches,
-    join,
     load_index,
     load_manifest,
 )
-from ich_prep.shards import decode_bounded, decode_json, iter_samples
+from ich_prep.shards import decode_bounded, decode_json, iter_samples, read_span
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
+OPTIONAL_COLUMNS = (*SPAN_COLUMNS, "series_id", "slice_rank")
 
 
 class ShardError(UserError, RuntimeError):
@@ -56,6 +57,8 @@ class Shard:
     layout: ImageLayout  # the manifest's image layout: bounds members, checks shapes
     # image id -> labels of the index's ok rows for this shard (None labels in a test build)
     expected: dict | None = field(default=None, compare=False, hash=False, repr=False)
+    # image id -> (offset, length) of its sample in this shard, when the index records spans
+    spans: dict | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 class Build:
@@ -67,10 +70,12 @@ class Build:
         cfg = build_config(self.manifest)
         self.config = cfg  # the typed BuildConfig
         self.encoding, self.size, self.layout = cfg.encoding, cfg.size, cfg.layout
-        self.index = load_index(self.root, columns=INDEX_COLUMNS, manifest=self.manifest)
+        self.index = load_index(
+            self.root, columns=INDEX_COLUMNS, manifest=self.manifest, optional=OPTIONAL_COLUMNS
+        )
         self.ok = self.index[self.index["status"] == "ok"]
         entries = self._checked_entries()
-        expected = self._expected()
+        expected, spans = self._expected(), self._spans()
         self.shards = [
             Shard(
                 e["name"],
@@ -79,6 +84,7 @@ class Build:
                 int(e["samples"]),
                 self.layout,
                 expected.get(e["name"], {}),
+                spans.get(e["name"]),
             )  # fmt: skip
             for e in entries
             if int(e["samples"]) > 0
@@ -106,6 +112,18 @@ class Build:
         out: dict[str, dict] = {}
         for shard, image_id, y in zip(ok["shard"], ok["image_id"], rows, strict=True):
             out.setdefault(shard, {})[image_id] = y
+        return out
+
+    def _spans(self) -> dict[str, dict]:
+        """shard name -> {image id: (offset, length)} of its ok rows, when the index has spans
+        (whole numbers; a build without them streams its shards)."""
+        if not all(c in self.ok for c in SPAN_COLUMNS) or self.ok[list(SPAN_COLUMNS)].isna().any(axis=None):  # fmt: skip
+            return {}
+        ok = self.ok
+        offsets, lengths = (ok[c].astype("int64").tolist() for c in SPAN_COLUMNS)
+        out: dict[str, dict] = {}
+        for shard, image_id, off, n in zip(ok["shard"], ok["image_id"], offsets, lengths, strict=True):  # fmt: skip
+            out.setdefault(shard, {})[image_id] = (off, n)
         return out
 
     @property
@@ -183,6 +201,21 @@ def read_shard(shard: Shard, encoding: str) -> Iterator[dict]:
             f"{shard.url} held {n} samples, the manifest says {shard.samples}; the shard is truncated "
             "or replaced, re-copy or rebuild it"
         )
+
+
+def read_sample(shard: Shard, image_id: str, encoding: str) -> dict:
+    """One raw sample fetched by a single range read of its span (the index's shard_offset and
+    shard_length), through the same bounded reader and checks as read_shard."""
+    offset, length = shard.spans[image_id]
+    try:
+        s = read_span(shard.url, offset, length, encoding, shard.layout)
+    except ValueError as e:
+        raise ShardError(f"{shard.url}: sample {image_id} at bytes {offset}+{length}: {e}; the index and the shard disagree, run `ich-prep verify` and rebuild") from e  # fmt: skip
+    except OSError as e:
+        raise ShardError(f"{shard.url}: read failed ({e}); re-copy it or check the server") from e
+    if s.key != image_id:
+        raise ShardError(f"{shard.url}: bytes {offset}+{length} hold sample {s.key}, the index says {image_id}; run `ich-prep verify` and rebuild")  # fmt: skip
+    return _raw_sample(shard, s, encoding)
 
 
 def _raw_sample(shard: Shard, s, encoding: str) -> dict:
@@ -277,8 +310,9 @@ def shuffled(samples, bufsize: int, rng: random.Random) -> Iterator:
 def slot_passes(
     shards: list[Shard], slot: int, slots: int, seed: int, epoch: int
 ) -> Iterator[list[Shard]]:
-    """Infinite sequence of passes for one (rank, worker) slot. Pass k is a fresh permutation of all
-    shards, dealt round-robin over the slots (this slot takes positions slot, slot + slots, ... of the
+    """Infinite sequence of passes for one (rank, worker) slot over `shards` (or any items: the
+    span loader deals samples). Pass k is a fresh permutation of all of them, dealt round-robin
+    over the slots (this slot takes positions slot, slot + slots, ... of the
     back-to-back permutations). Every slot always gets shards, and with at least `slots` shards each
     shard is read once per pass."""
     n = len(shards)
@@ -355,6 +389,46 @@ class TrainStream(IterableDataset):
         raw = itertools.islice(raw, done * self.batch_size, None)
         decoded = (decode_sample(s, self.encoding) for s in raw)
         yield from itertools.islice(batched(decoded, self.batch_size, drop_last=True), quota - done)
+
+
+class SpanStream(TrainStream):
+    """TrainStream's contract (exact batches per rank, worker split, resume inside an epoch) with
+    a uniform shuffle: every pass is a seeded permutation of all training samples, each fetched
+    by one range read of its span. Shards that hold whole series in slice order still give
+    batches of many series (a streaming buffer mixes only the series it spans:
+    benchmarks/sim_series_mix.py). Needs spans for every shard."""
+
+    def __init__(self, shards, encoding, batch_size, batches_per_rank, *, rank=0, world=1, seed=0):
+        super().__init__(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed)  # fmt: skip
+        if any(s.spans is None for s in self.shards):
+            raise ShardError("the index records no sample spans for some shards; use the streaming loader")  # fmt: skip
+        self.items = [(s, key) for s in self.shards for key in sorted(s.spans)]
+
+    def __iter__(self) -> Iterator[dict]:
+        w, n_workers = _worker()
+        w = (w + self.skip) % n_workers  # as TrainStream: worker w plays role (w + skip) % n
+        slot, slots = self.rank * n_workers + w, self.world * n_workers
+        quota = self.batches_per_rank // n_workers + (w < self.batches_per_rank % n_workers)
+        done = self.skip // n_workers + (w < self.skip % n_workers)
+        if quota - done <= 0:
+            return
+        order = itertools.chain.from_iterable(
+            slot_passes(self.items, slot, slots, self.seed, self.epoch)
+        )
+        order = itertools.islice(order, done * self.batch_size, None)  # skipped: never read
+        decoded = (decode_sample(read_sample(s, key, self.encoding), self.encoding) for s, key in order)  # fmt: skip
+        yield from itertools.islice(batched(decoded, self.batch_size, drop_last=True), quota - done)
+
+
+def create_train_stream(loader: str, shards: list[Shard], encoding: str, batch_size: int, batches_per_rank: int, *, rank: int, world: int, seed: int, shuffle_buffer: int) -> TrainStream:  # fmt: skip
+    """The training stream `loader` names: 'spans' (SpanStream), 'stream' (TrainStream), or
+    'auto': spans when every shard has them in the index, else stream."""
+    spans = all(s.spans is not None for s in shards)
+    if loader == "spans" and not spans:
+        raise ShardError("--loader spans: this build's index records no sample spans (shard_offset, shard_length); use --loader stream or rebuild with this ich-prep")  # fmt: skip
+    if loader == "spans" or (loader == "auto" and spans):
+        return SpanStream(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed)  # fmt: skip
+    return TrainStream(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed, shuffle_buffer=shuffle_buffer)  # fmt: skip
 
 
 class EvalStream(IterableDataset):

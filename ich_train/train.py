@@ -36,7 +36,7 @@ from ich_train.checkpoint import (
     short_reason,
 )
 from ich_train.config import ConfigError, TrainConfig, check_resumable
-from ich_train.data import Build, EvalStream, TrainStream, create_loader
+from ich_train.data import Build, EvalStream, create_loader, create_train_stream
 from ich_train.engine import train_one_epoch, validate
 from ich_train.losses import create_loss
 from ich_train.metrics import label_prior, prior_baseline_loss
@@ -220,7 +220,8 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     )
 
     # ---- loaders: an exact number of batches per rank per epoch, validation split over ranks
-    train_ds = TrainStream(
+    train_ds = create_train_stream(
+        cfg.loader,
         train_shards,
         build.encoding,
         cfg.batch_size,

@@ -124,3 +124,12 @@ def test_spans_from_fsspec(tmp_path):
     want = _streamed(local)
     offset, length = spans["ID_0005"]
     assert read_span(f"{root}/s.tar", offset, length, ENC, LAYOUT).fields == want["ID_0005"]
+
+
+def test_the_streaming_reader_reports_each_samples_span(tmp_path):
+    """iter_samples gives every sample the span write_shard recorded (what verify checks the
+    index's offsets against)."""
+    spans = _write(str(tmp_path))
+    with open(tmp_path / "s.tar", "rb") as f:
+        got = {s.key: (s.offset, s.length) for s in iter_samples(f, ENC, LAYOUT, 100)}
+    assert got == spans
