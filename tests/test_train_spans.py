@@ -91,7 +91,9 @@ def test_span_batches_mix_series_like_a_uniform_shuffle(series_build):
     with deadline(120):
         spans = distinct(SpanStream(shards, b.encoding, 48, 10, seed=1))
         stream = distinct(TrainStream(shards, b.encoding, 48, 10, seed=1, shuffle_buffer=48))
-    print(f"distinct series per batch of 48: uniform {uniform:.1f}, spans {spans:.1f}, stream {stream:.1f}")
+    print(
+        f"distinct series per batch of 48: uniform {uniform:.1f}, spans {spans:.1f}, stream {stream:.1f}"
+    )
     assert spans >= 0.9 * uniform, (spans, uniform)
     assert stream < 0.6 * uniform, (stream, uniform)
 
