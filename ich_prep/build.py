@@ -37,7 +37,7 @@ from ich_prep.location import (
     open_stream,
     sha256_stream,
 )
-from ich_prep.manifest import CARD, INDEX, MANIFEST, write_build
+from ich_prep.manifest import CARD, INDEX, MANIFEST, SPAN_COLUMNS, write_build
 from ich_prep.outdir import SHARD_RE, WORK, WORK_FILE_RE, BuildLock, check_apart, owned_names
 from ich_prep.read_dicom import ImageError, read_header, read_slice
 from ich_prep.shards import MAX_JSON_BYTES, encode_meta, write_shard
@@ -555,7 +555,11 @@ def compile_shard(
             yield {"__key__": rec["image_id"], "image": img, "meta": meta}
 
     store = Store(out)
-    info = write_shard(store, name, samples(), cfg.encoding)
+    spans: dict = {}
+    info = write_shard(store, name, samples(), cfg.encoding, spans)
+    for r in results:  # each written sample's bytes in the shard: one range read fetches it
+        if r["reason"] is None:
+            r["span"] = list(spans[r["image_id"]])
     done = {"shard": info, "results": results, "key": key}
     store.write_bytes(f"{WORK}/{name}.json", json.dumps(done, sort_keys=True).encode())
     return done
@@ -572,6 +576,8 @@ def _load_done(store: Store, name: str, key: str) -> dict | None:
         return None
     if not isinstance(done, dict) or done.get("key") != key:
         return None
+    if any(r.get("reason") is None and "span" not in r for r in done.get("results", [])):
+        return None  # a ledger from before spans were recorded: compile the shard again
     if store.size(name) != done["shard"]["bytes"] or store.sha256(name) != done["shard"]["sha256"]:
         return None
     return done
@@ -644,12 +650,15 @@ def _index_table(df: pd.DataFrame, shard_of: dict[str, str]) -> pd.DataFrame:
     crop = df.pop("crop_box")
     for i, c in enumerate(["crop_y0", "crop_y1", "crop_x0", "crop_x1"]):
         df[c] = pd.array([b[i] if isinstance(b, list) else None for b in crop], dtype="Int32")
+    span = df.pop("span")
+    for i, c in enumerate(SPAN_COLUMNS):
+        df[c] = pd.array([s[i] if isinstance(s, list) else None for s in span], dtype="Int64")
     for c in LABELS:
         df[c] = df[c].astype("Int8")
     df["fold"] = df["fold"].astype(np.int8)
     cols = ["image_id", "path", "file_size", "file_mtime_ns", "patient_id", "study_id", "series_id", "z_position", "slice_position", "slice_rank", "series_len",
             "duplicate_position", "instance_number", "pixel_spacing_y", "pixel_spacing_x",
-            "rows", "cols", "crop_y0", "crop_y1", "crop_x0", "crop_x1", "split", "fold", "shard", *LABELS, "status", "reason", "detail"]  # fmt: skip
+            "rows", "cols", "crop_y0", "crop_y1", "crop_x0", "crop_x1", "split", "fold", "shard", *SPAN_COLUMNS, *LABELS, "status", "reason", "detail"]  # fmt: skip
     for c in ("path", "patient_id", "study_id", "series_id", "reason", "detail", "shard"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     return df[cols]
@@ -803,16 +812,18 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
     todo = sum(len(plan[n]) for n in pending)
     done.update(_compile_pending(store, plan, cfg, keys, pending, jobs, progress, backend))
     # Fold per-image results back into the table.
-    shard_of, crop_of = {}, {}
+    shard_of, crop_of, span_of = {}, {}, {}
     for name in plan:
         for r in done[name]["results"]:
             if r["reason"] is None:
                 shard_of[r["image_id"]] = name
                 crop_of[r["image_id"]] = r["crop_box"]
+                span_of[r["image_id"]] = r["span"]
             else:
                 m = df["image_id"] == r["image_id"]
                 df.loc[m, ["status", "reason", "detail"]] = ["error", r["reason"], r["detail"]]
     df["crop_box"] = df["image_id"].map(crop_of)
+    df["span"] = df["image_id"].map(span_of)
     index = _index_table(df, shard_of)
     shards = [
         {

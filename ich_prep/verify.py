@@ -26,6 +26,7 @@ from ich_prep.manifest import (
     INDEX,
     MANIFEST,
     MAX_INDEX_BYTES,
+    SPAN_COLUMNS,
     FormatError,
     build_config,
     index_mismatches,
@@ -107,11 +108,15 @@ def _index_size_problem(got: int | None, want: int) -> Problem | None:
     )
 
 
-def _check_sample(s, name: str, fold: int, cfg: BuildConfig, labels: dict) -> list[Problem]:
-    """Member safety, image (the manifest's layout), json bounds and agreement with the index."""
+def _check_sample(s, name: str, fold: int, cfg: BuildConfig, labels: dict, spans: dict) -> list[Problem]:  # fmt: skip
+    """Member safety, image (the manifest's layout), json bounds and agreement with the index
+    (labels, and the span a range read of the sample uses)."""
     enc, layout = cfg.encoding, cfg.layout
     where = f"{name}:{s.key}"
     out = [Problem("unsafe_member", where, f"{name}: {why}") for why in s.problems + s.skipped]
+    if s.key in spans and spans[s.key] != (s.offset, s.length):
+        o, n = spans[s.key]
+        out.append(Problem("index", where, f"{INDEX} puts {s.key} at bytes {o}+{n} of {name}, it is at {s.offset}+{s.length}: a range read would get other bytes; rebuild"))  # fmt: skip
     if enc not in s.fields:
         out.append(Problem("bad_sample", where, f"{name}: sample {s.key} has no .{enc} image"))
     else:
@@ -155,7 +160,7 @@ def _check_sample(s, name: str, fold: int, cfg: BuildConfig, labels: dict) -> li
 
 
 def _check_shard(
-    root: str, entry: dict, cfg: BuildConfig, labels: dict, quick: bool
+    root: str, entry: dict, cfg: BuildConfig, labels: dict, spans: dict, quick: bool
 ) -> _ShardResult:
     """Size, then (unless quick) one streaming pass: sha256, members, image headers, json."""
     name, r = entry["name"], _ShardResult()
@@ -184,7 +189,7 @@ def _check_shard(
             reader = HashingReader(raw)
             for s in iter_samples(reader, cfg.encoding, cfg.layout, int(entry["samples"])):
                 r.keys.append(s.key)
-                r.problems += _check_sample(s, name, int(entry["fold"]), cfg, labels)
+                r.problems += _check_sample(s, name, int(entry["fold"]), cfg, labels, spans)
             reader.drain()
         r.parsed, r.samples = True, len(r.keys)
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
@@ -272,6 +277,7 @@ def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
     _extra_files(root, manifest, report)
     index = _check_index(root, manifest, report)
     labels: dict[str, list[int]] = {}
+    spans: dict[str, tuple[int, int]] = {}
     expected: dict[str, set[str]] = {}
     if index is not None:
         ok = index[index["status"] == "ok"]
@@ -279,9 +285,12 @@ def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
         if all(k in ok.columns for k in LABELS) and manifest.get("split") == "train":
             lab = ok[list(LABELS)].astype("Int64").astype(object).to_numpy().tolist()
             labels = {i: [None if v is pd.NA else int(v) for v in row] for i, row in zip(ok["image_id"], lab, strict=True)}  # fmt: skip
+        if all(c in ok.columns for c in SPAN_COLUMNS):
+            o, n = (ok[c].astype("Int64").tolist() for c in SPAN_COLUMNS)
+            spans = {i: (a, b) for i, a, b in zip(ok["image_id"], o, n, strict=True) if a is not pd.NA and b is not pd.NA}  # fmt: skip
     shards = manifest["shards"]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(lambda e: _check_shard(root, e, cfg, labels, quick), shards))
+        results = list(pool.map(lambda e: _check_shard(root, e, cfg, labels, spans, quick), shards))
     seen: dict[str, str] = {}
     for entry, r in zip(shards, results, strict=True):
         name = entry["name"]

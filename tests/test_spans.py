@@ -133,3 +133,47 @@ def test_the_streaming_reader_reports_each_samples_span(tmp_path):
     with open(tmp_path / "s.tar", "rb") as f:
         got = {s.key: (s.offset, s.length) for s in iter_samples(f, ENC, LAYOUT, 100)}
     assert got == spans
+
+
+# ---------------------------------------------------------------- spans in a real build
+
+
+def test_a_build_records_every_samples_span_and_verify_checks_them(tmp_path):
+    """ich-prep build writes shard_offset/shard_length for every ok row: each span read alone is
+    that sample; verify passes; an index whose span is moved (hash recomputed) is a named problem;
+    the trainer's default loader reads the build by spans."""
+    import pandas as pd
+
+    from ich_prep.config import BuildConfig
+    from ich_prep.manifest import SPAN_COLUMNS, load_manifest
+    from ich_prep.shards import sha256_file
+    from ich_prep.verify import verify
+    from ich_train.data import Build, SpanStream, create_train_stream
+    from tests.sharing_fixtures import build_synthetic, manifest_of, rewrite_manifest
+
+    root = build_synthetic(tmp_path)
+    cfg = BuildConfig.from_dict(load_manifest(str(root))["config"])
+    idx = pd.read_parquet(root / "index.parquet")
+    ok = idx[idx["status"] == "ok"]
+    assert ok[list(SPAN_COLUMNS)].notna().all(axis=None)
+    assert idx.loc[idx["status"] != "ok", list(SPAN_COLUMNS)].isna().all(axis=None)
+    for shard, rows in ok.groupby("shard"):
+        with open(root / shard, "rb") as f:
+            want = {s.key: s.fields for s in iter_samples(f, cfg.encoding, cfg.layout, 100)}
+        for r in rows.itertuples():
+            s = read_span(str(root / shard), r.shard_offset, r.shard_length, cfg.encoding, cfg.layout)  # fmt: skip
+            assert s.key == r.image_id and s.fields == want[r.image_id]
+    assert verify(str(root)).ok
+    b = Build(root)
+    kw = dict(rank=0, world=1, seed=0, shuffle_buffer=4)
+    assert type(create_train_stream("auto", b.shards, b.encoding, 2, 1, **kw)) is SpanStream
+
+    victim = ok.index[1]
+    idx.loc[victim, "shard_offset"] += 512
+    idx.to_parquet(root / "index.parquet", index=False)
+    m = manifest_of(root)
+    m["index"].update(bytes=(root / "index.parquet").stat().st_size, sha256=sha256_file(root / "index.parquet"))  # fmt: skip
+    rewrite_manifest(root, m)
+    problems = [p for p in verify(str(root)).problems if p.kind == "index"]
+    assert len(problems) == 1 and idx.loc[victim, "image_id"] in problems[0].message
+    assert "a range read would get other bytes" in problems[0].message

@@ -174,7 +174,8 @@ def test_pickled_npy_is_refused_not_run(folder, tmp_path):
     np.save(buf, np.array([print], dtype=object), allow_pickle=True)
     members[0] = (members[0][0], gzip.compress(buf.getvalue()))
     write_members(folder, name, members)
-    msgs = [p.message for p in verify(folder).problems]
+    # the new member's size moves every later sample: their index spans are reported as well
+    msgs = [p.message for p in verify(folder).problems if p.kind != "index"]
     assert len(msgs) == 1 and "would need pickle" in msgs[0]
 
 
