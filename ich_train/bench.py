@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ich_prep.shards import decode_bounded
 from ich_train.augment import AugmentParams, DeviceAugment
-from ich_train.data import Build, TrainStream, create_loader, read_shard
+from ich_train.data import Build, TrainStream, create_loader, create_train_stream, read_shard
 from ich_train.distributed import pick_device
 from ich_train.engine import autocast
 from ich_train.losses import MultiLabelLoss
+from ich_train.mixing import series_mixing
 from ich_train.model import create_model, normalization
 from ich_train.optim import create_optimizer
 
@@ -158,10 +159,9 @@ def bench(
     res["a_resident"] = _rate(itertools.repeat(resident), uint8_step, warmup, steps, dev)
     say(f"(a) batch resident on device:   {res['a_resident']:9.1f} img/s")
 
-    def shard_batches(n: int):
-        stream = TrainStream(
-            build.shards, build.encoding, batch_size, warmup + n, shuffle_buffer=batch_size
-        )
+    def shard_batches(n: int):  # fit's default loader: spans when the index has them
+        stream = create_train_stream("auto", build.shards, build.encoding, batch_size, warmup + n,
+                                     rank=0, world=1, seed=0, shuffle_buffer=batch_size)  # fmt: skip
         loader = create_loader(stream, workers, dev)
         return ((b["image"], torch.nan_to_num(b["label"])) for b in loader)
 
@@ -202,4 +202,15 @@ def bench(
     say(
         f"CPU decode cost ({build.encoding}, {build.size}px): {res['decode_ms']:.3f} ms/image on one core"
     )
+    try:
+        res["series_mixing"] = series_mixing(build, batch_size, shuffle_buffer=1000)
+    except ValueError as e:
+        say(f"series mixing: skipped ({e})")
+    else:
+        say(f"series mixing, batch {batch_size} (shuffle buffer 1000 for stream):")
+        uniform = res["series_mixing"]["uniform"]["distinct_series"]
+        for name, m in res["series_mixing"].items():
+            say(f"    {name:8s} distinct series/batch {m['distinct_series']:7.1f} "
+                f"({m['distinct_series'] / uniform:.2f} of uniform), any-label autocorrelation "
+                f"{m['label_autocorr']:+.2f}")  # fmt: skip
     return res

@@ -64,3 +64,16 @@ def test_bench_compiled_model_runs(tmp_path, capsys):
     assert main(["bench", "--shards", str(shards), "--compile", *TINY]) == 0
     out = capsys.readouterr().out
     assert "resnet10t (compiled)" in out and re.search(r"b/a = [\d.]+", out)
+
+
+def test_bench_reports_series_mixing_on_a_series_build(tmp_path, capsys):
+    """A build with series: bench prints distinct series per batch and the label autocorrelation
+    for a uniform shuffle, the span loader and the stream; a build without series says why not."""
+    shards = make_build(tmp_path / "s", folds=2, per_shard=24, size=32, series_len=6)
+    assert main(["bench", "--shards", str(shards), *TINY]) == 0
+    out = capsys.readouterr().out
+    for name in ("uniform", "spans", "stream"):
+        assert re.search(rf"{name} +distinct series/batch +[\d.]+ \([\d.]+ of uniform\), any-label autocorrelation [+-][\d.]+", out), out  # fmt: skip
+    shards = make_build(tmp_path / "p", folds=2, per_shard=8, size=32)
+    assert main(["bench", "--shards", str(shards), *TINY]) == 0
+    assert "series mixing: skipped (series mixing needs a labelled build whose index has series_id)" in capsys.readouterr().out  # fmt: skip
