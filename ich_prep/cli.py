@@ -384,13 +384,18 @@ def add_preview(sub) -> None:
     p.add_argument(
         "--panel", type=at_least(8), default=96, help="pixels per window panel (default 96)"
     )
+    p.add_argument(
+        "--series",
+        metavar="SERIES_ID",
+        help="draw this series (index column series_id) as a strip in slice order, one row per window",
+    )
     p.set_defaults(func=do_preview)
 
 
 def do_preview(args) -> int:
     from ich_prep.preview import preview, write_png
 
-    sheet, n = preview(args.root, args.n, args.label, args.fold, args.seed, args.panel)
+    sheet, n = preview(args.root, args.n, args.label, args.fold, args.seed, args.panel, args.series)
     write_png(args.out, sheet)
     print(f"wrote {args.out}: {n} samples, {sheet.shape[1]}x{sheet.shape[0]} px")
     return 0

@@ -35,6 +35,8 @@ WHITE, RED, GREEN, GREY = (235, 235, 235), (80, 80, 255), (120, 220, 120), (170,
 MAX_PANEL = 1024  # pixels per window panel (a 1024 panel shows every pixel of a 1024 image)
 MAX_SHEET_BYTES = 1024**3  # the sheet and the images decoded for it, at most
 INDEX_COLUMNS = ["image_id", "fold", "shard", "status", *LABELS]
+SHORT = {"epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
+         "subarachnoid": "SAH", "subdural": "SDH"}  # fmt: skip
 
 
 class PreviewError(UserError, ValueError):
@@ -178,6 +180,42 @@ def contact_sheet(
     return sheet
 
 
+def series_strip(samples: list[dict], windows: tuple[Window, ...], panel: int, title: str) -> np.ndarray:  # fmt: skip
+    """One series in slice order: a column per slice (its rank and positive labels above), a row
+    per window, so neighbouring slices sit side by side and their alignment shows; BGR uint8."""
+    pad, head = 4, LINE_H * 2 + 4
+    label_w = max(60, 7 * max(len(w.name) for w in windows))
+    lines = _fit(title, label_w + len(samples) * (panel + GAP) + 2 * pad - 2 * pad) if title else []
+    top = LINE_H * len(lines) + 8
+    height = top + head + len(windows) * (panel + GAP) + pad
+    sheet = np.full((height, label_w + len(samples) * (panel + GAP) + 2 * pad, 3), BG, np.uint8)
+    for i, line in enumerate(lines):
+        _text(sheet, line, pad, LINE_H * (i + 1), WHITE)
+    for c, w in enumerate(windows):
+        _text(sheet, w.name, pad, top + head + c * (panel + GAP) + panel // 2, WHITE)
+    for j, s in enumerate(samples):
+        x, row = pad + label_w + j * (panel + GAP), s["row"]
+        pos = [SHORT[k] for k in LABELS[1:] if pd.notna(row.get(k)) and int(row[k]) == 1]
+        _text(sheet, str(int(row["slice_rank"])), x, top + LINE_H, WHITE)
+        _text(sheet, ",".join(pos)[: max(1, panel // 7)], x, top + 2 * LINE_H, RED)
+        img = s["image"]
+        for c in range(min(img.shape[2], len(windows))):
+            g = cv2.resize(img[..., c], (panel, panel), interpolation=cv2.INTER_AREA)
+            y = top + head + c * (panel + GAP)
+            sheet[y : y + panel, x : x + panel] = g[..., None]
+    return sheet
+
+
+def series_rows(index: pd.DataFrame, series: str) -> pd.DataFrame:
+    """The ok rows of one series, in slice order (slice_rank), or PreviewError naming the fix."""
+    if "series_id" not in index or "slice_rank" not in index:
+        raise PreviewError("--series: this build's index has no series_id/slice_rank; rebuild it with this ich-prep")  # fmt: skip
+    rows = index[(index["status"] == "ok") & (index["series_id"] == series)]
+    if rows.empty:
+        raise PreviewError(f"--series {series!r}: no readable slice of that series in this build; `ich-prep info` lists the build, the index's series_id column the series")  # fmt: skip
+    return rows.sort_values("slice_rank", kind="stable")
+
+
 def check_size(n: int, panel: int, layout: ImageLayout) -> None:
     """PreviewError unless `n` samples of `layout` at `panel` pixels (the tiles, the sheet and the
     decoded images) fit in MAX_SHEET_BYTES."""
@@ -197,8 +235,10 @@ def preview(
     fold: int | None = None,
     seed: int = 0,
     panel: int = 96,
+    series: str | None = None,
 ) -> tuple[np.ndarray, int]:
-    """(contact sheet BGR, number of samples shown) for the build at `root` (folder or URL)."""
+    """(contact sheet BGR, number of samples shown) for the build at `root` (folder or URL); with
+    `series`, that series' slices as a strip in slice order instead."""
     root = str(root)
     if n < 1:
         raise PreviewError(f"--n must be at least 1, got {n}")
@@ -209,8 +249,20 @@ def preview(
     m = load_manifest(root)
     cfg = build_config(m, root)
     labelled = cfg.split == "train"
-    index = load_index(root, columns=INDEX_COLUMNS, manifest=m)
-    index = checked_index(index, f"{root}: {INDEX}", labelled)
+    index = load_index(root, columns=INDEX_COLUMNS, manifest=m, optional=("series_id", "slice_rank"))  # fmt: skip
+    order = index[[c for c in ("series_id", "slice_rank") if c in index]]
+    index = checked_index(index, f"{root}: {INDEX}", labelled).join(order)
+    if series is not None:
+        if label is not None or fold is not None:
+            raise PreviewError("--series draws one whole series: drop --label and --fold")
+        rows = series_rows(index, series)
+        check_size(len(rows), panel, cfg.layout)
+        by_id = {s["image_id"]: s for s in collect(root, m, rows, len(rows), seed)}
+        samples = [by_id[i] for i in rows["image_id"] if i in by_id]
+        if not samples:
+            raise PreviewError(f"none of the {len(rows)} slices of series {series} could be read; run `ich-prep verify {root}`")  # fmt: skip
+        title = f"{root}: series {series}, {len(samples)} of {len(rows)} slices in slice order"
+        return series_strip(samples, cfg.windows, panel, title), len(samples)
     rows = candidates(index, label, fold)
     check_size(min(n, len(rows)), panel, cfg.layout)
     samples = collect(root, m, rows, n, seed)

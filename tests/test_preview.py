@@ -108,3 +108,41 @@ def test_tile_has_a_panel_per_channel(index):
     img = np.zeros((32, 32, 2), np.uint8)
     t = tile({"image_id": row.name, "image": img, "row": row}, panel=32, labelled=True)
     assert t.shape[1] == 2 * 32 + GAP
+
+
+def test_series_strip_shows_one_series_in_slice_order(built, index, tmp_path, capsys):
+    """--series ID: one column per slice in slice_rank order, one row per window; each panel is
+    that slice's window, resized; --series with --label, or an unknown series, is one line."""
+    from ich_prep.preview import LINE_H, series_strip
+
+    ok = index[index["status"] == "ok"]
+    sid = ok.groupby("series_id")["image_id"].count().idxmax()
+    rows = ok[ok["series_id"] == sid].sort_values("slice_rank")
+    assert len(rows) >= 3
+    out = tmp_path / "strip.png"
+    assert main(["preview", str(built), "--series", sid, "--panel", "32", "--out", str(out)]) == 0
+    assert f"wrote {out}: {len(rows)} samples" in capsys.readouterr().out
+    m = load_manifest(built)
+    cfg = build_config(m)
+    got = {s["image_id"]: s for s in collect(str(built), m, rows, len(rows))}
+    samples = [got[i] for i in rows["image_id"]]
+    sheet = series_strip(samples, cfg.windows, 32, "")
+    png = cv2.imread(str(out))  # the CLI's strip: the same below its title line
+    assert png.shape[1] == sheet.shape[1] and np.array_equal(
+        png[-(sheet.shape[0] - 8) :], sheet[8:]
+    )
+    top, head, pad = 8, LINE_H * 2 + 4, 4
+    label_w = max(60, 7 * max(len(w.name) for w in cfg.windows))
+    for j, s in enumerate(samples):  # column j is the slice of rank j
+        assert int(s["row"]["slice_rank"]) == j
+        for c in range(3):
+            y, x = top + head + c * (32 + GAP), pad + label_w + j * (32 + GAP)
+            want = cv2.resize(s["image"][..., c], (32, 32), interpolation=cv2.INTER_AREA)
+            assert np.array_equal(sheet[y : y + 32, x : x + 32, 0], want)
+    for argv, says in (
+        (["--series", sid, "--label", "any"], "--series draws one whole series: drop --label and --fold"),
+        (["--series", "ID_nope"], "--series 'ID_nope': no readable slice of that series"),
+    ):  # fmt: skip
+        assert main(["preview", str(built), *argv, "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
