@@ -49,7 +49,7 @@ from ich_prep.split import (
     slice_order,
     slice_ranks,
 )
-from ich_prep.transform import compile_image, header_to_hu
+from ich_prep.transform import compile_cropped, head_box, header_to_hu, series_box
 
 HEADER_FIELDS = [
     "patient_id",
@@ -476,8 +476,8 @@ def shard_key(part: pd.DataFrame, cfg: BuildConfig) -> str:
     return h.hexdigest()
 
 
-def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
-    """One DICOM -> (uint8 image (size, size, 3), metadata). Raises ImageError."""
+def _read_hu(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
+    """One DICOM -> (HU (H, W) float32, its header). Raises ImageError."""
     h = rec.get("header")
     stored, h = read_slice(rec["path"], h if h and h.get("rows") else None)
     spacing = (h["pixel_spacing_y"], h["pixel_spacing_x"])
@@ -486,9 +486,14 @@ def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
             "missing_tag",
             f"{rec['path']}: PixelSpacing (0028,0030) is missing; --spacing-mm needs it to resample",
         )
-    hu = header_to_hu(stored, h)
-    img, box = compile_image(
+    return header_to_hu(stored, h), h
+
+
+def _finish(rec: dict, cfg: BuildConfig, h: dict, hu: np.ndarray, box) -> tuple[np.ndarray, dict]:
+    """HU cropped to `box` (None: the whole slice) -> (uint8 image, metadata). Raises ImageError."""
+    img = compile_cropped(
         hu,
+        box,
         [(w.center, w.width) for w in cfg.windows],
         cfg.size,
         (h["pixel_spacing_y"], h["pixel_spacing_x"]),
@@ -498,7 +503,7 @@ def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
     meta.update(
         pixel_spacing=[h["pixel_spacing_y"], h["pixel_spacing_x"]],
         original_shape=[h["rows"], h["cols"]],
-        crop_box=list(box) if box is not None else None,
+        crop_box=[int(v) for v in box] if box is not None else None,
     )
     if len(encode_meta(meta)) > MAX_JSON_BYTES:
         raise ImageError(
@@ -509,15 +514,99 @@ def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
     return img, meta
 
 
-def _compile_one(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray | None, dict]:
-    """(image, meta) or (None, error result): whatever goes wrong with one file is its error row."""
+def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
+    """One DICOM cropped to its own head box (`--crop slice`) -> (uint8 image (size, size, 3),
+    metadata). Raises ImageError."""
+    hu, h = _read_hu(rec, cfg)
+    return _finish(rec, cfg, h, hu, head_box(hu))
+
+
+# --crop series holds the HU of one series between its two passes (boxes, then crops), up to
+# this many bytes (a 512x512 slice is 1 MiB); the slices beyond it are read again in the second
+# pass. Same bytes either way; holding is faster (docs/benchmarks.md).
+SERIES_HOLD_BYTES = 128 * 2**20
+
+
+class SeriesCrops:
+    """`--crop series` inside one shard task, whose records arrive as whole series in slice order.
+
+    The first time a slice of a series is compiled, the whole series is read (pass 1: each slice's
+    HU and head box, kept in memory up to SERIES_HOLD_BYTES per series) and its box chosen:
+    transform.series_box over the boxes of the slices of the series' common geometry (the most
+    frequent (rows, cols, pixel spacing), ties to the earliest in slice order). Every such slice is
+    cropped with that box; a slice of another shape or spacing (it cannot share pixel
+    coordinates) is cropped with its own head box, as under `--crop slice`, and listed in
+    `fallback`. A slice that fails to read in pass 1 raises that error when it is compiled (its own
+    error row); it takes no part in the box and stops nothing else."""
+
+    def __init__(self, cfg: BuildConfig, hold_bytes: int | None = None):
+        self.cfg = cfg
+        self.hold = SERIES_HOLD_BYTES if hold_bytes is None else hold_bytes
+        self.series: str | None = None
+        self.slices: dict[str, dict] = {}
+        self.fallback: set[str] = set()
+
+    def _prepare(self, recs: list[dict]) -> None:
+        """Pass 1 over one series' records: HU, header and head box of each, then the boxes."""
+        self.slices, held, geometry = {}, 0, {}
+        for rec in recs:
+            s: dict = {"rec": rec}
+            try:
+                hu, h = _read_hu(rec, self.cfg)
+                s.update(h=h, box=head_box(hu))
+                if held + hu.nbytes <= self.hold:
+                    s["hu"], held = hu, held + hu.nbytes
+                g = (hu.shape, h["pixel_spacing_y"], h["pixel_spacing_x"])
+                s["geometry"] = g
+                geometry.setdefault(g, []).append(rec["image_id"])
+            except Exception as e:  # noqa: BLE001 - raised again when this slice is compiled
+                s["error"] = e.with_traceback(None)  # keep no frames (and their arrays) alive
+            self.slices[rec["image_id"]] = s
+        if not geometry:
+            return
+        # the most frequent geometry; max keeps the first of equals, dicts their insertion order
+        common = max(geometry, key=lambda g: len(geometry[g]))
+        box = series_box([self.slices[i]["box"] for i in geometry[common]])
+        for s in self.slices.values():
+            if "geometry" in s and s["geometry"] == common:
+                s["box"] = box
+            elif "geometry" in s:
+                self.fallback.add(s["rec"]["image_id"])
+
+    def compile(self, rec: dict, series_recs: list[dict]) -> tuple[np.ndarray, dict]:
+        """(uint8 image, metadata) of `rec` cropped with its series' box; `series_recs` are the
+        records of its series (read in pass 1 when the series is new). Raises ImageError."""
+        sid = rec["meta"]["series_id"]
+        if sid != self.series:
+            self.series = sid
+            self._prepare(series_recs)
+        s = self.slices.pop(rec["image_id"], None)
+        if s is None:  # not among its series' records: cannot happen in a planned shard
+            return compile_record(rec, self.cfg)
+        if "error" in s:
+            raise s["error"]
+        hu, h = (s["hu"], s["h"]) if "hu" in s else _read_hu(rec, self.cfg)
+        return _finish(rec, self.cfg, h, hu, s["box"])
+
+
+def _compile_one(rec: dict, cfg: BuildConfig, compile_fn=None) -> tuple[np.ndarray | None, dict]:
+    """(image, meta) or (None, error result): whatever goes wrong with one file is its error row.
+    `compile_fn(rec)` compiles it (default: compile_record, its own head box)."""
     try:
-        img, meta = compile_record(rec, cfg)
+        img, meta = (compile_fn or (lambda r: compile_record(r, cfg)))(rec)
     except ImageError as e:
         return None, {"image_id": rec["image_id"], "reason": e.reason, "detail": e.detail[:MAX_DETAIL]}  # fmt: skip
     except Exception as e:  # noqa: BLE001 - one damaged file must never stop a compile
         return None, {"image_id": rec["image_id"], "reason": "compile_failed", "detail": _detail(rec["path"], e)}  # fmt: skip
     return img, meta
+
+
+def _series_of(recs: list[dict]) -> dict[str, list[dict]]:
+    """Series id -> its records, in the order given (a shard holds each series whole)."""
+    out: dict[str, list[dict]] = {}
+    for rec in recs:
+        out.setdefault(rec["meta"]["series_id"], []).append(rec)
+    return out
 
 
 def _ranked(recs: list[dict], results: list[dict]):
@@ -544,14 +633,19 @@ def compile_shard(
     """
     exit_with_parent(parent_pid)
     results = []
+    crops = SeriesCrops(cfg) if cfg.crop == "series" else None
+    series = _series_of(recs) if crops is not None else {}
 
     def samples():
         for rec in _ranked(recs, results):
-            img, meta = _compile_one(rec, cfg)
+            fn = (lambda r: crops.compile(r, series[r["meta"]["series_id"]])) if crops else None
+            img, meta = _compile_one(rec, cfg, fn)
             if img is None:
                 results.append(meta)
                 continue
             results.append({"image_id": rec["image_id"], "reason": None, "detail": None, "crop_box": meta["crop_box"]})  # fmt: skip
+            if crops is not None and rec["image_id"] in crops.fallback:
+                results[-1]["crop_fallback"] = True
             yield {"__key__": rec["image_id"], "image": img, "meta": meta}
 
     store = Store(out)
@@ -823,6 +917,9 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
                 m = df["image_id"] == r["image_id"]
                 df.loc[m, ["status", "reason", "detail"]] = ["error", r["reason"], r["detail"]]
     df["crop_box"] = df["image_id"].map(crop_of)
+    # slices cropped with their own box under --crop series (shape or spacing unlike their series')
+    fell_back = [r.get("crop_fallback", False) for n in plan for r in done[n]["results"]]
+    counts["crop_fallback"] = int(sum(fell_back))
     df["span"] = df["image_id"].map(span_of)
     index = _index_table(df, shard_of)
     shards = [

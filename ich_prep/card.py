@@ -70,6 +70,15 @@ def dataset_card(manifest: dict) -> str:
         + (" and labels" if train else "")
         + ". The format is specified in docs/shard-format.md of ich-toolkit.",
         "",
+        (
+            "Every slice of a series is cropped with one box (the robust union of its slices' head "
+            "boxes), so neighbouring slices align pixel for pixel; a slice of another shape or "
+            "pixel spacing than its series keeps its own box (`crop_fallback` in the manifest's counts)."
+            if cfg.crop == "series"
+            else "Each slice is cropped to its own head box, so scale and centre vary from slice to slice."
+        )
+        + " The index's `crop_y0`..`crop_x1` give each slice's box in its original pixels.",
+        "",
         "Below, THIS_FOLDER stands for this folder's path, or its URL prefix when it is served "
         "over http(s) or stored in an object store.",
         "",

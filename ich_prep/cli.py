@@ -58,7 +58,14 @@ def _absolute(path: str) -> str:
 
 
 def add_build(sub) -> None:
-    from ich_prep.config import DEFAULT_ENCODING, DEFAULT_WINDOWS, ENCODINGS, WINDOW_PRESETS
+    from ich_prep.config import (
+        CROPS,
+        DEFAULT_CROP,
+        DEFAULT_ENCODING,
+        DEFAULT_WINDOWS,
+        ENCODINGS,
+        WINDOW_PRESETS,
+    )
 
     p = sub.add_parser(
         "build", help="compile DICOMs into WebDataset shards + index.parquet + manifest.json"
@@ -88,6 +95,13 @@ def add_build(sub) -> None:
         "--spacing-mm",
         type=float,
         help="resample to this pixel spacing first, 0.1 to 10 mm (common physical scale)",
+    )
+    p.add_argument(
+        "--crop",
+        choices=list(CROPS),
+        default=DEFAULT_CROP,
+        help="series: one head box per series, so neighbouring slices align pixel for pixel "
+        "(default); slice: each slice cropped to its own head box",
     )
     p.add_argument("--folds", type=int, default=5, help="2 to 100 (default 5)")
     p.add_argument("--seed", type=int, default=0, help="0 to 2**32-1 (default 0)")
@@ -148,6 +162,7 @@ def do_build(args) -> int:
         encoding=args.encoding,
         limit=args.limit,
         fraction=args.fraction,
+        crop=args.crop,
     )
     check_build_paths(args.dicom_dir, args.labels, args.out)
     if args.scheduler and args.backend != "dask":

@@ -29,6 +29,15 @@ ENCODINGS: dict[str, str] = {
 }
 DEFAULT_ENCODING = "npy.gz"
 
+# How the head crop box is chosen (BuildConfig.crop). A manifest without `crop` was written before
+# series crops existed, when every slice was cropped to its own box: it reads as "slice".
+CROPS: dict[str, str] = {
+    "series": "one box per series, the robust union of its slices' head boxes (neighbours align pixel for pixel)",
+    "slice": "each slice cropped to its own head box (scale and centre vary from slice to slice)",
+}
+DEFAULT_CROP = "series"
+LEGACY_CROP = "slice"
+
 # Sane ranges for the numeric settings (inclusive). Outside them a build is a mistake: a 0.001 mm
 # spacing asks for a 145 GB image, numpy's seeded generators take 0..2**32-1, and so on.
 SIZE_RANGE = (16, 4096)  # output side in pixels
@@ -91,6 +100,7 @@ class BuildConfig:
     encoding: str = DEFAULT_ENCODING
     limit: int | None = None
     fraction: float | None = None
+    crop: str = DEFAULT_CROP
 
     def __post_init__(self):
         def bad(flag: str, allowed: str, value) -> ConfigError:
@@ -106,6 +116,8 @@ class BuildConfig:
             raise ConfigError(
                 f"--encoding {self.encoding!r} is unknown; choose one of {', '.join(ENCODINGS)}"
             )
+        if self.crop not in CROPS:
+            raise ConfigError(f"--crop {self.crop!r} is unknown; choose one of {', '.join(CROPS)}")
         whole("--size", self.size, *SIZE_RANGE)
         if self.labels is not None:
             whole("--folds", self.folds, 2, MAX_FOLDS)
@@ -148,7 +160,8 @@ class BuildConfig:
             raise ConfigError(f"config has unknown fields {sorted(unknown)} or no dicom_dir")
         d = dict(d)
         d["windows"] = _windows_from(d.get("windows", [dataclasses.asdict(w) for w in parse_windows(DEFAULT_WINDOWS)]))  # fmt: skip
-        for key in ("dicom_dir", "encoding"):
+        d.setdefault("crop", LEGACY_CROP)  # written before series crops: cropped per slice
+        for key in ("dicom_dir", "encoding", "crop"):
             if key in d and not isinstance(d[key], str):
                 raise ConfigError(f"config {key} is {d[key]!r}, not a string")
         if d.get("labels") is not None and not isinstance(d["labels"], str):

@@ -259,10 +259,12 @@ def test_real_rsna_samples(real_samples, tmp_path):
     wide = truth.pivot(index="image_id", columns="subtype", values="Label")[list(LABELS)]
     ok = index[index["status"] == "ok"]
     assert (ok[list(LABELS)].astype(int) == wide.loc[ok.index]).all().all()
-    # Crop box inside the slice around a head-sized region; the one labelled slice above the head
-    # (ID_0000950d7, ID_be2584ff9: only the curved head rest) have no box and keep the whole slice.
+    # Crop box inside the slice around a head-sized region. The two labelled slices above the head
+    # (ID_0000950d7, ID_be2584ff9: only the curved head rest) have no head box of their own; under
+    # --crop series (the default) they take their series' box (tests/test_series_crop.py has
+    # --crop slice, where they keep the whole slice).
     boxed = ok[ok["crop_y0"].notna()]
-    assert set(ok.index) - set(boxed.index) == {"ID_0000950d7", "ID_be2584ff9"}
+    assert set(ok.index) == set(boxed.index)
     assert ((boxed["crop_y1"] - boxed["crop_y0"]) > 60).all() and (
         boxed["crop_y1"] <= boxed["rows"]
     ).all()
