@@ -6,9 +6,9 @@ Alignment, per pair of adjacent compiled slices of a series (slice_rank r and r+
           square that becomes the image), the whole slice where it has no box;
   centre: distance between the two boxes' centres, in output pixels (original pixels * size / mean S).
 Both are 0 when the two slices were cropped with one box. Also printed: how much smaller the head is
-under the series box than under each slice's own box (its own S / the series S), and the build time
-of one core for slice crops, series crops holding one series' HU in memory (the default) and series
-crops reading every slice twice (SERIES_HOLD_BYTES = 0).
+under the series box than under each slice's own box (its own S / the series S), and the time
+of the shard tasks on one core for slice crops, series crops holding one series' HU in memory (the
+default) and series crops reading every slice twice (SERIES_HOLD_BYTES = 0).
 
     python benchmarks/bench_crop.py                      # ../shared real samples, size 256
     python benchmarks/bench_crop.py --dicom-dir DIR [--labels CSV]
@@ -65,17 +65,47 @@ def summary(d: pd.DataFrame) -> str:
     )
 
 
-def timed_build(cfg: BuildConfig, out: Path, hold: int | None = None) -> tuple[float, pd.DataFrame]:
+def build_index(cfg: BuildConfig, out: Path, hold: int | None = None) -> pd.DataFrame:
+    """Build `cfg` into `out` on one core (with SERIES_HOLD_BYTES = `hold` when given); its index."""
     saved = build_mod.SERIES_HOLD_BYTES
     if hold is not None:
         build_mod.SERIES_HOLD_BYTES = hold
     try:
-        t0 = time.perf_counter()
         build_mod.build(cfg, out, jobs=1, progress=False)
-        wall = time.perf_counter() - t0
     finally:
         build_mod.SERIES_HOLD_BYTES = saved
-    return wall, pd.read_parquet(out / "index.parquet")
+    return pd.read_parquet(out / "index.parquet")
+
+
+def compile_times(base: dict, variants, tmp: Path, rounds: int) -> dict[str, float]:
+    """Seconds per compiled slice of the shard tasks alone (read, HU, boxes, crop, resize,
+    windows, encode, tar; not the header pass), one core, best of `rounds` interleaved runs."""
+    from ich_prep.location import Store, list_inputs
+
+    cfg = BuildConfig(**base)
+    store = Store(tmp / "plan")
+    store.makedirs(build_mod.WORK)
+    df = build_mod.plan_images(cfg, list_inputs(cfg.dicom_dir, ".dcm"), 1, store, False)
+    plan = build_mod.plan_shards(df, cfg)
+    recs = {n: build_mod._records(p, cfg.dicom_dir, cfg.labels is not None) for n, p in plan.items()}  # fmt: skip
+    n_slices = sum(len(r) for r in recs.values())
+    best: dict[str, float] = {}
+    saved = build_mod.SERIES_HOLD_BYTES
+    for r in range(rounds):
+        for name, crop, hold in variants:
+            out = tmp / f"compile-{name}-{r}".replace(" ", "_").replace(",", "")
+            Store(out).makedirs(build_mod.WORK)
+            vcfg = BuildConfig(**base, crop=crop)
+            build_mod.SERIES_HOLD_BYTES = saved if hold is None else hold
+            try:
+                t0 = time.perf_counter()
+                for n in plan:
+                    build_mod.compile_shard(str(out), n, recs[n], vcfg, "bench")
+                wall = time.perf_counter() - t0
+            finally:
+                build_mod.SERIES_HOLD_BYTES = saved
+            best[name] = min(best.get(name, wall), wall / n_slices)
+    return best
 
 
 def main(argv=None) -> None:
@@ -83,20 +113,19 @@ def main(argv=None) -> None:
     ap.add_argument("--dicom-dir", default=str(REAL))
     ap.add_argument("--labels", help="labels CSV (default: a test build of every file)")
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=3, help="timed builds per variant (best kept)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed runs per variant (best kept)")
     args = ap.parse_args(argv)
     base = {"dicom_dir": str(Path(args.dicom_dir).resolve()), "size": args.size}
     if args.labels:
         base["labels"] = str(Path(args.labels).resolve())
     variants = [("slice", "slice", None), ("series, held", "series", None), ("series, read twice", "series", 0)]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        walls, index, shards = {}, {}, {}
-        for r in range(args.rounds):
-            for name, crop, hold in variants:
-                out = Path(tmp) / f"{crop}-{hold}-{r}"
-                wall, index[name] = timed_build(BuildConfig(**base, crop=crop), out, hold)
-                walls[name] = min(walls.get(name, wall), wall)
-                shards[name] = [p.read_bytes() for p in sorted(out.glob("*.tar"))]
+        index, shards = {}, {}
+        for name, crop, hold in variants:
+            out = Path(tmp) / name.replace(" ", "_").replace(",", "")
+            index[name] = build_index(BuildConfig(**base, crop=crop), out, hold)
+            shards[name] = [p.read_bytes() for p in sorted(out.glob("*.tar"))]
+        per_slice = compile_times(base, variants, Path(tmp), args.rounds)
     ok = index["slice"]["status"].eq("ok").sum()
     print(f"data: {args.dicom_dir}  size {args.size}  {ok} compiled slices")
     print("adjacent slices of a series:")
@@ -119,9 +148,10 @@ def main(argv=None) -> None:
     same = index["series, held"].equals(index["series, read twice"]) and (
         shards["series, held"] == shards["series, read twice"]
     )
-    print(f"build, one core, best of {args.rounds} (identical shards and index, held / read twice: {same}):")  # fmt: skip
+    print(f"identical shards and index, HU held / read twice: {same}")
+    print(f"shard tasks alone, one core, best of {args.rounds}:")
     for name, _, _ in variants:
-        print(f"  --crop {name:20s} {walls[name]:6.2f} s  {1000 * walls[name] / ok:6.2f} ms/slice")
+        print(f"  --crop {name:20s} {1000 * per_slice[name]:6.3f} ms/slice")
     stage_costs(own, base, args.rounds)
 
 

@@ -166,10 +166,11 @@ def test_series_crop_aligns_neighbours_pixel_for_pixel(tmp_path):
     assert max(ys) - min(ys) > 3
 
 
-def test_odd_shape_or_spacing_falls_back_to_its_own_box_and_a_bad_slice_is_its_own_row(tmp_path):
+def test_odd_shape_or_spacing_falls_back_to_its_own_box_and_a_bad_slice_is_its_own_row(tmp_path, monkeypatch):  # fmt: skip
     """In one series: a slice of another shape and one of another pixel spacing are cropped with
     their own head box (counted in counts.crop_fallback); a slice whose pixel data is cut is its
-    own error row; the other slices share one box and ranks run without a gap."""
+    own error row; the other slices share one box and ranks run without a gap. Holding only two
+    slices' HU (the rest read again) gives the same bytes."""
     d = tmp_path / "dcm"
     ids = write_disk_series(d, radii=(40, 36, 30, 24, 34, 32))
     small = d / "ID_000106.dcm"  # another shape, between slices 1 and 2
@@ -193,6 +194,9 @@ def test_odd_shape_or_spacing_falls_back_to_its_own_box_and_a_bad_slice_is_its_o
     ok = index[index["status"] == "ok"].sort_values("slice_rank")
     assert ok["slice_rank"].tolist() == list(range(6)) and (ok["series_len"] == 6).all()
     assert ok.index.tolist() == [ids[0], ids[1], "ID_000106", ids[2], ids[3], ids[5]]
+    monkeypatch.setattr(build_mod, "SERIES_HOLD_BYTES", 2 * 96 * 96 * 4)
+    build(BuildConfig(dicom_dir=str(d), size=64), tmp_path / "held2", jobs=1, progress=False)
+    assert tree(tmp_path / "held2") == tree(out)
 
 
 def test_spacing_mm_with_series_crop(tmp_path):
