@@ -40,8 +40,11 @@ def _split_section(cfg: BuildConfig, counts: dict, shards: list[dict]) -> list[s
         f"{cfg.folds} folds, grouped by patient (no patient is in two folds) and stratified over "
         "the six labels by iterative stratification of patient-level label vectors, seed "
         f"{cfg.seed}. Shards are named `train-f{{fold}}-{{n:05d}}.tar`: a fold is a set of whole "
-        "shards, so selecting folds is selecting file names. Within a fold the samples are shuffled "
-        "(seeded), so every shard mixes patients.",
+        "shards, so selecting folds is selecting file names. Within a fold each series is whole in "
+        "one shard, its slices in slice order, and the series are in a seeded random order, so a "
+        "shard holds many patients' series. To train on single slices, read samples by their "
+        "span (index columns shard_offset, shard_length) in a shuffled order, as `ich-train fit` "
+        "does, or shuffle with a large buffer: streaming a shard gives runs of one series.",
         "",
         "| fold | images | shards |",
         "|---:|---:|---:|",

@@ -85,6 +85,8 @@ def write_build(
         "split": cfg.split,
         "counts": counts,
         "index": {"name": INDEX, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+        "image": layout_record(cfg),
+        "order": ORDER,
         "shards": shards,
     }
     from ich_prep.card import dataset_card  # local import: the card is presentation only
@@ -108,8 +110,29 @@ def check_version(version: str, where: str) -> None:
         )
     if major < ours:
         raise FormatError(
-            f"{where}: shard format {version} is too old for this ich-toolkit ({FORMAT_VERSION}); rebuild it"
+            f"{where}: shard format {version} is too old for this ich-toolkit ({FORMAT_VERSION}: "
+            "series in slice order, per-series crops, sample spans); rebuild it: `ich-prep build "
+            "--dicom-dir DICOMS [--labels CSV] --out THIS_FOLDER --overwrite` (its manifest's "
+            "config names the DICOMs and the CSV)"
         )
+
+
+# What format 2 guarantees about where a sample is, declared in every manifest.
+ORDER = {
+    "series": "contiguous: within a fold (or a test build) each series is whole in one shard",
+    "slices": "slice order: position along the slice normal (ImagePositionPatient on the cross "
+    "product of ImageOrientationPatient), ties by InstanceNumber then image id; slice_rank 0..n-1",
+    "spans": "index.parquet shard_offset/shard_length: one range read fetches one sample",
+    "crop": "config.crop: series = one box for every slice of a series (neighbours align), "
+    "slice = each slice's own head box; index crop_y0..crop_x1 = the box used",
+}
+
+
+def layout_record(cfg: BuildConfig) -> dict:
+    """The image layout as the manifest declares it (`image`): what every image of the build is."""
+    lay = cfg.layout
+    return {"height": lay.height, "width": lay.width, "channels": lay.channels,
+            "channel_names": list(lay.channel_names), "dtype": lay.dtype}  # fmt: skip
 
 
 def load_manifest(root: str | os.PathLike) -> dict:
@@ -132,7 +155,9 @@ def load_manifest(root: str | os.PathLike) -> dict:
     check_version(manifest.get("format_version", "0"), url)
     check_shard_names(manifest, url)
     check_entries(manifest, url)
-    build_config(manifest, url)
+    cfg = build_config(manifest, url)
+    if manifest.get("image") != layout_record(cfg):
+        raise FormatError(f"{url}: the declared image layout {str(manifest.get('image'))[:200]} is not what its config makes ({layout_record(cfg)}); the manifest is damaged, rebuild")  # fmt: skip
     return manifest
 
 

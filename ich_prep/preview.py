@@ -3,8 +3,8 @@
 Each tile shows one sample's windows side by side (grey levels, left to right in channel order, as
 many as the build's image layout has channels) under its image id, fold and positive labels, so a
 person can check the crop and the windows at a glance. Samples are chosen from the index; shards are
-visited in a seeded random order and streamed only until enough samples are found (shards are
-shuffled within a fold when built). A sample whose image is not the layout's shape is skipped
+visited in a seeded random order and streamed only until enough samples are found. With a series
+id, that series is drawn as a strip in slice order instead. A sample whose image is not the layout's shape is skipped
 (verify names it), and the sheet is bounded in memory before anything is read.
 """
 

@@ -240,6 +240,8 @@ CASES = {
     "fifo-manifest": fifo("manifest.json"),
     "fifo-index": fifo("index.parquet"),
     "fifo-shard": fifo("shard"),
+    "format-1.0": manifest_edit(lambda m: m.update(format_version="1.0")),
+    "image-layout-lies": manifest_edit(lambda m: m["image"].update(channels=5)),
     "npy-fortran": image_member(fortran_npy),  # on the raw-npy build (NPY_CASES)
     "npy.gz-fortran": image_member(fortran_npy),
     "shard-without-bytes": manifest_edit(drop_bytes),
@@ -373,3 +375,30 @@ def test_every_decode_is_bounded_by_the_layout(made, tmp_path, capsys, decodes, 
         assert all(out is None or out <= lim for _, lim, out in decodes), argv[0]
         refused = [n for n, _, out in decodes if out is None]
         assert hostile in refused, f"{argv[0]} never refused the hostile member"
+
+
+def test_a_format_1_build_is_refused_by_every_reader_with_the_rebuild_command(
+    made, tmp_path, capsys
+):
+    """A 1.x build (shuffled shards, per-slice crops, no spans): verify, info, preview, fit,
+    evaluate and predict each stop in one line that names `ich-prep build ... --overwrite`."""
+    b = crafted(made, tmp_path, "format-1.0")
+    _, ckpt = made
+    runs = [
+        (prep, ["verify", str(b)], 1),
+        (prep, ["info", str(b)], 2),
+        (prep, ["preview", str(b), "--out", str(tmp_path / "p.png")], 2),
+        (train, ["fit", "--shards", str(b), "--out", str(tmp_path / "r"), "--workers", "0", "--no-progress"], 2),
+        (train, ["evaluate", "--checkpoint", str(ckpt), "--shards", str(b), "--fold", "0", "--workers", "0", "--no-progress"], 2),
+        (train, ["predict", "--checkpoint", str(ckpt), "--shards", str(b), "--out", str(tmp_path / "s.csv"), "--workers", "0", "--no-progress"], 2),
+    ]  # fmt: skip
+    for fn, argv, want in runs:
+        with deadline(60):
+            rc = fn(argv)
+        cap = capsys.readouterr()
+        text = cap.err + (cap.out if want == 1 else "")  # verify reports on stdout
+        assert rc == want and "Traceback" not in text, (argv[0], rc, text)
+        if want == 2:
+            assert len(cap.err.strip().splitlines()) == 1, cap.err
+        assert "shard format 1.0 is too old" in text and "ich-prep build --dicom-dir" in text, (argv[0], text)  # fmt: skip
+        assert "--overwrite" in text

@@ -55,7 +55,7 @@ def test_cli_prints_config_and_tables(built, capsys):
     """The text output names format, encoding, windows and a row per fold."""
     assert main(["info", str(built)]) == 0
     out = capsys.readouterr().out
-    assert "format 1.0" in out and "encoding npy.gz" in out
+    assert "format 2.0" in out and "encoding npy.gz" in out
     assert "brain L40/W80, subdural L80/W200, bone L600/W2800" in out
     assert "label prevalence per fold" in out and "unreadable: 1" in out
     assert sum(line.startswith("train ") for line in out.splitlines()) == 3
@@ -74,29 +74,30 @@ def test_not_a_build_gets_a_clear_error(tmp_path, capsys):
 
 
 def test_newer_major_format_is_refused(folder, capsys):
-    """Format 2.0 from a newer toolkit: a clear error telling the user to upgrade."""
-    rewrite_manifest(folder, {**manifest_of(folder), "format_version": "2.0"})
+    """Format 3.0 from a newer toolkit: a clear error telling the user to upgrade."""
+    rewrite_manifest(folder, {**manifest_of(folder), "format_version": "3.0"})
     assert main(["info", str(folder)]) == 2
     err = capsys.readouterr().err
-    assert "shard format 2.0 is newer" in err and "upgrade ich-toolkit" in err
+    assert "shard format 3.0 is newer" in err and "upgrade ich-toolkit" in err
 
 
 def test_newer_minor_format_loads(folder):
-    """Format 1.7 (same major, unknown extra keys) still loads."""
-    rewrite_manifest(folder, {**manifest_of(folder), "format_version": "1.7", "new_key": [1]})
-    assert info(folder)["format_version"] == "1.7"
+    """Format 2.7 (same major, unknown extra keys) still loads."""
+    rewrite_manifest(folder, {**manifest_of(folder), "format_version": "2.7", "new_key": [1]})
+    assert info(folder)["format_version"] == "2.7"
 
 
 def test_older_compatible_format_loads(built, monkeypatch):
-    """A 1.0 folder read by a 1.3 reader loads."""
-    monkeypatch.setattr("ich_prep.manifest.FORMAT_VERSION", "1.3")
-    assert load_manifest(built)["format_version"] == "1.0"
+    """A 2.0 folder read by a 2.3 reader loads."""
+    monkeypatch.setattr("ich_prep.manifest.FORMAT_VERSION", "2.3")
+    assert load_manifest(built)["format_version"] == "2.0"
     assert info(built)["counts"]["ok"] == manifest_of(built)["counts"]["ok"]
 
 
 def test_older_major_format_is_refused(folder):
-    """Format 0.9: refused with the advice to rebuild."""
-    rewrite_manifest(folder, {**manifest_of(folder), "format_version": "0.9"})
+    """Format 1.0 (shuffled shards, per-slice crops, no spans): refused with the command that
+    rebuilds it."""
+    rewrite_manifest(folder, {**manifest_of(folder), "format_version": "1.0"})
     with pytest.raises(FormatError, match="too old.*rebuild"):
         load_manifest(folder)
 

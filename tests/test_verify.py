@@ -194,9 +194,9 @@ def test_oversized_json_and_gzip_bomb_are_refused(folder):
 
 
 def test_newer_major_format_is_refused_with_the_fix(folder, capsys):
-    """A manifest of format 2.x: verify fails and says to upgrade ich-toolkit."""
+    """A manifest of format 3.x: verify fails and says to upgrade ich-toolkit."""
     m = manifest_of(folder)
-    rewrite_manifest(folder, {**m, "format_version": "2.0"})
+    rewrite_manifest(folder, {**m, "format_version": "3.0"})
     rc, out = run_verify(folder, capsys)
     assert rc == 1 and "upgrade ich-toolkit" in out
 
