@@ -15,6 +15,8 @@ import random
 
 import numpy as np
 
+from ich_train.data import shuffled  # the streaming loader's own buffer
+
 rng = np.random.default_rng(0)
 S = 300
 lens = rng.integers(25, 45, S)
@@ -42,19 +44,6 @@ def distinct(stream, nb=20):
             break
         out.append(len({x[0] for x in b}))
     return np.mean(out)
-
-
-def shuffled(it, size, r):
-    buf = []
-    for s in it:
-        if len(buf) < size:
-            buf.append(s)
-            continue
-        i = r.randrange(size)
-        yield buf[i]
-        buf[i] = s
-    r.shuffle(buf)
-    yield from buf
 
 
 def series_buffer(it, size, r):
