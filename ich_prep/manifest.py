@@ -265,6 +265,20 @@ def parse_index(
         raise FormatError(f"{url} is not a readable Parquet index ({type(e).__name__}: {str(e)[:200]}); copy it again or rebuild") from e  # fmt: skip
 
 
+def index_spans(rows: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """image id -> (shard_offset, shard_length) of `rows` (ok rows); {} when the index has no span
+    columns or some row lacks a span (such a build is read by streaming its shards). FormatError
+    when the columns are not whole numbers: a float or text offset is a damaged index."""
+    if not all(c in rows for c in SPAN_COLUMNS):
+        return {}
+    if not all(pd.api.types.is_integer_dtype(rows[c]) for c in SPAN_COLUMNS):
+        raise FormatError(f"{INDEX}: columns {', '.join(SPAN_COLUMNS)} are not whole numbers; the index is damaged, run `ich-prep verify` and rebuild")  # fmt: skip
+    if rows[list(SPAN_COLUMNS)].isna().any(axis=None):
+        return {}
+    offsets, lengths = (rows[c].astype("int64").tolist() for c in SPAN_COLUMNS)
+    return dict(zip(rows["image_id"], zip(offsets, lengths, strict=True), strict=True))
+
+
 def index_mismatches(manifest: dict, index: pd.DataFrame) -> list[tuple[str, str, str]]:
     """Where the index disagrees with the manifest, as (kind, where, message): row counts, one ok
     row per image, each shard's ok rows equal to its `samples` and all of its fold, no ok row in

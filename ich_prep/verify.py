@@ -26,10 +26,10 @@ from ich_prep.manifest import (
     INDEX,
     MANIFEST,
     MAX_INDEX_BYTES,
-    SPAN_COLUMNS,
     FormatError,
     build_config,
     index_mismatches,
+    index_spans,
     load_manifest,
     parse_index,
 )
@@ -285,9 +285,12 @@ def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
         if all(k in ok.columns for k in LABELS) and manifest.get("split") == "train":
             lab = ok[list(LABELS)].astype("Int64").astype(object).to_numpy().tolist()
             labels = {i: [None if v is pd.NA else int(v) for v in row] for i, row in zip(ok["image_id"], lab, strict=True)}  # fmt: skip
-        if all(c in ok.columns for c in SPAN_COLUMNS):
-            o, n = (ok[c].astype("Int64").tolist() for c in SPAN_COLUMNS)
-            spans = {i: (a, b) for i, a, b in zip(ok["image_id"], o, n, strict=True) if a is not pd.NA and b is not pd.NA}  # fmt: skip
+        try:
+            spans = index_spans(ok)
+        except FormatError as e:
+            report.add("index", INDEX, str(e))
+        if not spans and "shard_offset" in ok and ok["shard_offset"].isna().any():
+            report.add("index", INDEX, f"{INDEX}: {int(ok['shard_offset'].isna().sum())} ok rows have no span (shard_offset); the index is damaged, rebuild")  # fmt: skip
     shards = manifest["shards"]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         results = list(pool.map(lambda e: _check_shard(root, e, cfg, labels, spans, quick), shards))

@@ -35,6 +35,7 @@ from ich_prep.manifest import (
     FormatError,
     build_config,
     index_mismatches,
+    index_spans,
     load_index,
     load_manifest,
 )
@@ -115,15 +116,13 @@ class Build:
         return out
 
     def _spans(self) -> dict[str, dict]:
-        """shard name -> {image id: (offset, length)} of its ok rows, when the index has spans
-        (whole numbers; a build without them streams its shards)."""
-        if not all(c in self.ok for c in SPAN_COLUMNS) or self.ok[list(SPAN_COLUMNS)].isna().any(axis=None):  # fmt: skip
-            return {}
-        ok = self.ok
-        offsets, lengths = (ok[c].astype("int64").tolist() for c in SPAN_COLUMNS)
+        """shard name -> {image id: (offset, length)} of its ok rows (manifest.index_spans); {}
+        for a build without spans, which streams its shards."""
+        spans = index_spans(self.ok)
         out: dict[str, dict] = {}
-        for shard, image_id, off, n in zip(ok["shard"], ok["image_id"], offsets, lengths, strict=True):  # fmt: skip
-            out.setdefault(shard, {})[image_id] = (off, n)
+        for shard, image_id in zip(self.ok["shard"], self.ok["image_id"], strict=True):
+            if image_id in spans:
+                out.setdefault(shard, {})[image_id] = spans[image_id]
         return out
 
     @property

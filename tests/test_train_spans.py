@@ -113,3 +113,45 @@ def test_a_span_pointing_at_another_sample_is_refused(series_build, tmp_path):
     shard = next(s for s in b.shards if idx.loc[a, "image_id"] in s.spans)
     with pytest.raises(ShardError, match=f"hold sample {idx.loc[c, 'image_id']}, the index says {idx.loc[a, 'image_id']}"):  # fmt: skip
         list(create_loader(SpanStream([shard], b.encoding, 60, 1), 0, CPU))
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (
+            lambda i: i.assign(shard_offset=i["shard_offset"].astype(float) + 0.5),
+            "not whole numbers",
+        ),
+        (lambda i: i.assign(shard_offset=i["shard_offset"].astype(str)), "not whole numbers"),
+        (lambda i: i.assign(shard_length=2**40), "is outside 1.."),
+        (lambda i: i.assign(shard_offset=-i["shard_offset"]), "is outside 1.."),
+    ],
+    ids=["float", "text", "huge-length", "negative"],
+)
+def test_hostile_span_columns(series_build, tmp_path, capsys, edit, says):
+    """Spans that are floats, text, 1 TiB long or negative (hash recomputed): fit stops in one
+    line before training, verify reports it as an index problem; neither prints a traceback."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from ich_prep.cli import main as prep
+    from ich_prep.manifest import dumps
+    from ich_prep.shards import sha256_file
+    from ich_train.cli import main as train
+
+    root = shutil.copytree(series_build, tmp_path / "b")
+    edit(pd.read_parquet(root / "index.parquet")).to_parquet(root / "index.parquet", index=False)
+    m = json.loads((root / "manifest.json").read_text())
+    m["index"].update(bytes=(root / "index.parquet").stat().st_size, sha256=sha256_file(root / "index.parquet"))  # fmt: skip
+    (root / "manifest.json").write_bytes(dumps(m))
+    argv = ["fit", "--shards", str(root), "--out", str(tmp_path / "r"), "--model", "resnet10t", "--image-size", "16",
+            "--batch-size", "4", "--epochs", "1", "--workers", "0", "--no-progress", "--valid-fold", "1"]  # fmt: skip
+    with deadline(120):
+        assert train(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert prep(["verify", str(root)]) == 1
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err and "index" in out.out
