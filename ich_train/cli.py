@@ -141,6 +141,11 @@ def add_fit_parser(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=DEFAULTS[name])
     p.add_argument("--shuffle-buffer", type=int, default=DEFAULTS["shuffle_buffer"])
     p.add_argument(
+        "--opt",
+        default=DEFAULTS["opt"],
+        help="optimizer: adamw (default, fused) or any timm optimizer name: radam, sgd, momentum, lamb, lion, ...",
+    )
+    p.add_argument(
         "--loader",
         choices=("auto", "stream", "spans"),
         default=DEFAULTS["loader"],

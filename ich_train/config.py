@@ -75,6 +75,7 @@ class TrainConfig:
     batch_size: int = 64
     valid_batch_size: int | None = None  # None: 2 x batch_size
     accum_steps: int = 1
+    opt: str = "adamw"  # fused AdamW; or any timm optimizer name (radam, sgd, lamb, ...)
     lr: float = 5e-4
     min_lr_ratio: float = 0.01
     weight_decay: float = 0.01
@@ -114,6 +115,14 @@ class TrainConfig:
             raise ConfigError("--batch-size and --accum-steps must be at least 1")
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.opt != "adamw":
+            from ich_train.optim import optimizer_names
+
+            if self.opt not in optimizer_names():
+                raise ConfigError(
+                    f"--opt {self.opt!r} is not a timm optimizer; one of adamw (default, fused), "
+                    "radam, sgd, momentum, lamb, lion, ... (timm.optim.list_optimizers())"
+                )
         if self.loader not in LOADERS:
             raise ConfigError(f"--loader must be one of {LOADERS}, got {self.loader!r}")
         if self.precision not in PRECISIONS:

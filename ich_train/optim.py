@@ -1,18 +1,29 @@
-"""AdamW (fused kernels, on CUDA and CPU alike) with no decay on norms and biases, and a warmup +
-cosine schedule."""
+"""The optimizer: fused AdamW by default (one kernel, on CUDA and CPU alike), or any of timm's
+optimizers by name (`--opt radam`, `sgd`, `lamb`, ...) through timm's factory; no weight decay on
+norms and biases either way. And a warmup + cosine schedule."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import create_optimizer_v2, list_optimizers, param_groups_weight_decay
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def create_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
-    """Fused AdamW: one kernel for all parameters instead of a loop of small ops. torch has fused
-    kernels for CUDA and CPU; other devices (mps, xpu, ...) get the default implementation."""
+def optimizer_names() -> list[str]:
+    """What --opt takes: timm's optimizer names (adamw is ours, fused)."""
+    return sorted(set(list_optimizers()) | {"adamw"})
+
+
+def create_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device, opt: str = "adamw"
+):
+    """`opt` 'adamw': fused AdamW, one kernel for all parameters instead of a loop of small ops
+    (torch has fused kernels for CUDA and CPU; other devices get the default implementation).
+    Any other name: timm's create_optimizer_v2 (the same no-decay groups)."""
+    if opt != "adamw":
+        return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay)
     groups = param_groups_weight_decay(model, weight_decay)
     return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cuda", "cpu") or None)
 

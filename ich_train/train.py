@@ -193,7 +193,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     # ---- optimizer, schedule, loss, augmentation
     mean, std = normalization(model, channels)
     model.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay, dev)
+    optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay, dev, cfg.opt)
     scheduler = create_scheduler(
         optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_frac, cfg.min_lr_ratio
     )

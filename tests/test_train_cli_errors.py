@@ -176,6 +176,7 @@ def test_pretrained_text_file_is_one_line_and_writes_nothing(trained, tmp_path, 
     "flags, says",
     [
         (["--model", "no_such_model"], "--model 'no_such_model' is not a timm model"),
+        (["--opt", "adamm"], "--opt 'adamm' is not a timm optimizer"),
         (["--device", "foo"], "--device 'foo' is not a device torch knows"),
         (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
         (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
