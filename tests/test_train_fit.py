@@ -318,3 +318,19 @@ def test_any_timm_optimizer_trains_an_epoch(tmp_path, opt):
     first = next(iter(state.values()))
     assert ("momentum_buffer" in first) if opt == "sgd" else ("exp_avg_sq" in first)
     assert pd.read_csv(out / "metrics.csv")["train_loss"].notna().all()
+
+
+def test_inception_v3_at_299_trains_evaluates_and_predicts(tmp_path, capsys):
+    """--model inception_v3 --image-size 299 (the Spark pipeline's choice), end to end on CPU: one
+    short epoch, evaluate on the held-out fold, a submission for a test build."""
+    shards = make_build(tmp_path / "s", folds=2, per_shard=8, size=64)
+    test = make_build(tmp_path / "t", test=True, per_shard=4, size=64)
+    run = tmp_path / "run"
+    common = ["--workers", "0", "--no-progress"]
+    assert main(["fit", "--shards", str(shards), "--out", str(run), "--model", "inception_v3", "--image-size", "299",
+                 "--batch-size", "4", "--epochs", "1", "--valid-fold", "1", *common]) == 0  # fmt: skip
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--shards", str(shards), "--fold", "1", *common]) == 0  # fmt: skip
+    ckpt = load_checkpoint(run / "best.pt")
+    assert ckpt["config"]["model"] == "inception_v3" and ckpt["image_size"] == 299
+    assert main(["predict", "--checkpoint", str(run / "best.pt"), "--shards", str(test), "--out", str(tmp_path / "s.csv"), *common]) == 0  # fmt: skip
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 4 * 6
