@@ -367,7 +367,9 @@ class TrainStream(IterableDataset):
     def _read(self, shards: list[Shard]) -> Iterator[dict]:
         return itertools.chain.from_iterable(read_shard(s, self.encoding) for s in shards)
 
-    def __iter__(self) -> Iterator[dict]:
+    def _slot_plan(self) -> tuple[int, int, int, int]:
+        """(slot, slots, quota, done) of this worker this epoch: its slot among all (rank, worker)
+        slots, its batches this epoch and those already made before a mid-epoch resume."""
         w, n_workers = _worker()
         # The DataLoader takes batches from its workers round-robin starting at worker 0, so batch i
         # of an epoch comes from worker role i % n_workers. After `skip` batches, worker w plays
@@ -377,6 +379,10 @@ class TrainStream(IterableDataset):
         slot, slots = self.rank * n_workers + w, self.world * n_workers
         quota = self.batches_per_rank // n_workers + (w < self.batches_per_rank % n_workers)
         done = self.skip // n_workers + (w < self.skip % n_workers)
+        return slot, slots, quota, done
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, slots, quota, done = self._slot_plan()
         if quota - done <= 0:
             return
         rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
@@ -404,11 +410,7 @@ class SpanStream(TrainStream):
         self.items = [(s, key) for s in self.shards for key in sorted(s.spans)]
 
     def __iter__(self) -> Iterator[dict]:
-        w, n_workers = _worker()
-        w = (w + self.skip) % n_workers  # as TrainStream: worker w plays role (w + skip) % n
-        slot, slots = self.rank * n_workers + w, self.world * n_workers
-        quota = self.batches_per_rank // n_workers + (w < self.batches_per_rank % n_workers)
-        done = self.skip // n_workers + (w < self.skip % n_workers)
+        slot, slots, quota, done = self._slot_plan()
         if quota - done <= 0:
             return
         order = itertools.chain.from_iterable(
