@@ -49,7 +49,7 @@ from ich_prep.split import (
     slice_order,
     slice_ranks,
 )
-from ich_prep.transform import compile_cropped, head_box, header_to_hu, series_box
+from ich_prep.transform import compile_stored, series_box, stored_head_box
 
 HEADER_FIELDS = [
     "patient_id",
@@ -476,8 +476,8 @@ def shard_key(part: pd.DataFrame, cfg: BuildConfig) -> str:
     return h.hexdigest()
 
 
-def _read_hu(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
-    """One DICOM -> (HU (H, W) float32, its header). Raises ImageError."""
+def _read_stored(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
+    """One DICOM -> (stored values (H, W), its header). Raises ImageError."""
     h = rec.get("header")
     stored, h = read_slice(rec["path"], h if h and h.get("rows") else None)
     spacing = (h["pixel_spacing_y"], h["pixel_spacing_x"])
@@ -486,19 +486,16 @@ def _read_hu(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
             "missing_tag",
             f"{rec['path']}: PixelSpacing (0028,0030) is missing; --spacing-mm needs it to resample",
         )
-    return header_to_hu(stored, h), h
+    return stored, h
 
 
-def _finish(rec: dict, cfg: BuildConfig, h: dict, hu: np.ndarray, box) -> tuple[np.ndarray, dict]:
-    """HU cropped to `box` (None: the whole slice) -> (uint8 image, metadata). Raises ImageError."""
-    img = compile_cropped(
-        hu,
-        box,
-        [(w.center, w.width) for w in cfg.windows],
-        cfg.size,
-        (h["pixel_spacing_y"], h["pixel_spacing_x"]),
-        cfg.spacing_mm,
-    )
+def _finish(
+    rec: dict, cfg: BuildConfig, h: dict, stored: np.ndarray, box
+) -> tuple[np.ndarray, dict]:
+    """Stored values cropped to `box` (None: the whole slice) -> (uint8 image, metadata).
+    Raises ImageError."""
+    windows = [(w.center, w.width) for w in cfg.windows]
+    img = compile_stored(stored, h, box, windows, cfg.size, cfg.spacing_mm)
     meta = dict(rec["meta"])
     meta.update(
         pixel_spacing=[h["pixel_spacing_y"], h["pixel_spacing_x"]],
@@ -517,13 +514,13 @@ def _finish(rec: dict, cfg: BuildConfig, h: dict, hu: np.ndarray, box) -> tuple[
 def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
     """One DICOM cropped to its own head box (`--crop slice`) -> (uint8 image (size, size, 3),
     metadata). Raises ImageError."""
-    hu, h = _read_hu(rec, cfg)
-    return _finish(rec, cfg, h, hu, head_box(hu))
+    stored, h = _read_stored(rec, cfg)
+    return _finish(rec, cfg, h, stored, stored_head_box(stored, h))
 
 
-# --crop series holds the HU of one series between its two passes (boxes, then crops), up to
-# this many bytes (a 512x512 slice is 1 MiB); the slices beyond it are read again in the second
-# pass. Same bytes either way; holding is faster (docs/benchmarks.md).
+# --crop series holds the stored values of one series between its two passes (boxes, then crops),
+# up to this many bytes (a 512x512 slice is 512 KiB); the slices beyond it are read again in the
+# second pass. Same bytes either way; holding is faster (docs/benchmarks.md).
 SERIES_HOLD_BYTES = 128 * 2**20
 
 
@@ -531,13 +528,14 @@ class SeriesCrops:
     """`--crop series` inside one shard task, whose records arrive as whole series in slice order.
 
     The first time a slice of a series is compiled, the whole series is read (pass 1: each slice's
-    HU and head box, kept in memory up to SERIES_HOLD_BYTES per series) and its box chosen:
-    transform.series_box over the boxes of the slices of the series' common geometry (the most
-    frequent (rows, cols, pixel spacing), ties to the earliest in slice order). Every such slice is
-    cropped with that box; a slice of another shape or spacing (it cannot share pixel
+    stored values and head box, kept in memory up to SERIES_HOLD_BYTES per series) and its box
+    chosen: transform.series_box over the boxes of the slices of the series' common geometry (the
+    most frequent (rows, cols, pixel spacing), ties to the earliest in slice order). Every such
+    slice is cropped with that box; a slice of another shape or spacing (it cannot share pixel
     coordinates) is cropped with its own head box, as under `--crop slice`, and listed in
     `fallback`. A slice that fails to read in pass 1 raises that error when it is compiled (its own
-    error row); it takes no part in the box and stops nothing else."""
+    error row); it takes no part in the box and stops nothing else. The held arrays are the ones
+    the read returned (a view of the file's bytes for a native file): nothing is copied."""
 
     def __init__(self, cfg: BuildConfig, hold_bytes: int | None = None):
         self.cfg = cfg
@@ -545,42 +543,19 @@ class SeriesCrops:
         self.series: str | None = None
         self.slices: dict[str, dict] = {}
         self.fallback: set[str] = set()
-        # Buffers the held HU is copied into, reused from series to series: a fresh 1 MiB array
-        # per held slice, freed after each series, costs ~0.5 ms/slice in page faults (the
-        # allocator returns the freed heap to the system), more than reading the slice again.
-        # The pool (buffers in use and free) never takes more than the hold budget.
-        self.in_use: list[np.ndarray] = []
-        self.free: dict[tuple, list[np.ndarray]] = {}
-        self.pool_bytes = 0
-
-    def _held(self, hu: np.ndarray) -> np.ndarray:
-        """A copy of `hu` in a buffer of the pool."""
-        free = self.free.get((hu.shape, hu.dtype.str))
-        if free:
-            buf = free.pop()
-        else:
-            if self.pool_bytes + hu.nbytes > self.hold:  # free buffers of other shapes go
-                self.pool_bytes -= sum(b.nbytes for bufs in self.free.values() for b in bufs)
-                self.free = {}
-            buf = np.empty_like(hu)
-            self.pool_bytes += buf.nbytes
-        np.copyto(buf, hu)
-        self.in_use.append(buf)
-        return buf
 
     def _prepare(self, recs: list[dict]) -> None:
-        """Pass 1 over one series' records: HU, header and head box of each, then the boxes."""
-        for buf in self.in_use:  # the previous series is written: its buffers are free again
-            self.free.setdefault((buf.shape, buf.dtype.str), []).append(buf)
-        self.in_use, self.slices, held, geometry = [], {}, 0, {}
+        """Pass 1 over one series' records: stored values, header and head box of each, then the
+        series' box."""
+        self.slices, held, geometry = {}, 0, {}
         for rec in recs:
             s: dict = {"rec": rec}
             try:
-                hu, h = _read_hu(rec, self.cfg)
-                s.update(h=h, box=head_box(hu))
-                if held + hu.nbytes <= self.hold:
-                    s["hu"], held = self._held(hu), held + hu.nbytes
-                g = (hu.shape, h["pixel_spacing_y"], h["pixel_spacing_x"])
+                stored, h = _read_stored(rec, self.cfg)
+                s.update(h=h, box=stored_head_box(stored, h))
+                if held + stored.nbytes <= self.hold:
+                    s["stored"], held = stored, held + stored.nbytes
+                g = (stored.shape, h["pixel_spacing_y"], h["pixel_spacing_x"])
                 s["geometry"] = g
                 geometry.setdefault(g, []).append(rec["image_id"])
             except Exception as e:  # noqa: BLE001 - raised again when this slice is compiled
@@ -609,8 +584,8 @@ class SeriesCrops:
             return compile_record(rec, self.cfg)
         if "error" in s:
             raise s["error"]
-        hu, h = (s["hu"], s["h"]) if "hu" in s else _read_hu(rec, self.cfg)
-        return _finish(rec, self.cfg, h, hu, s["box"])
+        stored, h = (s["stored"], s["h"]) if "stored" in s else _read_stored(rec, self.cfg)
+        return _finish(rec, self.cfg, h, stored, s["box"])
 
 
 def _compile_one(rec: dict, cfg: BuildConfig, compile_fn=None) -> tuple[np.ndarray | None, dict]:

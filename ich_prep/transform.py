@@ -63,6 +63,11 @@ def header_to_hu(stored: np.ndarray, header: dict) -> np.ndarray:
     )
 
 
+def box_step(shape: tuple[int, ...]) -> int:
+    """Subsampling step of head_box: about 128 pixels a side."""
+    return max(1, min(shape) // 128)
+
+
 def head_box(
     hu: np.ndarray, min_area_frac: float = 0.01, min_fill: float = 0.3
 ) -> tuple[int, int, int, int] | None:
@@ -75,8 +80,25 @@ def head_box(
     fill ~0.1) and is not a thin line (a straight table edge).
     None if nothing covers `min_area_frac` of the slice (a slice of air above the head).
     """
-    step = max(1, min(hu.shape) // 128)
-    small = hu[::step, ::step]
+    step = box_step(hu.shape)
+    return box_of_subsampled(hu[::step, ::step], step, hu.shape, min_area_frac, min_fill)
+
+
+def stored_head_box(stored: np.ndarray, header: dict) -> tuple[int, int, int, int] | None:
+    """head_box of header_to_hu(stored, header), converting only the subsampled view it looks at
+    (1/16 of a 512x512 slice): the same answer, since the HU conversion is per pixel."""
+    step = box_step(stored.shape)
+    return box_of_subsampled(header_to_hu(stored[::step, ::step], header), step, stored.shape)
+
+
+def box_of_subsampled(
+    small: np.ndarray,
+    step: int,
+    shape: tuple[int, ...],
+    min_area_frac: float = 0.01,
+    min_fill: float = 0.3,
+) -> tuple[int, int, int, int] | None:
+    """head_box's work on `small`, HU (h, w) = a slice of `shape` subsampled by `step`."""
     mask = (small > TISSUE_HU).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
@@ -88,7 +110,7 @@ def head_box(
     if not ok.any():
         return None
     b = int(np.argmax(np.where(ok, area, -1)))
-    rows, cols = hu.shape
+    rows, cols = shape[:2]
     # Back to full resolution, widened by one step so the subsampling never clips the head.
     m = 1 if step > 1 else 0
     y0, x0 = max(0, (int(y[b]) - m) * step), max(0, (int(x[b]) - m) * step)
@@ -248,6 +270,24 @@ def compile_cropped(
     else:
         out = resize(square, size)
     return np.stack([window(out, c, w) for c, w in windows], axis=-1)
+
+
+def compile_stored(
+    stored: np.ndarray,
+    header: dict,
+    box: Box | None,
+    windows: list[tuple[float, float]] | tuple[tuple[float, float], ...],
+    size: int,
+    spacing_mm: float | None = None,
+) -> np.ndarray:
+    """Stored values (H, W) of a slice with its read_dicom `header` -> uint8 image (size, size,
+    len(windows)): compile_cropped(header_to_hu(stored, header), box, ...), converting to HU only
+    the pixels inside `box` (the conversion is per pixel, so the bytes are the same). The row and
+    column spacing come from the header's PixelSpacing (0028,0030)."""
+    y0, y1, x0, x1 = box if box is not None else (0, stored.shape[0], 0, stored.shape[1])
+    hu = header_to_hu(stored[y0:y1, x0:x1], header)
+    spacing = (header["pixel_spacing_y"], header["pixel_spacing_x"])
+    return compile_cropped(hu, None, windows, size, spacing, spacing_mm)
 
 
 def compile_image(

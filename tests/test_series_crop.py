@@ -23,10 +23,12 @@ from ich_prep.read_dicom import quiet_rsna_uids, read_slice
 from ich_prep.transform import (
     compile_cropped,
     compile_image,
+    compile_stored,
     head_box,
     header_to_hu,
     series_box,
     series_head_box,
+    stored_head_box,
 )
 from tests.conftest import phantom_hu, write_hu
 
@@ -82,6 +84,40 @@ def test_compile_cropped_with_the_own_box_is_compile_image():
     assert np.array_equal(compile_cropped(hu, box, windows, 48), img)
     other = compile_cropped(hu, (0, 96, 0, 96), windows, 48)
     assert other.shape == img.shape and not np.array_equal(other, img)
+
+
+def test_stored_paths_convert_only_what_they_use_and_give_the_same_bytes():
+    """The build works from stored values: the head box converts only head_box's subsampled view,
+    compile_stored only the pixels inside the box. Same answers as converting the whole slice
+    first, for the 12-bit quirk (hand-checked at the end),
+    a padding value and a plain signed slice."""
+    hu = phantom_hu(200, 0.3)
+    plain = np.round(hu + 1024).astype(np.int16)
+    padded = plain.copy()
+    padded[:, :20] = -2000
+    quirk = (np.round(hu + 1024).astype(np.int32) % 4096).astype(np.uint16)
+    headers = [
+        dict(rescale_slope=1.0, rescale_intercept=-1024.0, bits_stored=16, pixel_representation=1),
+        dict(
+            rescale_slope=1.0,
+            rescale_intercept=-1024.0,
+            bits_stored=16,
+            pixel_representation=1,
+            pixel_padding_value=-2000,
+        ),  # fmt: skip
+        dict(rescale_slope=1.0, rescale_intercept=0.0, bits_stored=12, pixel_representation=0),
+    ]
+    windows = [(40, 80), (80, 200), (600, 2800)]
+    for stored, h in zip((plain, padded, quirk), headers, strict=True):
+        h.update(pixel_spacing_y=0.5, pixel_spacing_x=0.5)
+        full = header_to_hu(stored, h)
+        box = head_box(full)
+        assert box is not None and stored_head_box(stored, h) == box
+        for b in (box, None, (10, 150, 30, 190)):
+            assert np.array_equal(compile_stored(stored, h, b, windows, 64), compile_cropped(full, b, windows, 64))  # fmt: skip
+    # the 12-bit quirk by hand: stored 24 -> (24 + 1000) * 1 - 1000 = 24 HU; 3100 -> 4100 wraps to 4
+    # -> 4 - 1000 = -996 HU
+    assert header_to_hu(np.array([[24, 3100]], np.uint16), headers[2]).tolist() == [[24.0, -996.0]]
 
 
 # ---------------------------------------------------------------- builds of real DICOM files
@@ -194,7 +230,7 @@ def test_odd_shape_or_spacing_falls_back_to_its_own_box_and_a_bad_slice_is_its_o
     ok = index[index["status"] == "ok"].sort_values("slice_rank")
     assert ok["slice_rank"].tolist() == list(range(6)) and (ok["series_len"] == 6).all()
     assert ok.index.tolist() == [ids[0], ids[1], "ID_000106", ids[2], ids[3], ids[5]]
-    monkeypatch.setattr(build_mod, "SERIES_HOLD_BYTES", 2 * 96 * 96 * 4)
+    monkeypatch.setattr(build_mod, "SERIES_HOLD_BYTES", 2 * 96 * 96 * 2)  # two stored slices
     build(BuildConfig(dicom_dir=str(d), size=64), tmp_path / "held2", jobs=1, progress=False)
     assert tree(tmp_path / "held2") == tree(out)
 
