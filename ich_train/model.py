@@ -1,4 +1,5 @@
-"""timm classifiers with 6 outputs, and ImageNet weights from a local file (never from a hub)."""
+"""timm classifiers with 6 outputs, and ImageNet weights from a local file or from timm's own
+pretrained tags (`timm:TAG`, through the Hugging Face cache: offline with HF_HUB_OFFLINE=1)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ich_prep import LABELS
 from ich_prep.errors import UserError
 from ich_train.checkpoint import load_failure, safe_torch_load
 
+TIMM_PREFIX = "timm:"  # --pretrained timm:efficientnet_b0.ra_in1k: timm's weights for that tag
 _WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")  # checked in this order
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile
 
@@ -114,23 +116,80 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_pretrained(model: nn.Module, path: str | Path, min_fraction: float = 0.5) -> dict:
-    """Copy every tensor whose name and shape match (the 1000-class head is skipped).
+def arch_of(name: str) -> str:
+    """The architecture of a timm model name or pretrained tag: 'efficientnet_b0.ra_in1k' -> 'efficientnet_b0'."""
+    return name.split(".", 1)[0]
 
-    Refuses a file that covers less than `min_fraction` of the model's tensors: it is for another
-    architecture. Returns {'loaded', 'skipped', 'missing'} name lists.
+
+def timm_state_dict(tag: str, model_name: str) -> dict[str, torch.Tensor]:
+    """The weights timm loads for its pretrained tag `tag` (e.g. 'efficientnet_b0.ra_in1k'), read
+    through timm and huggingface_hub the way timm users expect: from the Hugging Face cache
+    (HF_HOME, HF_HUB_CACHE), offline when HF_HUB_OFFLINE=1, downloaded otherwise."""
+    if arch_of(tag) != arch_of(model_name):
+        raise PretrainedError(
+            f"--pretrained {TIMM_PREFIX}{tag} is for {arch_of(tag)}, not --model {model_name}; "
+            f"pass a tag of {arch_of(model_name)} (see `timm.list_pretrained('{arch_of(model_name)}*')`)"
+        )
+    try:
+        known = timm.is_model(tag) and timm.models.get_pretrained_cfg(tag, allow_unregistered=False)
+    except RuntimeError:  # 'Invalid pretrained tag'
+        known = False
+    if not known:
+        raise PretrainedError(
+            f"--pretrained {TIMM_PREFIX}{tag}: timm has no pretrained tag {tag!r}; list them with "
+            f"`python -c \"import timm; print(timm.list_pretrained('{arch_of(model_name)}*'))\"`"
+        )
+    try:
+        return timm.create_model(tag, pretrained=True).state_dict()
+    except Exception as e:  # offline without the file, no network, a damaged cache entry, ...
+        raise PretrainedError(
+            f"--pretrained {TIMM_PREFIX}{tag}: timm could not load its weights "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); fetch them "
+            f"once with network (`python -c \"import timm; timm.create_model('{tag}', "
+            'pretrained=True)"`) so they are in the Hugging Face cache (HF_HOME), or pass a local file'
+        ) from e
+
+
+def _adapted_stem(model: nn.Module, sd: dict, own: dict) -> dict[str, torch.Tensor]:
+    """The first convolution's weights (timm's pretrained_cfg 'first_conv') adapted to the model's
+    input channels with timm's adapt_input_conv, when only its input-channel count differs: a
+    3-channel ImageNet stem for a (2K+1) x windows 2.5D input, or a one-window build."""
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    key = f"{first}.weight" if isinstance(first, str) else None
+    if key not in sd or key not in own:
+        return {}
+    w, target = sd[key], own[key]
+    if w.ndim != 4 or w.shape == target.shape or w.shape[0] != target.shape[0] or w.shape[2:] != target.shape[2:]:  # fmt: skip
+        return {}
+    return {key: timm.models.adapt_input_conv(target.shape[1], w.float()).to(target.dtype)}
+
+
+def load_pretrained(model: nn.Module, spec: str | Path, min_fraction: float = 0.5) -> dict:
+    """Copy every tensor whose name and shape match (the 1000-class head is skipped); the stem is
+    adapted to the model's input channels (timm's adapt_input_conv), not dropped. `spec` is a
+    local file or `timm:TAG` (timm_state_dict).
+
+    Refuses weights that cover less than `min_fraction` of the model's tensors: they are for
+    another architecture. Returns {'loaded', 'adapted', 'skipped', 'missing'} name lists.
     """
-    sd = read_state_dict(path)
+    spec = str(spec)
+    if spec.startswith(TIMM_PREFIX):
+        sd = timm_state_dict(spec[len(TIMM_PREFIX) :], model.default_cfg.get("architecture", ""))
+    else:
+        sd = read_state_dict(spec)
     own = model.state_dict()
     loaded = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    adapted = _adapted_stem(model, sd, own)
+    loaded.update(adapted)
     if len(loaded) < min_fraction * len(own):
         raise PretrainedError(
-            f"--pretrained {path} matches only {len(loaded)} of {len(own)} tensors of this model; "
+            f"--pretrained {spec} matches only {len(loaded)} of {len(own)} tensors of this model; "
             "it holds weights for another architecture: pass weights for the --model you chose"
         )
     model.load_state_dict(loaded, strict=False)
     return {
         "loaded": sorted(loaded),
+        "adapted": sorted(adapted),
         "skipped": sorted(set(sd) - set(loaded)),
         "missing": sorted(set(own) - set(loaded)),
     }

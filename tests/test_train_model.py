@@ -1,4 +1,4 @@
-"""Model factory and local pretrained weights (never a hub)."""
+"""Model factory, local pretrained weights, and timm pretrained tags from an offline Hugging Face cache."""
 
 import socket
 
@@ -103,3 +103,90 @@ def test_head_bias_starts_at_the_prior(tmp_path):
 
     assert abs(loss(True) - baseline) < 0.01
     assert loss(False) > baseline + 0.1
+
+
+def test_local_imagenet_stem_is_adapted_to_other_channel_counts(tmp_path, no_network):
+    """A 3-channel ImageNet stem for a 1- or 9-channel input (a one-window build, a 2.5D stack of
+    3 slices x 3 windows) is adapted with timm's adapt_input_conv, not silently left random."""
+    from timm.models import adapt_input_conv
+
+    from ich_train.model import load_pretrained
+
+    src = timm.create_model("resnet10t", num_classes=1000)
+    save_file(src.state_dict(), tmp_path / "w.safetensors")
+    w = src.conv1[0].weight
+    for chans in (1, 9):
+        model = create_model("resnet10t", in_chans=chans)
+        report = load_pretrained(model, tmp_path / "w.safetensors")
+        assert report["adapted"] == ["conv1.0.weight"] and "conv1.0.weight" not in report["missing"]
+        torch.testing.assert_close(model.conv1[0].weight, adapt_input_conv(chans, w))
+    # by hand: one channel is the sum over RGB; 9 channels repeat RGB 3x, scaled by 3/9
+    torch.testing.assert_close(create_model("resnet10t", in_chans=1, pretrained=str(tmp_path / "w.safetensors")).conv1[0].weight, w.sum(1, keepdim=True))  # fmt: skip
+    torch.testing.assert_close(adapt_input_conv(9, w)[:, 3:6], w * (3 / 9))
+
+
+HF_SCRIPT = """
+import sys
+from safetensors.torch import save_file
+from ich_train.model import PretrainedError, create_model, load_pretrained
+for job in sys.argv[1:]:
+    name, spec, out = job.split(",")
+    model = create_model(name, in_chans=5)
+    try:
+        report = load_pretrained(model, spec)
+    except PretrainedError as e:
+        print("ERROR", e)
+        continue
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
+    print("OK", len(report["loaded"]), report["adapted"])
+"""
+
+
+def write_hf_cache(home, repo: str, tensors: dict) -> None:
+    """A Hugging Face cache (HF_HOME layout) holding `repo`'s model.safetensors at refs/main,
+    as huggingface_hub leaves it after a download."""
+    commit = "c0ffee" * 6 + "c0ff"
+    entry = home / "hub" / f"models--{repo.replace('/', '--')}"
+    (entry / "snapshots" / commit).mkdir(parents=True)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+    save_file(tensors, entry / "snapshots" / commit / "model.safetensors")
+
+
+def test_timm_pretrained_tag_loads_offline_from_a_hugging_face_cache(tmp_path):
+    """--pretrained timm:resnet10t.c3_in1k goes through timm and huggingface_hub, offline
+    (HF_HUB_OFFLINE=1), from a cache this test builds: the backbone is the cached tensors, the stem
+    adapted to 5 channels, the head new. Without the cache entry, or for another architecture, or
+    an unknown tag: one PretrainedError naming the fix. Run in a fresh process so the hub reads
+    the environment as a user's would."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from timm.models import adapt_input_conv
+
+    src = timm.create_model("resnet10t", num_classes=1000).state_dict()
+    write_hf_cache(tmp_path / "hf", "timm/resnet10t.c3_in1k", src)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+
+    out = str(tmp_path / "m.safetensors")
+    jobs = [
+        f"resnet10t,timm:resnet10t.c3_in1k,{out}",
+        "resnet14t,timm:resnet14t.c3_in1k,-",  # not in the cache, and the hub is offline
+        "resnet10t,timm:resnet18.a1_in1k,-",
+        "resnet10t,timm:resnet10t.nope,-",
+    ]
+    r = subprocess.run([sys.executable, "-c", HF_SCRIPT, *jobs], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    ok, missing, other, unknown = r.stdout.strip().splitlines()[-4:]
+    assert ok.startswith("OK"), ok
+    got = load_file(tmp_path / "m.safetensors")
+    torch.testing.assert_close(got["layer1.0.conv1.weight"], src["layer1.0.conv1.weight"])
+    torch.testing.assert_close(got["conv1.0.weight"], adapt_input_conv(5, src["conv1.0.weight"]))
+    assert got["fc.weight"].shape[0] == 6
+    assert missing.startswith("ERROR") and "could not load its weights" in missing
+    assert "Hugging Face cache" in missing
+    assert other.startswith("ERROR") and "is for resnet18, not --model resnet10t" in other
+    assert unknown.startswith("ERROR") and "no pretrained tag" in unknown
