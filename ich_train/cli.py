@@ -80,7 +80,10 @@ def add_fit_parser(sub) -> None:
     )
     p.add_argument("--model", default=DEFAULTS["model"], help="any timm model name")
     p.add_argument(
-        "--pretrained", default=None, help="local .safetensors or timm .pth with ImageNet weights"
+        "--pretrained",
+        default=None,
+        help="ImageNet weights: a local .safetensors or timm .pth, or timm:TAG (e.g. "
+        "timm:efficientnet_b0.ra_in1k) through the Hugging Face cache (offline: HF_HUB_OFFLINE=1)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last.pt"
