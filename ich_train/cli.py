@@ -1,4 +1,4 @@
-"""`ich-train fit | evaluate | predict | bench`: one add_*_parser / do_* pair per subcommand.
+"""`ich-train fit | evaluate | report | predict | bench`: one add_*_parser / do_* pair per subcommand.
 
 A user mistake (any `ich_prep.errors.UserError`: config, checkpoint, shard, submission, device,
 model errors) is caught once, in `main`, and printed as one line `ich-train <command>: <message>`
@@ -49,6 +49,26 @@ def float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(
             f"expected a number or 6 comma-separated numbers, got {text!r}"
         ) from e
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
+
+
+def _threshold_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threshold",
+        type=probability,
+        default=None,
+        metavar="T",
+        help="report precision/recall/F1/specificity at T (default: per label, the F1-maximising threshold on the fold)",
+    )
 
 
 def _runtime_args(p: argparse.ArgumentParser, batch_size: int) -> None:
@@ -185,17 +205,30 @@ def add_evaluate_parser(sub) -> None:
         help="predictions Parquet (default: oof_fold<K>.parquet beside the checkpoint)",
     )
     p.add_argument("--tta", choices=("hflip",), nargs="*", default=[])
+    _threshold_arg(p)
+    p.add_argument(
+        "--no-report",
+        dest="report",
+        action="store_false",
+        help="no report folder (default: report_fold<K>/ beside the predictions)",
+    )
     _runtime_args(p, 128)
     p.set_defaults(func=do_evaluate)
 
 
 def do_evaluate(args) -> int:
     from ich_train.infer import evaluate
+    from ich_train.report import format_table
 
     m = evaluate(args.checkpoint, args.shards, args.fold, args.out, tuple(args.tta), args.batch_size,
-                 args.workers, args.device, args.progress)  # fmt: skip
+                 args.workers, args.device, args.progress, args.threshold, args.report)  # fmt: skip
+    table = m.pop("report_table", None)
     # strict JSON on stdout (an AUC of a one-class label is NaN: null here), notes on stderr
     print(json.dumps(strict_json(m), indent=1, allow_nan=False))
+    if table is not None:
+        print(
+            f"{format_table(table)}\nreport: {Path(m['report']) / 'report.html'}", file=sys.stderr
+        )
     if not m["out_of_fold"]:
         print(
             f"ich-train evaluate: note: fold {args.fold} was a training fold of this checkpoint; "
@@ -216,6 +249,43 @@ def strict_json(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report", help="evaluation report (metrics, curves, report.html) from saved predictions"
+    )
+    p.add_argument("predictions", nargs="+", help="out-of-fold Parquet(s) from ich-train evaluate")
+    p.add_argument("--out", required=True, help="report folder (new, empty, or a previous report)")
+    p.add_argument(
+        "--names", default=None, help="comma-separated run names, one per predictions file"
+    )
+    _threshold_arg(p)
+    p.set_defaults(func=do_report)
+
+
+def do_report(args) -> int:
+    from ich_train.report import (
+        ReportError,
+        default_names,
+        format_table,
+        read_predictions,
+        write_report,
+    )
+
+    runs = [read_predictions(path) for path in args.predictions]
+    names = (
+        args.names.split(",")
+        if args.names
+        else default_names(args.predictions, [m for _, m in runs])
+    )
+    if len(names) != len(runs):
+        raise ReportError(f"--names gives {len(names)} names for {len(runs)} predictions files")
+    table = write_report(
+        [f for f, _ in runs], names, args.out, [m for _, m in runs], args.threshold
+    )
+    print(f"{format_table(table)}\nreport: {Path(args.out) / 'report.html'}")
+    return 0
 
 
 def add_predict_parser(sub) -> None:
@@ -275,7 +345,13 @@ def do_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="ich-train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_fit_parser, add_evaluate_parser, add_predict_parser, add_bench_parser):
+    for add in (
+        add_fit_parser,
+        add_evaluate_parser,
+        add_report_parser,
+        add_predict_parser,
+        add_bench_parser,
+    ):
         add(sub)
     return parser
 
@@ -312,7 +388,7 @@ def _stopped(args) -> str:
                 "command with --resume to continue from there"
             )
         return f"; nothing was saved in {args.out} yet: run the same command again to start over"
-    if args.command in ("evaluate", "predict"):
+    if args.command in ("evaluate", "predict", "report"):
         return "; no output file was written"
     return ""
 

@@ -19,6 +19,14 @@ from ich_train.data import Build, EvalStream, create_loader
 from ich_train.engine import predict
 from ich_train.metrics import compute_metrics, weighted_log_loss
 from ich_train.model import UnknownModelError, create_model
+from ich_train.report import (
+    check_out_dir,
+    check_predictions,
+    report_dir_for,
+    run_meta,
+    write_predictions,
+    write_report,
+)
 from ich_train.submission import (
     SubmissionError,
     align_to_index,
@@ -102,10 +110,14 @@ def _predict_checkpoint(path, build, shards, dist, batch_size, workers, tta, pro
 def evaluate(
     checkpoint: str, shards: str, fold: int, out: str | None = None, tta: tuple[str, ...] = (),
     batch_size: int = 128, workers: int = 4, device: str = "auto", progress: bool = True,
+    threshold: float | None = None, report: bool = True,
 ) -> dict:  # fmt: skip
-    """Metrics of `checkpoint` on `fold` of `shards`; out-of-fold predictions written to `out` (Parquet)."""
+    """Metrics of `checkpoint` on `fold` of `shards`; out-of-fold predictions written to `out`
+    (Parquet) and, unless report=False, the report beside it (ich_train.report)."""
     path = Path(out) if out else Path(checkpoint).with_name(f"oof_fold{fold}.parquet")
     check_out_file(path, "--out", "oof.parquet")
+    if report:
+        check_out_dir(report_dir_for(path))
     dist = distributed.setup(device)
     try:
         build = Build(shards)
@@ -127,8 +139,15 @@ def evaluate(
             for j, lab in enumerate(LABELS):
                 frame[f"pred_{lab}"] = res["probs"][:, j]
             path.parent.mkdir(parents=True, exist_ok=True)
+            meta = run_meta(res["ckpt"], checkpoint, shards, tta)
             with atomic_file(path) as tmp:
-                frame.to_parquet(tmp, index=False)
+                write_predictions(tmp, frame, meta)
+            if report:
+                frame = check_predictions(frame, path)
+                table = write_report(
+                    [frame], [meta["run"]], report_dir_for(path), [meta], threshold
+                )
+                metrics["report"], metrics["report_table"] = str(report_dir_for(path)), table
         metrics["predictions"] = str(path)
         return metrics
     finally:

@@ -9,6 +9,7 @@ from ich_train.cli import main
 from ich_train.config import TrainConfig
 from ich_train.infer import evaluate, predict_submission
 from ich_train.metrics import weighted_log_loss
+from ich_train.report import read_predictions
 from ich_train.submission import SubmissionError, check_submission, write_submission
 from ich_train.train import fit
 from tests.train_fixtures import make_build
@@ -98,6 +99,13 @@ def test_evaluate_writes_out_of_fold_predictions_matching_its_metric(setup):
     y, p = oof[list(LABELS)].to_numpy(), oof[[f"pred_{k}" for k in LABELS]].to_numpy()
     assert m["valid_loss"] == pytest.approx(weighted_log_loss(y, p))
     assert m["out_of_fold"] is True
+    # the report beside it (oof.parquet -> report/): its mean log loss is the metric, and the
+    # Parquet records the run's config and build for `ich-train report`
+    assert m["report"] == str(tmp / "report") and (tmp / "report" / "report.html").is_file()
+    table = pd.read_csv(tmp / "report" / "metrics.csv").set_index("label")
+    assert table.loc["mean", "log_loss"] == pytest.approx(m["valid_loss"])
+    _, meta = read_predictions(tmp / "oof.parquet")
+    assert meta["config"]["model"] == "resnet10t" and len(meta["build"]["fingerprint"]) == 64
 
 
 def test_check_submission_rejects_a_missing_image(tmp_path):

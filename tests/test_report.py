@@ -1,0 +1,287 @@
+"""The evaluation report (ich_train.report, `ich-train report`): numbers equal scikit-learn's, the
+folder and its self-contained report.html, several runs side by side, hostile predictions files."""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+from ich_prep import LABELS
+from ich_prep.errors import UserError
+from ich_train import report
+from ich_train.cli import main
+from ich_train.metrics import weighted_log_loss
+from tests.train_fixtures import deadline
+
+PNGS = ["roc.png", "pr.png", "calibration.png", *(f"confusion_{lab}.png" for lab in LABELS)]
+META = {
+    "run": "b0",
+    "source": {"checkpoint": "runs/b0/best.pt", "epoch": 3},
+    "config": {"model": "efficientnet_b0", "lr": 0.001, "sampler": "balanced", "pos_fraction": 0.5},
+    "build": {"fingerprint": "f" * 64, "index_sha256": "a" * 64, "config.size": 256},
+}
+
+
+def table(n: int = 40, seed: int = 0, fold: int = 2, skill: float = 0.3) -> pd.DataFrame:
+    """A predictions table as evaluate writes it; epidural has no positive (one class)."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"image_id": [f"ID_{i:04d}" for i in range(n)], "fold": fold})
+    for lab in LABELS:
+        frame[lab] = (rng.random(n) < 0.3).astype(np.int8)
+    frame["epidural"] = np.int8(0)
+    for lab in LABELS:
+        frame[f"pred_{lab}"] = np.clip(frame[lab] * skill + rng.random(n) * (1 - skill), 0, 1)
+    return frame
+
+
+def written(
+    tmp_path: Path, frame: pd.DataFrame, name: str = "oof_fold2.parquet", meta=META
+) -> Path:
+    path = tmp_path / name
+    report.write_predictions(path, frame, meta)
+    return path
+
+
+# ---- numbers
+
+
+def test_every_number_equals_scikit_learn():
+    """Each label's log loss, AUC, AP, precision/recall/F1/specificity at the F1-maximising threshold
+    and sensitivity at specificity 0.90/0.95 equal scikit-learn's own calls; the threshold's F1 is
+    the best of all candidate thresholds; a one-class label is NaN; the mean row's log loss is the
+    competition's weighted log loss."""
+    frame = report.check_predictions(table(), "t")
+    rows = report.run_rows(frame, "r")
+    for j, lab in enumerate(LABELS):
+        y, p, row = frame[lab].to_numpy(), frame[f"pred_{lab}"].to_numpy(), rows[j]
+        assert row["label"] == lab and row["prevalence"] == pytest.approx(y.mean())
+        assert row["log_loss"] == pytest.approx(log_loss(y, p, labels=[0, 1]))
+        if lab == "epidural":
+            keys = ("roc_auc", "average_precision", "threshold", "f1", "sens_at_spec90")
+            assert all(math.isnan(row[k]) for k in keys)
+            continue
+        assert row["roc_auc"] == pytest.approx(roc_auc_score(y, p))
+        assert row["average_precision"] == pytest.approx(average_precision_score(y, p))
+        pred = p >= row["threshold"]
+        assert row["precision"] == pytest.approx(precision_score(y, pred))
+        assert row["recall"] == pytest.approx(recall_score(y, pred))
+        assert row["f1"] == pytest.approx(f1_score(y, pred))
+        assert row["f1"] == pytest.approx(max(f1_score(y, p >= t) for t in np.unique(p)))
+        tn, fp, _, _ = confusion_matrix(y, pred).ravel()
+        assert row["specificity"] == pytest.approx(tn / (tn + fp))
+        fpr, tpr, _ = roc_curve(y, p)
+        assert row["sens_at_spec90"] == pytest.approx(tpr[fpr <= 0.1 + 1e-12].max())
+        assert row["sens_at_spec95"] == pytest.approx(tpr[fpr <= 0.05 + 1e-12].max())
+    y, p = frame[list(LABELS)].to_numpy(), frame[report.PRED].to_numpy()
+    mean = rows[-1]
+    assert mean["label"] == "mean" and mean["log_loss"] == pytest.approx(weighted_log_loss(y, p))
+    assert mean["roc_auc"] == pytest.approx(np.mean([r["roc_auc"] for r in rows[:6] if r["label"] != "epidural"]))  # fmt: skip
+
+
+def test_six_rows_by_hand():
+    """y = 0 0 0 1 1 1, p = .1 .4 .6 .3 .7 .9: F1 is best (0.8) at threshold 0.7 (precision 1,
+    recall 2/3, specificity 1); at a fixed 0.5 two of three negatives are below it (specificity
+    2/3, precision 2/3); 7 of 9 positive-negative pairs are ordered (AUC 7/9); no false positive
+    above 0.7, so sensitivity at specificity 0.90 and 0.95 is 2/3."""
+    y, p = np.array([0, 0, 0, 1, 1, 1]), np.array([0.1, 0.4, 0.6, 0.3, 0.7, 0.9])
+    best = report.label_metrics(y, p)
+    assert best["threshold"] == 0.7 and best["f1"] == pytest.approx(0.8)
+    assert (best["precision"], best["recall"], best["specificity"]) == pytest.approx((1, 2 / 3, 1))
+    assert best["roc_auc"] == pytest.approx(7 / 9)
+    assert best["sens_at_spec90"] == best["sens_at_spec95"] == pytest.approx(2 / 3)
+    fixed = report.label_metrics(y, p, threshold=0.5)
+    assert (fixed["specificity"], fixed["precision"], fixed["recall"]) == pytest.approx((2 / 3, 2 / 3, 2 / 3))  # fmt: skip
+    assert fixed["confusion"].tolist() == [[2, 1], [1, 2]]
+
+
+def test_sensitivity_at_exactly_the_specificity_by_hand():
+    """10 negatives, one of them (0.95) above both positives' lower one (0.9): specificity 0.90
+    allows that one false positive (both positives found), 0.95 allows none (only 0.99 found)."""
+    y = np.array([0] * 10 + [1, 1])
+    p = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95, 0.9, 0.99])
+    assert report.sensitivity_at_specificity(y, p, 0.90) == 1.0
+    assert report.sensitivity_at_specificity(y, p, 0.95) == 0.5
+
+
+# ---- the folder and report.html
+
+
+def test_report_folder_is_self_contained(tmp_path):
+    """metrics.csv, 9 PNGs and report.html; every image is an embedded PNG data URI, nothing
+    refers to a file or URL, there is no script; the table, the prevalence, the threshold rule,
+    the config, the build identity and the sampler note are in the page."""
+    frame = report.check_predictions(table(), "t")
+    t = report.write_report([frame], ["b0"], tmp_path / "rep", [META])
+    for name in ["metrics.csv", "report.html", *PNGS]:
+        assert (tmp_path / "rep" / name).stat().st_size > 0, name
+    csv = pd.read_csv(tmp_path / "rep" / "metrics.csv")
+    assert csv["roc_auc"].tolist() == pytest.approx(t["roc_auc"].tolist(), nan_ok=True)
+    assert math.isnan(csv.set_index("label").loc["epidural", "roc_auc"])
+    page = (tmp_path / "rep" / "report.html").read_text()
+    srcs = re.findall(r"<img[^>]*\bsrc=\"([^\"]*)\"", page)
+    assert len(srcs) == len(PNGS) == page.count("<img")
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"(src|href)=\"(?!data:)", page) and "<script" not in page.lower()
+    any_auc = t.set_index("label").loc["any", "roc_auc"]
+    assert f"{any_auc:.3f}" in page and "efficientnet_b0" in page and "f" * 64 in page
+    assert "natural prevalence" in page and "maximising F1" in page
+    assert f"any {frame['any'].mean():.4f}" in page
+
+
+def test_two_runs_side_by_side(tmp_path, capsys):
+    """`ich-train report A B --names` prints and renders both runs' names and numbers; metrics.csv
+    has a row per run and label; a fixed --threshold is used for every label."""
+    a = written(tmp_path, table(skill=0.6), "a.parquet")
+    b = written(tmp_path, table(skill=0.2), "b.parquet", meta={})
+    out = tmp_path / "cmp"
+    assert main(["report", str(a), str(b), "--out", str(out), "--names", "strong,weak", "--threshold", "0.5"]) == 0  # fmt: skip
+    stdout = capsys.readouterr().out
+    csv = pd.read_csv(out / "metrics.csv").set_index(["run", "label"])
+    assert len(csv) == 2 * 7 and (csv["threshold"].dropna() == 0.5).all()
+    page = (out / "report.html").read_text()
+    for run in ("strong", "weak"):
+        auc = csv.loc[(run, "any"), "roc_auc"]
+        assert f"{auc:.3f}" in page and f"{auc:.4f}" in stdout and run in page and run in stdout
+    assert csv.loc[("strong", "any"), "roc_auc"] > csv.loc[("weak", "any"), "roc_auc"]
+    assert f"report: {out / 'report.html'}" in stdout and "threshold fixed at 0.5" in page
+
+
+def test_hostile_strings_are_escaped(tmp_path):
+    """An image id, config keys and values, and a run name holding markup appear escaped only."""
+    frame = table()
+    frame.loc[0, "image_id"] = "<script>alert(1)</script>"
+    frame.loc[0, "pred_any"] = 1.0 - frame.loc[0, "any"]  # its worst error: listed in the page
+    meta = {"config": {"<b>key</b>": '"><img src=x onerror=alert(1)>'}, "build": {"x": ["</table>"]}}  # fmt: skip
+    report.write_report([report.check_predictions(frame, "t")], ["<i>run</i>"], tmp_path / "r", [meta])  # fmt: skip
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script" not in page
+    assert "&lt;b&gt;key&lt;/b&gt;" in page and "<img src=x" not in page
+    assert "<i>run" not in page and "&lt;i&gt;run&lt;/i&gt;" in page
+    assert '</table>"' not in page and "&lt;/table&gt;" in page
+
+
+# ---- hostile predictions files and CLI errors
+
+
+def hostile(case: str, d: Path) -> Path:
+    """A predictions file damaged as `case` says."""
+    if case == "fifo":
+        os.mkfifo(d / "oof.parquet")  # nobody writes: a blocking read would hang
+        return d / "oof.parquet"
+    if case == "not parquet":
+        (d / "x.parquet").write_text("hello")
+        return d / "x.parquet"
+    damaged = {
+        "missing column": lambda t: t.drop(columns="pred_subdural"),
+        "float labels": lambda t: t.astype({"any": "float64"}),
+        "probability 2": lambda t: t.assign(pred_any=2.0),
+        "two folds": lambda t: t.assign(fold=[0, 1] * 20),
+        "duplicate ids": lambda t: t.assign(image_id="ID_x"),
+    }
+    return written(d, damaged[case](table()))
+
+
+CASES = {
+    "fifo": "not a regular file",
+    "not parquet": "not a readable Parquet",
+    "missing column": "no column pred_subdural",
+    "float labels": "'any' must hold integers",
+    "probability 2": "'pred_any' must hold finite probabilities",
+    "two folds": "one integer fold",
+    "duplicate ids": "unique",
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_hostile_predictions_file_is_one_line_exit_2(tmp_path, capsys, case):
+    """Each is refused by `ich-train report` in one line (exit 2), without hanging or writing."""
+    path, message = hostile(case, tmp_path), CASES[case]
+    with deadline(20):
+        rc = main(["report", str(path), "--out", str(tmp_path / "rep")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("ich-train report: "), err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_row_cap_is_checked_from_the_footer(tmp_path, monkeypatch):
+    """More rows than MAX_ROWS is refused before the columns are decoded."""
+    path = written(tmp_path, table())
+    monkeypatch.setattr(report, "MAX_ROWS", 39)
+    with pytest.raises(report.ReportError, match="declares 40 rows"):
+        report.read_predictions(path)
+
+
+def test_runs_that_do_not_compare_are_refused(tmp_path, capsys):
+    """Other fold, other images, an --out holding other files, too few --names, a threshold
+    outside [0, 1]: one line each, exit 2."""
+    a = written(tmp_path, table())
+    cases = {
+        "fold 3, run": [str(a), str(written(tmp_path, table(fold=3), "f3.parquet"))],
+        "scored different images": [str(a), str(written(tmp_path, table(n=30), "short.parquet"))],
+        "holding other files": [str(a), "--out", str(tmp_path)],
+        "--names gives 1 names for 2": [str(a), str(a), "--names", "x"],
+        "distinct": [str(a), str(a), "--names", "x,x"],
+        "probability in [0, 1]": [str(a), "--threshold", "2"],
+    }
+    for message, argv in cases.items():
+        out = [] if "--out" in argv else ["--out", str(tmp_path / "new")]
+        assert main(["report", *argv, *out]) == 2, message
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("ich-train report: ") and message in err, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_predictions_file_round_trip_keeps_the_run_metadata(tmp_path):
+    """write_predictions records name, config and build; read_predictions returns them and the
+    rows sorted by id; damaged metadata reads as {} and default names fall back to folders."""
+    frame, meta = report.read_predictions(written(tmp_path, table().iloc[::-1]))
+    assert meta == META and frame["image_id"].is_monotonic_increasing
+    assert report.default_names(["x/a.parquet"], [meta]) == ["b0"]
+    assert report.default_names(["x/a.parquet", "y/a.parquet"], [{"run": "<b>"}, {}]) == ["x", "y"]
+    assert report._meta(b"[1, 2]") == {} and report._meta(b"{" * 100_000) == {}
+    assert issubclass(report.ReportError, UserError)
+
+
+# ---- headless browser (Debian's chromium; skipped where it is not installed, as in CI)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs /usr/bin/chromium")
+def test_report_renders_in_headless_chromium(tmp_path):
+    """report.html opened from disk renders: the screenshot has the page's many colours."""
+    from PIL import Image
+
+    frame = report.check_predictions(table(), "t")
+    report.write_report([frame], ["b0"], tmp_path / "rep", [META])
+    shot = tmp_path / "shot.png"
+    cmd = [shutil.which("chromium") or "/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
+           (tmp_path / "rep" / "report.html").as_uri()]  # fmt: skip
+    subprocess.run(cmd, capture_output=True, timeout=90, check=False)
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1200, 2000)
+    colours = image.getcolors(maxcolors=1 << 20)
+    assert len(colours) > 200  # text, table shading and plots; a blank page has 1
+    assert max(c for c, _ in colours) < 0.9 * 1200 * 2000  # not one colour almost everywhere
