@@ -16,4 +16,5 @@ rm -rf "$DEMO"
     --out "$DEMO/submission.csv" --tta hflip
 echo
 grep '^done:' "$DEMO/fit.log"
+echo "report: $DEMO/runs/demo/report-fold4/report.html (metrics.csv and the PNGs beside it)"
 echo "submission: $DEMO/submission.csv"
