@@ -176,6 +176,21 @@ def add_fit_parser(sub) -> None:
         "series-contiguous shards); stream: read whole shards through a shuffle buffer; "
         "auto: spans when the index records them",
     )
+    p.add_argument(
+        "--sampler",
+        choices=("natural", "balanced"),
+        default=DEFAULTS["sampler"],
+        help="natural: every training image once per pass (default); balanced: each epoch draws "
+        "--pos-fraction of its images positive for 'any', oversampling positives and "
+        "undersampling negatives from the index, seeded (needs the span loader)",
+    )
+    p.add_argument(
+        "--pos-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="with --sampler balanced: share of 'any' positives drawn per epoch, in (0, 1)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")

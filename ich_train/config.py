@@ -30,6 +30,7 @@ RUNTIME_FIELDS = frozenset(
 LOSSES = ("bce", "asl")
 PRECISIONS = ("auto", "bf16", "fp32")
 LOADERS = ("auto", "stream", "spans")  # auto: spans when the build's index records them
+SAMPLERS = ("natural", "balanced")  # balanced: --pos-fraction of 'any' positives per epoch
 
 
 MAX_IMAGE_SIZE = 4096  # ich-prep's largest --size
@@ -98,6 +99,10 @@ class TrainConfig:
     noise: float = 0.02
     shuffle_buffer: int = 1000
     loader: str = "auto"
+    # natural: every training sample once per pass; balanced: each epoch draws pos_fraction of
+    # its samples positive for 'any' (ich_train.sampler; read by the span loader)
+    sampler: str = "natural"
+    pos_fraction: float | None = None
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True
@@ -125,6 +130,7 @@ class TrainConfig:
                 )
         if self.loader not in LOADERS:
             raise ConfigError(f"--loader must be one of {LOADERS}, got {self.loader!r}")
+        self._check_sampler()
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.pos_weight is not None and len(self.pos_weight) not in (1, 6):
@@ -147,6 +153,28 @@ class TrainConfig:
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         self._check_numbers()
+
+    def _check_sampler(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"--sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler == "natural":
+            if self.pos_fraction is not None:
+                raise ConfigError(
+                    "--pos-fraction only applies with --sampler balanced (the natural sampler "
+                    "keeps the data's own share of positives)"
+                )
+            return
+        if self.pos_fraction is None:
+            raise ConfigError(
+                "--sampler balanced needs --pos-fraction F: the share of images positive for "
+                "'any' drawn per epoch, in (0, 1), e.g. 0.5"
+            )
+        _check_number("pos_fraction", self.pos_fraction, 0, 1, lo_open=True, hi_open=True)
+        if self.loader == "stream":
+            raise ConfigError(
+                "--sampler balanced reads the drawn samples by their index spans; it cannot run "
+                "with --loader stream (use --loader auto or spans)"
+            )
 
     def _check_numbers(self) -> None:
         """Every numeric flag finite and in its range: `--lr nan` or a negative decay would

@@ -8,7 +8,8 @@ only the two members the format defines (`<key>.<encoding>` and `<key>.json`); n
 unpickled. Each sample is checked against the index: it must be one of the shard's ok rows, and
 its json labels must equal the index's. Training
 streams are infinite shard cycles cut at an exact number of batches per rank, so every rank runs the
-same number of steps even with fewer shards than ranks x workers.
+same number of steps even with fewer shards than ranks x workers. A balanced epoch (--sampler
+balanced) is the multiset ich_train.sampler draws from the index, read by the span loader.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from ich_prep.manifest import (
     load_manifest,
 )
 from ich_prep.shards import decode_bounded, decode_json, iter_samples, read_span
+from ich_train.config import ConfigError
+from ich_train.sampler import balanced_epoch
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
 OPTIONAL_COLUMNS = (*SPAN_COLUMNS, "series_id", "slice_rank")
@@ -401,34 +404,84 @@ class SpanStream(TrainStream):
     a uniform shuffle: every pass is a seeded permutation of all training samples, each fetched
     by one range read of its span. Shards that hold whole series in slice order still give
     batches of many series (a streaming buffer mixes only the series it spans:
-    benchmarks/sim_series_mix.py). Needs spans for every shard."""
+    benchmarks/sim_series_mix.py). Needs spans for every shard.
 
-    def __init__(self, shards, encoding, batch_size, batches_per_rank, *, rank=0, world=1, seed=0):
+    With `pos_fraction` (--sampler balanced) an epoch is instead the multiset
+    sampler.balanced_epoch draws from the index's `any` labels: exactly the samples of this
+    epoch's batches over all ranks (batches_per_rank x world x batch_size), batch i of rank r
+    holding draws [(i x world + r) x batch_size, ...) of it. Every rank and worker computes the
+    same draw from (seed, epoch), so ranks get disjoint shares that together are the multiset,
+    and a resume skips whole batches without reading them."""
+
+    def __init__(self, shards, encoding, batch_size, batches_per_rank, *, rank=0, world=1, seed=0, pos_fraction=None):  # fmt: skip
         super().__init__(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed)  # fmt: skip
         if any(s.spans is None for s in self.shards):
             raise ShardError("the index records no sample spans for some shards; use the streaming loader")  # fmt: skip
         self.items = [(s, key) for s in self.shards for key in sorted(s.spans)]
+        self.pos_fraction, self.positive = pos_fraction, None
+        if pos_fraction is not None:
+            self.positive = _any_positive(self.items)
+
+    @property
+    def epoch_draws(self) -> int:
+        """Samples all ranks train on per epoch: the size of a balanced epoch's multiset."""
+        return self.batches_per_rank * self.world * self.batch_size
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Indices into `items` of a balanced epoch's draws, in batch order over all ranks."""
+        return balanced_epoch(self.positive, self.epoch_draws, self.pos_fraction, self.seed, epoch)
+
+    def _balanced(self, slot: int, slots: int, done: int) -> Iterator[tuple[Shard, str]]:
+        """This worker's samples of a balanced epoch: its role's batches i = role, role + workers,
+        ... of this rank, from the first not yet made."""
+        n_workers = slots // self.world
+        role, b = slot - self.rank * n_workers, self.batch_size
+        order = self.epoch_order(self.epoch)
+        for i in range(role + done * n_workers, self.batches_per_rank, n_workers):
+            start = (i * self.world + self.rank) * b
+            yield from (self.items[j] for j in order[start : start + b])
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots, quota, done = self._slot_plan()
         if quota - done <= 0:
             return
-        order = itertools.chain.from_iterable(
-            slot_passes(self.items, slot, slots, self.seed, self.epoch)
-        )
-        order = itertools.islice(order, done * self.batch_size, None)  # skipped: never read
+        if self.positive is not None:
+            order = self._balanced(slot, slots, done)  # skipped batches: never read
+        else:
+            order = itertools.chain.from_iterable(
+                slot_passes(self.items, slot, slots, self.seed, self.epoch)
+            )
+            order = itertools.islice(order, done * self.batch_size, None)  # skipped: never read
         decoded = (decode_sample(read_sample(s, key, self.encoding), self.encoding) for s, key in order)  # fmt: skip
         yield from itertools.islice(batched(decoded, self.batch_size, drop_last=True), quota - done)
 
 
-def create_train_stream(loader: str, shards: list[Shard], encoding: str, batch_size: int, batches_per_rank: int, *, rank: int, world: int, seed: int, shuffle_buffer: int) -> TrainStream:  # fmt: skip
+def _any_positive(items: list[tuple[Shard, str]]) -> np.ndarray:
+    """One bool per (shard, image id): its `any` label in the index. A ConfigError when the index
+    has no labels or the training samples hold only one class (nothing to balance)."""
+    labels = [s.expected.get(key) if s.expected else None for s, key in items]
+    if any(y is None for y in labels):
+        raise ConfigError("--sampler balanced needs the index's labels for every training image; is this a test build?")  # fmt: skip
+    positive = np.array([y[0] == 1 for y in labels], dtype=bool)
+    if positive.all() or not positive.any():
+        what = "negative" if positive.all() else "positive"
+        raise ConfigError(f"--sampler balanced: the training folds hold no {what} ('any') image to draw; use --sampler natural")  # fmt: skip
+    return positive
+
+
+def create_train_stream(loader: str, shards: list[Shard], encoding: str, batch_size: int, batches_per_rank: int, *, rank: int, world: int, seed: int, shuffle_buffer: int, pos_fraction: float | None = None) -> TrainStream:  # fmt: skip
     """The training stream `loader` names: 'spans' (SpanStream), 'stream' (TrainStream), or
-    'auto': spans when every shard has them in the index, else stream."""
+    'auto': spans when every shard has them in the index, else stream. A balanced epoch
+    (`pos_fraction`, --sampler balanced) is drawn by the span loader only: it reads any sample
+    any number of times, a whole-shard stream cannot."""
     spans = all(s.spans is not None for s in shards)
+    if pos_fraction is not None and (loader == "stream" or not spans):
+        why = "--loader stream reads whole shards" if loader == "stream" else "this build's index records no sample spans (shard_offset, shard_length); rebuild it with this ich-prep"  # fmt: skip
+        raise ConfigError(f"--sampler balanced draws samples by their index spans (the span loader), but {why}")  # fmt: skip
     if loader == "spans" and not spans:
         raise ShardError("--loader spans: this build's index records no sample spans (shard_offset, shard_length); use --loader stream or rebuild with this ich-prep")  # fmt: skip
     if loader == "spans" or (loader == "auto" and spans):
-        return SpanStream(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed)  # fmt: skip
+        return SpanStream(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed, pos_fraction=pos_fraction)  # fmt: skip
     return TrainStream(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed, shuffle_buffer=shuffle_buffer)  # fmt: skip
 
 

@@ -51,10 +51,11 @@ def train_one_epoch(
     on_checkpoint=None,
     ema=None,
 ) -> dict:
-    """One pass over `loader` (exactly len(loader) batches); returns train_loss, lr, images/s.
+    """One pass over `loader` (exactly len(loader) batches); returns train_loss, lr, images/s and
+    train_any_share (the share of trained images positive for `any`: what the sampler drew).
 
     `start` continues an epoch cut short: this rank's {'step', 'loss_sum', 'batches', 'seen',
-    'time_s'} as given to `on_checkpoint`, which is called with them every `checkpoint_every`
+    'time_s', 'any_sum'} as given to `on_checkpoint`, which is called with them every `checkpoint_every`
     optimizer steps inside the epoch (at the same step on every rank). `ema` (timm ModelEmaV3)
     is updated after every optimizer step."""
     model.train()
@@ -63,6 +64,8 @@ def train_one_epoch(
     step, n_batches, seen = int(start["step"]), int(start["batches"]), int(start["seen"])
     n_steps = step + len(loader) // accum_steps
     loss_sum = torch.full((), float(start["loss_sum"]), device=dev)
+    # positives for `any` trained on; a checkpoint from before this count has none: 0
+    any_sum = torch.full((), float(start.get("any_sum", 0.0)), device=dev)
     bar = tqdm(
         total=n_steps,
         initial=step,
@@ -84,6 +87,7 @@ def train_one_epoch(
             loss = loss_fn(logits, labels)  # in fp32, outside autocast
             (loss / accum_steps).backward()
         loss_sum += loss.detach()
+        any_sum += labels[:, 0].sum()
         n_batches += 1
         seen += images.shape[0]
         if not boundary:
@@ -115,11 +119,14 @@ def train_one_epoch(
                     "batches": n_batches,
                     "seen": seen,
                     "time_s": time.perf_counter() - t0,
+                    "any_sum": any_sum.item(),
                 }
             )
     bar.close()
     elapsed = time.perf_counter() - t0
-    total_loss, total_batches, total_seen = all_sum(dist, [loss_sum.item(), n_batches, seen])
+    total_loss, total_batches, total_seen, total_any = all_sum(
+        dist, [loss_sum.item(), n_batches, seen, any_sum.item()]
+    )
     return {
         "epoch": epoch,
         "step": scheduler.last_epoch,
@@ -127,6 +134,7 @@ def train_one_epoch(
         "train_loss": total_loss / max(total_batches, 1),
         "train_images": int(total_seen),
         "train_images_per_s": total_seen / elapsed,
+        "train_any_share": total_any / max(total_seen, 1),
         "train_time_s": elapsed,
     }
 

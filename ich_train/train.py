@@ -49,6 +49,7 @@ from ich_train.model import (
 )
 from ich_train.optim import create_optimizer, create_scheduler
 from ich_train.runlog import MetricsLog
+from ich_train.sampler import describe
 
 
 def augment_seed(seed: int, epoch: int, rank: int) -> int:
@@ -168,6 +169,20 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             f"--batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps}; lower them"
         )
     image_size = cfg.image_size or build.size
+    # the training stream (and a balanced epoch's draw) before anything is written: a build it
+    # cannot read (no spans for --sampler balanced, one class only) leaves no run folder
+    train_ds = create_train_stream(
+        cfg.loader,
+        train_shards,
+        build.encoding,
+        cfg.batch_size,
+        steps_per_epoch * cfg.accum_steps,
+        rank=dist.rank,
+        world=dist.world,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        pos_fraction=cfg.pos_fraction if cfg.sampler == "balanced" else None,
+    )
 
     # ---- run folder; a resume must match the saved config in every field that changes training
     check_model_name(cfg.model)
@@ -220,17 +235,6 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     )
 
     # ---- loaders: an exact number of batches per rank per epoch, validation split over ranks
-    train_ds = create_train_stream(
-        cfg.loader,
-        train_shards,
-        build.encoding,
-        cfg.batch_size,
-        steps_per_epoch * cfg.accum_steps,
-        rank=dist.rank,
-        world=dist.world,
-        seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer,
-    )
     valid_ds = EvalStream(
         valid_shards,
         build.encoding,
@@ -250,6 +254,8 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         f"{steps_per_epoch} steps/epoch of {cfg.batch_size} x {cfg.accum_steps} x {dist.world}"
         + (f"; validating the EMA (decay {cfg.ema}) of the weights" if ema is not None else "")
     )
+    if cfg.sampler == "balanced":
+        say(describe(train_ds.positive, train_ds.epoch_draws, cfg.pos_fraction))
     say(
         f"prior baseline (training label frequencies) on fold {cfg.valid_fold}: weighted log loss {prior_loss:.4f}"
     )
@@ -337,10 +343,11 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             if improved:
                 with atomic_file(out / "best.pt") as tmp:
                     shutil.copyfile(out / "last.pt", tmp)
+            drew = f", drew {row['train_any_share']:.1%} 'any'" if cfg.sampler == "balanced" else ""
             say(
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, valid loss "
                 f"{row['valid_loss']:.4f} (prior {prior_loss:.4f}), AUC any {row['valid_auc_any']:.3f}, "
-                f"{row['train_images_per_s']:.0f} img/s{' *best' if improved else ''}"
+                f"{row['train_images_per_s']:.0f} img/s{drew}{' *best' if improved else ''}"
             )
         distributed.barrier(dist)
 

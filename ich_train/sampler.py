@@ -1,0 +1,62 @@
+"""Which training samples an epoch draws.
+
+`natural` (the default): every pass of a loader is a permutation of all training samples, so an
+epoch sees the data at its natural prevalence. `balanced` (--sampler balanced --pos-fraction F):
+each epoch is a multiset of exactly `n` sample indices, round(F x n) of them positive for `any`,
+the rest negative, decided from the index's labels alone and the (seed, epoch): the same on
+every rank, every loader worker and after a resume. A pool smaller than its share is drawn in
+whole seeded permutations back to back (oversampling: each positive floor(k/P) or ceil(k/P) times), a
+larger one as a seeded subset without replacement (undersampling, another subset every epoch).
+Pure numpy: the span loader (ich_train.data.SpanStream) reads the drawn samples in this order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_SALT = 0xBA1A  # keeps the balanced draw's stream apart from the loaders' other seeded generators
+
+
+def draw(pool: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """`k` items of `pool` as evenly as possible: seeded permutations of the whole pool back to
+    back, the last one cut short. k <= len(pool) is a subset without replacement; more repeats
+    every item floor(k/len) or ceil(k/len) times."""
+    if k == 0:
+        return pool[:0]
+    if len(pool) == 0:
+        raise ValueError(f"cannot draw {k} items from an empty pool")
+    whole = -(-k // len(pool))
+    return np.concatenate([rng.permutation(pool) for _ in range(whole)])[:k]
+
+
+def balanced_epoch(
+    positive: np.ndarray, n: int, pos_fraction: float, seed: int, epoch: int
+) -> np.ndarray:
+    """Indices into `positive` (one bool per training sample: its `any` label) of one epoch's `n`
+    draws in training order: round(pos_fraction x n) positives and the rest negatives (see
+    `draw`), shuffled together. A function of its arguments only."""
+    positive = np.asarray(positive, dtype=bool)
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    k = positives_drawn(n, pos_fraction)
+    rng = np.random.default_rng([seed, epoch, _SALT])
+    chosen = np.concatenate([draw(pos, k, rng), draw(neg, n - k, rng)])
+    return rng.permutation(chosen)
+
+
+def positives_drawn(n: int, pos_fraction: float) -> int:
+    """Positives among an epoch's `n` draws."""
+    return int(round(pos_fraction * n))
+
+
+def describe(positive: np.ndarray, n: int, pos_fraction: float) -> str:
+    """One line for fit's log: the share drawn per epoch against the natural one, and how often a
+    positive and a negative are drawn."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    k = positives_drawn(n, pos_fraction)
+    return (
+        f"sampler balanced: each epoch draws {n} images, {k} positive for 'any' ({k / n:.1%}; "
+        f"natural share {n_pos / max(n_pos + n_neg, 1):.1%}): each positive {k / max(n_pos, 1):.2f}x, "
+        f"each negative {(n - k) / max(n_neg, 1):.2f}x per epoch on average; validation keeps its "
+        "natural prevalence"
+    )
