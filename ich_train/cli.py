@@ -1,4 +1,5 @@
-"""`ich-train fit | evaluate | report | predict | bench`: one add_*_parser / do_* pair per subcommand.
+"""`ich-train fit | evaluate | report | predict | bench | embed | seq`: one add_*_parser / do_*
+pair per subcommand (embed and seq in ich_train.cli_seq).
 
 A user mistake (any `ich_prep.errors.UserError`: config, checkpoint, shard, submission, device,
 model errors) is caught once, in `main`, and printed as one line `ich-train <command>: <message>`
@@ -24,6 +25,7 @@ from ich_prep.errors import (
     at_least,
     run_cli,
 )
+from ich_train.cli_seq import add_embed_parser, add_seq_parser
 from ich_train.config import TrainConfig
 from ich_train.data import default_workers
 
@@ -368,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_parser,
     ):
         add(sub)
+    add_embed_parser(sub, _runtime_args)
+    add_seq_parser(sub)
     return parser
 
 

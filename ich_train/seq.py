@@ -1,0 +1,267 @@
+"""The second stage: a bidirectional GRU (or LSTM) over each series of per-slice CNN embeddings.
+
+fit() trains on the embeddings of every fold but the validation fold and keeps the checkpoint with
+the best validation weighted log loss; evaluate() scores a checkpoint on one fold next to the 2D
+CNN whose logits it refines, and writes the same out-of-fold Parquet as `ich-train evaluate` (so
+`ich-train report` reads it). The model's output is the CNN's logits plus a correction that starts
+at zero: step 0 is exactly the 2D model, and training can only move away from it when the
+validation loss says so (best.pt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ich_prep import LABELS
+from ich_prep.errors import UserError
+from ich_prep.location import atomic_file
+from ich_train.checkpoint import safe_torch_load
+from ich_train.metrics import LABEL_WEIGHTS, compute_metrics
+from ich_train.seq_data import Series, augment, batches, collate, read_embeddings
+
+RNNS = {"gru": nn.GRU, "lstm": nn.LSTM}
+
+
+class SeqError(UserError, ValueError):
+    """A sequence-stage flag, run folder or checkpoint we cannot use."""
+
+
+@dataclass(frozen=True)
+class SeqConfig:
+    """Everything that decides a sequence run; stored in every checkpoint, compared on resume."""
+
+    features: str
+    valid_fold: int
+    rnn: str = "gru"
+    hidden: int = 128
+    layers: int = 2
+    dropout: float = 0.2
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    batch_series: int = 32
+    reverse_p: float = 0.5
+    drop_p: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rnn not in RNNS:
+            raise SeqError(f"--rnn {self.rnn!r}: choose one of {sorted(RNNS)}")
+        for name, lo, hi in (("hidden", 4, 4096), ("layers", 1, 8), ("epochs", 1, 10_000), ("batch_series", 1, 100_000)):  # fmt: skip
+            if not lo <= getattr(self, name) <= hi:
+                raise SeqError(f"--{name.replace('_', '-')} {getattr(self, name)}: use {lo}..{hi}")
+        for name in ("dropout", "reverse_p", "drop_p"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise SeqError(f"--{name.replace('_', '-')} {getattr(self, name)}: use 0 <= value < 1")  # fmt: skip
+        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.weight_decay) and self.weight_decay >= 0):  # fmt: skip
+            raise SeqError("--lr must be > 0 and --weight-decay >= 0 (finite numbers)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SeqConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class SeqModel(nn.Module):
+    """x (B, T, 3D + 7), base logits (B, T, 6), mask (B, T) -> logits (B, T, 6) = base + correction."""
+
+    def __init__(self, feature_dim: int, hidden: int = 128, layers: int = 2, rnn: str = "gru", dropout: float = 0.2):  # fmt: skip
+        super().__init__()
+        in_dim = 3 * feature_dim + 7
+        self.inp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout))  # fmt: skip
+        self.rnn = RNNS[rnn](hidden, hidden, num_layers=layers, batch_first=True, bidirectional=True, dropout=dropout if layers > 1 else 0.0)  # fmt: skip
+        self.head = nn.Linear(2 * hidden, len(LABELS))
+        nn.init.zeros_(self.head.weight)  # step 0 is the CNN's own prediction
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x, base, mask):
+        lengths = mask.sum(1).cpu()
+        h = nn.utils.rnn.pack_padded_sequence(self.inp(x), lengths, batch_first=True, enforce_sorted=False)  # fmt: skip
+        h, _ = self.rnn(h)
+        h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=x.shape[1])
+        return base + self.head(h)
+
+
+def model_args(cfg: SeqConfig, feature_dim: int) -> dict:
+    """The constructor arguments of SeqModel, stored in every checkpoint and used to rebuild it."""
+    return {"feature_dim": feature_dim, "hidden": cfg.hidden, "layers": cfg.layers, "rnn": cfg.rnn, "dropout": cfg.dropout}  # fmt: skip
+
+
+def masked_loss(logits, y, mask) -> torch.Tensor:
+    """The competition's weighted BCE (any x2) averaged over the real (unpadded) slices."""
+    w = torch.as_tensor(LABEL_WEIGHTS / LABEL_WEIGHTS.sum(), dtype=logits.dtype, device=logits.device)  # fmt: skip
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    per_slice = (bce * w).sum(-1)
+    return (per_slice * mask).sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def predict_series(model: SeqModel, series: list[Series], batch_series: int = 64) -> dict:
+    """{'ids', 'probs' (N, 6) of the model, 'base' (N, 6) of the CNN, 'labels' (N, 6) or None}."""
+    model.eval()
+    ids, probs, base = [], [], []
+    for part in batches(series, batch_series):
+        b = collate(part)
+        p = torch.sigmoid(model(b["x"], b["base"], b["mask"]))[b["mask"]]
+        probs.append(p.numpy())
+        base.append(torch.sigmoid(b["base"][b["mask"]]).numpy())
+        ids.extend(i for s in part for i in s.ids)
+    labelled = all(s.labels is not None for s in series)
+    labels = np.concatenate([s.labels for s in series]) if labelled and series else None
+    return {"ids": ids, "probs": np.concatenate(probs).astype(np.float64), "base": np.concatenate(base).astype(np.float64), "labels": labels}  # fmt: skip
+
+
+def _split(series: list[Series], fold: int, path: str) -> tuple[list[Series], list[Series]]:
+    train = [s for s in series if s.fold != fold]
+    valid = [s for s in series if s.fold == fold]
+    if not valid or not train:
+        folds = sorted({s.fold for s in series})
+        raise SeqError(f"--valid-fold {fold}: {path} has folds {folds}; pick one of them (and leave others to train on)")  # fmt: skip
+    if any(s.labels is None for s in series):
+        raise SeqError(f"--features {path} has no labels (a test build); fit on a training build's embeddings")  # fmt: skip
+    return train, valid
+
+
+def _scores(model, valid: list[Series]) -> dict:
+    out = predict_series(model, valid)
+    m = compute_metrics(out["labels"], out["probs"])
+    b = compute_metrics(out["labels"], out["base"], prefix="cnn_")
+    return {**m, "cnn_loss": b["cnn_loss"], "cnn_auc_any": b["cnn_auc_any"]}
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one CPU thread for the duration: the GRU's many tiny steps run 1.7-25x slower with
+    two threads on this 2-core machine (thread hand-offs dominate; 25x when the cores are busy)."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+
+
+def save(path: Path, **state) -> None:
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load(path: str) -> dict:
+    """A sequence checkpoint, read with weights_only=True (nothing is unpickled)."""
+    try:
+        ck = safe_torch_load(path)
+    except Exception as e:  # noqa: BLE001 - a foreign or damaged file is one line
+        raise SeqError(f"{path} is not a sequence checkpoint ({type(e).__name__}); pass a best.pt or last.pt of `ich-train seq fit`") from e  # fmt: skip
+    if not (isinstance(ck, dict) and {"model", "config", "model_args", "epoch"} <= set(ck)):
+        raise SeqError(f"{path} is not a sequence checkpoint; pass a best.pt or last.pt of `ich-train seq fit`")  # fmt: skip
+    return ck
+
+
+def fit(cfg: SeqConfig, out: str, resume: bool = False, log=print) -> dict:
+    """Train on every fold but cfg.valid_fold of cfg.features; best.pt, last.pt, metrics.csv in `out`."""
+    with one_thread():
+        return _fit(cfg, out, resume, log)
+
+
+def _fit(cfg: SeqConfig, out: str, resume: bool, log) -> dict:
+    series, meta = read_embeddings(cfg.features)
+    train, valid = _split(series, cfg.valid_fold, cfg.features)
+    dim = series[0].features.shape[1]
+    torch.manual_seed(cfg.seed)
+    model = SeqModel(**model_args(cfg, dim))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(train) / cfg.batch_series)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)  # fmt: skip
+    run, start, best, rows = Path(out), 0, math.inf, []
+    if resume:
+        ck = load(str(run / "last.pt"))
+        if ck["config"] != cfg.to_dict():
+            diff = sorted(k for k in cfg.to_dict() if ck["config"].get(k) != cfg.to_dict()[k])
+            raise SeqError(f"--resume {run}: the run was started with other settings ({', '.join(diff)}); use the same flags or a new --out")  # fmt: skip
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["torch_rng"])  # dropout continues as if never stopped
+        start, best, rows = ck["epoch"] + 1, ck["best_loss"], list(ck["history"])
+    elif (run / "last.pt").exists():
+        raise SeqError(f"--out {run} already holds a run; pass --resume to continue it or choose a new --out")  # fmt: skip
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    if start == 0:
+        row = {"epoch": -1, "train_loss": math.nan, **_scores(model, valid)}
+        rows.append(row)
+        log(f"seq: step 0 = the CNN: valid loss {row['valid_loss']:.4f}, AUC any {row['valid_auc_any']:.3f}")  # fmt: skip
+    for epoch in range(start, cfg.epochs):
+        t0, rng, losses = time.perf_counter(), np.random.default_rng([cfg.seed, epoch]), []
+        model.train()
+        for part in batches(train, cfg.batch_series, rng):
+            b = collate([augment(s, rng, cfg.reverse_p, cfg.drop_p) for s in part])
+            loss = masked_loss(model(b["x"], b["base"], b["mask"]), b["y"], b["mask"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), **_scores(model, valid), "time_s": time.perf_counter() - t0}  # fmt: skip
+        rows.append(row)
+        improved = row["valid_loss"] < best
+        best = min(best, row["valid_loss"])
+        state = {"model": model.state_dict(), "config": cfg.to_dict(), "model_args": model_args(cfg, dim), "epoch": epoch, "best_loss": best, "history": rows, "embed": meta}  # fmt: skip
+        if improved:
+            save(run / "best.pt", **state)
+        save(run / "last.pt", **state, optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state())  # fmt: skip
+        log(f"seq epoch {epoch + 1}/{cfg.epochs}: train {row['train_loss']:.4f} valid {row['valid_loss']:.4f} (CNN {row['cnn_loss']:.4f}) AUC any {row['valid_auc_any']:.3f}{' *best' if improved else ''}")  # fmt: skip
+    pd.DataFrame(rows).to_csv(run / "metrics.csv", index=False)
+    first = rows[0]
+    return {"best_valid_loss": best, "cnn_valid_loss": first["cnn_loss"], "epochs": cfg.epochs, "out": str(run)}  # fmt: skip
+
+
+def evaluate(checkpoint: str, features: str, fold: int, out: str | None = None) -> dict:
+    """Metrics of a sequence checkpoint on `fold` of `features`, next to the CNN's own; the
+    out-of-fold predictions written to `out` (Parquet, the format of `ich-train evaluate`)."""
+    with one_thread():
+        return _evaluate(checkpoint, features, fold, out)
+
+
+def _evaluate(checkpoint: str, features: str, fold: int, out: str | None) -> dict:
+    ck = load(checkpoint)
+    series, _ = read_embeddings(features)
+    chosen = [s for s in series if s.fold == fold]
+    if not chosen or any(s.labels is None for s in chosen):
+        raise SeqError(f"--fold {fold}: {features} has no labelled series in that fold; its folds are {sorted({s.fold for s in series})}")  # fmt: skip
+    args = ck["model_args"]
+    if args["feature_dim"] != chosen[0].features.shape[1]:
+        raise SeqError(f"{checkpoint} takes {args['feature_dim']} features per slice, {features} has {chosen[0].features.shape[1]}; embed with the same CNNs")  # fmt: skip
+    model = SeqModel(**args)
+    model.load_state_dict(ck["model"])
+    res = predict_series(model, chosen)
+    metrics = compute_metrics(res["labels"], res["probs"])
+    cnn = compute_metrics(res["labels"], res["base"], prefix="cnn_")
+    metrics.update(cnn_loss=cnn["cnn_loss"], cnn_auc_any=cnn["cnn_auc_any"], images=len(res["ids"]), series=len(chosen))  # fmt: skip
+    metrics["out_of_fold"] = ck["config"]["valid_fold"] == fold
+    path = Path(out) if out else Path(checkpoint).with_name(f"seq_oof_fold{fold}.parquet")
+    frame = pd.DataFrame({"image_id": res["ids"], "fold": fold})
+    for j, lab in enumerate(LABELS):
+        frame[lab] = res["labels"][:, j].astype(np.int8)
+    for j, lab in enumerate(LABELS):
+        frame[f"pred_{lab}"] = res["probs"][:, j]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    metrics["predictions"] = str(path)
+    return metrics
