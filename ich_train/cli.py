@@ -193,6 +193,21 @@ def add_fit_parser(sub) -> None:
         metavar="F",
         help="with --sampler balanced: share of 'any' positives drawn per epoch, in (0, 1)",
     )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=DEFAULTS["context"],
+        metavar="K",
+        help="2.5D: each sample is its slice with K neighbours on each side (ends repeated), "
+        "stacked as channels: (2K+1) x windows; needs a series-aware build, reads by stream",
+    )
+    p.add_argument(
+        "--context-window",
+        default=None,
+        metavar="NAME",
+        help="with --context: take only this window (a channel name of the build, e.g. brain) of "
+        "each slice: 2K+1 channels (the 1st place's s-1, s, s+1 in one window)",
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")

@@ -103,6 +103,10 @@ class TrainConfig:
     # its samples positive for 'any' (ich_train.sampler; read by the span loader)
     sampler: str = "natural"
     pos_fraction: float | None = None
+    # 2.5D: each sample is slices rank-K..rank+K of its series (ich_train.context), with every
+    # window, or with only `context_window` of each
+    context: int = 0
+    context_window: str | None = None
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True
@@ -131,6 +135,7 @@ class TrainConfig:
         if self.loader not in LOADERS:
             raise ConfigError(f"--loader must be one of {LOADERS}, got {self.loader!r}")
         self._check_sampler()
+        self._check_context()
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.pos_weight is not None and len(self.pos_weight) not in (1, 6):
@@ -153,6 +158,17 @@ class TrainConfig:
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         self._check_numbers()
+
+    def _check_context(self) -> None:
+        from ich_train.context import MAX_CONTEXT
+
+        if not (isinstance(self.context, int) and 0 <= self.context <= MAX_CONTEXT):
+            raise ConfigError(f"--context must be 0 (single slices) to {MAX_CONTEXT}, got {self.context!r}")  # fmt: skip
+        if self.context_window is not None and not self.context:
+            raise ConfigError("--context-window picks one window of each neighbour; give --context K >= 1 too")  # fmt: skip
+        if self.context and (self.loader == "spans" or self.sampler == "balanced"):
+            why = "--loader spans" if self.loader == "spans" else "--sampler balanced"
+            raise ConfigError(f"--context reads whole series in slice order (the streaming loader); {why} reads single samples: drop one of them")  # fmt: skip
 
     def _check_sampler(self) -> None:
         if self.sampler not in SAMPLERS:

@@ -42,6 +42,7 @@ from ich_prep.manifest import (
 )
 from ich_prep.shards import decode_bounded, decode_json, iter_samples, read_span
 from ich_train.config import ConfigError
+from ich_train.context import with_context
 from ich_train.sampler import balanced_epoch
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
@@ -349,6 +350,8 @@ class TrainStream(IterableDataset):
         world=1,
         seed=0,
         shuffle_buffer=1000,
+        context=None,
+        positions=None,
     ):
         super().__init__()
         if not shards:
@@ -356,6 +359,8 @@ class TrainStream(IterableDataset):
         self.shards, self.encoding, self.batch_size = list(shards), encoding, batch_size
         self.batches_per_rank, self.rank, self.world = batches_per_rank, rank, world
         self.seed, self.shuffle_buffer, self.epoch, self.skip = seed, shuffle_buffer, 0, 0
+        # --context: (Context, image id -> (series id, rank)); stacks are made before the shuffle
+        self.context, self.positions = context, positions
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """Start `epoch`, leaving out its first `skip` batches of this rank (a mid-epoch resume)."""
@@ -389,14 +394,25 @@ class TrainStream(IterableDataset):
         if quota - done <= 0:
             return
         rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
-        raw = itertools.chain.from_iterable(  # shuffle within each pass: one pass = one epoch when sizes fit
-            shuffled(self._read(p), self.shuffle_buffer, rng)
-            for p in slot_passes(self.shards, slot, slots, self.seed, self.epoch)
-        )
-        # skipped samples are read and shuffled exactly as before (same order after them) but not decoded
-        raw = itertools.islice(raw, done * self.batch_size, None)
-        decoded = (decode_sample(s, self.encoding) for s in raw)
+        passes = slot_passes(self.shards, slot, slots, self.seed, self.epoch)
+        if self.context is not None:  # stacks of whole series in order, then the shuffle
+            items = itertools.chain.from_iterable(
+                shuffled(self._stacked(p), self.shuffle_buffer, rng) for p in passes
+            )
+            decoded = itertools.islice(items, done * self.batch_size, None)
+        else:
+            raw = itertools.chain.from_iterable(  # shuffle within each pass: one pass = one epoch when sizes fit
+                shuffled(self._read(p), self.shuffle_buffer, rng) for p in passes
+            )
+            # skipped samples are read and shuffled exactly as before (same order after them) but not decoded
+            raw = itertools.islice(raw, done * self.batch_size, None)
+            decoded = (decode_sample(s, self.encoding) for s in raw)
         yield from itertools.islice(batched(decoded, self.batch_size, drop_last=True), quota - done)
+
+    def _stacked(self, shards: list[Shard]) -> Iterator:
+        """Decoded samples of `shards`, each image replaced by its --context stack."""
+        decoded = (decode_sample(s, self.encoding) for s in self._read(shards))
+        return with_context(decoded, self.positions, self.context)
 
 
 class SpanStream(TrainStream):
@@ -469,12 +485,17 @@ def _any_positive(items: list[tuple[Shard, str]]) -> np.ndarray:
     return positive
 
 
-def create_train_stream(loader: str, shards: list[Shard], encoding: str, batch_size: int, batches_per_rank: int, *, rank: int, world: int, seed: int, shuffle_buffer: int, pos_fraction: float | None = None) -> TrainStream:  # fmt: skip
+def create_train_stream(loader: str, shards: list[Shard], encoding: str, batch_size: int, batches_per_rank: int, *, rank: int, world: int, seed: int, shuffle_buffer: int, pos_fraction: float | None = None, context=None, positions=None) -> TrainStream:  # fmt: skip
     """The training stream `loader` names: 'spans' (SpanStream), 'stream' (TrainStream), or
     'auto': spans when every shard has them in the index, else stream. A balanced epoch
     (`pos_fraction`, --sampler balanced) is drawn by the span loader only: it reads any sample
     any number of times, a whole-shard stream cannot."""
     spans = all(s.spans is not None for s in shards)
+    if context is not None:  # stacks need whole series in order: the streaming loader
+        if loader == "spans" or pos_fraction is not None:
+            why = "--loader spans" if loader == "spans" else "--sampler balanced"
+            raise ConfigError(f"--context reads whole series in slice order (the streaming loader); {why} reads single samples: drop it or --context")  # fmt: skip
+        return TrainStream(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed, shuffle_buffer=shuffle_buffer, context=context, positions=positions)  # fmt: skip
     if pos_fraction is not None and (loader == "stream" or not spans):
         why = "--loader stream reads whole shards" if loader == "stream" else "this build's index records no sample spans (shard_offset, shard_length); rebuild it with this ich-prep"  # fmt: skip
         raise ConfigError(f"--sampler balanced draws samples by their index spans (the span loader), but {why}")  # fmt: skip
@@ -488,10 +509,11 @@ def create_train_stream(loader: str, shards: list[Shard], encoding: str, batch_s
 class EvalStream(IterableDataset):
     """Every sample of `shards` exactly once over all ranks and workers, in shard order."""
 
-    def __init__(self, shards, encoding, batch_size, *, rank=0, world=1, workers=0):
+    def __init__(self, shards, encoding, batch_size, *, rank=0, world=1, workers=0, context=None, positions=None):  # fmt: skip
         super().__init__()
         self.shards, self.encoding, self.batch_size = list(shards), encoding, batch_size
         self.rank, self.world, self.workers = rank, world, workers
+        self.context, self.positions = context, positions  # --context: see TrainStream
 
     def _mine(self, w: int, n_workers: int) -> list[Shard]:
         return self.shards[self.rank :: self.world][w::n_workers]
@@ -512,9 +534,10 @@ class EvalStream(IterableDataset):
         raw = itertools.chain.from_iterable(
             read_shard(s, self.encoding) for s in self._mine(w, n_workers)
         )
-        yield from batched(
-            (decode_sample(s, self.encoding) for s in raw), self.batch_size, drop_last=False
-        )
+        decoded = (decode_sample(s, self.encoding) for s in raw)
+        if self.context is not None:
+            decoded = with_context(decoded, self.positions, self.context)
+        yield from batched(decoded, self.batch_size, drop_last=False)
 
 
 def default_workers() -> int:

@@ -26,10 +26,10 @@ from ich_prep import LABELS
 from ich_prep.errors import UserError
 from ich_prep.location import atomic_file, sha256_file
 from ich_train import distributed
-from ich_train.data import Build, EvalStream, create_loader
+from ich_train.data import Build, create_loader
 from ich_train.distributed import Dist, all_gather
 from ich_train.engine import autocast
-from ich_train.infer import check_preprocessing, load_model
+from ich_train.infer import check_preprocessing, eval_stream, load_model
 from ich_train.submission import check_out_file
 
 META_KEY = b"ich_embed"
@@ -152,7 +152,7 @@ def embed(
             if not mine:
                 continue
             sel = build.select(None if mine == [-1] else mine)
-            stream = EvalStream(sel, build.encoding, batch_size, rank=dist.rank, world=dist.world, workers=workers)  # fmt: skip
+            stream = eval_stream(build, sel, ckpt, dist, batch_size, workers)
             res = embed_loader(
                 model, create_loader(stream, workers, dist.device), augment, dist=dist,
                 precision=ckpt["config"].get("precision", "auto"), tta=tta, progress=progress,

@@ -15,6 +15,7 @@ from ich_prep.location import atomic_file
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
 from ich_train.checkpoint import CheckpointError, check_keys, load_checkpoint, load_weights
+from ich_train.context import context_of, series_positions
 from ich_train.data import Build, EvalStream, create_loader
 from ich_train.engine import predict
 from ich_train.metrics import compute_metrics, weighted_log_loss
@@ -64,10 +65,15 @@ def check_preprocessing(path, ckpt: dict, build: Build) -> None:
     """Refuse a build whose windows or pixel spacing differ from those the checkpoint was trained on:
     its images would mean something else to the model, and a build whose images have another
     number of channels than the model takes. Checkpoints older than this check pass."""
-    if build.layout.channels != ckpt.get("in_chans", 3):
+    context = context_of(ckpt["config"], build.layout)
+    channels = context.channels(build.layout) if context else build.layout.channels
+    if channels != ckpt.get("in_chans", 3):
+        stacks = (
+            f" stacked {2 * context.k + 1} slices deep (--context {context.k})" if context else ""
+        )
         raise CheckpointError(
             f"{path} takes {ckpt.get('in_chans', 3)}-channel images, but {build.root} holds "
-            f"{build.layout.channels}-channel images ({', '.join(build.layout.channel_names)}); "
+            f"{build.layout.channels}-channel images ({', '.join(build.layout.channel_names)}){stacks}; "
             "evaluate on a build made with the training build's settings"
         )
     for key, now in build.preprocessing.items():
@@ -92,13 +98,21 @@ def labelled_split(build: Build) -> str | None:
     return None
 
 
+def eval_stream(
+    build: Build, shards, ckpt: dict, dist, batch_size: int, workers: int
+) -> EvalStream:
+    """Every sample of `shards` once, as the checkpoint's model takes it: stacked with its series'
+    neighbours when it was trained with --context (the context its config records)."""
+    context = context_of(ckpt["config"], build.layout)
+    positions = series_positions(build.ok) if context else None
+    return EvalStream(shards, build.encoding, batch_size, rank=dist.rank, world=dist.world,
+                      workers=workers, context=context, positions=positions)  # fmt: skip
+
+
 def _predict_checkpoint(path, build, shards, dist, batch_size, workers, tta, progress) -> dict:
     model, augment, ckpt = load_model(path, dist.device)
     check_preprocessing(path, ckpt, build)
-    stream = EvalStream(
-        shards, build.encoding, batch_size, rank=dist.rank, world=dist.world, workers=workers
-    )
-    loader = create_loader(stream, workers, dist.device)
+    loader = create_loader(eval_stream(build, shards, ckpt, dist, batch_size, workers), workers, dist.device)  # fmt: skip
     precision = ckpt["config"].get("precision", "auto")
     out = predict(
         model, loader, augment, dist=dist, precision=precision, tta=tta, progress=progress

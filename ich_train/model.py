@@ -67,11 +67,14 @@ def normalization(
     model: nn.Module, channels: int = 3
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per input channel: the model family's (timm's pretrained_cfg, ImageNet by
-    default) when it has `channels` values, else their averages repeated `channels` times (what
-    timm does to a stem adapted to another channel count)."""
+    default) when it has `channels` values; repeated when `channels` is a multiple of them (a
+    --context stack of 3-window slices: timm's adapt_input_conv repeats the RGB filters the same
+    way); else their averages repeated `channels` times."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))]
     std = [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))]
+    if len(mean) == len(std) and channels % len(mean) == 0:
+        mean, std = mean * (channels // len(mean)), std * (channels // len(std))
     if len(mean) != channels or len(std) != channels:
         mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
     return tuple(mean), tuple(std)

@@ -36,6 +36,7 @@ from ich_train.checkpoint import (
     short_reason,
 )
 from ich_train.config import ConfigError, TrainConfig, check_resumable
+from ich_train.context import create_context, series_positions
 from ich_train.data import Build, EvalStream, create_loader, create_train_stream
 from ich_train.engine import train_one_epoch, validate
 from ich_train.losses import create_loss
@@ -169,6 +170,10 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             f"--batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps}; lower them"
         )
     image_size = cfg.image_size or build.size
+    # --context: each sample a stack of its series' neighbours; the model's input channels follow
+    context = create_context(cfg.context, cfg.context_window, build.layout)
+    positions = series_positions(build.ok) if context else None
+    channels = context.channels(build.layout) if context else build.layout.channels
     # the training stream (and a balanced epoch's draw) before anything is written: a build it
     # cannot read (no spans for --sampler balanced, one class only) leaves no run folder
     train_ds = create_train_stream(
@@ -182,6 +187,8 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer,
         pos_fraction=cfg.pos_fraction if cfg.sampler == "balanced" else None,
+        context=context,
+        positions=positions,
     )
 
     # ---- run folder; a resume must match the saved config in every field that changes training
@@ -192,7 +199,6 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    channels = build.layout.channels  # the model's input is the build's image layout
     model = create_model(cfg.model, drop_rate=cfg.drop_rate, in_chans=channels)
     report = load_pretrained(model, cfg.pretrained) if cfg.pretrained and ckpt is None else None
     if ckpt is None:  # a new run starts from the prior; a resumed one has its own weights
@@ -242,6 +248,8 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         rank=dist.rank,
         world=dist.world,
         workers=cfg.workers,
+        context=context,
+        positions=positions,
     )
     train_loader = create_loader(train_ds, cfg.workers, dev)
     valid_loader = create_loader(valid_ds, cfg.workers, dev)
@@ -254,6 +262,8 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         f"{steps_per_epoch} steps/epoch of {cfg.batch_size} x {cfg.accum_steps} x {dist.world}"
         + (f"; validating the EMA (decay {cfg.ema}) of the weights" if ema is not None else "")
     )
+    if context is not None:
+        say(f"context: {2 * context.k + 1} slices a sample, {channels} channels ({', '.join(context.names(build.layout))})")  # fmt: skip
     if cfg.sampler == "balanced":
         say(describe(train_ds.positive, train_ds.epoch_draws, cfg.pos_fraction))
     say(

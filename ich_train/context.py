@@ -1,0 +1,111 @@
+"""2.5D inputs (`--context K`): each slice stacked with its K neighbours on each side.
+
+A sample becomes slices rank-K .. rank+K of its series (the end slices repeated), each with all of
+the build's windows, or with one window (`--context-window brain`: the 1st place's "s-1, s, s+1
+in one window"), concatenated along channels: (H, W, (2K+1) x c) uint8, neighbours in slice
+order. Shards of format 2.0 hold every series whole and in slice order, so a reader that goes
+through a shard in order has each series' slices together: with_context() holds one series'
+decoded images at a time and emits every slice's stack, so each slice is decoded once per pass.
+The geometric augmentation runs on the stacked tensor, one transform per sample, so every slice
+of a stack moves together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ich_prep.config import ImageLayout
+from ich_prep.errors import UserError
+from ich_train.config import ConfigError
+
+MAX_CONTEXT = 8  # neighbours on each side: 17 slices a stack
+MAX_SERIES_SLICES = 2048  # held decoded at once; RSNA series have 20-60 slices
+
+
+class ContextError(UserError, ValueError):
+    """A build whose shards do not hold series whole and in slice order, as --context needs."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """K neighbours on each side; `picks`: the layout channels taken from each slice (all: None)."""
+
+    k: int
+    picks: tuple[int, ...] | None = None
+
+    def channels(self, layout: ImageLayout) -> int:
+        """Input channels of a stack: (2K+1) x the channels taken from each slice."""
+        return (2 * self.k + 1) * (len(self.picks) if self.picks else layout.channels)
+
+    def names(self, layout: ImageLayout) -> list[str]:
+        """Channel names in stack order, e.g. 'z-1:brain'."""
+        own = [layout.channel_names[i] for i in self.picks] if self.picks else list(layout.channel_names)  # fmt: skip
+        return [f"z{d:+d}:{n}" if d else f"z:{n}" for d in range(-self.k, self.k + 1) for n in own]
+
+
+def create_context(k: int, window: str | None, layout: ImageLayout) -> Context | None:
+    """The Context of --context K [--context-window NAME] for a build of `layout`; None for K = 0."""
+    if not 0 <= k <= MAX_CONTEXT:
+        raise ConfigError(f"--context {k}: use 0 (single slices) to {MAX_CONTEXT} neighbours on each side")  # fmt: skip
+    if window is None:
+        return Context(k) if k else None
+    if not k:
+        raise ConfigError("--context-window picks one window of each neighbour; give --context K >= 1 too")  # fmt: skip
+    if window not in layout.channel_names:
+        raise ConfigError(f"--context-window {window!r} is not a channel of this build; its channels are {list(layout.channel_names)}")  # fmt: skip
+    return Context(k, (list(layout.channel_names).index(window),))
+
+
+def context_of(config: dict, layout: ImageLayout) -> Context | None:
+    """The Context a training config (a checkpoint's) records; None before --context existed."""
+    return create_context(int(config.get("context", 0) or 0), config.get("context_window"), layout)
+
+
+def series_positions(ok) -> dict[str, tuple[str, int]]:
+    """image id -> (series id, slice rank) of the index's ok rows (a format 2.0 build)."""
+    if not {"series_id", "slice_rank"} <= set(ok.columns) or ok[["series_id", "slice_rank"]].isna().any(axis=None):  # fmt: skip
+        raise ContextError("--context needs a series-aware build (index columns series_id and slice_rank, format 2.0); rebuild it with this ich-prep")  # fmt: skip
+    return dict(zip(ok["image_id"], zip(ok["series_id"].astype(str), ok["slice_rank"].astype(int), strict=True), strict=True))  # fmt: skip
+
+
+def stack(images: list[np.ndarray], r: int, ctx: Context) -> np.ndarray:
+    """uint8 (H, W, (2K+1) x c): slices r-K .. r+K of one series' images (in slice order), the end
+    slices repeated, the `picks` channels of each."""
+    n = len(images)
+    parts = [images[min(max(r + d, 0), n - 1)] for d in range(-ctx.k, ctx.k + 1)]
+    if ctx.picks:
+        parts = [p[..., list(ctx.picks)] for p in parts]
+    return np.concatenate(parts, axis=-1)
+
+
+def with_context(decoded, positions: dict, ctx: Context, where: str = "the shards") -> Iterator:
+    """(image id, image, labels) of whole series in slice order -> the same with each image
+    replaced by its stack. ContextError when a sample is not in the index, a series comes back
+    after another one started, its ranks are not 0, 1, 2, ... in order, or it is too long."""
+    held: list = []
+    series, done = None, set()
+    for item in decoded:
+        if item[0] not in positions:
+            raise ContextError(f"{where}: sample {item[0]} is not an ok row of index.parquet; rebuild the build")  # fmt: skip
+        sid, rank = positions[item[0]]
+        if sid != series:
+            yield from _stacks(held, ctx)
+            if sid in done:
+                raise ContextError(f"{where}: series {sid} is split; --context needs each series whole in one shard (format 2.0), rebuild it")  # fmt: skip
+            done.add(sid)
+            held, series = [], sid
+        if rank != len(held):
+            raise ContextError(f"{where}: series {sid}: slice rank {rank} where {len(held)} was due; the shard is not in slice order, rebuild it")  # fmt: skip
+        if len(held) >= MAX_SERIES_SLICES:
+            raise ContextError(f"{where}: series {sid} has more than {MAX_SERIES_SLICES} slices; refusing to hold it")  # fmt: skip
+        held.append(item)
+    yield from _stacks(held, ctx)
+
+
+def _stacks(held: list, ctx: Context) -> Iterator:
+    images = [image for _, image, _ in held]
+    for r, (image_id, _, labels) in enumerate(held):
+        yield image_id, stack(images, r, ctx), labels
