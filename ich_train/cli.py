@@ -324,19 +324,32 @@ def add_predict_parser(sub) -> None:
     p = sub.add_parser(
         "predict", help="Kaggle submission CSV from one or more checkpoints (averaged)"
     )
-    p.add_argument("--checkpoint", nargs="+", required=True)
+    p.add_argument("--checkpoint", nargs="+", required=True, help="CNN checkpoint(s)")
     p.add_argument("--shards", required=True, help="the test build")
     p.add_argument("--out", default="submission.csv")
     p.add_argument("--tta", choices=("hflip",), nargs="*", default=[])
+    p.add_argument(
+        "--seq",
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="stage 2: sequence checkpoint(s) of `ich-train seq fit`; the test build is embedded "
+        "by each --checkpoint (the fold CNNs) and every S runs over each; all averaged",
+    )
     _runtime_args(p, 128)
     p.set_defaults(func=do_predict)
 
 
 def do_predict(args) -> int:
     from ich_train.infer import predict_submission
+    from ich_train.seq_submission import predict_seq_submission
 
-    r = predict_submission(args.checkpoint, args.shards, args.out, tuple(args.tta), args.batch_size,
-                           args.workers, args.device, args.progress)  # fmt: skip
+    if args.seq:
+        r = predict_seq_submission(args.checkpoint, args.seq, args.shards, args.out, tuple(args.tta),
+                                   args.batch_size, args.workers, args.device, args.progress)  # fmt: skip
+    else:
+        r = predict_submission(args.checkpoint, args.shards, args.out, tuple(args.tta), args.batch_size,
+                               args.workers, args.device, args.progress)  # fmt: skip
     print(
         f"wrote {r['out']}: {r['images']} images x 6 labels from {r['checkpoints']} checkpoint(s)"
     )

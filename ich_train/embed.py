@@ -102,7 +102,7 @@ def assign_folds(checkpoints: list[str], valid_folds: list[int], folds: list[int
     return out
 
 
-def _table(build: Build, res: dict, cnn: int) -> pa.Table:
+def embedding_table(build: Build, res: dict, cnn: int) -> pa.Table:
     """The rows of one checkpoint's embedding, with the index's series columns and labels."""
     ok = build.ok
     if not {"series_id", "slice_rank"} <= set(ok.columns) or ok["series_id"].isna().any():
@@ -157,7 +157,7 @@ def embed(
                 model, create_loader(stream, workers, dist.device), augment, dist=dist,
                 precision=ckpt["config"].get("precision", "auto"), tta=tta, progress=progress,
             )  # fmt: skip
-            tables.append(_table(build, res, i))
+            tables.append(embedding_table(build, res, i))
         table = pa.concat_tables(tables)
         meta = {
             "checkpoints": [

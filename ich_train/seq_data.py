@@ -51,10 +51,11 @@ def read_embeddings(path: str) -> tuple[list[Series], dict]:
         raise
     except (OSError, ValueError, TypeError) as e:
         raise EmbedError(f"--features {path} is not an embeddings file from `ich-train embed` ({type(e).__name__}: {e})") from e  # fmt: skip
-    return _series(table, path), meta
+    return series_of_table(table, path), meta
 
 
-def _series(table, path: str) -> list[Series]:
+def series_of_table(table, path: str) -> list[Series]:
+    """The series of an embeddings table (see read_embeddings), checked."""
     missing = [c for c in (*ID_COLUMNS, *LOGITS, "features") if c not in table.column_names]
     if missing:
         raise EmbedError(f"--features {path} lacks columns {missing}; write it with `ich-train embed`")  # fmt: skip
