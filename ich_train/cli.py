@@ -212,6 +212,12 @@ def add_fit_parser(sub) -> None:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--no-report",
+        dest="report",
+        action="store_false",
+        help="skip the end's report of best.pt on the validation fold (oof_fold<K>.parquet + report_fold<K>/)",
+    )
     p.set_defaults(func=do_fit)
 
 

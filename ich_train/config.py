@@ -25,6 +25,7 @@ RUNTIME_FIELDS = frozenset(
         "pretrained",
         "device",
         "checkpoint_every",
+        "report",
     }
 )
 LOSSES = ("bce", "asl")
@@ -116,6 +117,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     device: str = "auto"
     progress: bool = True
+    report: bool = True  # at the end: best.pt's validation predictions and report folder
 
     def __post_init__(self):
         if self.epochs < 1:

@@ -178,11 +178,15 @@ def _cat(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def validate(
-    model, loader, augment, *, dist: Dist, expected: int, precision: str = "auto", progress=True
-) -> dict:
-    """Competition metric, per-label log loss and AUC over the whole validation fold."""
+    model, loader, augment, *, dist: Dist, expected: int, precision: str = "auto", progress=True,
+    keep: dict | None = None,
+) -> dict:  # fmt: skip
+    """Competition metric, per-label log loss and AUC over the whole validation fold. With `keep`
+    (a dict), the predictions ('ids', 'probs', 'labels') are also left in it."""
     t0 = time.perf_counter()
     out = predict(model, loader, augment, dist=dist, precision=precision, progress=progress)
+    if keep is not None:
+        keep.update(out)
     if len(out["ids"]) != expected or len(set(out["ids"])) != expected:
         raise ShardError(
             f"validation saw {len(out['ids'])} samples ({len(set(out['ids']))} distinct), the manifest lists "

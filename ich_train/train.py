@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ich_prep import LABELS
 from ich_prep.location import atomic_file
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
@@ -49,6 +51,14 @@ from ich_train.model import (
     normalization,
 )
 from ich_train.optim import create_optimizer, create_scheduler
+from ich_train.report import (
+    check_out_dir,
+    check_predictions,
+    report_dir_for,
+    run_meta,
+    write_predictions,
+    write_report,
+)
 from ich_train.runlog import MetricsLog
 from ich_train.sampler import describe
 
@@ -151,6 +161,29 @@ def _restore(ckpt: dict, cfg: TrainConfig, model, ema, optimizer, scheduler) -> 
         ) from e
 
 
+def best_report(out: Path, cfg: TrainConfig, predictions: dict | None) -> str:
+    """The validation fold's predictions by best.pt (oof_fold<K>.parquet, the format of
+    `ich-train evaluate`) and its report folder beside them; one line saying where. Only when
+    best.pt's epoch ran in this process: after a resume past it, `ich-train evaluate` makes them."""
+    best_pt = out / "best.pt"
+    if not predictions or not best_pt.is_file():
+        return f"report: best.pt's epoch ran before this resume; `ich-train evaluate --checkpoint {best_pt} --shards {cfg.shards} --fold {cfg.valid_fold}` writes its report"  # fmt: skip
+    path = out / f"oof_fold{cfg.valid_fold}.parquet"
+    frame = pd.DataFrame({"image_id": predictions["ids"], "fold": cfg.valid_fold})
+    for j, lab in enumerate(LABELS):
+        frame[lab] = predictions["labels"][:, j].astype(np.int8)
+    for j, lab in enumerate(LABELS):
+        frame[f"pred_{lab}"] = predictions["probs"][:, j]
+    meta = run_meta(load_checkpoint(best_pt), best_pt, cfg.shards)
+    with atomic_file(path) as tmp:
+        write_predictions(tmp, frame, meta)
+    where = report_dir_for(path)
+    write_report([check_predictions(frame, path)], [meta["run"]], where, [meta])
+    return (
+        f"report of best.pt on fold {cfg.valid_fold}: {where / 'report.html'} (predictions: {path})"
+    )
+
+
 def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     dev, out = dist.device, Path(cfg.out)
     say = print if dist.main else (lambda *a, **k: None)
@@ -193,6 +226,8 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
 
     # ---- run folder; a resume must match the saved config in every field that changes training
     check_model_name(cfg.model)
+    if cfg.report:  # the end's report folder must be writable before hours of training
+        check_out_dir(report_dir_for(out / f"oof_fold{cfg.valid_fold}.parquet"))
     ckpt = _open_run(cfg, build, resume, dist)
 
     # ---- model (and --pretrained) before anything is written: a bad file leaves no run folder
@@ -218,7 +253,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     scheduler = create_scheduler(
         optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_frac, cfg.min_lr_ratio
     )
-    start_epoch, best, partial = 0, math.inf, None
+    start_epoch, best, partial, best_predictions = 0, math.inf, None, None
     # the EMA copy is what validation, best.pt and predict use; the raw weights keep training
     ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema > 0 else None
     if ckpt is not None:
@@ -334,6 +369,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             on_checkpoint=checkpoint_mid_epoch,
             ema=ema,
         )
+        predictions: dict = {}
         row |= validate(
             raw if ema is None else ema.module,
             valid_loader,
@@ -342,9 +378,11 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             expected=len(y_valid),
             precision=cfg.precision,
             progress=cfg.progress,
+            keep=predictions,
         )
         row["prior_loss"] = prior_loss
         improved = row["valid_loss"] < best
+        best_predictions = predictions if improved else best_predictions
         best = min(best, row["valid_loss"])
         best_row = row if improved else best_row
         if dist.main:
@@ -361,6 +399,8 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             )
         distributed.barrier(dist)
 
+    if dist.main and cfg.report:
+        say(best_report(out, cfg, best_predictions))
     summary = {
         "out": str(out),
         "best_valid_loss": best,

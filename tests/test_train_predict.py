@@ -171,3 +171,18 @@ def test_checkpoint_records_its_input_channels_and_refuses_other_builds(setup, t
     old = {k: v for k, v in ckpt.items() if k != "in_chans"}
     torch.save(old, tmp_path / "old.pt")
     assert main([*args, "--checkpoint", str(tmp_path / "old.pt")]) == 0
+
+
+def test_fit_ends_with_the_report_of_best_pt(tmp_path):
+    """fit writes oof_fold<K>.parquet (best.pt's validation predictions, what evaluate of best.pt
+    gives) and report_fold<K>/report.html beside its checkpoints; --no-report writes neither."""
+    root = make_build(tmp_path / "b", folds=2, per_shard=16, size=32)
+    fit(TrainConfig(shards=str(root), out=str(tmp_path / "run"), **{**RUN, "epochs": 2}))
+    got = pd.read_parquet(tmp_path / "run" / "oof_fold1.parquet").set_index("image_id")
+    assert (tmp_path / "run" / "report_fold1" / "report.html").is_file()
+    m = evaluate(str(tmp_path / "run" / "best.pt"), str(root), 1, out=str(tmp_path / "e.parquet"), workers=0, progress=False, report=False)  # fmt: skip
+    want = pd.read_parquet(m["predictions"]).set_index("image_id")
+    cols = [f"pred_{lab}" for lab in LABELS]
+    np.testing.assert_allclose(got.loc[want.index, cols].to_numpy(), want[cols].to_numpy(), atol=1e-5)  # fmt: skip
+    fit(TrainConfig(shards=str(root), out=str(tmp_path / "quiet"), report=False, **RUN))
+    assert not list((tmp_path / "quiet").glob("*fold1*"))
