@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The two-stage recipe over every fold, with ich-train alone (docs/training.md, "Series context"):
+#   1. one CNN per validation fold k          ich-train fit --valid-fold k
+#   2. out-of-fold embeddings                 ich-train embed --oof (fold k by the CNN validated on k)
+#   3. one sequence model per fold k          ich-train seq fit --valid-fold k, seq evaluate --fold k
+#   4. with a test build: the stage-2 CSV      ich-train predict --seq ... --checkpoint ...
+# and a table: per fold, the CNN's and the sequence model's weighted log loss and AUC any.
+#
+#   scripts/two_stage.sh TRAIN_BUILD OUT [TEST_BUILD]
+#   FOLDS="0 1 2 3 4" FIT_ARGS="--model efficientnet_b0 --epochs 10 ..." SEQ_ARGS="--epochs 30" \
+#       scripts/two_stage.sh shards/train runs/two_stage shards/test
+#
+# A fold whose CNN (best.pt) or sequence model (seq<k>/best.pt) exists is not trained again, so a
+# stopped run is continued by running the same command.
+set -euo pipefail
+TRAIN=${1:?usage: two_stage.sh TRAIN_BUILD OUT [TEST_BUILD]}
+OUT=${2:?usage: two_stage.sh TRAIN_BUILD OUT [TEST_BUILD]}
+TEST=${3:-}
+BIN=${BIN:-.venv/bin}
+FOLDS=${FOLDS:-0 1 2 3 4}
+FIT_ARGS=${FIT_ARGS:-}
+SEQ_ARGS=${SEQ_ARGS:-}
+mkdir -p "$OUT"
+
+cnns=()
+for k in $FOLDS; do
+    if [ ! -f "$OUT/cnn$k/best.pt" ]; then
+        # shellcheck disable=SC2086 # FIT_ARGS is a list of flags
+        "$BIN/ich-train" fit --shards "$TRAIN" --valid-fold "$k" --out "$OUT/cnn$k" $FIT_ARGS
+    fi
+    cnns+=("$OUT/cnn$k/best.pt")
+done
+
+# shellcheck disable=SC2086 # FOLDS is a list of fold numbers
+"$BIN/ich-train" embed --checkpoint "${cnns[@]}" --shards "$TRAIN" --oof --folds $FOLDS \
+    --out "$OUT/oof.parquet"
+
+seqs=()
+for k in $FOLDS; do
+    if [ ! -f "$OUT/seq$k/best.pt" ]; then
+        # shellcheck disable=SC2086
+        "$BIN/ich-train" seq fit --features "$OUT/oof.parquet" --valid-fold "$k" --out "$OUT/seq$k" $SEQ_ARGS
+    fi
+    "$BIN/ich-train" seq evaluate --checkpoint "$OUT/seq$k/best.pt" --features "$OUT/oof.parquet" \
+        --fold "$k" > "$OUT/seq$k/evaluate.json"
+    seqs+=("$OUT/seq$k/best.pt")
+done
+
+"$BIN/python" - "$OUT" $FOLDS <<'EOF'
+import json, sys
+out, folds = sys.argv[1], sys.argv[2:]
+def num(v, spec):
+    return "n/a" if v is None else format(v, spec)
+print(f"{'fold':>4}  {'CNN loss':>9}  {'+ seq loss':>10}  {'change':>7}  {'CNN AUC any':>11}  {'+ seq AUC any':>13}")
+for k in folds:
+    m = json.load(open(f"{out}/seq{k}/evaluate.json"))
+    change = m["valid_loss"] / m["cnn_loss"] - 1
+    print(f"{k:>4}  {num(m['cnn_loss'], '9.4f'):>9}  {num(m['valid_loss'], '10.4f'):>10}  {change:+7.1%}  "
+          f"{num(m['cnn_auc_any'], '11.3f'):>11}  {num(m['valid_auc_any'], '13.3f'):>13}")
+EOF
+
+if [ -n "$TEST" ]; then
+    "$BIN/ich-train" predict --checkpoint "${cnns[@]}" --seq "${seqs[@]}" --shards "$TEST" \
+        --out "$OUT/submission_stage2.csv"
+fi
