@@ -53,12 +53,14 @@ def add_seq_parser(sub) -> None:
         f.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     for name in ("dropout", "lr", "weight_decay", "reverse_p", "drop_p"):
         f.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+    f.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
     f.set_defaults(func=do_seq_fit)
     e = seq.add_parser("evaluate", help="metrics of a sequence checkpoint on one fold vs the CNN")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--features", required=True)
     e.add_argument("--fold", type=int, required=True)
     e.add_argument("--out", default=None, help="predictions Parquet (default: beside the checkpoint)")  # fmt: skip
+    e.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
     e.set_defaults(func=do_seq_evaluate)
 
 
@@ -69,7 +71,7 @@ def do_seq_fit(args) -> int:
 
     names = {f.name for f in dataclasses.fields(SeqConfig)}
     cfg = SeqConfig(**{k: v for k, v in vars(args).items() if k in names})
-    r = fit(cfg, args.out, resume=args.resume)
+    r = fit(cfg, args.out, resume=args.resume, device=args.device)
     from ich_train.cli import strict_json
 
     print(json.dumps(strict_json(r)))
@@ -80,5 +82,9 @@ def do_seq_evaluate(args) -> int:
     from ich_train.cli import strict_json
     from ich_train.seq import evaluate
 
-    print(json.dumps(strict_json(evaluate(args.checkpoint, args.features, args.fold, args.out))))
+    print(
+        json.dumps(
+            strict_json(evaluate(args.checkpoint, args.features, args.fold, args.out, args.device))
+        )
+    )
     return 0

@@ -113,12 +113,13 @@ def masked_loss(logits, y, mask) -> torch.Tensor:
 def predict_series(model: SeqModel, series: list[Series], batch_series: int = 64) -> dict:
     """{'ids', 'probs' (N, 6) of the model, 'base' (N, 6) of the CNN, 'labels' (N, 6) or None}."""
     model.eval()
+    dev = next(model.parameters()).device
     ids, probs, base = [], [], []
     for part in batches(series, batch_series):
-        b = collate(part)
+        b = {k: v.to(dev) for k, v in collate(part).items()}
         p = torch.sigmoid(model(b["x"], b["base"], b["mask"]))[b["mask"]]
-        probs.append(p.numpy())
-        base.append(torch.sigmoid(b["base"][b["mask"]]).numpy())
+        probs.append(p.float().cpu().numpy())
+        base.append(torch.sigmoid(b["base"][b["mask"]]).cpu().numpy())
         ids.extend(i for s in part for i in s.ids)
     labelled = all(s.labels is not None for s in series)
     labels = np.concatenate([s.labels for s in series]) if labelled and series else None
@@ -171,18 +172,27 @@ def load(path: str) -> dict:
     return ck
 
 
-def fit(cfg: SeqConfig, out: str, resume: bool = False, log=print) -> dict:
+def seq_device(name: str = "auto") -> torch.device:
+    """cuda when asked or available ('auto'), else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SeqError("--device cuda: no CUDA device is visible; use --device cpu")
+    if name not in ("auto", "cuda", "cpu"):
+        raise SeqError(f"--device {name!r}: use auto, cuda or cpu")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def fit(cfg: SeqConfig, out: str, resume: bool = False, log=print, device: str = "auto") -> dict:
     """Train on every fold but cfg.valid_fold of cfg.features; best.pt, last.pt, metrics.csv in `out`."""
     with one_thread():
-        return _fit(cfg, out, resume, log)
+        return _fit(cfg, out, resume, log, seq_device(device))
 
 
-def _fit(cfg: SeqConfig, out: str, resume: bool, log) -> dict:
+def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict:
     series, meta = read_embeddings(cfg.features)
     train, valid = _split(series, cfg.valid_fold, cfg.features)
     dim = series[0].features.shape[1]
     torch.manual_seed(cfg.seed)
-    model = SeqModel(**model_args(cfg, dim))
+    model = SeqModel(**model_args(cfg, dim)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_series)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)  # fmt: skip
@@ -210,6 +220,7 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log) -> dict:
         model.train()
         for part in batches(train, cfg.batch_series, rng):
             b = collate([augment(s, rng, cfg.reverse_p, cfg.drop_p) for s in part])
+            b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
             loss = masked_loss(model(b["x"], b["base"], b["mask"]), b["y"], b["mask"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -221,7 +232,7 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log) -> dict:
         rows.append(row)
         improved = row["valid_loss"] < best
         best = min(best, row["valid_loss"])
-        state = {"model": model.state_dict(), "config": cfg.to_dict(), "model_args": model_args(cfg, dim), "epoch": epoch, "best_loss": best, "history": rows, "embed": meta}  # fmt: skip
+        state = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "config": cfg.to_dict(), "model_args": model_args(cfg, dim), "epoch": epoch, "best_loss": best, "history": rows, "embed": meta}  # fmt: skip
         if improved:
             save(run / "best.pt", **state)
         save(run / "last.pt", **state, optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state())  # fmt: skip
@@ -231,14 +242,14 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log) -> dict:
     return {"best_valid_loss": best, "cnn_valid_loss": first["cnn_loss"], "epochs": cfg.epochs, "out": str(run)}  # fmt: skip
 
 
-def evaluate(checkpoint: str, features: str, fold: int, out: str | None = None) -> dict:
+def evaluate(checkpoint: str, features: str, fold: int, out: str | None = None, device: str = "auto") -> dict:  # fmt: skip
     """Metrics of a sequence checkpoint on `fold` of `features`, next to the CNN's own; the
     out-of-fold predictions written to `out` (Parquet, the format of `ich-train evaluate`)."""
     with one_thread():
-        return _evaluate(checkpoint, features, fold, out)
+        return _evaluate(checkpoint, features, fold, out, seq_device(device))
 
 
-def _evaluate(checkpoint: str, features: str, fold: int, out: str | None) -> dict:
+def _evaluate(checkpoint: str, features: str, fold: int, out: str | None, dev: torch.device) -> dict:  # fmt: skip
     ck = load(checkpoint)
     series, _ = read_embeddings(features)
     chosen = [s for s in series if s.fold == fold]
@@ -249,7 +260,7 @@ def _evaluate(checkpoint: str, features: str, fold: int, out: str | None) -> dic
         raise SeqError(f"{checkpoint} takes {args['feature_dim']} features per slice, {features} has {chosen[0].features.shape[1]}; embed with the same CNNs")  # fmt: skip
     model = SeqModel(**args)
     model.load_state_dict(ck["model"])
-    res = predict_series(model, chosen)
+    res = predict_series(model.to(dev), chosen)
     metrics = compute_metrics(res["labels"], res["probs"])
     cnn = compute_metrics(res["labels"], res["base"], prefix="cnn_")
     metrics.update(cnn_loss=cnn["cnn_loss"], cnn_auc_any=cnn["cnn_auc_any"], images=len(res["ids"]), series=len(chosen))  # fmt: skip
