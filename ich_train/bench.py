@@ -27,7 +27,7 @@ from ich_train.distributed import pick_device
 from ich_train.engine import autocast
 from ich_train.losses import MultiLabelLoss
 from ich_train.mixing import series_mixing
-from ich_train.model import create_model, normalization
+from ich_train.model import build_model, model_spec, normalization
 from ich_train.optim import create_optimizer
 
 KAGGLE_WINDOWS = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
@@ -113,7 +113,7 @@ def bench(
     build = Build(shards)
     size = image_size or build.size
     channels = build.layout.channels
-    net = create_model(model, in_chans=channels).to(dev, memory_format=torch.channels_last)
+    net = build_model(model_spec(model, channels)).to(dev, memory_format=torch.channels_last)
     mean, std = normalization(net, channels)
     opt = create_optimizer(net, 1e-4, 0.0, dev)  # the optimizer fit uses
     if compile:  # compiled once here; --warmup steps (untimed) absorb the compilation

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import timm
 import torch
 
 from ich_prep import LABELS
@@ -19,7 +20,7 @@ from ich_train.context import context_of, series_positions
 from ich_train.data import Build, EvalStream, create_loader
 from ich_train.engine import predict
 from ich_train.metrics import compute_metrics, weighted_log_loss
-from ich_train.model import UnknownModelError, create_model
+from ich_train.model import UnknownModelError, build_model, model_spec
 from ich_train.report import (
     check_out_dir,
     check_predictions,
@@ -47,9 +48,14 @@ def load_model(path: str | Path, device: torch.device):
     check_keys(ckpt, ("in_chans",), path)
     if len(ckpt["normalize"]["mean"]) != ckpt["in_chans"]:
         raise CheckpointError(f"{path} is damaged: {len(ckpt['normalize']['mean'])} normalisation values for {ckpt['in_chans']} input channels; pass a best.pt or last.pt written by ich-train fit")  # fmt: skip
+    spec = ckpt.get("model_spec", model_spec(cfg["model"], ckpt["in_chans"]))  # older: from config
+    if not isinstance(spec, dict) or spec.get("in_chans") != ckpt["in_chans"] or spec.get("name") != cfg["model"]:  # fmt: skip
+        raise CheckpointError(f"{path} is damaged: its model_spec disagrees with its config and in_chans; pass a best.pt or last.pt written by ich-train fit")  # fmt: skip
     try:
-        model = create_model(cfg["model"], in_chans=ckpt["in_chans"])
-    except UnknownModelError:
+        model = build_model(spec)
+    except UnknownModelError as e:
+        if timm.is_model(cfg["model"]):
+            raise CheckpointError(f"{path} is damaged: {e}") from None
         raise CheckpointError(
             f"{path} was trained as --model {cfg['model']!r}, which this timm does not have; "
             "install the timm version the run used"

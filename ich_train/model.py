@@ -49,6 +49,21 @@ def create_model(
     return model
 
 
+def model_spec(name: str, in_chans: int = 3, drop_rate: float = 0.0) -> dict:
+    """What rebuilds a model: the constructor arguments of build_model, stored in every checkpoint."""
+    return {"name": name, "in_chans": int(in_chans), "drop_rate": float(drop_rate), "num_classes": len(LABELS)}  # fmt: skip
+
+
+def build_model(spec: dict, pretrained: str | None = None) -> nn.Module:
+    """The one way fit, evaluate/predict/embed and bench make a model: from a model_spec (a
+    checkpoint's, checked: it may come from anyone) and, for a new run, --pretrained weights."""
+    name, chans = spec.get("name"), spec.get("in_chans")
+    drop, classes = spec.get("drop_rate", 0.0), spec.get("num_classes", len(LABELS))
+    if not (isinstance(chans, int) and 1 <= chans <= 1024 and isinstance(drop, (int, float)) and 0 <= drop < 1 and classes == len(LABELS)):  # fmt: skip
+        raise UnknownModelError(f"model spec {str(spec)[:200]} is not one ich-train writes (in_chans 1..1024, drop_rate in [0, 1), {len(LABELS)} classes)")  # fmt: skip
+    return create_model(name, pretrained, float(drop), chans)
+
+
 def init_head_bias(model: nn.Module, prior) -> bool:
     """Set the classifier's bias to the log-odds of `prior` (each label's training frequency), so
     the untrained model predicts the prior: its first loss is the prior baseline's plus what the

@@ -44,10 +44,11 @@ from ich_train.engine import train_one_epoch, validate
 from ich_train.losses import create_loss
 from ich_train.metrics import label_prior, prior_baseline_loss
 from ich_train.model import (
+    build_model,
     check_model_name,
-    create_model,
     init_head_bias,
     load_pretrained,
+    model_spec,
     normalization,
 )
 from ich_train.optim import create_optimizer, create_scheduler
@@ -234,7 +235,8 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    model = create_model(cfg.model, drop_rate=cfg.drop_rate, in_chans=channels)
+    spec = model_spec(cfg.model, channels, cfg.drop_rate)
+    model = build_model(spec)
     report = load_pretrained(model, cfg.pretrained) if cfg.pretrained and ckpt is None else None
     if ckpt is None:  # a new run starts from the prior; a resumed one has its own weights
         init_head_bias(model, prior)
@@ -325,6 +327,7 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             normalize={"mean": list(mean), "std": list(std)},
             image_size=image_size,
             in_chans=channels,
+            model_spec=spec,
             data=checkpoint_data(build),
             metrics=metrics,
             best_loss=best,

@@ -6,6 +6,8 @@
 #      checkpoints; then predict
 #   4. one epoch under torch.cuda.set_sync_debug_mode("warn"): where the host waits for the GPU
 #   5. with 2+ GPUs: the same fit through torchrun (NCCL)
+#   6. series context: a 2.5D fit (--context 1, 9 channels), out-of-fold embeddings of two fold
+#      CNNs (embed --oof), a sequence model on the GPU (seq fit / evaluate) and the stage-2 predict
 # Every printed line goes to OUT/gpu_check.log. Sizes come from the environment; the defaults suit a
 # 16-core H100 machine. On a CPU, for a smoke run: PATIENTS=6 SLICES=4 BATCH=8 STEPS=2 SIZE=64.
 set -euo pipefail
@@ -60,4 +62,14 @@ if [ "$GPUS" -ge 2 ]; then
     "$PY" -m torch.distributed.run --standalone --nproc-per-node "$GPUS" -m ich_train fit "${FIT[@]}" \
         --workers $((WORKERS / GPUS > 0 ? WORKERS / GPUS : 1)) --out "$OUT/runs/ddp"
 fi
+# series context: 2.5D, embed, sequence stage (timed: the docs' cost table comes from these)
+"$PY" -m ich_train fit "${FIT[@]}" --epochs 1 --context 1 --out "$OUT/runs/context1"
+"$PY" -m ich_train fit "${FIT[@]}" --epochs 1 --valid-fold 3 --out "$OUT/runs/fold3"
+CNNS=("$OUT/runs/fold3/best.pt" "$OUT/runs/single/best.pt")
+time "$PY" -m ich_train embed --checkpoint "${CNNS[@]}" --oof --folds 3 4 --shards "$OUT/shards/train" \
+    --out "$OUT/oof.parquet" --workers "$WORKERS" --no-progress
+time "$PY" -m ich_train seq fit --features "$OUT/oof.parquet" --valid-fold 4 --epochs 10 --out "$OUT/runs/seq4"
+"$PY" -m ich_train seq evaluate --checkpoint "$OUT/runs/seq4/best.pt" --features "$OUT/oof.parquet" --fold 4
+time "$PY" -m ich_train predict --checkpoint "${CNNS[@]}" --seq "$OUT/runs/seq4/best.pt" \
+    --shards "$OUT/shards/test" --out "$OUT/submission_stage2.csv" --workers "$WORKERS" --no-progress
 echo "gpu_check: done; the log is $OUT/gpu_check.log"

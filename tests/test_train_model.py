@@ -190,3 +190,18 @@ def test_timm_pretrained_tag_loads_offline_from_a_hugging_face_cache(tmp_path):
     assert "Hugging Face cache" in missing
     assert other.startswith("ERROR") and "is for resnet18, not --model resnet10t" in other
     assert unknown.startswith("ERROR") and "no pretrained tag" in unknown
+
+
+def test_build_model_rebuilds_from_the_spec_a_checkpoint_stores(tmp_path):
+    """fit stores model_spec in every checkpoint; build_model(spec) gives the same architecture
+    (its state dict loads strictly); a crafted spec is refused, not built."""
+    from ich_train.model import UnknownModelError, build_model, model_spec
+
+    spec = model_spec("resnet10t", 5, 0.1)
+    assert spec == {"name": "resnet10t", "in_chans": 5, "drop_rate": 0.1, "num_classes": 6}
+    a, b = build_model(spec), build_model(spec)
+    b.load_state_dict(a.state_dict(), strict=True)
+    assert a.eval()(torch.zeros(1, 5, 32, 32)).shape == (1, 6)
+    for bad in ({**spec, "in_chans": 10**9}, {**spec, "num_classes": 1000}, {**spec, "drop_rate": "x"}, {**spec, "name": "nope"}):  # fmt: skip
+        with pytest.raises(UnknownModelError):
+            build_model(bad)
