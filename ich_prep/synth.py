@@ -3,6 +3,11 @@
 Drawing is pure numpy (`draw_slice` makes HU), `encode_hu` maps HU to stored values the way one
 real series would store them, and `write_synthetic` writes the files, the labels CSV and the
 storage quirks of the real data. Everything follows from `seed`; the same seed gives the same bytes.
+
+A bleed is a blob along its series (`Bleed`: centre slice and reach), placed anywhere along it:
+its cross-section is largest mid-way and tapers, smaller and fainter, towards both ends, so its
+end slices are ambiguous on their own and a slice's rank says nothing about its label. A slice is
+labelled with exactly the subtypes whose blood is drawn on it (at least MIN_BLEED_MM2 of it).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -23,7 +29,19 @@ SUBTYPES = LABELS[1:]
 CSV_ORDER = (*SUBTYPES, "any")  # the Kaggle row order within one image
 MIN_BLEED_MM2 = 30.0  # a bleed smaller than this after overlaps is not drawn, so never labelled
 AIR, CSF, BLOOD = -1000.0, 6.0, 72.0
+FAINT, IVH_DARKER = 12.0, 6.0  # a thin end is up to FAINT HU fainter; ventricular blood is darker
+OEDEMA = 1.35  # the oedema around a parenchymal bleed is this much larger in every direction
+EXTENT = {  # a bleed's reach either side of its centre: 1 slice + this share of the series
+    "epidural": (0.12, 0.22),
+    "subdural": (0.2, 0.35),
+    "intraparenchymal": (0.1, 0.2),
+    "intraventricular": (0.15, 0.3),
+    "subarachnoid": (0.15, 0.35),
+}
+PLACE = 0.9  # a bleed's centre may lie up to PLACE x its reach beyond either end of the series
 FORMS = ("signed16", "unsigned12", "wrap12")
+# standard normal at 256 equally likely levels: noise from one random byte a pixel, 6x faster
+NORMAL_LEVELS = np.array([NormalDist().inv_cdf((i + 0.5) / 256) for i in range(256)], np.float32)
 
 
 class SynthError(UserError, ValueError):
@@ -41,19 +59,44 @@ class Head:
     cy: float
     tilt: float
     gap: float  # head-to-table distance
+    sulci: int = 19  # number of sulci around the convexity, the same on every slice
+    phase: tuple[float, float, float] = (0.0, 0.0, 0.0)  # where the sulci lie and how they wind
 
 
 @dataclass(frozen=True)
 class Bleed:
-    """A hemorrhage of one subtype on slices k0..k1 (inclusive); shape numbers are normalised."""
+    """A hemorrhage of one subtype: a blob centred at slice `kc`, reaching `hz` slices either side.
+
+    Its cross-section on slice k is scaled by `taper((k - kc) / hz)`: whole mid-way, shrinking
+    like an ellipsoid's towards both ends, nothing beyond. Shape numbers are normalised.
+    """
 
     subtype: str
-    k0: int
-    k1: int
+    kc: float
+    hz: float
     angle: float
     size: float
     width: float
     pos: tuple[float, float] = (0.0, 0.0)
+
+    def reach(self) -> float:
+        """How far (in units of hz) the bleed shows on a slice: its oedema reaches further."""
+        return OEDEMA if self.subtype == "intraparenchymal" else 1.0
+
+
+def taper(d: float) -> float:
+    """Cross-section factor of an ellipsoid at normalised distance d from its centre (0 beyond 1)."""
+    return math.sqrt(1.0 - d * d) if abs(d) < 1.0 else 0.0
+
+
+def blood_hu(b: Bleed, s: float) -> float:
+    """The bleed's density where its cross-section factor is s: fainter at its thin ends."""
+    return BLOOD - FAINT * (1.0 - s) - (IVH_DARKER if b.subtype == "intraventricular" else 0.0)
+
+
+def _noise(rng, shape, sd: float) -> np.ndarray:
+    """Gaussian-like noise (float32, `sd` HU, within 2.9 sd) of the given shape."""
+    return (sd * NORMAL_LEVELS)[rng.integers(0, 256, shape, dtype=np.uint8)]
 
 
 def _ellipse(u, v, cu, cv, ra, rb, ang=0.0):
@@ -64,31 +107,33 @@ def _ellipse(u, v, cu, cv, ra, rb, ang=0.0):
     return ((c * du + s * dv) / ra) ** 2 + ((-s * du + c * dv) / rb) ** 2 <= 1.0
 
 
-def _inner_bleed(b: Bleed, scale: float, g: dict) -> np.ndarray:
+def bleed_mask(b: Bleed, s: float, g: dict) -> np.ndarray:
+    """Boolean mask of one bleed's cross-section (factor 0 < s <= 1) on a slice.
+
+    `g` holds the anatomy grids made by `draw_slice`. Each subtype keeps its look and shrinks
+    with s: a parenchymal ellipse (fixed size in mm), a biconvex epidural lens and a subdural
+    crescent along the inner skull (thinner and shorter), sulcal subarachnoid blood over a
+    narrower arc (and less of the fissure), intraventricular blood filling less of the horn.
+    """
+    u, v, brain, r = g["u"], g["v"], g["brain"], g["r"]
     if b.subtype == "intraparenchymal":
-        ra = b.size * scale * g["a_in"]
-        cu, cv = b.pos[0] * g["a_in"], b.pos[1] * g["b_in"]
-        return _ellipse(g["u"], g["v"], cu, cv, ra, ra * 0.8, b.angle)
-    # intraventricular: blood settles in the dependent (posterior) part of the ventricles
-    return g["vent"] & (g["v"] > g["vent_v"] + b.pos[1] * g["vent_b"])
-
-
-def bleed_mask(b: Bleed, scale: float, g: dict) -> np.ndarray:
-    """Boolean mask of one bleed on a slice, from the anatomy grids `g` made by `draw_slice`."""
-    brain, r = g["brain"], g["r"]
-    if b.subtype in ("intraparenchymal", "intraventricular"):
-        return _inner_bleed(b, scale, g)
+        ra = b.size * s * g["a_mid"]
+        return _ellipse(u, v, b.pos[0] * g["a_in"], b.pos[1] * g["b_in"], ra, ra * 0.8, b.angle)
+    if b.subtype == "intraventricular":  # blood settles in the dependent (posterior) horns
+        return g["vent"] & (v > g["vent_v"] + g["vent_b"] * (1 - s * (1 - b.pos[1])))
     d = np.abs(g["phi"] - ((b.angle + math.pi) % (2 * math.pi) - math.pi))
     dphi = np.minimum(d, 2 * math.pi - d)  # angular distance to the bleed's centre
+    mm = g["a_mid"] / g["a_in"]  # thickness in mm, not shrinking with the head towards the top
     if b.subtype == "epidural":  # biconvex lens: thickest mid-way, both margins convex
-        t = b.size * scale * np.clip(1 - (dphi / b.width) ** 2, 0, None)
+        t = b.size * s * mm * np.clip(1 - (dphi / (b.width * s)) ** 2, 0, None)
         return brain & (1 - r < t)
     if b.subtype == "subdural":  # thin crescent along the inner skull, tapering ends
-        t = b.size * scale * np.sqrt(np.sqrt(np.clip(1 - (dphi / b.width) ** 2, 0, None)))
+        w = b.width * math.sqrt(s)
+        t = b.size * s * mm * np.sqrt(np.sqrt(np.clip(1 - (dphi / w) ** 2, 0, None)))
         return brain & (1 - r < t)
-    sah = brain & (g["sulc"] > math.cos(g["n_sulci"] * 5.0 / g["r_mm"] / 2)) & (dphi < b.width)
+    sah = brain & (g["sulc"] > math.cos(g["n_sulci"] * 5.0 / g["r_mm"] / 2)) & (dphi < b.width * s)
     if b.size > 0.5:  # half of them also fill the interhemispheric fissure
-        sah |= brain & (np.abs(g["u"]) < 1.8) & (g["v"] < -0.3 * g["b_in"])
+        sah |= brain & (np.abs(u) < 1.8) & (v < -(1 - 0.7 * s) * g["b_in"])
     return sah
 
 
@@ -106,10 +151,12 @@ def _head_grid(shape, spacing, head, k):
 
 
 def draw_slice(shape, spacing, head, frac, bleeds, rng):
-    """HU (H, W) float32, FOV mask (H, W) and the set of visible subtypes of one slice.
+    """HU (H, W) float32, FOV mask (H, W) and the visible subtypes of one slice with their areas.
 
     `frac` is the slice height in the series (0 bottom, 1 top; the head shrinks towards the top);
-    `bleeds` are (Bleed, scale) pairs active on this slice.
+    `bleeds` are (Bleed, d) pairs, d = (k - kc) / hz the slice's distance from the bleed's centre
+    in units of its reach along the series. A subtype is visible, and returned with its area in
+    pixels, when at least MIN_BLEED_MM2 of its cross-section is drawn; otherwise none of it is.
     """
     t = 0.05 + 0.7 * frac
     k = math.sqrt(1 - t * t)
@@ -123,16 +170,15 @@ def draw_slice(shape, spacing, head, frac, bleeds, rng):
     out = np.full(u.shape, AIR, np.float32)
     out[_ellipse(u, v, 0, 0, a_out + 4, b_out + 4)] = 30.0  # scalp
     skull = _ellipse(u, v, 0, 0, a_out, b_out)
-    bone = 1050 + 160 * rng.standard_normal(int(skull.sum()), dtype=np.float32)
+    bone = 1050 + _noise(rng, int(skull.sum()), 160.0)
     out[skull] = np.clip(bone, 700, 1500)
     out[brain] = np.where(r[brain] > 0.82, 37.0, 29.0)  # cortex ribbon, white matter
-    n_sulci = int(rng.integers(16, 22))
-    ph = rng.uniform(0, 2 * np.pi, 3).tolist()
+    n_sulci, ph = head.sulci, head.phase
     band = brain & (r > 1 - 0.17 * (0.75 + 0.25 * np.sin(4 * phi + ph[2])))
     sulc = np.where(band, np.cos(n_sulci * phi + ph[0] + 0.6 * np.sin(3 * phi + ph[1])), -1)
     r_mm = math.sqrt(a_in * b_in)
     g = {"u": u, "v": v, "r": r, "phi": phi, "brain": brain, "a_in": a_in, "b_in": b_in}
-    g.update(sulc=sulc, n_sulci=n_sulci, r_mm=r_mm)
+    g.update(sulc=sulc, n_sulci=n_sulci, r_mm=r_mm, a_mid=head.a - head.skull)
     out[sulc > math.cos(n_sulci * 1.5 / r_mm / 2)] = CSF
     out[brain & (r > 0.985)] = CSF
     out[brain & (np.abs(u) < 0.8) & (np.abs(v) > 0.45 * b_in)] = CSF  # interhemispheric fissure
@@ -142,19 +188,23 @@ def draw_slice(shape, spacing, head, frac, bleeds, rng):
         va, vb = vf * 0.075 * head.a, vf * 0.3 * head.b
         g["vent"] = _ellipse(u, v, -9, 3, va, vb, -0.15) | _ellipse(u, v, 9, 3, va, vb, 0.15)
         out[g["vent"] & brain] = CSF
-    for bl, sc in bleeds:  # oedema rim around a parenchymal bleed, never labelled
-        if bl.subtype == "intraparenchymal":
-            out[bleed_mask(replace(bl, size=bl.size * 1.35), sc, g) & brain] = 20.0
-    masks = [(bl, bleed_mask(bl, sc, g) & brain) for bl, sc in bleeds]
+    for bl, d in bleeds:  # oedema around a parenchymal bleed, also beyond its ends; never labelled
+        if bl.subtype == "intraparenchymal" and abs(d) < OEDEMA:
+            rim = replace(bl, size=bl.size * OEDEMA)
+            out[bleed_mask(rim, taper(d / OEDEMA), g) & brain] = 20.0
+    cut = [(bl, taper(d)) for bl, d in bleeds if abs(d) < 1.0]
+    masks = [(bl, sc, bleed_mask(bl, sc, g) & brain) for bl, sc in cut]
     min_px = MIN_BLEED_MM2 / spacing**2
-    for _ in range(2):  # drop bleeds mostly hidden by later ones, then re-check the rest
+    while True:  # drop bleeds too small or mostly hidden by later ones until all that stay show
         owner = np.full(u.shape, -1, np.int16)
-        for i, (_, m) in enumerate(masks):
+        for i, (_, _, m) in enumerate(masks):
             owner[m] = i
         areas = np.bincount(owner[owner >= 0], minlength=len(masks))
+        if (areas >= min_px).all():
+            break
         masks = [bm for bm, n in zip(masks, areas, strict=True) if n >= min_px]
-    for bl, m in masks:
-        out[m] = BLOOD - (8.0 if bl.subtype == "intraventricular" else 0.0)
+    for i, (bl, sc, _) in enumerate(masks):
+        out[owner == i] = blood_hu(bl, sc)
     hu = np.full(shape, AIR, np.float32)
     hu[box] = out
     rows, cols = shape
@@ -163,9 +213,9 @@ def draw_slice(shape, spacing, head, frac, bleeds, rng):
     top = head.cy + head.b + 4 + head.gap - 0.0025 * x**2  # the table, curved like a cradle
     for off, val in ((0.0, 150.0), (9.0, 40.0)):
         hu[(y >= top + off) & (y < top + off + 2.0) & (np.abs(x) < 105)] = val
-    hu += 5 * rng.standard_normal(shape, dtype=np.float32)
+    hu += _noise(rng, shape, 5.0)
     fov = x**2 + y**2 <= (min(rows, cols) / 2 * spacing) ** 2
-    return hu, fov, {bl.subtype for bl, _ in masks}
+    return hu, fov, {bl.subtype: int(n) for (bl, _, _), n in zip(masks, areas, strict=True)}
 
 
 def encode_hu(hu: np.ndarray, fov: np.ndarray, form: str) -> tuple[np.ndarray, dict]:
@@ -187,15 +237,20 @@ def encode_hu(hu: np.ndarray, fov: np.ndarray, form: str) -> tuple[np.ndarray, d
 
 
 def _plan_bleeds(rng, n, primary) -> list[Bleed]:
-    """Bleeds of one positive series: `primary` over a block of slices, any others inside it."""
-    length = min(n, max(1, round(n * rng.uniform(0.55, 0.85))))
-    start = 0 if primary == "intraventricular" else int(rng.integers(0, n - length + 1))
+    """Bleeds of one positive series of n slices: `primary`, and now and then other subtypes.
+
+    Each is a blob along the series reaching `hz` slices either side of its centre `kc`
+    (1 slice plus EXTENT's share of the series), placed anywhere: its centre lies from PLACE * hz
+    before the first slice to PLACE * hz after the last, so a slice's rank does not tell whether
+    it shows a bleed, and a bleed can be cut by either end of the series.
+    """
     chosen = [primary] + [s for s in SUBTYPES if s != primary and rng.random() < 0.2]
     out = []
     base = rng.uniform(0, 2 * np.pi)
     for st in chosen:
-        sub = length if st == primary else int(rng.integers(1, length + 1))
-        k0 = start + int(rng.integers(0, length - sub + 1))
+        lo, hi = EXTENT[st]
+        hz = 1.0 + rng.uniform(lo, hi) * (n - 1)
+        kc = rng.uniform(-PLACE * hz, n - 1 + PLACE * hz)
         offset = {"epidural": 0.0, "subdural": np.pi, "subarachnoid": np.pi / 2}.get(st, 0.0)
         angle = base + offset + rng.uniform(-0.4, 0.4)
         size, width = {
@@ -209,7 +264,7 @@ def _plan_bleeds(rng, n, primary) -> list[Bleed]:
         pos = (rad * math.cos(ang), rad * math.sin(ang))
         if st == "intraventricular":
             pos = (0.0, rng.uniform(-0.5, 0.1))
-        out.append(Bleed(st, k0, k0 + sub - 1, float(angle), float(size), float(width), pos))
+        out.append(Bleed(st, float(kc), float(hz), float(angle), float(size), float(width), pos))
     return out
 
 
@@ -291,18 +346,17 @@ def _add_quirks(rng, train: list[dict], test: list[dict]) -> None:
 
 
 def _write_series(folder: Path, ser: dict, n: int, bleeds: list[Bleed], rng, used: set):
-    """Draw, encode and write the n slices of one series; yields (path, visible subtypes)."""
+    """Draw, encode and write the n slices of one series; yields (path, {subtype: area px})."""
     ser["tags"] = _series_tags(rng, ser["form"], ser["decimal"])
     ser["explicit"] = ser["form"] == "signed16"
     ser["spacing"] = round(rng.uniform(235, 250) / min(ser["size"]), 6)
+    sulci, phase = int(rng.integers(16, 22)), tuple(rng.uniform(0, 2 * np.pi, 3).tolist())
+    ser["head"] = replace(ser["head"], sulci=sulci, phase=phase)  # one brain for all its slices
     for k in range(n):
-        active = []  # (bleed, size factor): smaller towards the ends of its slice range
-        for bl in bleeds:
-            if bl.k0 <= k <= bl.k1:
-                half = max(1.0, (bl.k1 - bl.k0) / 2)
-                active.append((bl, 1 - 0.3 * abs(k - (bl.k0 + bl.k1) / 2) / half))
+        near = [(bl, (k - bl.kc) / bl.hz) for bl in bleeds]  # where this slice cuts each bleed
+        near = [(bl, d) for bl, d in near if abs(d) < bl.reach()]
         frac = k / (n - 1) if n > 1 else 0.5
-        hu, fov, seen = draw_slice(ser["size"], ser["spacing"], ser["head"], frac, active, rng)
+        hu, fov, seen = draw_slice(ser["size"], ser["spacing"], ser["head"], frac, near, rng)
         stored, tags = encode_hu(hu, fov, ser["form"])
         image_id = _hexid(rng, 9, used)
         path = folder / f"{image_id}.dcm"
