@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -185,17 +186,35 @@ def best_report(out: Path, cfg: TrainConfig, predictions: dict | None) -> str:
     )
 
 
-def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
-    dev, out = dist.device, Path(cfg.out)
-    say = print if dist.main else (lambda *a, **k: None)
+@dataclass
+class Data:
+    """What the build gives a run: folds -> shards through the manifest, labels and the prior from
+    the index, the epoch's length, the image layout (and --context stacks) the model takes."""
 
-    # ---- data: folds select shards through the manifest; labels and the prior come from the index
+    build: Build
+    train_folds: tuple[int, ...]
+    train_shards: list
+    valid_shards: list
+    y_train: np.ndarray
+    y_valid: np.ndarray
+    prior: np.ndarray
+    prior_loss: float
+    steps_per_epoch: int
+    image_size: int
+    context: object
+    positions: dict | None
+    channels: int
+    train_ds: object
+
+
+def load_data(cfg: TrainConfig, dist: distributed.Dist) -> Data:
+    """The run's data, and its training stream (a balanced epoch's draw included) before anything
+    is written: a build it cannot read (no spans for --sampler balanced, one class only, no series
+    for --context) leaves no run folder."""
     build = Build(cfg.shards)
-    train_folds = cfg.train_folds or tuple(f for f in build.folds if f != cfg.valid_fold)
+    train_folds = tuple(cfg.train_folds or (f for f in build.folds if f != cfg.valid_fold))
     train_shards, valid_shards = build.select(train_folds), build.select([cfg.valid_fold])
     y_train, y_valid = build.labels(train_folds), build.labels([cfg.valid_fold])
-    prior = label_prior(y_train)
-    prior_loss = prior_baseline_loss(y_train, y_valid)
     epoch_samples = cfg.epoch_samples or len(y_train)
     steps_per_epoch = epoch_samples // dist.world // (cfg.batch_size * cfg.accum_steps)
     if steps_per_epoch < 1:
@@ -203,219 +222,226 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
             f"an epoch of {epoch_samples} samples over {dist.world} process(es) is less than one step of "
             f"--batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps}; lower them"
         )
-    image_size = cfg.image_size or build.size
     # --context: each sample a stack of its series' neighbours; the model's input channels follow
     context = create_context(cfg.context, cfg.context_window, build.layout)
     positions = series_positions(build.ok) if context else None
     channels = context.channels(build.layout) if context else build.layout.channels
-    # the training stream (and a balanced epoch's draw) before anything is written: a build it
-    # cannot read (no spans for --sampler balanced, one class only) leaves no run folder
     train_ds = create_train_stream(
-        cfg.loader,
-        train_shards,
-        build.encoding,
-        cfg.batch_size,
-        steps_per_epoch * cfg.accum_steps,
-        rank=dist.rank,
-        world=dist.world,
-        seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer,
+        cfg.loader, train_shards, build.encoding, cfg.batch_size, steps_per_epoch * cfg.accum_steps,
+        rank=dist.rank, world=dist.world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
         pos_fraction=cfg.pos_fraction if cfg.sampler == "balanced" else None,
-        context=context,
-        positions=positions,
-    )
+        context=context, positions=positions,
+    )  # fmt: skip
+    return Data(build, train_folds, train_shards, valid_shards, y_train, y_valid,
+                label_prior(y_train), prior_baseline_loss(y_train, y_valid), steps_per_epoch,
+                cfg.image_size or build.size, context, positions, channels, train_ds)  # fmt: skip
 
-    # ---- run folder; a resume must match the saved config in every field that changes training
-    check_model_name(cfg.model)
-    if cfg.report:  # the end's report folder must be writable before hours of training
-        check_out_dir(report_dir_for(out / f"oof_fold{cfg.valid_fold}.parquet"))
-    ckpt = _open_run(cfg, build, resume, dist)
 
-    # ---- model (and --pretrained) before anything is written: a bad file leaves no run folder
+@dataclass
+class Run:
+    """The model and what trains it; save() writes a checkpoint of it."""
+
+    cfg: TrainConfig
+    dist: distributed.Dist
+    data: Data
+    spec: dict
+    raw: torch.nn.Module  # the model itself; `model` may be its DDP / compiled wrapper
+    model: torch.nn.Module
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: torch.nn.Module
+    augment: DeviceAugment
+    normalize: dict
+    best: float = math.inf
+    best_row: dict = field(default_factory=dict)
+    best_predictions: dict | None = None
+
+    def save(self, path: Path, epoch: int, metrics: dict, **extra) -> None:
+        weights = {"model": self.raw.state_dict()}
+        if self.ema is not None:  # "model" is what evaluate/predict load: the averaged weights
+            weights = {"model": self.ema.module.state_dict(), "model_train": self.raw.state_dict()}
+        save_checkpoint(
+            path, **weights, optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), step=self.scheduler.last_epoch, epoch=epoch,
+            config=self.cfg.to_dict(), rng=rng_state(), prior=self.data.prior.tolist(),
+            normalize=self.normalize, image_size=self.data.image_size, in_chans=self.data.channels,
+            model_spec=self.spec, data=checkpoint_data(self.data.build), metrics=metrics,
+            best_loss=self.best, best_metrics=self.best_row, **extra,
+        )  # fmt: skip
+
+    def checkpoint_mid_epoch(self, epoch: int, gen: torch.Generator, progress: dict) -> None:
+        """last.pt inside an epoch: every rank's progress and augmentation generator."""
+        dist, cfg = self.dist, self.cfg
+        ranks = distributed.all_gather(dist, (progress, gen.get_state()))
+        if dist.main:
+            self.save(Path(cfg.out) / "last.pt", epoch, {}, epoch_progress={
+                "step": progress["step"], "world": dist.world, "workers": cfg.workers,
+                "ranks": [r[0] for r in ranks], "generators": [r[1] for r in ranks],
+            })  # fmt: skip
+        distributed.barrier(dist)
+
+
+def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict | None, say) -> Run:
+    """Model (and --pretrained, before the run folder is written: a bad file leaves none), head
+    bias at the prior, optimizer, schedule, EMA, loss and device augmentation; a resumed run's
+    states restored."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    spec = model_spec(cfg.model, channels, cfg.drop_rate)
+    spec = model_spec(cfg.model, data.channels, cfg.drop_rate)
     model = build_model(spec)
     report = load_pretrained(model, cfg.pretrained) if cfg.pretrained and ckpt is None else None
     if ckpt is None:  # a new run starts from the prior; a resumed one has its own weights
-        init_head_bias(model, prior)
+        init_head_bias(model, data.prior)
     if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     if report is not None:
-        say(
-            f"pretrained: {len(report['loaded'])} tensors from {cfg.pretrained}, new: {report['missing']}"
-        )
-
-    # ---- optimizer, schedule, loss, augmentation
-    mean, std = normalization(model, channels)
+        say(f"pretrained: {len(report['loaded'])} tensors from {cfg.pretrained}, new: {report['missing']}")  # fmt: skip
+    mean, std = normalization(model, data.channels)
+    dev = dist.device
     model.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay, dev, cfg.opt)
-    scheduler = create_scheduler(
-        optimizer, steps_per_epoch * cfg.epochs, cfg.warmup_frac, cfg.min_lr_ratio
-    )
-    start_epoch, best, partial, best_predictions = 0, math.inf, None, None
+    scheduler = create_scheduler(optimizer, data.steps_per_epoch * cfg.epochs, cfg.warmup_frac, cfg.min_lr_ratio)  # fmt: skip
     # the EMA copy is what validation, best.pt and predict use; the raw weights keep training
     ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema > 0 else None
     if ckpt is not None:
         _restore(ckpt, cfg, model, ema, optimizer, scheduler)
-        start_epoch, best = ckpt["epoch"] + 1, ckpt["best_loss"]
-        partial = ckpt.get("epoch_progress")
-        if partial is not None:  # saved inside an epoch: redo none of its steps
-            _check_mid_epoch(partial, cfg, dist)
-            start_epoch = ckpt["epoch"]
-        where = f", {partial['step']} of its steps done" if partial else ""
-        say(f"resuming {out} at epoch {start_epoch + 1}{where} (step {ckpt['step']})")
     raw = model
     if dist.enabled:
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
-    loss_fn = create_loss(cfg).to(dev)
-    augment = DeviceAugment(
-        image_size, mean, std, AugmentParams.from_config(cfg), cfg.channels_last
+    augment = DeviceAugment(data.image_size, mean, std, AugmentParams.from_config(cfg), cfg.channels_last)  # fmt: skip
+    run = Run(cfg, dist, data, spec, raw, model, ema, optimizer, scheduler, create_loss(cfg).to(dev),
+              augment, {"mean": list(mean), "std": list(std)})  # fmt: skip
+    if ckpt is not None:
+        run.best, run.best_row = ckpt["best_loss"], dict(ckpt["best_metrics"])
+    return run
+
+
+def start_point(ckpt: dict | None, cfg: TrainConfig, dist: distributed.Dist, say) -> tuple[int, dict | None]:  # fmt: skip
+    """(first epoch to run, the progress saved inside it or None) of a new or resumed run."""
+    if ckpt is None:
+        return 0, None
+    start_epoch, partial = ckpt["epoch"] + 1, ckpt.get("epoch_progress")
+    if partial is not None:  # saved inside an epoch: redo none of its steps
+        _check_mid_epoch(partial, cfg, dist)
+        start_epoch = ckpt["epoch"]
+    where = f", {partial['step']} of its steps done" if partial else ""
+    say(f"resuming {cfg.out} at epoch {start_epoch + 1}{where} (step {ckpt['step']})")
+    return start_epoch, partial
+
+
+def announce(run: Run, say) -> None:
+    """What is about to train, on what, against which baseline."""
+    cfg, d, dist = run.cfg, run.data, run.dist
+    n_params = sum(p.numel() for p in run.raw.parameters()) / 1e6
+    say(
+        f"{cfg.model} ({n_params:.1f}M params) at {d.image_size}px on {dist.world} x {dist.device.type}; "
+        f"train folds {list(d.train_folds)}: {len(d.train_shards)} shards, {len(d.y_train)} images; "
+        f"valid fold {cfg.valid_fold}: {len(d.valid_shards)} shards, {len(d.y_valid)} images; "
+        f"{d.steps_per_epoch} steps/epoch of {cfg.batch_size} x {cfg.accum_steps} x {dist.world}"
+        + (f"; validating the EMA (decay {cfg.ema}) of the weights" if run.ema is not None else "")
     )
+    if d.context is not None:
+        say(f"context: {2 * d.context.k + 1} slices a sample, {d.channels} channels ({', '.join(d.context.names(d.build.layout))})")  # fmt: skip
+    if cfg.sampler == "balanced":
+        say(describe(d.train_ds.positive, d.train_ds.epoch_draws, cfg.pos_fraction))
+    say(f"prior baseline (training label frequencies) on fold {cfg.valid_fold}: weighted log loss {d.prior_loss:.4f}")  # fmt: skip
+
+
+def run_epoch(run: Run, epoch: int, start, gen, loaders, log, say) -> dict:
+    """One epoch: train (from `start`, the progress saved inside it, if any), validate, keep the
+    best, write last.pt (and best.pt); its metrics row."""
+    cfg, dist, out = run.cfg, run.dist, Path(run.cfg.out)
+    train_loader, valid_loader = loaders
+    row = train_one_epoch(
+        run.model, train_loader, run.optimizer, run.scheduler, run.loss_fn, run.augment,
+        epoch=epoch, dist=dist, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip,
+        precision=cfg.precision, generator=gen, progress=cfg.progress, start=start,
+        checkpoint_every=cfg.checkpoint_every, ema=run.ema,
+        on_checkpoint=lambda progress: run.checkpoint_mid_epoch(epoch, gen, progress),
+    )  # fmt: skip
+    predictions: dict = {}
+    row |= validate(
+        run.raw if run.ema is None else run.ema.module, valid_loader, run.augment, dist=dist,
+        expected=len(run.data.y_valid), precision=cfg.precision, progress=cfg.progress,
+        keep=predictions,
+    )  # fmt: skip
+    row["prior_loss"] = run.data.prior_loss
+    improved = row["valid_loss"] < run.best
+    if improved:
+        run.best, run.best_row, run.best_predictions = row["valid_loss"], row, predictions
+    if dist.main:
+        log.append(row)
+        run.save(out / "last.pt", epoch, row)
+        if improved:
+            with atomic_file(out / "best.pt") as tmp:
+                shutil.copyfile(out / "last.pt", tmp)
+        drew = f", drew {row['train_any_share']:.1%} 'any'" if cfg.sampler == "balanced" else ""
+        say(
+            f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, valid loss "
+            f"{row['valid_loss']:.4f} (prior {run.data.prior_loss:.4f}), AUC any {row['valid_auc_any']:.3f}, "
+            f"{row['train_images_per_s']:.0f} img/s{drew}{' *best' if improved else ''}"
+        )
+    distributed.barrier(dist)
+    return row
+
+
+def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
+    dev, out = dist.device, Path(cfg.out)
+    say = print if dist.main else (lambda *a, **k: None)
+
+    # ---- data, then the run folder: a resume must match the saved config in every field that
+    # changes training; the end's report folder must be writable before hours of training
+    data = load_data(cfg, dist)
+    check_model_name(cfg.model)
+    if cfg.report:
+        check_out_dir(report_dir_for(out / f"oof_fold{cfg.valid_fold}.parquet"))
+    ckpt = _open_run(cfg, data.build, resume, dist)
+
+    # ---- model, optimizer, schedule, loss, augmentation (a resumed run's states restored)
+    run = create_run(cfg, dist, data, ckpt, say)
+    start_epoch, partial = start_point(ckpt, cfg, dist, say)
 
     # ---- loaders: an exact number of batches per rank per epoch, validation split over ranks
-    valid_ds = EvalStream(
-        valid_shards,
-        build.encoding,
-        cfg.eval_batch_size,
-        rank=dist.rank,
-        world=dist.world,
-        workers=cfg.workers,
-        context=context,
-        positions=positions,
+    valid_ds = EvalStream(data.valid_shards, data.build.encoding, cfg.eval_batch_size, rank=dist.rank,
+                          world=dist.world, workers=cfg.workers, context=data.context, positions=data.positions)  # fmt: skip
+    loaders = (
+        create_loader(data.train_ds, cfg.workers, dev),
+        create_loader(valid_ds, cfg.workers, dev),
     )
-    train_loader = create_loader(train_ds, cfg.workers, dev)
-    valid_loader = create_loader(valid_ds, cfg.workers, dev)
-
-    n_params = sum(p.numel() for p in raw.parameters()) / 1e6
-    say(
-        f"{cfg.model} ({n_params:.1f}M params) at {image_size}px on {dist.world} x {dev.type}; "
-        f"train folds {list(train_folds)}: {len(train_shards)} shards, {len(y_train)} images; "
-        f"valid fold {cfg.valid_fold}: {len(valid_shards)} shards, {len(y_valid)} images; "
-        f"{steps_per_epoch} steps/epoch of {cfg.batch_size} x {cfg.accum_steps} x {dist.world}"
-        + (f"; validating the EMA (decay {cfg.ema}) of the weights" if ema is not None else "")
-    )
-    if context is not None:
-        say(f"context: {2 * context.k + 1} slices a sample, {channels} channels ({', '.join(context.names(build.layout))})")  # fmt: skip
-    if cfg.sampler == "balanced":
-        say(describe(train_ds.positive, train_ds.epoch_draws, cfg.pos_fraction))
-    say(
-        f"prior baseline (training label frequencies) on fold {cfg.valid_fold}: weighted log loss {prior_loss:.4f}"
-    )
+    announce(run, say)
     log = MetricsLog(out, keep_before_epoch=start_epoch) if dist.main else None
-    t_start, row, best_row = time.perf_counter(), {}, dict(ckpt["best_metrics"]) if ckpt else {}
+    t_start, row = time.perf_counter(), {}
 
-    # ---- epochs
-    def save(path: Path, epoch: int, metrics: dict, **extra) -> None:
-        weights = {"model": raw.state_dict()}
-        if ema is not None:  # "model" is what evaluate/predict load: the averaged weights
-            weights = {"model": ema.module.state_dict(), "model_train": raw.state_dict()}
-        save_checkpoint(
-            path,
-            **weights,
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            step=scheduler.last_epoch,
-            epoch=epoch,
-            config=cfg.to_dict(),
-            rng=rng_state(),
-            prior=prior.tolist(),
-            normalize={"mean": list(mean), "std": list(std)},
-            image_size=image_size,
-            in_chans=channels,
-            model_spec=spec,
-            data=checkpoint_data(build),
-            metrics=metrics,
-            best_loss=best,
-            best_metrics=best_row,
-            **extra,
-        )
-
+    # ---- epochs: a resumed epoch continues from its saved step and augmentation generator
     for epoch in range(start_epoch, cfg.epochs):
         gen = torch.Generator(device=dev).manual_seed(augment_seed(cfg.seed, epoch, dist.rank))
         start = None
         if partial is not None and epoch == ckpt["epoch"]:
             start = partial["ranks"][dist.rank]
             gen.set_state(partial["generators"][dist.rank])
-        train_ds.set_epoch(epoch, skip=start["step"] * cfg.accum_steps if start else 0)
+        data.train_ds.set_epoch(epoch, skip=start["step"] * cfg.accum_steps if start else 0)
+        row = run_epoch(run, epoch, start, gen, loaders, log, say)
 
-        def checkpoint_mid_epoch(progress: dict, epoch=epoch, gen=gen) -> None:
-            """last.pt inside an epoch: every rank's progress and augmentation generator."""
-            ranks = distributed.all_gather(dist, (progress, gen.get_state()))
-            if dist.main:
-                save(out / "last.pt", epoch, {}, epoch_progress={
-                    "step": progress["step"], "world": dist.world, "workers": cfg.workers,
-                    "ranks": [r[0] for r in ranks], "generators": [r[1] for r in ranks],
-                })  # fmt: skip
-            distributed.barrier(dist)
-
-        row = train_one_epoch(
-            model,
-            train_loader,
-            optimizer,
-            scheduler,
-            loss_fn,
-            augment,
-            epoch=epoch,
-            dist=dist,
-            accum_steps=cfg.accum_steps,
-            grad_clip=cfg.grad_clip,
-            precision=cfg.precision,
-            generator=gen,
-            progress=cfg.progress,
-            start=start,
-            checkpoint_every=cfg.checkpoint_every,
-            on_checkpoint=checkpoint_mid_epoch,
-            ema=ema,
-        )
-        predictions: dict = {}
-        row |= validate(
-            raw if ema is None else ema.module,
-            valid_loader,
-            augment,
-            dist=dist,
-            expected=len(y_valid),
-            precision=cfg.precision,
-            progress=cfg.progress,
-            keep=predictions,
-        )
-        row["prior_loss"] = prior_loss
-        improved = row["valid_loss"] < best
-        best_predictions = predictions if improved else best_predictions
-        best = min(best, row["valid_loss"])
-        best_row = row if improved else best_row
-        if dist.main:
-            log.append(row)
-            save(out / "last.pt", epoch, row)
-            if improved:
-                with atomic_file(out / "best.pt") as tmp:
-                    shutil.copyfile(out / "last.pt", tmp)
-            drew = f", drew {row['train_any_share']:.1%} 'any'" if cfg.sampler == "balanced" else ""
-            say(
-                f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, valid loss "
-                f"{row['valid_loss']:.4f} (prior {prior_loss:.4f}), AUC any {row['valid_auc_any']:.3f}, "
-                f"{row['train_images_per_s']:.0f} img/s{drew}{' *best' if improved else ''}"
-            )
-        distributed.barrier(dist)
-
+    # ---- the end: best.pt's report and a summary
     if dist.main and cfg.report:
-        say(best_report(out, cfg, best_predictions))
+        say(best_report(out, cfg, run.best_predictions))
     summary = {
         "out": str(out),
-        "best_valid_loss": best,
-        "best_auc_any": best_row.get("valid_auc_any", math.nan),
-        "best_epoch": best_row.get("epoch", -1),
-        "prior_loss": prior_loss,
+        "best_valid_loss": run.best,
+        "best_auc_any": run.best_row.get("valid_auc_any", math.nan),
+        "best_epoch": run.best_row.get("epoch", -1),
+        "prior_loss": data.prior_loss,
         "last": row,
         "wall_s": time.perf_counter() - t_start,
     }
     say(
-        f"done: best valid weighted log loss {best:.4f} (epoch {summary['best_epoch'] + 1}, AUC any "
-        f"{summary['best_auc_any']:.3f}) vs prior baseline {prior_loss:.4f}; "
+        f"done: best valid weighted log loss {run.best:.4f} (epoch {summary['best_epoch'] + 1}, AUC any "
+        f"{summary['best_auc_any']:.3f}) vs prior baseline {data.prior_loss:.4f}; "
         f"checkpoints in {out} ({summary['wall_s']:.0f} s)"
     )
     return summary
