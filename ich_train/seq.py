@@ -28,6 +28,7 @@ from ich_prep.errors import UserError
 from ich_prep.location import atomic_file
 from ich_train.checkpoint import safe_torch_load
 from ich_train.metrics import LABEL_WEIGHTS, compute_metrics
+from ich_train.optim import create_scheduler
 from ich_train.seq_data import Series, augment, batches, collate, read_embeddings
 
 RNNS = {"gru": nn.GRU, "lstm": nn.LSTM}
@@ -195,7 +196,7 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
     model = SeqModel(**model_args(cfg, dim)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_series)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)  # fmt: skip
+    sched = create_scheduler(opt, steps, 0.1, 0.01)  # fit's warmup + cosine: any number of steps
     run, start, best, rows = Path(out), 0, math.inf, []
     if resume:
         ck = load(str(run / "last.pt"))

@@ -209,3 +209,12 @@ def test_embed_and_seq_mistakes_are_one_line(cnn_runs, capsys, tmp_path):
     assert "not a regular file" in one_error_line(capsys, "seq")
     series, _ = read_embeddings(str(feats))
     assert len(series) == 6 and all(s.ids == sorted(s.ids, key=lambda i: int(i.rsplit("_", 1)[1])) for s in series)  # fmt: skip
+
+
+def test_a_run_of_one_step_per_epoch_trains(features, tmp_path):
+    """Two series to train on and 3 epochs (3 optimizer steps): the schedule copes (torch's
+    OneCycleLR divided by zero here, found by scripts/gpu_check.sh's smoke run)."""
+    small = tmp_path / "small.parquet"
+    write_embeddings(small, folds=2, per_fold=2)
+    r = fit(SeqConfig(features=str(small), valid_fold=1, hidden=8, epochs=3, batch_series=64), str(tmp_path / "r"), log=lambda *_: None)  # fmt: skip
+    assert r["epochs"] == 3 and np.isfinite(r["best_valid_loss"])
