@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
@@ -39,7 +41,7 @@ from sklearn.metrics import (  # noqa: E402
 
 from ich_prep import LABELS  # noqa: E402
 from ich_prep.errors import UserError  # noqa: E402
-from ich_prep.location import atomic_file, read_bytes  # noqa: E402
+from ich_prep.location import atomic_file, open_local, read_bytes  # noqa: E402
 from ich_train.metrics import LABEL_WEIGHTS, label_log_loss, weighted_log_loss  # noqa: E402
 
 META_KEY = b"ich_train"  # Parquet key-value metadata: {"run", "config", "build", "checkpoint"}
@@ -47,6 +49,7 @@ MAX_BYTES = 512 * 1024 * 1024
 MAX_ROWS = 2_000_000  # RSNA stage 2 train has 752,803 images
 MAX_INFLATED = 2 * 1024 * 1024 * 1024
 MAX_META = 1024 * 1024
+MAX_ID_BYTES = 128 * 1024 * 1024  # decoded image ids (RSNA's are 12 characters)
 SPECIFICITIES = (0.90, 0.95)
 SAFE_NAME = re.compile(r"[\w.+-]{1,60}")  # a run name taken from a predictions file's metadata
 PRED = [f"pred_{k}" for k in LABELS]
@@ -81,16 +84,21 @@ def write_predictions(path, frame: pd.DataFrame, meta: dict) -> None:
 
 
 def read_predictions(path) -> tuple[pd.DataFrame, dict]:
-    """(checked predictions, metadata dict) of the Parquet at `path`, bounded in bytes, rows and
-    decompressed size before anything is decoded; a local path must be a regular file."""
+    """(checked predictions, metadata dict) of the Parquet at `path`, bounded in bytes, rows,
+    decompressed size and column types before anything is decoded, and image ids in decoded
+    bytes (a dictionary page can repeat one long id a million times); a local path must be a
+    regular file."""
     try:
         data = read_bytes(path, MAX_BYTES)
     except (FileNotFoundError, ValueError) as e:
         raise ReportError(f"{path}: {e}; pass the Parquet ich-train evaluate wrote") from None
     try:
-        pf = pq.ParquetFile(io.BytesIO(data))
+        # no reader threads: a thread pyarrow starts late can abort the interpreter at exit
+        pf = pq.ParquetFile(io.BytesIO(data), read_dictionary=["image_id"], pre_buffer=False)
         _check_footer(pf, path)
-        frame = pf.read(columns=["image_id", "fold", *LABELS, *PRED]).to_pandas()
+        table = pf.read(columns=["image_id", "fold", *LABELS, *PRED], use_threads=False)
+        table = table.set_column(0, "image_id", _decoded_ids(table.column("image_id"), path))
+        frame = table.to_pandas()
         raw = (pf.schema_arrow.metadata or {}).get(META_KEY, b"{}")
     except ReportError:
         raise
@@ -100,13 +108,35 @@ def read_predictions(path) -> tuple[pd.DataFrame, dict]:
 
 
 def _check_footer(pf: pq.ParquetFile, path) -> None:
-    meta, names = pf.metadata, pf.schema_arrow.names
+    meta, schema = pf.metadata, pf.schema_arrow
     inflated = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     if meta.num_rows > MAX_ROWS or inflated > MAX_INFLATED:
         raise ReportError(f"{path} declares {meta.num_rows} rows ({inflated} bytes decompressed); the limits are {MAX_ROWS} rows and {MAX_INFLATED} bytes: refused")  # fmt: skip
-    missing = [c for c in ("image_id", "fold", *LABELS, *PRED) if c not in names]
+    missing = [c for c in ("image_id", "fold", *LABELS, *PRED) if c not in schema.names]
     if missing:
         raise ReportError(f"{path} has no column {', '.join(missing)}; pass the Parquet ich-train evaluate wrote")  # fmt: skip
+    need = {"image_id": "image_id must be unique, non-null strings", "fold": "fold must be one integer fold"}  # fmt: skip
+    need |= {c: f"label column {c!r} must hold integers 0 or 1" for c in LABELS}
+    need |= {c: f"column {c!r} must hold finite probabilities in [0, 1]" for c in PRED}
+    for col, what in need.items():
+        t = schema.field(col).type
+        t = t.value_type if pa.types.is_dictionary(t) else t
+        ok = {"image_id": pa.types.is_string(t) or pa.types.is_large_string(t), "fold": pa.types.is_integer(t)}  # fmt: skip
+        if not ok.get(col, pa.types.is_integer(t) if col in LABELS else pa.types.is_floating(t)):
+            raise ReportError(f"{path}: {what} (the file has {t}); pass the Parquet ich-train evaluate wrote")  # fmt: skip
+
+
+def _decoded_ids(ids: pa.ChunkedArray, path) -> pa.ChunkedArray:
+    """The image ids (read as a dictionary) as plain strings, once their decoded size is known
+    to be at most MAX_ID_BYTES."""
+    size = 0
+    for chunk in ids.chunks:
+        lengths = pc.binary_length(chunk.dictionary).to_numpy(zero_copy_only=False)
+        index = chunk.indices.fill_null(0).to_numpy(zero_copy_only=False)
+        size += int(lengths[index].sum()) if len(lengths) else 0
+    if size > MAX_ID_BYTES:
+        raise ReportError(f"{path}: its image ids would take {size} bytes decoded (limit {MAX_ID_BYTES}); pass the Parquet ich-train evaluate wrote")  # fmt: skip
+    return ids.cast(pa.string())
 
 
 def _meta(raw: bytes) -> dict:
@@ -345,6 +375,7 @@ table.diff td{background:#fff6d5}
 .kv{columns:3 300px;font-size:12px;margin:6px 0}.kv div{break-inside:avoid;padding:1px 0}.note{background:#f4f8ff;border-left:4px solid #69c;padding:6px 10px}
 .wrap{overflow-x:auto}img{max-width:100%;height:auto}.cm img{max-width:32%;display:inline-block}
 code{word-break:break-all}"""
+HTML_HEAD = "<!DOCTYPE html><html><head><meta charset=utf-8><title>ICH evaluation report"  # how a folder is known as a report
 
 
 def _e(value) -> str:
@@ -453,7 +484,7 @@ def render_html(table, names, metas, pngs: dict[str, bytes], worst: list[str], t
     note = "".join(f'<p class="note">{_e(t)}</p>' for t in notes(table, metas, names, threshold))
     matrices = "".join(_img(pngs[f"confusion_{lab}.png"], lab) for lab in LABELS)
     parts = [
-        f"<!DOCTYPE html><html><head><meta charset=utf-8><title>ICH evaluation report: {runs}</title><style>{CSS}</style></head><body>",  # fmt: skip
+        f"{HTML_HEAD}: {runs}</title><style>{CSS}</style></head><body>",  # fmt: skip
         f"<h1>ICH evaluation report</h1><p>{n} run(s): <b>{runs}</b>; fold {fold}, {images} images</p>",
         "<h2>Runs</h2>" + config_html(metas, names, "source"),
         "<h3>Build</h3>" + config_html(metas, names, "build"),
@@ -474,12 +505,46 @@ def render_html(table, names, metas, pngs: dict[str, bytes], worst: list[str], t
 # ---- the report folder
 
 
+REPORT_FILES = ("metrics.csv", "report.html", "roc.png", "pr.png", "calibration.png", *(f"confusion_{lab}.png" for lab in LABELS))  # fmt: skip
+
+
 def check_out_dir(out: Path) -> None:
-    """ReportError unless `out` is absent, empty or a previous report (never a run folder)."""
+    """ReportError unless `out` is absent, empty or a previous report: a folder holding only the
+    files a report writes (regular files, no links), its report.html one of ours. Anything else
+    there is someone else's, never overwritten."""
+    out = Path(out)
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ReportError(f"--out {out}: {parent} is a file, not a folder; choose another --out")  # fmt: skip
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file; give a folder for the report")
-    if out.is_dir() and any(out.iterdir()) and not (out / "report.html").is_file():
-        raise ReportError(f"--out {out} is a folder holding other files; give a new or empty folder (or a previous report's)")  # fmt: skip
+    names = sorted(os.listdir(out)) if out.is_dir() else []
+    if not names:
+        return
+    ours = {*REPORT_FILES, *(f"{n}.partial" for n in REPORT_FILES)}
+    foreign = [n for n in names if n not in ours or not stat.S_ISREG(os.lstat(out / n).st_mode)]
+    if foreign or not _is_our_page(out / "report.html"):
+        what = (
+            f"other files ({', '.join(foreign[:3])})" if foreign else "no report.html of ich-train"
+        )
+        raise ReportError(f"--out {out} is a folder holding {what}; give a new or empty folder (or a previous report's)")  # fmt: skip
+
+
+def _is_our_page(path: Path) -> bool:
+    try:
+        with open_local(path) as f:
+            return f.read(len(HTML_HEAD)) == HTML_HEAD.encode()
+    except OSError:
+        return False
+
+
+def _write(path: Path, data: bytes) -> None:
+    """`data` to `path` through a fresh `.partial` (a leftover one is replaced, never written
+    through: a link there could point anywhere)."""
+    with atomic_file(path) as tmp:
+        tmp.unlink(missing_ok=True)
+        with open(tmp, "xb") as f:
+            f.write(data)
 
 
 def report_dir_for(predictions) -> Path:
@@ -502,11 +567,9 @@ def write_report(frames: list[pd.DataFrame], names: list[str], out_dir, metas: l
     worst = [worst_html(f) for f in frames]
     page = render_html(table, names, metas, pngs, worst, threshold, int(frames[0]["fold"].iloc[0]))
     out.mkdir(parents=True, exist_ok=True)
-    for name, data in [*pngs.items(), ("report.html", page.encode())]:
-        with atomic_file(out / name) as tmp:
-            Path(tmp).write_bytes(data)
-    with atomic_file(out / "metrics.csv") as tmp:
-        table.to_csv(tmp, index=False)
+    # report.html first: a folder a stopped run leaves is still known as a report (check_out_dir)
+    for name, data in [("report.html", page.encode()), *pngs.items(), ("metrics.csv", table.to_csv(index=False).encode())]:  # fmt: skip
+        _write(out / name, data)
     return table
 
 
