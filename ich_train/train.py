@@ -47,7 +47,7 @@ from ich_train.metrics import label_prior, prior_baseline_loss
 from ich_train.model import (
     build_model,
     check_model_name,
-    init_head_bias,
+    init_head,
     load_pretrained,
     model_spec,
     normalization,
@@ -293,7 +293,7 @@ def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict 
     model = build_model(spec)
     report = load_pretrained(model, cfg.pretrained) if cfg.pretrained and ckpt is None else None
     if ckpt is None:  # a new run starts from the prior; a resumed one has its own weights
-        init_head_bias(model, data.prior)
+        init_head(model, data.prior)
     if dist.main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")

@@ -139,7 +139,9 @@ def test_fit_evaluate_predict_with_context(series_build, capsys):
     for name, extra, chans in (("ctx", ["--context", "1"], 9), ("mono", ["--context", "1", "--context-window", "brain"], 3)):  # fmt: skip
         assert main(["fit", *common, "--out", str(tmp / name), *extra]) == 0
         ck = torch.load(tmp / name / "last.pt", weights_only=True)
-        assert ck["in_chans"] == chans == ck["model_spec"]["in_chans"] and ck["config"]["context"] == 1
+        assert (
+            ck["in_chans"] == chans == ck["model_spec"]["in_chans"] and ck["config"]["context"] == 1
+        )
         assert len(ck["normalize"]["mean"]) == chans
     assert "context: 3 slices a sample, 9 channels" in capsys.readouterr().out
     assert main(["evaluate", "--checkpoint", str(tmp / "ctx" / "last.pt"), "--shards", str(root), "--fold", "1",
