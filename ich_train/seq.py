@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,8 @@ from ich_prep.location import atomic_file
 from ich_train.checkpoint import safe_torch_load
 from ich_train.metrics import LABEL_WEIGHTS, compute_metrics
 from ich_train.optim import create_scheduler
-from ich_train.seq_data import Series, augment, batches, collate, read_embeddings
+from ich_train.seq_data import MAX_FEATURE_DIM, Series, augment, batches, collate, read_embeddings
+from ich_train.submission import check_out_file
 
 RNNS = {"gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -67,6 +70,8 @@ class SeqConfig:
                 raise SeqError(f"--{name.replace('_', '-')} {getattr(self, name)}: use 0 <= value < 1")  # fmt: skip
         if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.weight_decay) and self.weight_decay >= 0):  # fmt: skip
             raise SeqError("--lr must be > 0 and --weight-decay >= 0 (finite numbers)")
+        if not 0 <= self.seed < 2**32:  # numpy's generators take no negative seed
+            raise SeqError(f"--seed {self.seed}: use 0..{2**32 - 1}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,20 +162,79 @@ def one_thread():
         torch.set_num_threads(was)
 
 
-def save(path: Path, **state) -> None:
+RUN_FILES = ("config.json", "metrics.csv", "best.pt", "last.pt")  # what fit writes in --out
+
+
+def _write(path: Path, write) -> None:
+    """`write(file)` into `path` through a fresh `.partial` (a leftover one is replaced, never
+    written through: a link there could point anywhere), then renamed over `path`."""
     with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+        tmp.unlink(missing_ok=True)
+        with open(tmp, "xb") as f:
+            write(f)
+
+
+def save(path: Path, **state) -> None:
+    _write(path, lambda f: torch.save(state, f))
+
+
+def _fields_ok(ck: dict) -> bool:
+    """The fields evaluate and predict use have their types and ranges: constructor arguments
+    SeqModel takes, a config SeqConfig accepts, a state dict of finite tensors."""
+    args, names = ck["model_args"], ("feature_dim", "hidden", "layers", "rnn", "dropout")
+    if not (isinstance(args, dict) and set(args) == set(names) and isinstance(ck["model"], dict)):
+        return False
+    ints = [args[k] for k in ("feature_dim", "hidden", "layers")]
+    if not (all(type(v) is int for v in ints) and 1 <= args["feature_dim"] <= MAX_FEATURE_DIM):
+        return False
+    if not (isinstance(ck["config"], dict) and type(ck["epoch"]) is int):
+        return False
+    try:
+        cfg = SeqConfig.from_dict({**ck["config"], **{k: args[k] for k in names[1:]}})
+    except (SeqError, TypeError, ValueError):  # a type the checks cannot compare, a field missing
+        return False
+    if type(cfg.valid_fold) is not int or ck["config"].get("valid_fold") != cfg.valid_fold:
+        return False
+    return all(isinstance(v, torch.Tensor) and (not v.is_floating_point() or bool(v.isfinite().all())) for v in ck["model"].values())  # fmt: skip
 
 
 def load(path: str) -> dict:
-    """A sequence checkpoint, read with weights_only=True (nothing is unpickled)."""
+    """A sequence checkpoint, read with weights_only=True (nothing is unpickled), its fields
+    checked (_fields_ok) and its weights checked against the model they rebuild (on the meta
+    device: no memory), so a crafted file is one SeqError, never a traceback or a huge model."""
     try:
         ck = safe_torch_load(path)
     except Exception as e:  # noqa: BLE001 - a foreign or damaged file is one line
         raise SeqError(f"{path} is not a sequence checkpoint ({type(e).__name__}); pass a best.pt or last.pt of `ich-train seq fit`") from e  # fmt: skip
     if not (isinstance(ck, dict) and {"model", "config", "model_args", "epoch"} <= set(ck)):
         raise SeqError(f"{path} is not a sequence checkpoint; pass a best.pt or last.pt of `ich-train seq fit`")  # fmt: skip
+    if not _fields_ok(ck):
+        raise SeqError(f"{path} is a damaged or edited sequence checkpoint (its model arguments, config or weights are not what `ich-train seq fit` writes); train again or pass another")  # fmt: skip
+    with torch.device("meta"):
+        want = {k: v.shape for k, v in SeqModel(**ck["model_args"]).state_dict().items()}
+    if want != {k: v.shape for k, v in ck["model"].items()}:
+        raise SeqError(f"{path}: its weights do not fit the model its arguments describe; train again or pass another")  # fmt: skip
+    embed = ck.get("embed") if isinstance(ck.get("embed"), dict) else {}
+    ck["embed"] = {**embed, "checkpoints": [c for c in embed.get("checkpoints", []) if isinstance(c, dict)] if isinstance(embed.get("checkpoints"), list) else []}  # fmt: skip
     return ck
+
+
+def check_run_folder(out: Path, resume: bool) -> None:
+    """SeqError unless `out` can be this run's folder: no file in its way, nothing in it but what
+    fit writes (regular files, no links), and a last.pt exactly when resuming."""
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            where = "" if p == out else f" ({p} is a file)"
+            raise SeqError(f"--out {out} cannot be a run folder{where}: an existing file is in the way; choose a folder path for --out")  # fmt: skip
+    names = sorted(os.listdir(out)) if out.is_dir() else []
+    ours = {*RUN_FILES, *(f"{n}.partial" for n in RUN_FILES)}
+    foreign = [n for n in names if n not in ours or not stat.S_ISREG(os.lstat(out / n).st_mode)]
+    if foreign:
+        raise SeqError(f"--out {out} holds files `ich-train seq fit` did not write ({', '.join(foreign[:3])}); choose a new or empty folder")  # fmt: skip
+    if resume and "last.pt" not in names:
+        raise SeqError(f"--resume: {out / 'last.pt'} does not exist (no epoch was saved yet); run without --resume to start the run")  # fmt: skip
+    if not resume and "last.pt" in names:
+        raise SeqError(f"--out {out} already holds a run; pass --resume to continue it or choose a new --out")  # fmt: skip
 
 
 def seq_device(name: str = "auto") -> torch.device:
@@ -189,6 +253,7 @@ def fit(cfg: SeqConfig, out: str, resume: bool = False, log=print, device: str =
 
 
 def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict:
+    check_run_folder(Path(out), resume)
     series, meta = read_embeddings(cfg.features)
     train, valid = _split(series, cfg.valid_fold, cfg.features)
     dim = series[0].features.shape[1]
@@ -203,15 +268,16 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
         if ck["config"] != cfg.to_dict():
             diff = sorted(k for k in cfg.to_dict() if ck["config"].get(k) != cfg.to_dict()[k])
             raise SeqError(f"--resume {run}: the run was started with other settings ({', '.join(diff)}); use the same flags or a new --out")  # fmt: skip
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["torch_rng"])  # dropout continues as if never stopped
-        start, best, rows = ck["epoch"] + 1, ck["best_loss"], list(ck["history"])
-    elif (run / "last.pt").exists():
-        raise SeqError(f"--out {run} already holds a run; pass --resume to continue it or choose a new --out")  # fmt: skip
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            torch.set_rng_state(ck["torch_rng"])  # dropout continues as if never stopped
+            start, best, rows = ck["epoch"] + 1, float(ck["best_loss"]), [dict(r) for r in ck["history"]]  # fmt: skip
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # cut, edited or older
+            raise SeqError(f"--resume {run}: last.pt cannot be resumed ({type(e).__name__}: {str(e)[:100]}); start a new --out") from None  # fmt: skip
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    _write(run / "config.json", lambda f: f.write((json.dumps(cfg.to_dict(), indent=1) + "\n").encode()))  # fmt: skip
     if start == 0:
         row = {"epoch": -1, "train_loss": math.nan, **_scores(model, valid)}
         rows.append(row)
@@ -238,7 +304,7 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
             save(run / "best.pt", **state)
         save(run / "last.pt", **state, optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state())  # fmt: skip
         log(f"seq epoch {epoch + 1}/{cfg.epochs}: train {row['train_loss']:.4f} valid {row['valid_loss']:.4f} (CNN {row['cnn_loss']:.4f}) AUC any {row['valid_auc_any']:.3f}{' *best' if improved else ''}")  # fmt: skip
-    pd.DataFrame(rows).to_csv(run / "metrics.csv", index=False)
+    _write(run / "metrics.csv", lambda f: f.write(pd.DataFrame(rows).to_csv(index=False).encode()))
     first = rows[0]
     return {"best_valid_loss": best, "cnn_valid_loss": first["cnn_loss"], "epochs": cfg.epochs, "out": str(run)}  # fmt: skip
 
@@ -251,6 +317,8 @@ def evaluate(checkpoint: str, features: str, fold: int, out: str | None = None, 
 
 
 def _evaluate(checkpoint: str, features: str, fold: int, out: str | None, dev: torch.device) -> dict:  # fmt: skip
+    path = Path(out) if out else Path(checkpoint).with_name(f"seq_oof_fold{fold}.parquet")
+    check_out_file(path, "--out", "seq_oof.parquet")
     ck = load(checkpoint)
     series, _ = read_embeddings(features)
     chosen = [s for s in series if s.fold == fold]
@@ -262,18 +330,23 @@ def _evaluate(checkpoint: str, features: str, fold: int, out: str | None, dev: t
     model = SeqModel(**args)
     model.load_state_dict(ck["model"])
     res = predict_series(model.to(dev), chosen)
-    metrics = compute_metrics(res["labels"], res["probs"])
-    cnn = compute_metrics(res["labels"], res["base"], prefix="cnn_")
-    metrics.update(cnn_loss=cnn["cnn_loss"], cnn_auc_any=cnn["cnn_auc_any"], images=len(res["ids"]), series=len(chosen))  # fmt: skip
-    metrics["out_of_fold"] = ck["config"]["valid_fold"] == fold
-    path = Path(out) if out else Path(checkpoint).with_name(f"seq_oof_fold{fold}.parquet")
     frame = pd.DataFrame({"image_id": res["ids"], "fold": fold})
     for j, lab in enumerate(LABELS):
         frame[lab] = res["labels"][:, j].astype(np.int8)
     for j, lab in enumerate(LABELS):
         frame[f"pred_{lab}"] = res["probs"][:, j]
+    from ich_train.report import ReportError, check_predictions  # matplotlib: not at import
+
+    try:  # never written (nor reported ok) when `ich-train report` would refuse it
+        check_predictions(frame, path)
+    except ReportError as e:
+        why = str(e).split("; pass the Parquet")[0]
+        raise SeqError(f"{checkpoint} on fold {fold} gives predictions `ich-train report` would refuse ({why}); nothing written: train again or pass another checkpoint") from None  # fmt: skip
+    metrics = compute_metrics(res["labels"], res["probs"])
+    cnn = compute_metrics(res["labels"], res["base"], prefix="cnn_")
+    metrics.update(cnn_loss=cnn["cnn_loss"], cnn_auc_any=cnn["cnn_auc_any"], images=len(res["ids"]), series=len(chosen))  # fmt: skip
+    metrics["out_of_fold"] = ck["config"]["valid_fold"] == fold
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        frame.to_parquet(tmp, index=False)
+    _write(path, lambda f: frame.to_parquet(f, index=False))
     metrics["predictions"] = str(path)
     return metrics

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -23,6 +25,11 @@ from ich_train.embed import ID_COLUMNS, LOGITS, META_KEY, EmbedError
 MAX_ROWS = 5_000_000  # the full RSNA train + test is ~875k slices
 MAX_FEATURE_DIM = 8192
 MAX_SERIES_LEN = 4096  # slices in one series; RSNA series have 20-60
+MAX_VALUES = 2**31  # rows x feature size (full RSNA x 1280 features: 1.1e9)
+MAX_ID_BYTES = 256 * 1024 * 1024  # decoded image_id or series_id strings (RSNA's: 12 characters)
+MAX_META = 1024 * 1024
+STRINGS = ("image_id", "series_id")
+INTEGERS = ("slice_rank", "series_len", "fold", "cnn")
 
 
 @dataclass
@@ -39,44 +46,103 @@ class Series:
 
 def read_embeddings(path: str) -> tuple[list[Series], dict]:
     """(series, the file's ich_embed metadata) of an embeddings Parquet written by `ich-train
-    embed`: a regular file, its columns and types checked, rows and feature size bounded."""
+    embed`: a regular file; its rows, feature values, column types and decoded id sizes bounded
+    and checked from the footer before the columns are read."""
     try:
         with open_local(path) as f:  # a regular file only (a FIFO is refused, never waited on)
-            pf = pq.ParquetFile(f)
-            meta = json.loads((pf.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
-            if pf.metadata.num_rows > MAX_ROWS:
-                raise EmbedError(f"--features {path} has {pf.metadata.num_rows} rows; at most {MAX_ROWS}")  # fmt: skip
-            table = pf.read()
+            # no reader threads: a thread pyarrow starts late can abort the interpreter at exit
+            pf = pq.ParquetFile(f, pre_buffer=False, read_dictionary=list(STRINGS))
+            meta = _meta((pf.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
+            n = pf.metadata.num_rows
+            if n > MAX_ROWS:
+                raise EmbedError(f"--features {path} has {n} rows; at most {MAX_ROWS}")
+            dim = check_schema(pf.schema_arrow, path)
+            if n * dim > MAX_VALUES:
+                raise EmbedError(f"--features {path} holds {n} x {dim} feature values; at most {MAX_VALUES}")  # fmt: skip
+            table = pf.read(use_threads=False)
     except EmbedError:
         raise
-    except (OSError, ValueError, TypeError) as e:
-        raise EmbedError(f"--features {path} is not an embeddings file from `ich-train embed` ({type(e).__name__}: {e})") from e  # fmt: skip
+    except (OSError, ValueError, TypeError, pa.ArrowException) as e:
+        raise EmbedError(f"--features {path} is not an embeddings file from `ich-train embed` ({type(e).__name__}: {str(e)[:200]})") from e  # fmt: skip
     return series_of_table(table, path), meta
 
 
-def series_of_table(table, path: str) -> list[Series]:
-    """The series of an embeddings table (see read_embeddings), checked."""
-    missing = [c for c in (*ID_COLUMNS, *LOGITS, "features") if c not in table.column_names]
+def _meta(raw: bytes) -> dict:
+    """The file's ich_embed metadata: a JSON object, else {} (too large, nested too deep, not
+    JSON or not an object)."""
+    try:
+        meta = json.loads(raw) if len(raw) <= MAX_META else {}
+    except (ValueError, RecursionError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def check_schema(schema: pa.Schema, path: str) -> int:
+    """The feature size, once every column ich-train embed writes is there with its type
+    (string ids, integer ranks/folds/labels, float logits, a fixed-size list of 1..MAX_FEATURE_DIM
+    floats); EmbedError naming the column otherwise."""
+    missing = [c for c in (*ID_COLUMNS, *LOGITS, "features") if c not in schema.names]
     if missing:
         raise EmbedError(f"--features {path} lacks columns {missing}; write it with `ich-train embed`")  # fmt: skip
-    ftype = table.schema.field("features").type
+    ftype = schema.field("features").type
     dim = getattr(ftype, "list_size", 0)
-    if not (0 < dim <= MAX_FEATURE_DIM):
-        raise EmbedError(f"--features {path}: 'features' must be a fixed-size list of 1..{MAX_FEATURE_DIM} numbers")  # fmt: skip
+    if not (0 < dim <= MAX_FEATURE_DIM and pa.types.is_floating(ftype.value_type)):
+        raise EmbedError(f"--features {path}: 'features' must be a fixed-size list of 1..{MAX_FEATURE_DIM} floats (the file has {ftype})")  # fmt: skip
+    for col in schema.names:
+        t = schema.field(col).type
+        t = t.value_type if pa.types.is_dictionary(t) else t
+        if col in STRINGS:
+            ok, want = pa.types.is_string(t) or pa.types.is_large_string(t), "strings"
+        elif col in INTEGERS or col in LABELS:
+            ok, want = pa.types.is_integer(t), "integers"
+        elif col in LOGITS:
+            ok, want = pa.types.is_floating(t), "floats"
+        else:
+            continue
+        if not ok:
+            raise EmbedError(f"--features {path}: column {col!r} must hold {want} (the file has {t}); write it with `ich-train embed`")  # fmt: skip
+    return dim
+
+
+def _strings(column, name: str, path: str) -> np.ndarray:
+    """A string column (maybe dictionary-encoded) as an object array, once its decoded size is
+    known to be at most MAX_ID_BYTES: a dictionary can repeat one long string a million times."""
+    size = 0
+    for chunk in column.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            lengths = pc.binary_length(chunk.dictionary).to_numpy(zero_copy_only=False)
+            index = chunk.indices.fill_null(0).to_numpy(zero_copy_only=False)
+            size += int(lengths[index].sum()) if len(lengths) else 0
+        else:
+            size += int(pc.sum(pc.binary_length(chunk)).as_py() or 0)
+    if size > MAX_ID_BYTES:
+        raise EmbedError(f"--features {path}: its {name} values would take {size} bytes decoded; at most {MAX_ID_BYTES}")  # fmt: skip
+    return np.asarray(column.cast(pa.string()).to_pylist(), dtype=object)
+
+
+def series_of_table(table, path: str) -> list[Series]:
+    """The series of an embeddings table (see read_embeddings), checked: no empty (null) value,
+    unique image ids, each series in one fold with distinct slice ranks."""
+    dim = check_schema(table.schema, path)
+    nulls = [c for c in (*ID_COLUMNS, *LOGITS, "features") if table.column(c).null_count]
+    if nulls:
+        raise EmbedError(f"--features {path} has empty (null) values in {nulls}; embed again")
     n = table.num_rows
-    feats = table.column("features").combine_chunks().values.to_numpy(zero_copy_only=False)
+    feats = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     feats = feats.astype(np.float32).reshape(n, dim)
     logits = np.stack([table.column(c).to_numpy().astype(np.float32) for c in LOGITS], 1)
     labelled = all(c in table.column_names for c in LABELS)
-    labels = np.stack([table.column(c).to_numpy().astype(np.float32) for c in LABELS], 1) if labelled else None  # fmt: skip
+    labels = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in LABELS], 1) if labelled else None  # fmt: skip
     if not (np.isfinite(feats).all() and np.isfinite(logits).all()):
         raise EmbedError(f"--features {path} holds non-finite features or logits; embed again")
     if labels is not None and not np.isin(labels, (0.0, 1.0)).all():
         raise EmbedError(f"--features {path}: labels must be 0 or 1")
-    sid = np.asarray(table.column("series_id").to_pylist(), dtype=object)
-    rank = table.column("slice_rank").to_numpy()
-    fold = table.column("fold").to_numpy()
-    ids = table.column("image_id").to_pylist()
+    sid = _strings(table.column("series_id"), "series_id", path)
+    ids = _strings(table.column("image_id"), "image_id", path)
+    if len(set(ids)) != n:
+        raise EmbedError(f"--features {path} holds an image_id more than once; embed again")
+    rank = table.column("slice_rank").to_numpy().astype(np.int64)
+    fold = table.column("fold").to_numpy().astype(np.int64)
     order = np.lexsort((rank, sid))
     out, start = [], 0
     for end in [*np.flatnonzero(sid[order][1:] != sid[order][:-1]) + 1, n]:
@@ -84,6 +150,8 @@ def series_of_table(table, path: str) -> list[Series]:
         start = end
         if len(rows) > MAX_SERIES_LEN:
             raise EmbedError(f"--features {path}: series {sid[rows[0]]} has {len(rows)} slices; at most {MAX_SERIES_LEN}")  # fmt: skip
+        if (fold[rows] != fold[rows[0]]).any() or (np.diff(rank[rows]) == 0).any():
+            raise EmbedError(f"--features {path}: series {sid[rows[0]]} spans folds or repeats a slice rank; embed again")  # fmt: skip
         out.append(Series(str(sid[rows[0]]), int(fold[rows[0]]), [ids[i] for i in rows], feats[rows], logits[rows], None if labels is None else labels[rows]))  # fmt: skip
     return out
 
