@@ -7,14 +7,20 @@ the rest negative, decided from the index's labels alone and the (seed, epoch): 
 every rank, every loader worker and after a resume. A pool smaller than its share is drawn in
 whole seeded permutations back to back (oversampling: each positive floor(k/P) or ceil(k/P) times), a
 larger one as a seeded subset without replacement (undersampling, another subset every epoch).
-Pure numpy: the span loader (ich_train.data.SpanStream) reads the drawn samples in this order.
+Pure numpy (an epoch it cannot draw is a ConfigError naming the flags): the span loader
+(ich_train.data.SpanStream) reads the drawn samples in this order.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ich_train.config import ConfigError
+
 _SALT = 0xBA1A  # keeps the balanced draw's stream apart from the loaders' other seeded generators
+# draws in one balanced epoch: every loader process holds the epoch's indices (~32 bytes a draw
+# while drawing, 0.5 GB here); RSNA's training folds hold about 600,000 images
+MAX_DRAWS = 2**24
 
 
 def draw(pool: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -44,8 +50,14 @@ def balanced_epoch(
 
 
 def positives_drawn(n: int, pos_fraction: float) -> int:
-    """Positives among an epoch's `n` draws."""
-    return int(round(pos_fraction * n))
+    """Positives among an epoch's `n` draws; a ConfigError naming the flags when the epoch is
+    larger than MAX_DRAWS or would hold one class only (round(F n) is 0 or n)."""
+    if n > MAX_DRAWS:
+        raise ConfigError(f"--sampler balanced: an epoch of {n} images is more than the {MAX_DRAWS} one balanced epoch may draw; lower --epoch-samples")  # fmt: skip
+    k = int(round(pos_fraction * n))
+    if not 0 < k < n:
+        raise ConfigError(f"--sampler balanced --pos-fraction {pos_fraction}: {k} of an epoch's {n} images would be positive, one class only; use a fraction between {0.5 / n:.3g} and {1 - 0.5 / n:.3g} or more --epoch-samples")  # fmt: skip
+    return k
 
 
 def describe(positive: np.ndarray, n: int, pos_fraction: float) -> str:

@@ -255,3 +255,39 @@ def test_two_gloo_ranks_under_torchrun_draw_the_target_share(rare, tmp_path):
     assert list(m["step"]) == [6] and list(m["train_images"]) == [48]
     assert list(m["train_any_share"]) == [0.5]
     assert proc.stdout.count("sampler balanced: each epoch draws 48 images, 24 positive") == 1
+
+
+# ---- hostile flags (found by trying them; part of issue 14)
+
+
+def test_an_epoch_too_large_to_draw_is_refused_before_drawing():
+    """Before: --epoch-samples 10**13 with --sampler balanced made every loader process draw 10**13
+    indices: memory exhausted, the machine's other jobs with it. Now a ConfigError naming the
+    flag, before an index is drawn."""
+    from ich_train.sampler import MAX_DRAWS, positives_drawn
+
+    with pytest.raises(ConfigError, match="lower --epoch-samples"):
+        positives_drawn(10**13, 0.5)
+    positive = np.array([True, False] * 4)
+    with pytest.raises(ConfigError, match=f"more than the {MAX_DRAWS}"):
+        balanced_epoch(positive, MAX_DRAWS + 1, 0.5, seed=0, epoch=0)
+
+
+@pytest.mark.parametrize(("n", "fraction", "k"), [(32, 0.001, 0), (32, 0.999, 32), (10, 1e-300, 0)])
+def test_a_fraction_that_rounds_to_one_class_is_refused(n, fraction, k):
+    """Before: --pos-fraction 0.001 (or 1e-300) passed the (0, 1) check but an epoch of 32 images
+    drew 0 positives (0.999: 32 of 32), and fit trained on one class (exit 0)."""
+    with pytest.raises(ConfigError, match=f"{k} of an epoch's {n} images would be positive"):
+        balanced_epoch(np.array([True, False] * 8), n, fraction, seed=0, epoch=0)
+
+
+def test_fit_with_a_fraction_of_one_class_stops_before_training(rare, tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["fit", "--shards", str(rare), "--out", str(out), "--model", "resnet10t", "--image-size", "16",
+            "--batch-size", "8", "--epochs", "1", "--workers", "0", "--no-progress", "--valid-fold", "1",
+            "--sampler", "balanced", "--pos-fraction", "0.001", "--epoch-samples", "32"]  # fmt: skip
+    with deadline(120):
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "0 of an epoch's 32 images would be positive" in err and len(err.strip().splitlines()) == 1, err  # fmt: skip
+    assert not (out / "last.pt").exists()
