@@ -94,11 +94,12 @@ def read_predictions(path) -> tuple[pd.DataFrame, dict]:
         raise ReportError(f"{path}: {e}; pass the Parquet ich-train evaluate wrote") from None
     try:
         # no reader threads: a thread pyarrow starts late can abort the interpreter at exit
+        _check_footer(pq.ParquetFile(io.BytesIO(data), pre_buffer=False), path)
         pf = pq.ParquetFile(io.BytesIO(data), read_dictionary=["image_id"], pre_buffer=False)
-        _check_footer(pf, path)
         table = pf.read(columns=["image_id", "fold", *LABELS, *PRED], use_threads=False)
+        table.validate(full=True)  # a damaged page can decode to indices past a dictionary
         table = table.set_column(0, "image_id", _decoded_ids(table.column("image_id"), path))
-        frame = table.to_pandas()
+        frame = table.replace_schema_metadata(None).to_pandas()  # pandas' own metadata unread
         raw = (pf.schema_arrow.metadata or {}).get(META_KEY, b"{}")
     except ReportError:
         raise

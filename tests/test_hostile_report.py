@@ -128,3 +128,31 @@ def test_out_inside_a_file_is_one_line(tmp_path, capsys):
     a = written(tmp_path, table(), "a.parquet")
     assert main(["report", str(a), "--out", str(a / "sub")]) == 2
     assert f"{a} is a file, not a folder" in one_error_line(capsys, "report")
+
+
+def _damaged_id(tmp_path) -> str:
+    """A predictions file (uncompressed) whose first image id holds a byte that is not UTF-8."""
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pq.read_table(written(tmp_path, table())), plain, compression="none")
+    data = bytearray(plain.read_bytes())
+    data[data.find(b"ID_0000") + 3] = 0xFF
+    plain.write_bytes(bytes(data))
+    return str(plain)
+
+
+def test_damaged_pages_and_pandas_metadata_are_one_line_or_ignored(tmp_path, capsys):
+    """Found by flipping bytes: an id that is not UTF-8 was read into the report; pandas metadata
+    naming an unknown dtype was a TypeError traceback (it is not read now); a file without an
+    image_id column stays one line."""
+    assert main(["report", _damaged_id(tmp_path), "--out", str(tmp_path / "r1")]) == 2
+    assert "not a readable Parquet file (ArrowInvalid" in one_error_line(capsys, "report")
+    t = pa.Table.from_pandas(table(), preserve_index=False)
+    meta = {
+        **t.schema.metadata,
+        b"pandas": b'{"columns": [{"name": "fold", "numpy_type": "intC"}]}',
+    }
+    pq.write_table(t.replace_schema_metadata(meta), tmp_path / "pandas.parquet")
+    assert main(["report", str(tmp_path / "pandas.parquet"), "--out", str(tmp_path / "r2")]) == 0
+    pq.write_table(t.drop(["image_id"]), tmp_path / "noid.parquet")
+    assert main(["report", str(tmp_path / "noid.parquet"), "--out", str(tmp_path / "r3")]) == 2
+    assert "has no column image_id" in one_error_line(capsys, "report")
