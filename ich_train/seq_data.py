@@ -51,7 +51,7 @@ def read_embeddings(path: str) -> tuple[list[Series], dict]:
     try:
         with open_local(path) as f:  # a regular file only (a FIFO is refused, never waited on)
             # no reader threads: a thread pyarrow starts late can abort the interpreter at exit
-            pf = pq.ParquetFile(f, pre_buffer=False, read_dictionary=list(STRINGS))
+            pf = pq.ParquetFile(f, pre_buffer=False)
             meta = _meta((pf.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
             n = pf.metadata.num_rows
             if n > MAX_ROWS:
@@ -59,7 +59,9 @@ def read_embeddings(path: str) -> tuple[list[Series], dict]:
             dim = check_schema(pf.schema_arrow, path)
             if n * dim > MAX_VALUES:
                 raise EmbedError(f"--features {path} holds {n} x {dim} feature values; at most {MAX_VALUES}")  # fmt: skip
-            table = pf.read(use_threads=False)
+            f.seek(0)  # again, with the id columns kept as dictionaries (bounded in _strings)
+            table = pq.ParquetFile(f, pre_buffer=False, read_dictionary=list(STRINGS)).read(use_threads=False)  # fmt: skip
+            table.validate(full=True)  # a damaged page can decode to indices past a dictionary
     except EmbedError:
         raise
     except (OSError, ValueError, TypeError, pa.ArrowException) as e:
@@ -129,8 +131,9 @@ def series_of_table(table, path: str) -> list[Series]:
         raise EmbedError(f"--features {path} has empty (null) values in {nulls}; embed again")
     n = table.num_rows
     feats = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    feats = feats.astype(np.float32).reshape(n, dim)
-    logits = np.stack([table.column(c).to_numpy().astype(np.float32) for c in LOGITS], 1)
+    with np.errstate(over="ignore", invalid="ignore"):  # a value past float32 is refused below
+        feats = feats.astype(np.float32).reshape(n, dim)
+        logits = np.stack([table.column(c).to_numpy().astype(np.float32) for c in LOGITS], 1)
     labelled = all(c in table.column_names for c in LABELS)
     labels = np.stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in LABELS], 1) if labelled else None  # fmt: skip
     if not (np.isfinite(feats).all() and np.isfinite(logits).all()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -273,3 +274,22 @@ def test_predictions_report_would_refuse_are_not_written(small, tmp_path, capsys
     assert not out.exists()
     monkeypatch.undo()
     assert main(argv) == 0 and json.loads(capsys.readouterr().out)["predictions"] == str(out)
+
+
+def test_damaged_pages_missing_ids_and_huge_logits_are_one_line(small, tmp_path, capsys):
+    """Found by flipping bytes: an image id that is not UTF-8 was a UnicodeDecodeError traceback;
+    a logit past float32 printed numpy's overflow warning before the error line (two lines on
+    stderr); a file without series_id stays one line."""
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pq.read_table(small[0]), plain, compression="none")
+    data = bytearray(plain.read_bytes())
+    data[data.find(b"ID_0_0_0") + 3] = 0xFF
+    plain.write_bytes(bytes(data))
+    assert "not an embeddings file from `ich-train embed` (ArrowInvalid" in _fit_error(capsys, str(plain), tmp_path / "r")  # fmt: skip
+    n = pq.read_metadata(small[0]).num_rows
+    huge = _edited(small, tmp_path, "logit_any", pa.array(np.full(n, 1e300)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning printed on stderr fails here
+        assert "holds non-finite features or logits" in _fit_error(capsys, huge, tmp_path / "r")
+    pq.write_table(pq.read_table(small[0]).drop(["series_id"]), tmp_path / "nosid.parquet")
+    assert "lacks columns ['series_id']" in _fit_error(capsys, str(tmp_path / "nosid.parquet"), tmp_path / "r")  # fmt: skip
