@@ -133,13 +133,13 @@ def predict_series(model: SeqModel, series: list[Series], batch_series: int = 64
 
 
 def _split(series: list[Series], fold: int, path: str) -> tuple[list[Series], list[Series]]:
+    if any(s.labels is None for s in series):  # first: no --valid-fold helps a test build
+        raise SeqError(f"--features {path} has no labels (a test build); fit on a training build's embeddings")  # fmt: skip
     train = [s for s in series if s.fold != fold]
     valid = [s for s in series if s.fold == fold]
     if not valid or not train:
         folds = sorted({s.fold for s in series})
         raise SeqError(f"--valid-fold {fold}: {path} has folds {folds}; pick one of them (and leave others to train on)")  # fmt: skip
-    if any(s.labels is None for s in series):
-        raise SeqError(f"--features {path} has no labels (a test build); fit on a training build's embeddings")  # fmt: skip
     return train, valid
 
 

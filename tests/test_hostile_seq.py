@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from ich_prep import LABELS
 from ich_train import seq, seq_data
 from ich_train.cli import main
 from ich_train.embed import META_KEY, EmbedError
@@ -293,3 +294,13 @@ def test_damaged_pages_missing_ids_and_huge_logits_are_one_line(small, tmp_path,
         assert "holds non-finite features or logits" in _fit_error(capsys, huge, tmp_path / "r")
     pq.write_table(pq.read_table(small[0]).drop(["series_id"]), tmp_path / "nosid.parquet")
     assert "lacks columns ['series_id']" in _fit_error(capsys, str(tmp_path / "nosid.parquet"), tmp_path / "r")  # fmt: skip
+
+
+def test_fit_on_a_test_build_says_so_first(small, tmp_path, capsys):
+    """Before: a test build's embeddings (fold -1, no labels) were answered with 'has folds [-1];
+    pick one of them', and --valid-fold -1 then with 'no labels': now the cause, first."""
+    t = pq.read_table(small[0])
+    t = t.drop(list(LABELS))
+    path = tmp_path / "test.parquet"
+    pq.write_table(t.set_column(t.column_names.index("fold"), "fold", pa.array(np.full(t.num_rows, -1, np.int16))), path)  # fmt: skip
+    assert "has no labels (a test build)" in _fit_error(capsys, str(path), tmp_path / "r")
