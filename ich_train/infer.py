@@ -49,9 +49,11 @@ def load_model(path: str | Path, device: torch.device):
     if len(ckpt["normalize"]["mean"]) != ckpt["in_chans"]:
         raise CheckpointError(f"{path} is damaged: {len(ckpt['normalize']['mean'])} normalisation values for {ckpt['in_chans']} input channels; pass a best.pt or last.pt written by ich-train fit")  # fmt: skip
     spec = ckpt.get("model_spec", model_spec(cfg["model"], ckpt["in_chans"]))  # older: from config
-    if not isinstance(spec, dict) or spec.get("in_chans") != ckpt["in_chans"]:
-        raise CheckpointError(f"{path} is damaged: its model_spec disagrees with its in_chans; pass a best.pt or last.pt written by ich-train fit")  # fmt: skip
-    spec = {**spec, "name": cfg["model"]}  # the config names the model; its weights must fit it
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{path} is damaged: its model_spec is not a mapping; pass a best.pt or last.pt written by ich-train fit")  # fmt: skip
+    # the config names the model and in_chans its input (checked against the build); the weights
+    # must fit both, or load_weights says they do not
+    spec = {**spec, "name": cfg["model"], "in_chans": ckpt["in_chans"]}
     try:
         model = build_model(spec)
     except UnknownModelError as e:

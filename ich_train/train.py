@@ -398,9 +398,9 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     # changes training; the end's report folder must be writable before hours of training
     data = load_data(cfg, dist)
     check_model_name(cfg.model)
+    ckpt = _open_run(cfg, data.build, resume, dist)
     if cfg.report:
         check_out_dir(report_dir_for(out / f"oof_fold{cfg.valid_fold}.parquet"))
-    ckpt = _open_run(cfg, data.build, resume, dist)
 
     # ---- model, optimizer, schedule, loss, augmentation (a resumed run's states restored)
     run = create_run(cfg, dist, data, ckpt, say)

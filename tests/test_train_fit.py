@@ -26,7 +26,8 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """One CLI fit: 3 folds of 48 learnable images, 3 epochs; returns (run dir, printed text)."""
+    """One CLI fit: 3 folds of 48 learnable images, 4 epochs (the head starts at the prior with zero
+    weights: the trunk learns from the second step); returns (run dir, printed text)."""
     root = tmp_path_factory.mktemp("fit")
     shards = make_build(root / "shards", folds=3, per_shard=48, size=32, seed=1)
     out = root / "run"
@@ -36,7 +37,7 @@ def learned(tmp_path_factory):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = main(["fit", "--shards", str(shards), "--out", str(out), "--valid-fold", "2", "--model", "resnet10t",
-                   "--epochs", "3", "--batch-size", "16", "--lr", "2e-3", "--workers", "0", "--no-progress"])  # fmt: skip
+                   "--epochs", "4", "--batch-size", "16", "--lr", "2e-3", "--workers", "0", "--no-progress"])  # fmt: skip
     assert rc == 0
     return out, buf.getvalue()
 
@@ -61,7 +62,7 @@ def test_run_folder_has_config_metrics_plot_and_checkpoints(learned):
     """config.json, one metrics.csv row per epoch, metrics.png, last.pt and best.pt."""
     out, _ = learned
     assert json.loads((out / "config.json").read_text())["model"] == "resnet10t"
-    assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [0, 1, 2]
+    assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [0, 1, 2, 3]
     assert (out / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
 
@@ -74,7 +75,7 @@ def test_checkpoints_load_with_weights_only(learned):
         assert {"model", "optimizer", "scheduler", "step", "epoch", "config", "rng"} <= set(ckpt)
         assert isinstance(ckpt["rng"]["torch"], torch.Tensor)
         assert TrainConfig.from_dict(ckpt["config"]).model == "resnet10t"
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 3 * (96 // 16)
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 4 * (96 // 16)
 
 
 class Preempted(Exception):
