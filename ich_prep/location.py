@@ -228,6 +228,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     file or the whole new one), on any exception or Ctrl-C it is removed and nothing is left."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
+    # a link (or anything) left at the .partial name would be written through: start from nothing
+    tmp.unlink(missing_ok=True)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -13,7 +13,7 @@ def add_embed_parser(sub, runtime_args) -> None:
     p.add_argument("--checkpoint", nargs="+", required=True, help="CNN checkpoint(s) (best.pt)")
     p.add_argument("--shards", required=True, help="the build to embed")
     p.add_argument("--out", required=True, help="embeddings Parquet to write")
-    p.add_argument("--folds", type=int, nargs="*", default=None, help="default: every fold")
+    p.add_argument("--folds", type=int, nargs="+", default=None, help="default: every fold")
     p.add_argument(
         "--oof",
         action="store_true",

@@ -131,3 +131,17 @@ def test_fit_one_epoch_from_http(built, served, tmp_path):
     assert rc == 0
     assert (out / "last.pt").exists() and (out / "metrics.csv").read_text().count("\n") == 2
     assert any(path.endswith(".tar") for _, path in requests)
+
+
+def test_atomic_file_never_writes_through_a_link_at_its_partial_name(tmp_path):
+    """A symlink planted at `<path>.partial` (pointing at someone's file) is replaced, not written
+    through: the victim is untouched and the result is a regular file."""
+    from ich_prep.location import atomic_file
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "out.csv"
+    (tmp_path / "out.csv.partial").symlink_to(victim)
+    with atomic_file(out) as tmp, open(tmp, "w") as f:
+        f.write("new")
+    assert victim.read_text() == "keep me" and out.read_text() == "new" and not out.is_symlink()
