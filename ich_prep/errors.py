@@ -8,9 +8,7 @@ The exit codes of `ich-prep` follow (the README lists them too).
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 
 EXIT_OK = 0
@@ -77,10 +75,6 @@ def run_cli(
         print(f"{prog}: {message(e)}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
-        # A second Ctrl-C (or one the process group's SIGINT delivers late, while workers and
-        # their pools shut down) must not turn the exit into a death by signal (-2) or a traceback.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"\n{prog}: interrupted{stopped(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:
