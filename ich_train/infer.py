@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import timm
 import torch
 
@@ -24,6 +23,7 @@ from ich_train.model import UnknownModelError, build_model, model_spec
 from ich_train.report import (
     check_out_dir,
     check_predictions,
+    predictions_frame,
     report_dir_for,
     run_meta,
     write_predictions,
@@ -156,11 +156,7 @@ def evaluate(
         trained_on = cfg.get("train_folds") or [f for f in build.folds if f != cfg["valid_fold"]]
         metrics["out_of_fold"] = fold not in trained_on
         if dist.main:
-            frame = pd.DataFrame({"image_id": res["ids"], "fold": fold})
-            for j, lab in enumerate(LABELS):
-                frame[lab] = res["labels"][:, j].astype(np.int8)
-            for j, lab in enumerate(LABELS):
-                frame[f"pred_{lab}"] = res["probs"][:, j]
+            frame = predictions_frame(res["ids"], fold, res["labels"], res["probs"])
             path.parent.mkdir(parents=True, exist_ok=True)
             meta = run_meta(res["ckpt"], checkpoint, shards, tta)
             with atomic_file(path) as tmp:

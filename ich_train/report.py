@@ -76,6 +76,17 @@ class ReportError(UserError, ValueError):
 # ---- reading and writing predictions
 
 
+def predictions_frame(ids, fold: int, labels, probs) -> pd.DataFrame:
+    """The out-of-fold table evaluate, fit and seq evaluate write: image_id, fold, the six labels
+    (int8) and pred_<label> probabilities, from (N, 6) label and probability arrays."""
+    frame = pd.DataFrame({"image_id": list(ids), "fold": fold})
+    for j, lab in enumerate(LABELS):
+        frame[lab] = np.asarray(labels)[:, j].astype(np.int8)
+    for j, lab in enumerate(LABELS):
+        frame[f"pred_{lab}"] = np.asarray(probs)[:, j]
+    return frame
+
+
 def write_predictions(path, frame: pd.DataFrame, meta: dict) -> None:
     """The out-of-fold Parquet, with `meta` (run name, config, build identity) in its metadata."""
     table = pa.Table.from_pandas(frame, preserve_index=False)

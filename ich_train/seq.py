@@ -330,12 +330,13 @@ def _evaluate(checkpoint: str, features: str, fold: int, out: str | None, dev: t
     model = SeqModel(**args)
     model.load_state_dict(ck["model"])
     res = predict_series(model.to(dev), chosen)
-    frame = pd.DataFrame({"image_id": res["ids"], "fold": fold})
-    for j, lab in enumerate(LABELS):
-        frame[lab] = res["labels"][:, j].astype(np.int8)
-    for j, lab in enumerate(LABELS):
-        frame[f"pred_{lab}"] = res["probs"][:, j]
-    from ich_train.report import ReportError, check_predictions  # matplotlib: not at import
+    from ich_train.report import (  # matplotlib: not at import
+        ReportError,
+        check_predictions,
+        predictions_frame,
+    )
+
+    frame = predictions_frame(res["ids"], fold, res["labels"], res["probs"])
 
     try:  # never written (nor reported ok) when `ich-train report` would refuse it
         check_predictions(frame, path)

@@ -16,12 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ich_prep import LABELS
 from ich_prep.location import atomic_file
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
@@ -56,6 +54,7 @@ from ich_train.optim import create_optimizer, create_scheduler
 from ich_train.report import (
     check_out_dir,
     check_predictions,
+    predictions_frame,
     report_dir_for,
     run_meta,
     write_predictions,
@@ -171,11 +170,7 @@ def best_report(out: Path, cfg: TrainConfig, predictions: dict | None) -> str:
     if not predictions or not best_pt.is_file():
         return f"report: best.pt's epoch ran before this resume; `ich-train evaluate --checkpoint {best_pt} --shards {cfg.shards} --fold {cfg.valid_fold}` writes its report"  # fmt: skip
     path = out / f"oof_fold{cfg.valid_fold}.parquet"
-    frame = pd.DataFrame({"image_id": predictions["ids"], "fold": cfg.valid_fold})
-    for j, lab in enumerate(LABELS):
-        frame[lab] = predictions["labels"][:, j].astype(np.int8)
-    for j, lab in enumerate(LABELS):
-        frame[f"pred_{lab}"] = predictions["probs"][:, j]
+    frame = predictions_frame(predictions["ids"], cfg.valid_fold, predictions["labels"], predictions["probs"])  # fmt: skip
     meta = run_meta(load_checkpoint(best_pt), best_pt, cfg.shards)
     with atomic_file(path) as tmp:
         write_predictions(tmp, frame, meta)
