@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end demo on a synthetic RSNA-like set (CPU, ~6 min on 2 cores): synth -> build ->
+# End-to-end demo on a synthetic RSNA-like set (CPU, 4 min on 2 quiet cores): synth -> build ->
 # efficientnet_b0 per fold (2D) -> out-of-fold embeddings -> sequence model per fold -> 2.5D
 # (--context 1) -> a table on the held-out fold 2: prior, 2D, 2.5D, 2D + sequence -> the stage-2
 # submission, and where the evaluation report is.

@@ -84,3 +84,50 @@ def test_torchrun_killed_inside_an_epoch_resumes_to_the_same_weights(straight):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert list(pd.read_csv(out / "metrics.csv")["train_images"]) == [48, 48]
+
+
+@pytest.fixture(scope="module")
+def context_runs(tmp_path_factory):
+    """fit --context 1 (9 channels, EMA) on a series-aware build under 2 ranks x 2 workers: a
+    straight run, and the same run killed with SIGKILL inside epoch 0 then resumed."""
+    tmp = tmp_path_factory.mktemp("ddp-context")
+    shards = make_build(tmp / "shards", folds=2, per_shard=48, size=32, series_len=6)
+    extra = ("--context", "1", "--ema", "0.9")
+    ref = tmp / "straight"
+    proc = subprocess.run(
+        _torchrun(shards, ref, *extra), capture_output=True, text=True, timeout=240, env=ENV
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp / "killed"
+    proc = subprocess.Popen(
+        _torchrun(shards, out, *extra), start_new_session=True, env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (out / "last.pt").exists():
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = load_checkpoint(out / "last.pt")
+    resumed = subprocess.run(
+        _torchrun(shards, out, *extra, "--resume"),
+        capture_output=True, text=True, timeout=240, env=ENV,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return ref, out, left
+
+
+def test_context_under_torchrun_gives_equal_batches_and_resumes_bit_for_bit(context_runs):
+    """--context 1 with 2 ranks: every epoch trains all 48 images in equal rank batches (6 steps of
+    4 x 2), the model takes 9 channels, and kill -9 inside epoch 0 then --resume ends on the
+    straight run's trained and EMA weights, bit for bit."""
+    ref, out, left = context_runs
+    assert left["epoch"] == 0 and left["epoch_progress"]["world"] == 2
+    a, b = load_checkpoint(ref / "last.pt"), load_checkpoint(out / "last.pt")
+    assert a["in_chans"] == b["in_chans"] == 9 and a["config"]["context"] == 1
+    assert a["step"] == b["step"] == 12
+    for weights in ("model", "model_train"):
+        for k in a[weights]:
+            assert torch.equal(a[weights][k], b[weights][k]), (weights, k)
+    for run in (ref, out):
+        assert list(pd.read_csv(run / "metrics.csv")["train_images"]) == [48, 48]
