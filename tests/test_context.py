@@ -155,3 +155,12 @@ def test_fit_evaluate_predict_with_context(series_build, capsys):
     flat = make_build(tmp / "flat", folds=2, per_shard=16, size=32)  # no series columns
     assert main(["fit", *common[:1], str(flat), *common[2:], "--out", str(tmp / "x"), "--context", "1"]) == 2  # fmt: skip
     assert "series-aware build" in one_error_line(capsys, "fit") and not (tmp / "x").exists()
+    # the checkpoint's context is its own: evaluate and predict refuse a build that cannot stack
+    ev = ["evaluate", "--checkpoint", str(tmp / "ctx" / "last.pt"), "--shards", str(flat), "--fold", "1",
+          "--workers", "0", "--no-progress", "--no-report"]  # fmt: skip
+    assert main(ev) == 2 and "series-aware build" in one_error_line(capsys, "evaluate")
+    flat_test = make_build(tmp / "flat_test", test=True, per_shard=8, size=32)
+    pr = ["predict", "--checkpoint", str(tmp / "ctx" / "last.pt"), "--shards", str(flat_test),
+          "--out", str(tmp / "flat.csv"), "--workers", "0", "--no-progress"]  # fmt: skip
+    assert main(pr) == 2 and "series-aware build" in one_error_line(capsys, "predict")
+    assert not (tmp / "flat.csv").exists()
