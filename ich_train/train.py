@@ -61,7 +61,7 @@ from ich_train.report import (
     write_report,
 )
 from ich_train.runlog import MetricsLog
-from ich_train.sampler import describe
+from ich_train.sampler import describe, positives_drawn
 
 
 def augment_seed(seed: int, epoch: int, rank: int) -> int:
@@ -227,6 +227,8 @@ def load_data(cfg: TrainConfig, dist: distributed.Dist) -> Data:
         pos_fraction=cfg.pos_fraction if cfg.sampler == "balanced" else None,
         context=context, positions=positions,
     )  # fmt: skip
+    if cfg.sampler == "balanced":  # an epoch that cannot be drawn is refused here, not at epoch 1
+        positives_drawn(train_ds.epoch_draws, cfg.pos_fraction)
     return Data(build, train_folds, train_shards, valid_shards, y_train, y_valid,
                 label_prior(y_train), prior_baseline_loss(y_train, y_valid), steps_per_epoch,
                 cfg.image_size or build.size, context, positions, channels, train_ds)  # fmt: skip
