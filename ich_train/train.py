@@ -108,6 +108,32 @@ def check_out_folder(out: Path) -> None:
             )
 
 
+RUN_FILES = ("config.json", "metrics.csv", "metrics.png")  # written before the first checkpoint
+
+
+def _is_our_config(path: Path) -> bool:
+    """True when `path` is a regular file (not a link) holding a TrainConfig's json."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 2**20:
+            return False
+        TrainConfig.from_dict(json.loads(path.read_bytes()))
+        return True
+    except (OSError, ValueError, TypeError, RecursionError, AttributeError, ConfigError):
+        return False
+
+
+def check_new_run_folder(out: Path) -> None:
+    """ConfigError when a new run's files would overwrite someone else's: --out holds
+    config.json, metrics.csv or metrics.png without a config.json of ours beside them (a run of
+    ours stopped before its first checkpoint is started again)."""
+    there = [n for n in RUN_FILES if (out / n).exists() or (out / n).is_symlink()]
+    if there and not _is_our_config(out / "config.json"):
+        raise ConfigError(
+            f"--out {out} already holds {', '.join(there)}, not written by an ich-train run; "
+            "choose a new or empty folder for --out"
+        )
+
+
 def _open_run(cfg: TrainConfig, build: Build, resume: bool, dist: distributed.Dist) -> dict | None:
     """The checkpoint to resume from (None for a new run). Rank 0 alone reads the run folder (other
     nodes may not see it) and shares the checkpoint, or the error, with every rank. Writes nothing."""
@@ -136,6 +162,8 @@ def _open_run(cfg: TrainConfig, build: Build, resume: bool, dist: distributed.Di
                 raise ConfigError(
                     f"{cfg.out} already holds a run; pass --resume to continue it or choose a new --out"
                 )
+            else:
+                check_new_run_folder(out)
         except (CheckpointError, ConfigError) as e:
             error = e
     ckpt, error = distributed.broadcast(dist, (ckpt, error))

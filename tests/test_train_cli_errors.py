@@ -226,6 +226,31 @@ def test_fit_out_an_existing_file_is_one_line(trained, tmp_path, capsys):
     assert (tmp_path / "f").read_text() == "mine"
 
 
+@pytest.mark.parametrize("name", ["config.json", "metrics.csv", "metrics.png"])
+def test_fit_out_a_folder_of_someone_elses_files_is_one_line(trained, tmp_path, capsys, name):
+    """Before: a new fit into a folder holding someone's config.json / metrics.csv / metrics.png
+    overwrote it. Now exit 2, one line naming the file, and the file untouched."""
+    _, train, _, _ = trained
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / name).write_text("mine")
+    assert main(["fit", "--shards", str(train), "--out", str(tmp_path / "theirs"), *TINY]) == 2
+    assert f"already holds {name}, not written by an ich-train run" in one_error_line(capsys, "fit")
+    assert [p.name for p in (tmp_path / "theirs").iterdir()] == [name]
+    assert (tmp_path / "theirs" / name).read_text() == "mine"
+
+
+def test_fit_restarts_a_run_of_ours_stopped_before_its_first_checkpoint(trained, tmp_path):
+    """A run folder with our config.json and metrics but no last.pt (stopped in its first epoch)
+    is started again by the same fit command."""
+    tmp, train, _, _ = trained
+    out = tmp_path / "again"
+    out.mkdir()
+    for name in ("config.json", "metrics.csv", "metrics.png"):
+        shutil.copyfile(tmp / "run" / name, out / name)
+    assert main(["fit", "--shards", str(train), "--out", str(out), *TINY, "--workers", "0"]) == 0
+    assert (out / "last.pt").exists()
+
+
 def test_predict_out_a_folder_is_one_line_and_leaves_nothing(trained, tmp_path, capsys):
     """predict --out a folder: exit 2 before predicting, and no <folder>.partial left beside it."""
     _, _, test, good = trained
