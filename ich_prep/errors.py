@@ -68,7 +68,8 @@ def run_cli(
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER)
-    prog = f"{tool} {args.command}"
+    # `ich-train seq fit: ...`: a subcommand's own subcommand (dest="subcommand") is named too
+    prog = " ".join([tool, args.command, *filter(None, [getattr(args, "subcommand", None)])])
     try:
         return args.func(args)
     except user_errors as e:

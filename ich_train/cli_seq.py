@@ -42,7 +42,7 @@ def add_seq_parser(sub) -> None:
 
     d = SeqConfig(features="", valid_fold=0)
     p = sub.add_parser("seq", help="second stage: a bidirectional GRU/LSTM over each series")
-    seq = p.add_subparsers(dest="seq_command", required=True)
+    seq = p.add_subparsers(dest="subcommand", required=True)
     f = seq.add_parser("fit", help="train on the embeddings of every fold but --valid-fold")
     f.add_argument("--features", required=True, help="embeddings Parquet (ich-train embed --oof)")
     f.add_argument("--valid-fold", type=int, required=True)

@@ -48,7 +48,7 @@ def _edited(small, tmp_path, column: str, array) -> str:
 
 def _fit_error(capsys, features: str, out) -> str:
     assert main(["seq", "fit", "--features", features, "--out", str(out), *FIT]) == 2
-    return one_error_line(capsys, "seq")
+    return one_error_line(capsys, "seq fit")
 
 
 def _column(n: int, case: str):
@@ -162,7 +162,7 @@ def test_a_pickle_with_code_is_refused_without_running_it(small, tmp_path, capsy
     torch.save({"model": Evil(marker), "config": {}, "model_args": {}, "epoch": 0}, tmp_path / "evil.pt")  # fmt: skip
     argv = ["seq", "evaluate", "--checkpoint", str(tmp_path / "evil.pt"), "--features", str(small[0]), "--fold", "0"]  # fmt: skip
     assert main(argv) == 2
-    assert "not a sequence checkpoint (UnpicklingError)" in one_error_line(capsys, "seq")
+    assert "not a sequence checkpoint (UnpicklingError)" in one_error_line(capsys, "seq evaluate")
     assert not marker.exists()
 
 
@@ -195,7 +195,7 @@ def test_an_edited_checkpoint_is_one_line(small, tmp_path, capsys, case):
     torch.save({**ck, **_crafted(ck, case)}, tmp_path / "edited.pt")
     argv = ["seq", "evaluate", "--checkpoint", str(tmp_path / "edited.pt"), "--features", str(small[0]), "--fold", "0", "--out", str(tmp_path / "p.parquet")]  # fmt: skip
     assert main(argv) == 2
-    assert str(tmp_path / "edited.pt") in one_error_line(capsys, "seq")
+    assert str(tmp_path / "edited.pt") in one_error_line(capsys, "seq evaluate")
     assert not (tmp_path / "p.parquet").exists()
 
 
@@ -210,7 +210,7 @@ def test_resuming_a_last_pt_whose_states_do_not_load_is_one_line(small, tmp_path
     torch.save({**ck, "scheduler": {"total_steps": 2}}, run / "last.pt")
     argv = ["seq", "fit", "--features", ck["config"]["features"], "--out", str(run), "--resume", *FIT]  # fmt: skip
     assert main(argv) == 2
-    assert "last.pt cannot be resumed (KeyError" in one_error_line(capsys, "seq")
+    assert "last.pt cannot be resumed (KeyError" in one_error_line(capsys, "seq fit")
 
 
 # ---------------------------------------------------------------- --out, --seed, predictions
@@ -245,7 +245,7 @@ def test_evaluate_out_that_is_a_folder_or_inside_a_file_is_one_line(small, tmp_p
     for out, says in ((tmp_path, "is a folder; give a file path"), (tmp_path / "f" / "p.parquet", "is a file, not a folder")):  # fmt: skip
         argv = ["seq", "evaluate", "--checkpoint", str(small[1] / "best.pt"), "--features", str(small[0]), "--fold", "0", "--out", str(out)]  # fmt: skip
         assert main(argv) == 2
-        assert says in one_error_line(capsys, "seq")
+        assert says in one_error_line(capsys, "seq evaluate")
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**70)])
@@ -253,7 +253,7 @@ def test_a_seed_numpy_or_torch_refuses_is_one_line(small, tmp_path, capsys, seed
     """Before: a traceback from numpy (negative) or torch (overflow), after the run folder was made."""
     argv = ["seq", "fit", "--features", str(small[0]), "--out", str(tmp_path / "r"), *FIT, "--seed", seed]  # fmt: skip
     assert main(argv) == 2
-    assert f"--seed {seed}: use 0..4294967295" in one_error_line(capsys, "seq")
+    assert f"--seed {seed}: use 0..4294967295" in one_error_line(capsys, "seq fit")
     assert not (tmp_path / "r").exists()
 
 
@@ -271,7 +271,9 @@ def test_predictions_report_would_refuse_are_not_written(small, tmp_path, capsys
     out = tmp_path / "p.parquet"
     argv = ["seq", "evaluate", "--checkpoint", str(small[1] / "best.pt"), "--features", str(small[0]), "--fold", "0", "--out", str(out)]  # fmt: skip
     assert main(argv) == 2
-    assert "gives predictions `ich-train report` would refuse" in one_error_line(capsys, "seq")
+    assert "gives predictions `ich-train report` would refuse" in one_error_line(
+        capsys, "seq evaluate"
+    )
     assert not out.exists()
     monkeypatch.undo()
     assert main(argv) == 0 and json.loads(capsys.readouterr().out)["predictions"] == str(out)

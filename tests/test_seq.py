@@ -201,12 +201,12 @@ def test_embed_and_seq_mistakes_are_one_line(cnn_runs, capsys, tmp_path):
     feats = tmp_path / "f.parquet"
     write_embeddings(feats, folds=2, per_fold=3)
     assert main(["seq", "fit", "--features", str(feats), "--valid-fold", "7", "--out", str(tmp_path / "r")]) == 2  # fmt: skip
-    assert "--valid-fold 7" in one_error_line(capsys, "seq")
+    assert "--valid-fold 7" in one_error_line(capsys, "seq fit")
     assert main(["seq", "evaluate", "--checkpoint", ckpts[0], "--features", str(feats), "--fold", "0"]) == 2  # fmt: skip
-    assert "not a sequence checkpoint" in one_error_line(capsys, "seq")
+    assert "not a sequence checkpoint" in one_error_line(capsys, "seq evaluate")
     os.mkfifo(tmp_path / "fifo.parquet")
     assert main(["seq", "fit", "--features", str(tmp_path / "fifo.parquet"), "--valid-fold", "0", "--out", str(tmp_path / "r")]) == 2  # fmt: skip
-    assert "not a regular file" in one_error_line(capsys, "seq")
+    assert "not a regular file" in one_error_line(capsys, "seq fit")
     series, _ = read_embeddings(str(feats))
     assert len(series) == 6 and all(s.ids == sorted(s.ids, key=lambda i: int(i.rsplit("_", 1)[1])) for s in series)  # fmt: skip
 
