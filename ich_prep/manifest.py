@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ich_prep import FORMAT_VERSION, LABELS, __version__, location
+from ich_prep import FORMAT_VERSION, LABELS, __version__, location, parquet_read
 from ich_prep.config import BuildConfig, ConfigError
 from ich_prep.errors import UserError
 from ich_prep.location import Store, join
@@ -32,6 +32,9 @@ MAX_INDEX_BYTES = 1024**3  # the full RSNA index (~875k rows) is ~50 MB
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_INDEX_ROWS = 10_000_000  # 11x the whole RSNA data
 MAX_INDEX_INFLATED = 4 * 1024**3  # decompressed column data, as the Parquet footer declares it
+# decoded text columns together: the full RSNA index holds ~130 MB (~150 bytes a row: ids, path,
+# shard, status); this leaves MAX_INDEX_ROWS rows ~200 bytes each
+MAX_INDEX_TEXT = 2 * 1024**3
 
 
 class FormatError(UserError, ValueError):
@@ -236,33 +239,59 @@ def parse_index(
     rows: int | None = None,
     optional: tuple[str, ...] = (),
 ) -> pd.DataFrame:
-    """index.parquet bytes -> DataFrame, refusing before decompressing anything an index whose
-    footer declares more than MAX_INDEX_ROWS rows (or other than `rows`) or more than
-    MAX_INDEX_INFLATED bytes of column data. FormatError for anything unreadable."""
+    """index.parquet bytes -> DataFrame, bounded before anything is decoded (`_index_columns`:
+    rows, declared and fixed-width sizes, column types) and its text columns before they are
+    decoded (at most MAX_INDEX_TEXT bytes together), read through ich_prep.parquet_read (no
+    reader threads, validated in full, pandas metadata rebuilt from the dtypes it declares).
+    FormatError for anything unreadable."""
     try:
-        pf = pq.ParquetFile(io.BytesIO(data))
-        meta = pf.metadata
-        inflated = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-        n = meta.num_rows
-        if n > MAX_INDEX_ROWS or (rows is not None and n != rows) or inflated > MAX_INDEX_INFLATED:
-            raise FormatError(
-                f"{url} declares {n} rows ({inflated} bytes decompressed); the manifest says "
-                f"{rows} rows, the limits are {MAX_INDEX_ROWS} rows and {MAX_INDEX_INFLATED} bytes: "
-                "refused (run `ich-prep verify`, rebuild the build)"
-            )
-        missing = [c for c in columns or () if c not in pf.schema_arrow.names]
-        if missing:  # pyarrow would drop them silently, and the reader fail far from here
-            raise FormatError(
-                f"{url} has no column {', '.join(missing)}, which every index of this format has: "
-                "refused (run `ich-prep verify`, rebuild the build)"
-            )
-        if columns is not None:
-            columns = [*columns, *(c for c in optional if c in pf.schema_arrow.names)]
-        return pf.read(columns=columns).to_pandas()
+        pf = parquet_read.footer(io.BytesIO(data))
+        names = _index_columns(pf, url, columns, rows, optional)
+        text = [c for c in names if parquet_read.is_text(pf.schema_arrow.field(c).type)]
+        table = parquet_read.read_table(io.BytesIO(data), names, text)
+        table = parquet_read.decode_strings(table, text, MAX_INDEX_TEXT)
+        pandas = parquet_read.pandas_metadata(table.schema)
+        table = table.replace_schema_metadata(pandas and {b"pandas": pandas})
+        return table.to_pandas(use_threads=False)
     except FormatError:
         raise
+    except parquet_read.TooLarge as e:
+        raise FormatError(f"{url}: its text columns would take {e.size} bytes decoded (limit {e.limit}): refused (run `ich-prep verify`, rebuild the build)") from None  # fmt: skip
     except (pa.ArrowException, OSError, ValueError) as e:
         raise FormatError(f"{url} is not a readable Parquet index ({type(e).__name__}: {str(e)[:200]}); copy it again or rebuild") from e  # fmt: skip
+
+
+def _index_columns(pf: pq.ParquetFile, url: str, columns, rows, optional) -> list[str]:
+    """The columns to read (`columns` and those of `optional` the index has; all when None), once
+    the footer declares at most MAX_INDEX_ROWS rows (exactly `rows` when given), at most
+    MAX_INDEX_INFLATED bytes of column data (declared, and 8 bytes a row for each column that is
+    not text), and only numbers, booleans, text and nulls: nothing nested, nothing past a bound."""
+    schema, n = pf.schema_arrow, pf.metadata.num_rows
+    if len(set(schema.names)) != len(schema.names):
+        raise FormatError(f"{url} names a column twice: refused (run `ich-prep verify`, rebuild the build)")  # fmt: skip
+    wanted = schema.names if columns is None else [*columns, *optional]
+    types = {c: schema.field(c).type for c in wanted if c in schema.names}
+    fixed = 8 * n * sum(not parquet_read.is_text(t) for t in types.values())
+    inflated = max(parquet_read.inflated_bytes(pf), fixed)
+    if n > MAX_INDEX_ROWS or (rows is not None and n != rows) or inflated > MAX_INDEX_INFLATED:
+        raise FormatError(
+            f"{url} declares {n} rows ({inflated} bytes decompressed); the manifest says "
+            f"{rows} rows, the limits are {MAX_INDEX_ROWS} rows and {MAX_INDEX_INFLATED} bytes: "
+            "refused (run `ich-prep verify`, rebuild the build)"
+        )
+    missing = [c for c in columns or () if c not in schema.names]
+    if missing:  # pyarrow would drop them silently, and the reader fail far from here
+        raise FormatError(f"{url} has no column {', '.join(missing)}, which every index of this format has: refused (run `ich-prep verify`, rebuild the build)")  # fmt: skip
+    odd = [f"{c} ({t})" for c, t in types.items() if not _index_type(t)]
+    if odd:
+        raise FormatError(f"{url}: column {', '.join(odd)[:200]} is not numbers, booleans or text, which no index of this format has: refused (run `ich-prep verify`, rebuild the build)")  # fmt: skip
+    return list(types)
+
+
+def _index_type(t: pa.DataType) -> bool:
+    """Text (a dictionary of it too: decoded to plain text), numbers, booleans or nulls."""
+    plain = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_null)
+    return parquet_read.is_text(t) or any(f(t) for f in plain)
 
 
 def index_spans(rows: pd.DataFrame) -> dict[str, tuple[int, int]]:

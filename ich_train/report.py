@@ -26,7 +26,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
@@ -39,7 +38,7 @@ from sklearn.metrics import (  # noqa: E402
     roc_curve,
 )
 
-from ich_prep import LABELS  # noqa: E402
+from ich_prep import LABELS, parquet_read  # noqa: E402
 from ich_prep.errors import UserError  # noqa: E402
 from ich_prep.location import atomic_file, open_local, read_bytes  # noqa: E402
 from ich_train.metrics import LABEL_WEIGHTS, label_log_loss, weighted_log_loss  # noqa: E402
@@ -104,16 +103,15 @@ def read_predictions(path) -> tuple[pd.DataFrame, dict]:
     except (FileNotFoundError, ValueError) as e:
         raise ReportError(f"{path}: {e}; pass the Parquet ich-train evaluate wrote") from None
     try:
-        # no reader threads: a thread pyarrow starts late can abort the interpreter at exit
-        _check_footer(pq.ParquetFile(io.BytesIO(data), pre_buffer=False), path)
-        pf = pq.ParquetFile(io.BytesIO(data), read_dictionary=["image_id"], pre_buffer=False)
-        table = pf.read(columns=["image_id", "fold", *LABELS, *PRED], use_threads=False)
-        table.validate(full=True)  # a damaged page can decode to indices past a dictionary
-        table = table.set_column(0, "image_id", _decoded_ids(table.column("image_id"), path))
+        _check_footer(parquet_read.footer(io.BytesIO(data)), path)
+        table = parquet_read.read_table(io.BytesIO(data), ["image_id", "fold", *LABELS, *PRED], ["image_id"])  # fmt: skip
+        table = parquet_read.decode_strings(table, ["image_id"], MAX_ID_BYTES)
         frame = table.replace_schema_metadata(None).to_pandas()  # pandas' own metadata unread
-        raw = (pf.schema_arrow.metadata or {}).get(META_KEY, b"{}")
+        raw = (table.schema.metadata or {}).get(META_KEY, b"{}")
     except ReportError:
         raise
+    except parquet_read.TooLarge as e:
+        raise ReportError(f"{path}: its image ids would take {e.size} bytes decoded (limit {e.limit}); pass the Parquet ich-train evaluate wrote") from None  # fmt: skip
     except (pa.ArrowException, OSError, ValueError) as e:
         raise ReportError(f"{path} is not a readable Parquet file ({type(e).__name__}: {str(e)[:200]})") from None  # fmt: skip
     return check_predictions(frame, path), _meta(raw)
@@ -121,7 +119,7 @@ def read_predictions(path) -> tuple[pd.DataFrame, dict]:
 
 def _check_footer(pf: pq.ParquetFile, path) -> None:
     meta, schema = pf.metadata, pf.schema_arrow
-    inflated = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    inflated = parquet_read.inflated_bytes(pf)
     if meta.num_rows > MAX_ROWS or inflated > MAX_INFLATED:
         raise ReportError(f"{path} declares {meta.num_rows} rows ({inflated} bytes decompressed); the limits are {MAX_ROWS} rows and {MAX_INFLATED} bytes: refused")  # fmt: skip
     missing = [c for c in ("image_id", "fold", *LABELS, *PRED) if c not in schema.names]
@@ -136,19 +134,6 @@ def _check_footer(pf: pq.ParquetFile, path) -> None:
         ok = {"image_id": pa.types.is_string(t) or pa.types.is_large_string(t), "fold": pa.types.is_integer(t)}  # fmt: skip
         if not ok.get(col, pa.types.is_integer(t) if col in LABELS else pa.types.is_floating(t)):
             raise ReportError(f"{path}: {what} (the file has {t}); pass the Parquet ich-train evaluate wrote")  # fmt: skip
-
-
-def _decoded_ids(ids: pa.ChunkedArray, path) -> pa.ChunkedArray:
-    """The image ids (read as a dictionary) as plain strings, once their decoded size is known
-    to be at most MAX_ID_BYTES."""
-    size = 0
-    for chunk in ids.chunks:
-        lengths = pc.binary_length(chunk.dictionary).to_numpy(zero_copy_only=False)
-        index = chunk.indices.fill_null(0).to_numpy(zero_copy_only=False)
-        size += int(lengths[index].sum()) if len(lengths) else 0
-    if size > MAX_ID_BYTES:
-        raise ReportError(f"{path}: its image ids would take {size} bytes decoded (limit {MAX_ID_BYTES}); pass the Parquet ich-train evaluate wrote")  # fmt: skip
-    return ids.cast(pa.string())
 
 
 def _meta(raw: bytes) -> dict:

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
-from ich_prep import LABELS
+from ich_prep import LABELS, parquet_read
 from ich_prep.location import open_local
 from ich_train.embed import ID_COLUMNS, LOGITS, META_KEY, EmbedError
 
@@ -50,8 +48,7 @@ def read_embeddings(path: str) -> tuple[list[Series], dict]:
     and checked from the footer before the columns are read."""
     try:
         with open_local(path) as f:  # a regular file only (a FIFO is refused, never waited on)
-            # no reader threads: a thread pyarrow starts late can abort the interpreter at exit
-            pf = pq.ParquetFile(f, pre_buffer=False)
+            pf = parquet_read.footer(f)
             meta = _meta((pf.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
             n = pf.metadata.num_rows
             if n > MAX_ROWS:
@@ -59,9 +56,7 @@ def read_embeddings(path: str) -> tuple[list[Series], dict]:
             dim = check_schema(pf.schema_arrow, path)
             if n * dim > MAX_VALUES:
                 raise EmbedError(f"--features {path} holds {n} x {dim} feature values; at most {MAX_VALUES}")  # fmt: skip
-            f.seek(0)  # again, with the id columns kept as dictionaries (bounded in _strings)
-            table = pq.ParquetFile(f, pre_buffer=False, read_dictionary=list(STRINGS)).read(use_threads=False)  # fmt: skip
-            table.validate(full=True)  # a damaged page can decode to indices past a dictionary
+            table = parquet_read.read_table(f, None, list(STRINGS))  # ids bounded in _strings
     except EmbedError:
         raise
     except (OSError, ValueError, TypeError, pa.ArrowException) as e:
@@ -106,20 +101,14 @@ def check_schema(schema: pa.Schema, path: str) -> int:
     return dim
 
 
-def _strings(column, name: str, path: str) -> np.ndarray:
+def _strings(table: pa.Table, name: str, path: str) -> np.ndarray:
     """A string column (maybe dictionary-encoded) as an object array, once its decoded size is
     known to be at most MAX_ID_BYTES: a dictionary can repeat one long string a million times."""
-    size = 0
-    for chunk in column.chunks:
-        if pa.types.is_dictionary(chunk.type):
-            lengths = pc.binary_length(chunk.dictionary).to_numpy(zero_copy_only=False)
-            index = chunk.indices.fill_null(0).to_numpy(zero_copy_only=False)
-            size += int(lengths[index].sum()) if len(lengths) else 0
-        else:
-            size += int(pc.sum(pc.binary_length(chunk)).as_py() or 0)
-    if size > MAX_ID_BYTES:
-        raise EmbedError(f"--features {path}: its {name} values would take {size} bytes decoded; at most {MAX_ID_BYTES}")  # fmt: skip
-    return np.asarray(column.cast(pa.string()).to_pylist(), dtype=object)
+    try:
+        table = parquet_read.decode_strings(table, [name], MAX_ID_BYTES)
+    except parquet_read.TooLarge as e:
+        raise EmbedError(f"--features {path}: its {name} values would take {e.size} bytes decoded; at most {MAX_ID_BYTES}") from None  # fmt: skip
+    return np.asarray(table.column(name).to_pylist(), dtype=object)
 
 
 def series_of_table(table, path: str) -> list[Series]:
@@ -140,8 +129,8 @@ def series_of_table(table, path: str) -> list[Series]:
         raise EmbedError(f"--features {path} holds non-finite features or logits; embed again")
     if labels is not None and not np.isin(labels, (0.0, 1.0)).all():
         raise EmbedError(f"--features {path}: labels must be 0 or 1")
-    sid = _strings(table.column("series_id"), "series_id", path)
-    ids = _strings(table.column("image_id"), "image_id", path)
+    sid = _strings(table, "series_id", path)
+    ids = _strings(table, "image_id", path)
     if len(set(ids)) != n:
         raise EmbedError(f"--features {path} holds an image_id more than once; embed again")
     rank = table.column("slice_rank").to_numpy().astype(np.int64)

@@ -141,7 +141,7 @@ def test_the_file_is_read_without_reader_threads(small, monkeypatch):
             seen["use_threads"] = kw.get("use_threads", True)
             return super().read(*a, **kw)
 
-    monkeypatch.setattr(seq_data.pq, "ParquetFile", Spy)
+    monkeypatch.setattr(pq, "ParquetFile", Spy)  # every reader opens files through it
     read_embeddings(str(small[0]))
     assert seen == {"pre_buffer": False, "use_threads": False}
 
