@@ -31,6 +31,27 @@ def _torchrun(shards, out, *extra) -> list[str]:
     ]  # fmt: skip
 
 
+def _kill_then_resume(shards, out, *extra) -> dict:
+    """torchrun fit killed with SIGKILL (both ranks) once its first checkpoint exists (inside epoch
+    0, with --checkpoint-every 1), then the same command with --resume; the checkpoint the kill left."""
+    proc = subprocess.Popen(
+        _torchrun(shards, out, *extra), start_new_session=True, env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (out / "last.pt").exists():
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = load_checkpoint(out / "last.pt")
+    resumed = subprocess.run(
+        _torchrun(shards, out, *extra, "--resume"),
+        capture_output=True, text=True, timeout=240, env=ENV,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return left
+
+
 ENV = {**os.environ, "MASTER_ADDR": "127.0.0.1"}
 
 
@@ -64,21 +85,8 @@ def test_torchrun_killed_inside_an_epoch_resumes_to_the_same_weights(straight):
     """kill -9 of both ranks mid-epoch, then torchrun --resume: the straight run's weights."""
     tmp, shards, ref, _ = straight
     out = tmp / "runs-killed" / "ddp"
-    proc = subprocess.Popen(
-        _torchrun(shards, out), start_new_session=True, env=ENV,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (out / "last.pt").exists():
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    left = load_checkpoint(out / "last.pt")
+    left = _kill_then_resume(shards, out)
     assert left["epoch"] == 0 and left["epoch_progress"]["world"] == 2
-    resumed = subprocess.run(
-        _torchrun(shards, out, "--resume"), capture_output=True, text=True, timeout=240, env=ENV
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = load_checkpoint(ref / "last.pt"), load_checkpoint(out / "last.pt")
     assert a["step"] == b["step"] == 12
     for k in a["model"]:
@@ -99,22 +107,7 @@ def context_runs(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp / "killed"
-    proc = subprocess.Popen(
-        _torchrun(shards, out, *extra), start_new_session=True, env=ENV,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (out / "last.pt").exists():
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    left = load_checkpoint(out / "last.pt")
-    resumed = subprocess.run(
-        _torchrun(shards, out, *extra, "--resume"),
-        capture_output=True, text=True, timeout=240, env=ENV,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return ref, out, left
+    return ref, out, _kill_then_resume(shards, out, *extra)
 
 
 def test_context_under_torchrun_gives_equal_batches_and_resumes_bit_for_bit(context_runs):
