@@ -59,9 +59,16 @@ def create_context(k: int, window: str | None, layout: ImageLayout) -> Context |
     return Context(k, (list(layout.channel_names).index(window),))
 
 
-def context_of(config: dict, layout: ImageLayout) -> Context | None:
-    """The Context a training config (a checkpoint's) records; None before --context existed."""
-    return create_context(int(config.get("context", 0) or 0), config.get("context_window"), layout)
+def context_of(config: dict, layout: ImageLayout, where: str = "the checkpoint") -> Context | None:
+    """The Context a training config (a checkpoint's) records; None before --context existed.
+    ContextError when it records what fit never writes (a context that is not a whole number
+    0..MAX_CONTEXT, a window that is not text)."""
+    k, window = config.get("context", 0), config.get("context_window")
+    if k is None:
+        k = 0
+    if type(k) is not int or not 0 <= k <= MAX_CONTEXT or not (window is None or isinstance(window, str)):  # fmt: skip
+        raise ContextError(f"{where} records a context (neighbours 0..{MAX_CONTEXT}) or context window that `ich-train fit` never writes; it is damaged or edited: pass a best.pt or last.pt written by ich-train fit")  # fmt: skip
+    return create_context(k, window, layout)
 
 
 def series_positions(ok) -> dict[str, tuple[str, int]]:

@@ -74,7 +74,7 @@ def check_preprocessing(path, ckpt: dict, build: Build) -> None:
     """Refuse a build whose windows or pixel spacing differ from those the checkpoint was trained on:
     its images would mean something else to the model, and a build whose images have another
     number of channels than the model takes. Checkpoints older than this check pass."""
-    context = context_of(ckpt["config"], build.layout)
+    context = context_of(ckpt["config"], build.layout, str(path))
     channels = context.channels(build.layout) if context else build.layout.channels
     if channels != ckpt.get("in_chans", 3):
         stacks = (
