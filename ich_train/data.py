@@ -258,9 +258,11 @@ def _labels_of(meta: dict, raw: dict) -> np.ndarray:
     return np.asarray(labels, np.float32)
 
 
-def decode_sample(raw: dict, encoding: str) -> tuple[str, np.ndarray, np.ndarray]:
+def decode_sample(raw: dict, encoding: str, positions: dict | None = None) -> tuple[str, np.ndarray, np.ndarray]:  # fmt: skip
     """(image_id, uint8 (H, W, C) of the build's layout, float32 labels (6,), NaN when
-    unlabelled), from a raw sample of read_shard (which attaches the shard's layout)."""
+    unlabelled), from a raw sample of read_shard (which attaches the shard's layout). With
+    `positions` (image id -> (series id, slice rank) of the index), the json's series_id and
+    slice_rank, where it has them, must be the index's."""
     where = f"{raw.get('__url__')}: sample {raw['__key__']}"
     layout = raw["__layout__"]
     try:
@@ -272,6 +274,10 @@ def decode_sample(raw: dict, encoding: str) -> tuple[str, np.ndarray, np.ndarray
         raise ShardError(f"{where}: json is a {type(meta).__name__}, not an object; rebuild the shard")  # fmt: skip
     if image.shape != layout.shape:
         raise ShardError(f"{where}: image is {image.shape}, the manifest says {layout.shape}; rebuild the shard")  # fmt: skip
+    if positions is not None and raw["__key__"] in positions and {"series_id", "slice_rank"} <= meta.keys():  # fmt: skip
+        own = (meta["series_id"], meta["slice_rank"])
+        if own != positions[raw["__key__"]] or type(own[1]) is not int:
+            raise ShardError(f"{where}: its json says series {str(own[0])[:40]} slice rank {str(own[1])[:20]}, index.parquet says series {positions[raw['__key__']][0][:40]} slice rank {positions[raw['__key__']][1]}; the build is inconsistent (an edited index?): run `ich-prep verify` and rebuild it")  # fmt: skip
     return raw["__key__"], image, _labels_of(meta, raw)
 
 
@@ -411,7 +417,7 @@ class TrainStream(IterableDataset):
 
     def _stacked(self, shards: list[Shard]) -> Iterator:
         """Decoded samples of `shards`, each image replaced by its --context stack."""
-        decoded = (decode_sample(s, self.encoding) for s in self._read(shards))
+        decoded = (decode_sample(s, self.encoding, self.positions) for s in self._read(shards))
         return with_context(decoded, self.positions, self.context)
 
 
@@ -534,7 +540,7 @@ class EvalStream(IterableDataset):
         raw = itertools.chain.from_iterable(
             read_shard(s, self.encoding) for s in self._mine(w, n_workers)
         )
-        decoded = (decode_sample(s, self.encoding) for s in raw)
+        decoded = (decode_sample(s, self.encoding, self.positions) for s in raw)
         if self.context is not None:
             decoded = with_context(decoded, self.positions, self.context)
         yield from batched(decoded, self.batch_size, drop_last=False)

@@ -152,7 +152,7 @@ def embed(
             if not mine:
                 continue
             sel = build.select(None if mine == [-1] else mine)
-            stream = eval_stream(build, sel, ckpt, dist, batch_size, workers)
+            stream = eval_stream(build, sel, ckpt, dist, batch_size, workers, "the sequence stage")
             res = embed_loader(
                 model, create_loader(stream, workers, dist.device), augment, dist=dist,
                 precision=ckpt["config"].get("precision", "auto"), tta=tta, progress=progress,

@@ -108,12 +108,16 @@ def labelled_split(build: Build) -> str | None:
 
 
 def eval_stream(
-    build: Build, shards, ckpt: dict, dist, batch_size: int, workers: int
+    build: Build, shards, ckpt: dict, dist, batch_size: int, workers: int, series: str | None = None
 ) -> EvalStream:
     """Every sample of `shards` once, as the checkpoint's model takes it: stacked with its series'
-    neighbours when it was trained with --context (the context its config records)."""
+    neighbours when it was trained with --context (the context its config records). With
+    `series` (what needs them: embed, predict --seq) or a context, the index's series columns are
+    checked first and each sample's json must repeat its series and slice rank."""
     context = context_of(ckpt["config"], build.layout)
-    positions = series_positions(build.ok) if context else None
+    need = "--context" if context else series
+    where = f"{build.root}/index.parquet"
+    positions = series_positions(build.ok, need, where) if need else None
     return EvalStream(shards, build.encoding, batch_size, rank=dist.rank, world=dist.world,
                       workers=workers, context=context, positions=positions)  # fmt: skip
 

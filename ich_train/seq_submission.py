@@ -51,7 +51,7 @@ def predict_seq_submission(
         for path in cnns:
             cnn, augment, ck = load_model(path, dist.device)
             check_preprocessing(path, ck, build)
-            loader = create_loader(eval_stream(build, sel, ck, dist, batch_size, workers), workers, dist.device)  # fmt: skip
+            loader = create_loader(eval_stream(build, sel, ck, dist, batch_size, workers, "the sequence stage"), workers, dist.device)  # fmt: skip
             res = embed_loader(cnn, loader, augment, dist=dist, precision=ck["config"].get("precision", "auto"), tta=tta, progress=progress)  # fmt: skip
             series = series_of_table(embedding_table(build, res, 0), f"the features of {path}")
             for seq, seq_path in zip(models, seqs, strict=True):

@@ -84,7 +84,7 @@ def test_each_slice_is_decoded_once_and_stacks_hold_its_neighbours(series_build,
     build = Build(str(root))
     calls = []
     real = data_mod.decode_sample
-    monkeypatch.setattr(data_mod, "decode_sample", lambda s, e: calls.append(s["__key__"]) or real(s, e))  # fmt: skip
+    monkeypatch.setattr(data_mod, "decode_sample", lambda s, *a: calls.append(s["__key__"]) or real(s, *a))  # fmt: skip
     pos = series_positions(build.ok)
     alone = {i: img for b in EvalStream(build.shards, build.encoding, 64) for i, img in zip(b["id"], b["image"].numpy(), strict=True)}  # fmt: skip
     calls.clear()

@@ -7,10 +7,17 @@ fold the build lacks."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from ich_train.cli import main
+from ich_train.context import Context, series_positions
+from ich_train.data import Build, EvalStream, ShardError
 from tests.test_train_cli_errors import one_error_line
 from tests.train_fixtures import make_build
 
@@ -39,3 +46,106 @@ def test_a_checkpoint_recording_a_context_fit_never_writes_is_one_line(series, t
     torch.save(ck, edited)
     assert main(["evaluate", "--checkpoint", str(edited), "--shards", str(build), "--fold", "1", *RUNTIME, "--no-report", "--out", str(tmp_path / "o.parquet")]) == 2  # fmt: skip
     assert f"{edited} records a context" in one_error_line(capsys, "evaluate")
+
+
+def _edited(build: Path, dst: Path, edit) -> Path:
+    """A copy of `build` whose index.parquet went through `edit` (rows of shard train-f0-00000.tar
+    come first; the manifest still matches it row for row)."""
+    shutil.copytree(build, dst)
+    index = pd.read_parquet(dst / "index.parquet")
+    edit(index)
+    index.to_parquet(dst / "index.parquet", index=False)
+    return dst
+
+
+def _rank_text(d):
+    d["slice_rank"] = d["slice_rank"].astype(str)
+    d.loc[1, "slice_rank"] = "x"
+
+
+def _rank_inf(d):
+    d["slice_rank"] = d["slice_rank"].astype(float)
+    d.loc[1, "slice_rank"] = np.inf
+
+
+def _rank_half(d):
+    d["slice_rank"] = d["slice_rank"].astype(float)
+    d.loc[1, "slice_rank"] = 1.5
+
+
+def _split(d):
+    """The first series of shard train-f0-00001 claimed as ranks 6..11 of the last series of
+    train-f0-00000: one series over two shards (read in that order, the stacks cross them)."""
+    a, b = d.index[d["shard"] == "train-f0-00000.tar"], d.index[d["shard"] == "train-f0-00001.tar"]
+    d.loc[b[:6], "series_id"] = d.loc[a[-1], "series_id"]
+    d.loc[b[:6], "slice_rank"] = range(6, 12)
+
+
+@pytest.mark.parametrize(
+    ("case", "edit", "message"),
+    [("rank as text", _rank_text, "slice_rank holds values that are not whole numbers"),
+     ("rank infinite", _rank_inf, "slice_rank holds values that are not whole numbers"),
+     ("rank 1.5", _rank_half, "slice_rank holds values that are not whole numbers"),
+     ("series over two shards", _split, "lies in 2 shards")],
+)  # fmt: skip
+def test_an_edited_index_is_refused_before_training(series, tmp_path, capsys, case, edit, message):
+    """Before: ranks as text or inf were tracebacks (int() in series_positions), 1.5 was read as
+    1, and a series over two shards trained (exit 0) whenever the shard order of a pass put them
+    back to back (else failed mid-epoch, and evaluate failed with --workers 2, not with 0). Now
+    fit --context refuses the index before the run folder is written."""
+    _, build, _ = series
+    bad = _edited(build, tmp_path / "bad", edit)
+    out = tmp_path / "run"
+    assert main(["fit", "--shards", str(bad), "--valid-fold", "1", *TINY, "--context", "1", "--out", str(out)]) == 2  # fmt: skip
+    assert message in one_error_line(capsys, "fit") and not out.exists()
+
+
+def test_ranks_must_run_0_to_n_minus_1_in_every_series(series):
+    """Representative of the cases that failed before only when the samples were read: a repeated,
+    negative or far too large rank, or a gap, is refused from the index alone."""
+    _, build, _ = series
+    ok = Build(str(build)).ok.copy()
+    assert len(series_positions(ok)) == len(ok)
+    for rank in (0, -1, 10**12, 7):
+        bad = ok.assign(slice_rank=ok["slice_rank"].where(ok.index != 2, rank))
+        with pytest.raises(ValueError, match=r"series ID_s1x0x0: slice ranks .* are not 0..5 once each"):  # fmt: skip
+            series_positions(bad)
+
+
+def _swap(d):
+    """Slices 0 and 1 of the first series swapped in the index: consistent in itself (ranks 0..5),
+    but not with the shard, whose json (and order) say otherwise."""
+    d.loc[0, "slice_rank"], d.loc[1, "slice_rank"] = 1, 0
+
+
+def _merge(d):
+    """The second series of shard train-f0-00000 claimed as ranks 6..11 of the first: back to back
+    in the shard, so in order; only the samples' json say they are two series."""
+    d.loc[6:11, "series_id"] = d.loc[0, "series_id"]
+    d.loc[6:11, "slice_rank"] = range(6, 12)
+
+
+def test_embed_refuses_an_index_whose_series_disagree_with_the_samples(series, tmp_path, capsys):
+    """Before: embed with a 2D CNN took the index's order as the truth: swapped ranks gave the
+    sequence stage a series in the wrong order (exit 0), and text or empty ranks were tracebacks
+    after the whole embedding. Now the index's series columns are checked first and each sample's
+    json must repeat its series and rank: one line, no file."""
+    _, build, ckpt = series
+    for name, edit in (("swap", _swap), ("empty", lambda d: d.__setitem__("slice_rank", d["slice_rank"].astype("Int64").where(d.index != 3)))):  # fmt: skip
+        bad = _edited(build, tmp_path / name, edit)
+        out = tmp_path / f"{name}.parquet"
+        assert main(["embed", "--checkpoint", str(ckpt), "--shards", str(bad), "--folds", "0", *RUNTIME, "--out", str(out)]) == 2  # fmt: skip
+        err = one_error_line(capsys, "embed")
+        assert ("its json says series ID_s1x0x0 slice rank 0, index.parquet says series ID_s1x0x0 slice rank 1" in err) if name == "swap" else ("needs a series-aware build" in err)  # fmt: skip
+        assert not out.exists()
+
+
+def test_context_stacks_refuse_series_the_samples_do_not_belong_to(series, tmp_path):
+    """Before: two series back to back in a shard, merged into one by the index, were stacked
+    across the boundary (a slice's neighbour from another patient's scan), silently. Now the
+    sample's json series is compared with the index's."""
+    _, build, _ = series
+    b = Build(str(_edited(build, tmp_path / "merge", _merge)))
+    stream = EvalStream(b.select([0]), b.encoding, 64, context=Context(1), positions=series_positions(b.ok))  # fmt: skip
+    with pytest.raises(ShardError, match="its json says series ID_s1x0x1 slice rank 0, index.parquet says series ID_s1x0x0 slice rank 6"):  # fmt: skip
+        list(stream)
