@@ -12,6 +12,7 @@ import numpy as np
 
 from ich_prep.location import sha256_file
 from ich_train import distributed
+from ich_train.checkpoint import CheckpointError
 from ich_train.data import Build, create_loader
 from ich_train.embed import embed_loader, embedding_table
 from ich_train.infer import check_preprocessing, eval_stream, load_model
@@ -35,13 +36,21 @@ def _seq_models(paths: list[str], cnn_sha: dict[str, str]) -> list[SeqModel]:
     return models
 
 
+def _cnn_sha256(path: str) -> str:
+    """The sha256 of a --checkpoint file, or a CheckpointError naming it (missing, a folder, ...)."""
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        raise CheckpointError(f"--checkpoint {path} cannot be read ({e.strerror or e}); pass the fold CNNs' best.pt files (ich-train fit)") from None  # fmt: skip
+
+
 def predict_seq_submission(
     cnns: list[str], seqs: list[str], shards: str, out: str, tta: tuple[str, ...] = (),
     batch_size: int = 128, workers: int = 4, device: str = "auto", progress: bool = True,
 ) -> dict:  # fmt: skip
     """Write the stage-2 submission for the test build `shards` to `out` (see the module doc)."""
     check_out_file(out)
-    models = _seq_models(seqs, {c: sha256_file(c) for c in cnns})
+    models = _seq_models(seqs, {c: _cnn_sha256(c) for c in cnns})
     dist = distributed.setup(device)
     try:
         build = Build(shards)

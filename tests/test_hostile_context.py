@@ -149,3 +149,12 @@ def test_context_stacks_refuse_series_the_samples_do_not_belong_to(series, tmp_p
     stream = EvalStream(b.select([0]), b.encoding, 64, context=Context(1), positions=series_positions(b.ok))  # fmt: skip
     with pytest.raises(ShardError, match="its json says series ID_s1x0x1 slice rank 0, index.parquet says series ID_s1x0x0 slice rank 6"):  # fmt: skip
         list(stream)
+
+
+def test_predict_seq_names_a_missing_cnn_checkpoint(series, tmp_path, capsys):
+    """Before: '[Errno 2] No such file or directory: ...' (no flag, no fix). Now it names
+    --checkpoint and what to pass."""
+    _, build, _ = series
+    missing = tmp_path / "nope.pt"
+    assert main(["predict", "--checkpoint", str(missing), "--seq", str(missing), "--shards", str(build), "--out", str(tmp_path / "s.csv")]) == 2  # fmt: skip
+    assert f"--checkpoint {missing} cannot be read" in one_error_line(capsys, "predict")
