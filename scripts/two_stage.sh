@@ -10,8 +10,9 @@
 #   FOLDS="0 1 2 3 4" FIT_ARGS="--model efficientnet_b0 --epochs 10 ..." SEQ_ARGS="--epochs 30" \
 #       scripts/two_stage.sh shards/train runs/two_stage shards/test
 #
-# A fold whose CNN (best.pt) or sequence model (seq<k>/best.pt) exists is not trained again, so a
-# stopped run is continued by running the same command.
+# The builds and FOLDS are checked before anything trains. A fold whose CNN (cnn<k>/last.pt) or
+# sequence model (seq<k>/last.pt) has all its epochs is not trained again, one stopped part-way is
+# continued (--resume), so a stopped run is continued by running the same command.
 set -euo pipefail
 TRAIN=${1:?usage: two_stage.sh TRAIN_BUILD OUT [TEST_BUILD]}
 OUT=${2:?usage: two_stage.sh TRAIN_BUILD OUT [TEST_BUILD]}
@@ -20,30 +21,82 @@ BIN=${BIN:-.venv/bin}
 FOLDS=${FOLDS:-0 1 2 3 4}
 FIT_ARGS=${FIT_ARGS:-}
 SEQ_ARGS=${SEQ_ARGS:-}
+
+# the builds readable, FOLDS two or more distinct folds of the training build: before any work
+# shellcheck disable=SC2086 # FOLDS is a list of fold numbers
+"$BIN/python" - "$TRAIN" "$TEST" $FOLDS <<'EOF'
+import sys
+from ich_prep.errors import UserError
+from ich_prep.manifest import load_manifest
+train, test, folds = sys.argv[1], sys.argv[2], sys.argv[3:]
+try:
+    have = sorted({int(s["fold"]) for s in load_manifest(train)["shards"] if s["samples"] > 0 and s["fold"] >= 0})
+    if test:
+        load_manifest(test)
+except UserError as e:
+    sys.exit(f"two_stage.sh: {e}")
+if len(folds) < 2 or len(set(folds)) != len(folds) or any(f not in map(str, have) for f in folds):
+    sys.exit(f"two_stage.sh: FOLDS={' '.join(folds)!r}: give two or more distinct folds of {train}, whose folds are {have}")
+EOF
 mkdir -p "$OUT"
 
+# new | partial | done per fold of run folders $OUT/<prefix><k>, from their last.pt: done when it
+# holds the run's last epoch (ich-train fit: and no progress inside an epoch)
+states() {
+    "$BIN/python" - "$@" <<'EOF'
+import os, sys, torch
+out, prefix, folds = sys.argv[1], sys.argv[2], sys.argv[3:]
+def state(path):
+    if not os.path.lexists(path):
+        return "new"
+    if not os.path.isfile(path):  # a FIFO would hang the read: --resume refuses it in one line
+        return "partial"
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        done = ck["epoch"] + 1 >= ck["config"]["epochs"] and "epoch_progress" not in ck
+    except Exception:  # not readable here: --resume says what is wrong in one line
+        return "partial"
+    return "done" if done else "partial"
+print(" ".join(state(os.path.join(out, f"{prefix}{k}", "last.pt")) for k in folds))
+EOF
+}
+
+# shellcheck disable=SC2086
+st=$(states "$OUT" cnn $FOLDS)
+read -r -a state <<< "$st"
 cnns=()
+i=0
 for k in $FOLDS; do
-    if [ ! -f "$OUT/cnn$k/best.pt" ]; then
+    resume=()
+    [ "${state[i]}" = partial ] && resume=(--resume)
+    if [ "${state[i]}" != done ]; then
         # shellcheck disable=SC2086 # FIT_ARGS is a list of flags
-        "$BIN/ich-train" fit --shards "$TRAIN" --valid-fold "$k" --out "$OUT/cnn$k" $FIT_ARGS
+        "$BIN/ich-train" fit --shards "$TRAIN" --valid-fold "$k" --out "$OUT/cnn$k" $FIT_ARGS "${resume[@]}"
     fi
     cnns+=("$OUT/cnn$k/best.pt")
+    i=$((i + 1))
 done
 
 # shellcheck disable=SC2086 # FOLDS is a list of fold numbers
 "$BIN/ich-train" embed --checkpoint "${cnns[@]}" --shards "$TRAIN" --oof --folds $FOLDS \
     --out "$OUT/oof.parquet"
 
+# shellcheck disable=SC2086
+st=$(states "$OUT" seq $FOLDS)
+read -r -a state <<< "$st"
 seqs=()
+i=0
 for k in $FOLDS; do
-    if [ ! -f "$OUT/seq$k/best.pt" ]; then
+    resume=()
+    [ "${state[i]}" = partial ] && resume=(--resume)
+    if [ "${state[i]}" != done ]; then
         # shellcheck disable=SC2086
-        "$BIN/ich-train" seq fit --features "$OUT/oof.parquet" --valid-fold "$k" --out "$OUT/seq$k" $SEQ_ARGS
+        "$BIN/ich-train" seq fit --features "$OUT/oof.parquet" --valid-fold "$k" --out "$OUT/seq$k" $SEQ_ARGS "${resume[@]}"
     fi
     "$BIN/ich-train" seq evaluate --checkpoint "$OUT/seq$k/best.pt" --features "$OUT/oof.parquet" \
         --fold "$k" > "$OUT/seq$k/evaluate.json"
     seqs+=("$OUT/seq$k/best.pt")
+    i=$((i + 1))
 done
 
 "$BIN/python" - "$OUT" $FOLDS <<'EOF'

@@ -7,7 +7,10 @@ fold the build lacks."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from ich_train.data import Build, EvalStream, ShardError
 from tests.test_train_cli_errors import one_error_line
 from tests.train_fixtures import make_build
 
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "two_stage.sh"
 TINY = ["--model", "resnet10t", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
         "--workers", "0", "--no-progress", "--no-report"]  # fmt: skip
 RUNTIME = ["--workers", "0", "--no-progress"]
@@ -158,3 +162,81 @@ def test_predict_seq_names_a_missing_cnn_checkpoint(series, tmp_path, capsys):
     missing = tmp_path / "nope.pt"
     assert main(["predict", "--checkpoint", str(missing), "--seq", str(missing), "--shards", str(build), "--out", str(tmp_path / "s.csv")]) == 2  # fmt: skip
     assert f"--checkpoint {missing} cannot be read" in one_error_line(capsys, "predict")
+
+
+# ---- scripts/two_stage.sh, its decisions checked with a stand-in ich-train that records calls
+
+FAKE = """#!/usr/bin/env bash
+printf '%s\\x1f' "$@" >> "$LOG"; printf '\\n' >> "$LOG"
+out=""; prev=""
+for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+case "$1 $2" in
+    "fit "*|"seq fit") mkdir -p "$out"; : > "$out/best.pt" ;;
+    "seq evaluate") echo '{"valid_loss": 0.1, "cnn_loss": 0.2, "cnn_auc_any": 0.5, "valid_auc_any": 0.6}' ;;
+    *) [ -n "$out" ] && : > "$out" ;;
+esac
+"""
+
+
+def _fake_bin(tmp: Path) -> tuple[dict, Path]:
+    bin_dir, log = tmp / "fake bin", tmp / "calls.log"
+    bin_dir.mkdir()
+    (bin_dir / "ich-train").write_text(FAKE)
+    (bin_dir / "python").write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "$@"\n')
+    for f in ("ich-train", "python"):
+        os.chmod(bin_dir / f, 0o755)
+    return {**os.environ, "BIN": str(bin_dir), "LOG": str(log), "FIT_ARGS": "--epochs 2", "SEQ_ARGS": "--epochs 3"}, log  # fmt: skip
+
+
+def _calls(log: Path) -> list[list[str]]:
+    text = log.read_text() if log.exists() else ""
+    return [line.split("\x1f")[:-1] for line in text.splitlines()]
+
+
+def _last(run: Path, epoch: int, epochs: int) -> None:
+    run.mkdir(parents=True)
+    torch.save({"epoch": epoch, "config": {"epochs": epochs}}, run / "last.pt")
+    (run / "best.pt").write_bytes(b"ours")
+
+
+def test_two_stage_rerun_skips_finished_folds_and_resumes_stopped_ones(tmp_path):
+    """Before: a fold counted as finished once its best.pt existed, which fit writes after the
+    first epoch: a run killed part-way was skipped on the rerun and its half-trained CNN or
+    sequence model used, silently (and one killed with last.pt but no best.pt was refused: the
+    folder already holds a run). Now finished folds are skipped, stopped ones continue with
+    --resume, new ones start; paths with spaces arrive whole; the user's files stay."""
+    env, log = _fake_bin(tmp_path)
+    three = make_build(tmp_path / "train build", folds=3, per_shard=6, size=16, series_len=3)
+    test = make_build(tmp_path / "test build", test=True, per_shard=4, size=16, series_len=2)
+    out = tmp_path / "my runs"
+    _last(out / "cnn0", 1, 2)  # done
+    _last(out / "cnn1", 0, 2)  # stopped after epoch 1 of 2
+    _last(out / "seq0", 2, 3)
+    _last(out / "seq1", 1, 3)
+    (out / "notes.txt").write_text("mine")
+    r = subprocess.run(["bash", str(SCRIPT), str(three), str(out), str(test)], env={**env, "FOLDS": "0 1 2"},
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    calls = _calls(log)
+    fits = [(c[c.index("--valid-fold") + 1], "--resume" in c) for c in calls if c[0] == "fit"]
+    seqs = [(c[c.index("--valid-fold") + 1], "--resume" in c) for c in calls if c[:2] == ["seq", "fit"]]  # fmt: skip
+    assert fits == [("1", True), ("2", False)] and seqs == [("1", True), ("2", False)]
+    assert all(c[c.index("--shards") + 1] == str(three) for c in calls if c[0] == "fit")
+    assert calls[-1][:1] == ["predict"] and calls[-1][calls[-1].index("--shards") + 1] == str(test)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "cnn0" / "best.pt").read_bytes() == b"ours"  # fmt: skip
+
+
+@pytest.mark.parametrize(("folds", "test", "message"), [
+    ("0 1", "missing", "missing/manifest.json not found"),
+    ("0 7", None, "FOLDS='0 7': give two or more distinct folds"),
+])  # fmt: skip
+def test_two_stage_checks_builds_and_folds_before_training(tmp_path, folds, test, message):
+    """Before: a missing test build was found by the last step, after every fold had trained, and
+    FOLDS='0 7' trained fold 0 before fit found no fold 7. Now both end the script before anything
+    runs."""
+    build = make_build(tmp_path / "build", folds=2, per_shard=4, size=16, series_len=2)
+    env, log = _fake_bin(tmp_path)
+    args = [str(build), str(tmp_path / "out"), *([str(tmp_path / test)] if test else [])]
+    r = subprocess.run(["bash", str(SCRIPT), *args], env={**env, "FOLDS": folds}, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    assert _calls(log) == [] and not (tmp_path / "out").exists()
