@@ -61,6 +61,7 @@ def dataset_card(manifest: dict) -> str:
     n_bytes = sum(s["bytes"] for s in shards)
     enc = cfg.encoding
     h, w, c = layout.shape
+    grey = c == 1 and enc in ("png", "jpg")  # webdataset's "l8" decodes these to (h, w)
     train = cfg.split == "train"
     pattern = "train-f*.tar" if train else "test-*.tar"
     lines = [
@@ -141,9 +142,9 @@ def dataset_card(manifest: dict) -> str:
         "",
         f'urls = sorted(glob.glob("THIS_FOLDER/{pattern}"))'
         + ('  # one fold: "THIS_FOLDER/train-f0-*.tar"' if train else ""),
-        f'ds = wds.WebDataset(urls, shardshuffle=False).decode("rgb8", only=["{enc}", "json"])',
+        f'ds = wds.WebDataset(urls, shardshuffle=False).decode("{grey and "l8" or "rgb8"}", only=["{enc}", "json"])',
         f'for image, meta in ds.to_tuple("{enc}", "json"):',
-        f"    pass  # image: {layout.dtype} ({h}, {w}, {c}); meta: "
+        f"    pass  # image: {layout.dtype} {(h, w) if grey else (h, w, c)}; meta: "
         + ("labels (any, epidural, ...), fold, ids" if train else "ids, geometry"),
         "```",
         "",

@@ -64,6 +64,7 @@ def add_build(sub) -> None:
         DEFAULT_ENCODING,
         DEFAULT_WINDOWS,
         ENCODINGS,
+        MAX_WINDOWS,
         WINDOW_PRESETS,
     )
 
@@ -89,7 +90,7 @@ def add_build(sub) -> None:
     p.add_argument(
         "--windows",
         default=",".join(DEFAULT_WINDOWS),
-        help=f"3 windows: presets ({', '.join(WINDOW_PRESETS)}) or CENTER/WIDTH pairs (default brain,subdural,bone)",
+        help=f"1 to {MAX_WINDOWS} windows, one channel each: presets ({', '.join(WINDOW_PRESETS)}) or CENTER/WIDTH pairs (default brain,subdural,bone)",
     )
     p.add_argument(
         "--spacing-mm",

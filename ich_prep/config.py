@@ -23,9 +23,9 @@ DEFAULT_WINDOWS = ("brain", "subdural", "bone")
 # Sample field name (a file extension, so webdataset decodes it with no custom code) per encoding.
 ENCODINGS: dict[str, str] = {
     "npy.gz": "lossless: raw uint8 .npy, gzip (ISA-L level 2) (default: smallest lossless, fastest decode measured)",
-    "png": "lossless: 3-channel PNG, zlib level 1 (opens in any image viewer)",
+    "png": "lossless: PNG (1 or 3 windows), zlib level 1 (opens in any image viewer)",
     "npy": "lossless: raw uint8 .npy (no decode cost, 192 KiB per 256x256x3 image)",
-    "jpg": "lossy: JPEG quality 95 (about 21 KiB per image)",
+    "jpg": "lossy: JPEG quality 95 (1 or 3 windows; about 21 KiB per image)",
 }
 DEFAULT_ENCODING = "npy.gz"
 
@@ -45,6 +45,8 @@ SPACING_RANGE_MM = (0.1, 10.0)  # CT pixel spacing is 0.2-1 mm; 10 mm is already
 MAX_FOLDS = 100
 MAX_SHARD_SIZE = 100_000  # samples per shard: one task holds one shard's results in memory
 MAX_SEED = 2**32 - 1
+MAX_WINDOWS = 8  # channels per image (the layout's); 3 is the RSNA habit, 1 or 5 are choices
+CV2_CHANNELS = {"png": (1, 3), "jpg": (1, 3)}  # what cv2 writes and reads back as uint8 grey/RGB
 
 
 class ConfigError(UserError, ValueError):
@@ -78,9 +80,9 @@ def parse_windows(spec: str | tuple[str, ...] | list[str]) -> tuple[Window, ...]
                 "nor a CENTER/WIDTH pair with a positive width, e.g. 40/80"
             )
         out.append(Window(f"c{m.group(1)}w{m.group(2)}", float(m.group(1)), float(m.group(2))))
-    if len(out) != 3:
+    if not 1 <= len(out) <= MAX_WINDOWS:
         raise ConfigError(
-            f"--windows: need exactly 3 windows (one per image channel), got {len(out)}: {spec!r}"
+            f"--windows: give 1 to {MAX_WINDOWS} windows (one per image channel), got {len(out)}: {spec!r}"
         )
     return tuple(out)
 
@@ -115,6 +117,12 @@ class BuildConfig:
         if self.encoding not in ENCODINGS:
             raise ConfigError(
                 f"--encoding {self.encoding!r} is unknown; choose one of {', '.join(ENCODINGS)}"
+            )
+        n = len(self.windows)
+        if n not in CV2_CHANNELS.get(self.encoding, (n,)):
+            raise ConfigError(
+                f"--encoding {self.encoding} stores 1 or 3 channels, and --windows gives {n}; "
+                "use --encoding npy.gz (any number of channels) or 1 or 3 windows"
             )
         if self.crop not in CROPS:
             raise ConfigError(f"--crop {self.crop!r} is unknown; choose one of {', '.join(CROPS)}")
@@ -191,9 +199,12 @@ class ImageLayout:
 
 
 def _windows_from(items) -> tuple[Window, ...]:
-    """Windows as a manifest records them: a list of 3 {name, center, width} with finite numbers."""
-    if not isinstance(items, list) or len(items) != 3:
-        raise ConfigError(f"config windows is {str(items)[:80]}, not a list of 3 windows")
+    """Windows as a manifest records them: a list of 1 to MAX_WINDOWS {name, center, width} with
+    finite numbers (the channel names; a name may repeat, as in brain,brain,brain)."""
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_WINDOWS:
+        raise ConfigError(
+            f"config windows is {str(items)[:80]}, not a list of 1 to {MAX_WINDOWS} windows"
+        )
     out = []
     for w in items:
         ok = isinstance(w, dict) and set(w) == {"name", "center", "width"}

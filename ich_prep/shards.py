@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from isal import igzip, isal_zlib
 
-from ich_prep.config import ImageLayout
+from ich_prep.config import CV2_CHANNELS, ImageLayout
 from ich_prep.location import Store, read_range, sha256_file
 
 TAR_MTIME = 0.0  # fixed so that identical content gives identical bytes
@@ -58,39 +58,44 @@ def _cv2_encoder(ext: str, params: list[int]):
     return encode
 
 
-def _decode_npy(data: bytes, limit: int) -> np.ndarray:
+def _decode_npy(data: bytes, limit: int, channels: int = 3) -> np.ndarray:
     if len(data) > limit:
         raise ValueError(f".npy of {len(data)} bytes is over the {limit}-byte limit; refused")
     return _load_npy(data)
 
 
-def _decode_npy_gz(data: bytes, limit: int) -> np.ndarray:
+def _decode_npy_gz(data: bytes, limit: int, channels: int = 3) -> np.ndarray:
     return _load_npy(gunzip(data, limit))
 
 
 def _decode_cv2(kind: str):
-    def decode(data: bytes, limit: int) -> np.ndarray:
-        h, w = declared_dims(data, kind)
-        if not (0 < h and 0 < w and h * w * 3 <= limit):
+    def decode(data: bytes, limit: int, channels: int = 3) -> np.ndarray:
+        if channels not in CV2_CHANNELS[kind]:
+            raise ValueError(f"a {kind} build holds 1 or 3 channels, its layout says {channels}")
+        h, w, c = declared_dims(data, kind)
+        if not (0 < h and 0 < w and h * w * channels <= limit):
             raise ValueError(
                 f"{kind} header declares {h}x{w}, over the {limit}-byte limit; refused"
             )
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if c != channels:  # a grey image in a colour build (or the reverse) is not ours
+            raise ValueError(f"{kind} header declares {c} channels, the build's layout {channels}")
+        flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
         if arr is None:
             raise ValueError(f"not a decodable {kind} image")
-        return arr[..., ::-1]
+        return arr[..., None] if channels == 1 else arr[..., ::-1]
 
     return decode
 
 
 @dataclass(frozen=True)
 class Codec:
-    """One image encoding: `encode(uint8 (H, W, 3)) -> bytes`; `decode(bytes, limit) -> array`,
+    """One image encoding: `encode(uint8 (H, W, C)) -> bytes`; `decode(bytes, limit, C) -> array`,
     refusing (ValueError) anything that would take more than `limit` bytes decoded, checked from
     the header before any pixel is decoded (gzip inflation bounded, png/jpg dimensions read first)."""
 
     encode: Callable[[np.ndarray], bytes]
-    decode: Callable[[bytes, int], np.ndarray]
+    decode: Callable[[bytes, int, int], np.ndarray]
 
 
 # The encoding registry: member suffix -> codec (config.ENCODINGS describes each for the CLI).
@@ -110,7 +115,7 @@ def codec(encoding: str) -> Codec:
 
 
 def encode_image(img: np.ndarray, encoding: str) -> bytes:
-    """uint8 (H, W, 3) -> bytes in `encoding` (a key of CODECS)."""
+    """uint8 (H, W, C) -> bytes in `encoding` (a key of CODECS; png/jpg take C = 1 or 3)."""
     return codec(encoding).encode(img)
 
 
@@ -151,14 +156,17 @@ def _load_npy(raw: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype, count, offset=n).reshape(shape)
 
 
-def decode_image(data: bytes, encoding: str, limit: int = MAX_IMAGE_BYTES) -> np.ndarray:
-    """bytes -> uint8 (H, W, 3), channel i = window i, at most `limit` bytes decoded. Never
-    unpickles (object dtypes are refused). npy/npy.gz give a read-only view of the inflated bytes
-    (no copy); copy it to write in place."""
-    arr = codec(encoding).decode(data, limit)
+def decode_image(
+    data: bytes, encoding: str, limit: int = MAX_IMAGE_BYTES, channels: int = 3
+) -> np.ndarray:
+    """bytes -> uint8 (H, W, C), channel i = window i, at most `limit` bytes decoded (png/jpg are
+    read as `channels`, 1 or 3; npy keeps its own shape, checked against the layout by the
+    reader). Never unpickles (object dtypes are refused). npy/npy.gz give a read-only view of the
+    inflated bytes (no copy); copy it to write in place."""
+    arr = codec(encoding).decode(data, limit, channels)
     if arr.dtype != np.uint8 or arr.ndim != 3:
         raise ValueError(
-            f"decoded image has dtype {arr.dtype} shape {arr.shape}, expected uint8 (H, W, 3)"
+            f"decoded image has dtype {arr.dtype} shape {arr.shape}, expected uint8 (H, W, C)"
         )
     return np.ascontiguousarray(arr)
 
@@ -166,12 +174,17 @@ def decode_image(data: bytes, encoding: str, limit: int = MAX_IMAGE_BYTES) -> np
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def declared_dims(data: bytes, kind: str) -> tuple[int, int]:
-    """(height, width) a png/jpg header declares, read before decoding (so no pixel bomb is decoded)."""
+PNG_CHANNELS = {(8, 0): 1, (8, 2): 3}  # (bit depth, colour type) -> channels: 8-bit grey or RGB
+
+
+def declared_dims(data: bytes, kind: str) -> tuple[int, int, int | None]:
+    """(height, width, channels) a png/jpg header declares, read before decoding (so no pixel bomb
+    is decoded); channels None for a png other than 8-bit grey or RGB (not one we write)."""
     if kind == "png":
-        if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or len(data) < 26:
             raise ValueError("not a png (bad signature or no IHDR)")
-        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+        h, w = int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+        return h, w, PNG_CHANNELS.get((data[24], data[25]))
     if data[:2] != b"\xff\xd8":
         raise ValueError("not a jpeg (no SOI marker)")
     i = 2
@@ -183,7 +196,7 @@ def declared_dims(data: bytes, kind: str) -> tuple[int, int]:
             i += 1
             continue
         if m in _SOF:
-            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")  # fmt: skip
+            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big"), data[i + 9]  # fmt: skip
         if m == 0x01 or 0xD0 <= m <= 0xD9:
             i += 2
             continue
@@ -374,7 +387,7 @@ def image_header(data: bytes, encoding: str, layout: ImageLayout) -> tuple[tuple
 def decode_bounded(data: bytes, encoding: str, layout: ImageLayout) -> np.ndarray:
     """decode_image refusing anything larger decoded than one image of `layout` (a small shard
     member cannot become gigabytes: gzip inflation bounded, png/jpg headers read first)."""
-    return decode_image(data, encoding, layout.max_bytes)
+    return decode_image(data, encoding, layout.max_bytes, layout.channels)
 
 
 def max_span(layout: ImageLayout) -> int:

@@ -12,13 +12,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ich_prep.build import build
-from ich_prep.config import BuildConfig
+from ich_prep.config import BuildConfig, parse_windows
 from ich_prep.manifest import dumps
 from ich_prep.shards import sha256_file
 from ich_prep.synth import write_synthetic
 
 
-def build_synthetic(root: Path, encoding: str = "npy.gz") -> Path:
+def build_synthetic(
+    root: Path, encoding: str = "npy.gz", windows: str = "brain,subdural,bone"
+) -> Path:
     """Synthetic DICOMs (6 patients x 4 slices, one truncated file) built into root/out."""
     info = write_synthetic(root / "syn", patients=6, seed=0, slices_per_series=4)
     cfg = BuildConfig(
@@ -28,6 +30,7 @@ def build_synthetic(root: Path, encoding: str = "npy.gz") -> Path:
         shard_size=5,
         folds=3,
         encoding=encoding,
+        windows=parse_windows(windows),
     )
     build(cfg, root / "out", jobs=1, progress=False)
     return root / "out"

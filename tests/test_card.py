@@ -62,6 +62,15 @@ def test_png_build_snippets_run(tmp_path):
     assert ns["image"].shape == (64, 64, 3) and ns["image"].dtype == np.uint8
 
 
+@pytest.mark.parametrize(("encoding", "shape"), [("png", (64, 64)), ("npy.gz", (64, 64, 1))])
+def test_one_window_build_snippets_run(tmp_path, encoding, shape):
+    """A one-window build: the card's loop decodes grey images, of the shape its comment says."""
+    folder = build_synthetic(tmp_path, encoding=encoding, windows="brain")
+    ns = run_snippets(folder)[0]
+    assert ns["image"].shape == shape and ns["image"].dtype == np.uint8
+    assert f"image: uint8 {shape}" in (folder / "README.md").read_text()
+
+
 def test_test_set_card_snippets_run(tmp_path):
     """An unlabelled build's card loads `test-*.tar` and points at `ich-train predict`."""
     info = write_synthetic(tmp_path / "syn", patients=4, seed=1, slices_per_series=2)

@@ -22,13 +22,33 @@ def test_presets_and_pairs():
     assert parse_windows("brain,-100/400.5,soft-tissue")[1] == Window("c-100w400.5", -100.0, 400.5)
 
 
-@pytest.mark.parametrize(
-    "spec", ["brain,bone", "brain,bone,bone,bone", "brain,skull,bone", "40/0,1/1,2/2"]
-)
+@pytest.mark.parametrize("spec", ["", ",".join(["brain"] * 9), "brain,skull,bone", "40/0,1/1,2/2"])
 def test_bad_windows_refused(spec):
-    """Not three windows, an unknown preset or a zero width: a ValueError that says what is allowed."""
+    """No window or more than 8, an unknown preset or a zero width: a ValueError that says what is
+    allowed."""
     with pytest.raises(ValueError, match="window"):
         parse_windows(spec)
+
+
+def test_one_to_eight_windows_make_the_layout():
+    """Each window is one channel of the layout; 1 and 8 are allowed, and a window may repeat."""
+    for spec, n in (("brain", 1), ("brain,bone", 2), ("brain,brain,brain", 3), (",".join(["bone"] * 8), 8)):  # fmt: skip
+        cfg = BuildConfig(dicom_dir="d", windows=parse_windows(spec))
+        assert cfg.layout.channels == n and BuildConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("encoding", ["png", "jpg"])
+def test_png_and_jpg_take_one_or_three_windows(encoding):
+    """cv2 writes and reads 8-bit grey or RGB: 2 or 5 windows in png/jpg are refused naming npy.gz
+    (also from a manifest someone edited); 1 and 3 are built."""
+    for spec in ("brain", "brain,subdural,bone"):
+        BuildConfig(dicom_dir="d", encoding=encoding, windows=parse_windows(spec))
+    for spec in ("brain,bone", "brain,subdural,bone,soft-tissue,40/40"):
+        with pytest.raises(ConfigError, match="use --encoding npy.gz"):
+            BuildConfig(dicom_dir="d", encoding=encoding, windows=parse_windows(spec))
+    d = BuildConfig(dicom_dir="d", encoding="npy.gz", windows=parse_windows("brain,bone")).to_dict()
+    with pytest.raises(ConfigError, match="stores 1 or 3 channels"):
+        BuildConfig.from_dict({**d, "encoding": encoding})
 
 
 def test_config_round_trips_through_json_dict():
@@ -73,11 +93,19 @@ def test_manifest_config_out_of_range_is_refused():
 
 
 def test_cli_refuses_bad_windows_with_exit_2(tmp_path, capsys):
-    """`ich-prep build --windows brain` exits 2 with a one-line reason, no traceback."""
+    """`ich-prep build --windows brain,skull` exits 2 with a one-line reason, no traceback."""
     rc = main(
-        ["build", "--dicom-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--windows", "brain"]
+        [
+            "build",
+            "--dicom-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--windows",
+            "brain,skull",
+        ]
     )
-    assert rc == 2 and "need exactly 3 windows" in capsys.readouterr().err
+    assert rc == 2 and "neither a preset" in capsys.readouterr().err
 
 
 def test_cli_refuses_missing_dicom_dir(tmp_path, capsys):

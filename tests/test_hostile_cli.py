@@ -335,9 +335,9 @@ def decodes(monkeypatch):
 
     original, calls = shards.decode_image, []
 
-    def recording(data, encoding, limit=shards.MAX_IMAGE_BYTES):
+    def recording(data, encoding, limit=shards.MAX_IMAGE_BYTES, channels=3):
         try:
-            arr = original(data, encoding, limit)
+            arr = original(data, encoding, limit, channels)
         except ValueError:
             calls.append((len(data), limit, None))
             raise
