@@ -38,7 +38,7 @@ def do_embed(args) -> int:
 
 
 def add_seq_parser(sub) -> None:
-    from ich_train.seq import SeqConfig
+    from ich_train.seq import INPUTS, SeqConfig
 
     d = SeqConfig(features="", valid_fold=0)
     p = sub.add_parser("seq", help="second stage: a bidirectional GRU/LSTM over each series")
@@ -49,6 +49,8 @@ def add_seq_parser(sub) -> None:
     f.add_argument("--out", required=True, help="run folder")
     f.add_argument("--resume", action="store_true")
     f.add_argument("--rnn", choices=("gru", "lstm"), default=d.rnn)
+    f.add_argument("--inputs", choices=tuple(INPUTS), default=d.inputs,
+                   help="what each slice gives the model: " + "; ".join(f"{k}: {v}" for k, v in INPUTS.items()))  # fmt: skip
     for name in ("hidden", "layers", "epochs", "batch_series", "seed"):
         f.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     for name in ("dropout", "lr", "weight_decay", "reverse_p", "drop_p"):

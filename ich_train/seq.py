@@ -37,6 +37,23 @@ from ich_train.submission import check_out_file
 RNNS = {"gru": nn.GRU, "lstm": nn.LSTM}
 
 
+# What each slice gives the sequence model. The pooled features of two CNNs are not in one space
+# (each fold's CNN learned its own), while their logits all mean the six labels: under the
+# out-of-fold protocol a model trained on folds j's features (CNN j) meets fold k's (CNN k).
+INPUTS = {
+    "features": "pooled features, their differences to the neighbours, the CNN's logits, position",
+    "logits": "the CNN's logits and the position only (no pooled features)",
+}
+
+
+def select_inputs(series: list, feature_dim: int) -> list:
+    """`series` as a model of `feature_dim` takes them: feature_dim 0 (--inputs logits) keeps no
+    pooled features (each series' features become (T, 0)); otherwise unchanged."""
+    if feature_dim:
+        return series
+    return [dataclasses.replace(s, features=s.features[:, :0]) for s in series]
+
+
 class SeqError(UserError, ValueError):
     """A sequence-stage flag, run folder or checkpoint we cannot use."""
 
@@ -58,8 +75,11 @@ class SeqConfig:
     reverse_p: float = 0.5
     drop_p: float = 0.1
     seed: int = 0
+    inputs: str = "features"  # or "logits": the CNN's logits (and position) only, see select_inputs
 
     def __post_init__(self):
+        if self.inputs not in INPUTS:
+            raise SeqError(f"--inputs {self.inputs!r}: choose one of {', '.join(INPUTS)}")
         if self.rnn not in RNNS:
             raise SeqError(f"--rnn {self.rnn!r}: choose one of {sorted(RNNS)}")
         for name, lo, hi in (("hidden", 4, 4096), ("layers", 1, 8), ("epochs", 1, 10_000), ("batch_series", 1, 100_000)):  # fmt: skip
@@ -185,7 +205,7 @@ def _fields_ok(ck: dict) -> bool:
     if not (isinstance(args, dict) and set(args) == set(names) and isinstance(ck["model"], dict)):
         return False
     ints = [args[k] for k in ("feature_dim", "hidden", "layers")]
-    if not (all(type(v) is int for v in ints) and 1 <= args["feature_dim"] <= MAX_FEATURE_DIM):
+    if not (all(type(v) is int for v in ints) and 0 <= args["feature_dim"] <= MAX_FEATURE_DIM):
         return False
     if not (isinstance(ck["config"], dict) and type(ck["epoch"]) is int):
         return False
@@ -255,8 +275,9 @@ def fit(cfg: SeqConfig, out: str, resume: bool = False, log=print, device: str =
 def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict:
     check_run_folder(Path(out), resume)
     series, meta = read_embeddings(cfg.features)
+    dim = 0 if cfg.inputs == "logits" else series[0].features.shape[1]
+    series = select_inputs(series, dim)
     train, valid = _split(series, cfg.valid_fold, cfg.features)
-    dim = series[0].features.shape[1]
     torch.manual_seed(cfg.seed)
     model = SeqModel(**model_args(cfg, dim)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -265,8 +286,9 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
     run, start, best, rows = Path(out), 0, math.inf, []
     if resume:
         ck = load(str(run / "last.pt"))
-        if ck["config"] != cfg.to_dict():
-            diff = sorted(k for k in cfg.to_dict() if ck["config"].get(k) != cfg.to_dict()[k])
+        saved = {"inputs": "features", **ck["config"]}  # a run from before --inputs
+        if saved != cfg.to_dict():
+            diff = sorted(k for k in cfg.to_dict() if saved.get(k) != cfg.to_dict()[k])
             raise SeqError(f"--resume {run}: the run was started with other settings ({', '.join(diff)}); use the same flags or a new --out")  # fmt: skip
         try:
             model.load_state_dict(ck["model"])
@@ -325,6 +347,7 @@ def _evaluate(checkpoint: str, features: str, fold: int, out: str | None, dev: t
     if not chosen or any(s.labels is None for s in chosen):
         raise SeqError(f"--fold {fold}: {features} has no labelled series in that fold; its folds are {sorted({s.fold for s in series})}")  # fmt: skip
     args = ck["model_args"]
+    chosen = select_inputs(chosen, args["feature_dim"])
     if args["feature_dim"] != chosen[0].features.shape[1]:
         raise SeqError(f"{checkpoint} takes {args['feature_dim']} features per slice, {features} has {chosen[0].features.shape[1]}; embed with the same CNNs")  # fmt: skip
     model = SeqModel(**args)

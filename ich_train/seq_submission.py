@@ -16,7 +16,7 @@ from ich_train.checkpoint import CheckpointError
 from ich_train.data import Build, create_loader
 from ich_train.embed import embed_loader, embedding_table
 from ich_train.infer import check_preprocessing, eval_stream, load_model
-from ich_train.seq import SeqError, SeqModel, load, one_thread, predict_series
+from ich_train.seq import SeqError, SeqModel, load, one_thread, predict_series, select_inputs
 from ich_train.seq_data import series_of_table
 from ich_train.submission import align_to_index, check_out_file, check_submission, write_submission
 
@@ -64,10 +64,11 @@ def predict_seq_submission(
             res = embed_loader(cnn, loader, augment, dist=dist, precision=ck["config"].get("precision", "auto"), tta=tta, progress=progress)  # fmt: skip
             series = series_of_table(embedding_table(build, res, 0), f"the features of {path}")
             for seq, seq_path in zip(models, seqs, strict=True):
-                if seq.inp[1].in_features != 3 * series[0].features.shape[1] + 7:
+                takes = (seq.inp[1].in_features - 7) // 3  # 0: --inputs logits
+                if takes not in (0, series[0].features.shape[1]):
                     raise SeqError(f"--seq {seq_path} takes other features than {path} gives; pass the CNNs it was trained with")  # fmt: skip
                 with one_thread():
-                    p = predict_series(seq, series)
+                    p = predict_series(seq, select_inputs(series, takes))
                 for image_id, row in zip(p["ids"], p["probs"], strict=True):
                     total[image_id] = total.get(image_id, 0) + row
             priors.append(np.asarray(ck["prior"]))

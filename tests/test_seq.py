@@ -17,7 +17,7 @@ from ich_train.cli import main
 from ich_train.config import TrainConfig
 from ich_train.embed import LOGITS, META_KEY
 from ich_train.infer import evaluate as cnn_evaluate
-from ich_train.seq import SeqConfig, SeqModel, evaluate, fit, masked_loss
+from ich_train.seq import SeqConfig, SeqError, SeqModel, evaluate, fit, masked_loss
 from ich_train.seq_data import Series, augment, collate, read_embeddings, slice_inputs
 from ich_train.train import fit as cnn_fit
 from tests.test_train_cli_errors import one_error_line
@@ -120,6 +120,25 @@ def test_sequence_model_beats_the_per_slice_model_on_a_held_out_fold(features, t
     assert m["cnn_loss"] == pytest.approx(r["cnn_valid_loss"], rel=1e-5) and m["out_of_fold"]
     oof = pd.read_parquet(m["predictions"])
     assert len(oof) == m["images"] and list(oof.columns[:8]) == ["image_id", "fold", *LABELS]
+
+
+def test_inputs_logits_learns_from_the_cnn_logits_alone(features, tmp_path):
+    """--inputs logits: the model takes 7 values a slice (6 logits + position), still beats the CNN
+    on the held-out fold, and evaluate gives the same numbers on a file whose pooled features were
+    zeroed (they are not read)."""
+    cfg = SeqConfig(features=features, valid_fold=0, hidden=32, epochs=12, lr=3e-3, inputs="logits")
+    r = fit(cfg, str(tmp_path / "run"), log=lambda *_: None)
+    ck = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert ck["model_args"]["feature_dim"] == 0 and ck["model"]["inp.1.weight"].shape[1] == 7
+    assert r["best_valid_loss"] < 0.85 * r["cnn_valid_loss"], r
+    t = pq.read_table(features)
+    zero = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(t.num_rows * 8, np.float16)), 8)
+    pq.write_table(t.set_column(t.column_names.index("features"), "features", zero), tmp_path / "z.parquet")  # fmt: skip
+    a = evaluate(str(tmp_path / "run" / "best.pt"), features, 0, out=str(tmp_path / "a.parquet"))
+    b = evaluate(str(tmp_path / "run" / "best.pt"), str(tmp_path / "z.parquet"), 0, out=str(tmp_path / "b.parquet"))  # fmt: skip
+    assert a["valid_loss"] == pytest.approx(r["best_valid_loss"], rel=1e-5) == b["valid_loss"]
+    with pytest.raises(SeqError, match="--inputs 'pixels'"):
+        SeqConfig(features=features, valid_fold=0, inputs="pixels")
 
 
 def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(features, tmp_path):

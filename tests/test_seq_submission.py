@@ -53,3 +53,9 @@ def test_stage_two_submission_averages_every_cnn_and_sequence_model(cnn_runs, tm
                         epochs=1, workers=0, progress=False, valid_fold=0, seed=5))  # fmt: skip
     assert main(["predict", "--checkpoint", str(other / "last.pt"), "--seq", str(run / "best.pt"), "--shards", str(test), "--out", str(tmp_path / "x.csv"), "--workers", "0", "--no-progress"]) == 2  # fmt: skip
     assert "trained on features of other CNNs" in one_error_line(capsys, "predict")
+    # a sequence model of the CNN logits alone (--inputs logits) takes the same CNNs' test features
+    lo = tmp_path / "seq_logits"
+    assert main(["seq", "fit", "--features", str(feats), "--valid-fold", "0", "--out", str(lo), "--epochs", "2", "--hidden", "8", "--inputs", "logits"]) == 0  # fmt: skip
+    both = tmp_path / "both.csv"
+    assert main(["predict", "--checkpoint", *ckpts, "--seq", str(run / "best.pt"), str(lo / "best.pt"), "--shards", str(test), "--out", str(both), "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+    assert len(pd.read_csv(both)) == 6 * 14
