@@ -159,6 +159,26 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(featu
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_from_before_inputs_existed_resumes(features, tmp_path):
+    """A last.pt whose config has no `inputs` (written before --inputs) resumes as --inputs
+    features; one that says logits does not resume a features run."""
+    cfg = SeqConfig(features=features, valid_fold=1, hidden=8, epochs=2, batch_series=64)
+
+    def stop_after_one(msg):
+        if msg.startswith("seq epoch 1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, str(tmp_path / "r"), log=stop_after_one)
+    last = tmp_path / "r" / "last.pt"
+    ck = torch.load(last, weights_only=True)
+    torch.save({**ck, "config": {k: v for k, v in ck["config"].items() if k != "inputs"}}, last)
+    assert fit(cfg, str(tmp_path / "r"), resume=True, log=lambda *_: None)["epochs"] == 2
+    torch.save({**ck, "config": {**ck["config"], "inputs": "logits"}}, last)
+    with pytest.raises(SeqError, match=r"other settings \(inputs\)"):
+        fit(cfg, str(tmp_path / "r"), resume=True, log=lambda *_: None)
+
+
 # ---------------------------------------------------------------- embed from real checkpoints
 
 
