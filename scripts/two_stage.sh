@@ -61,42 +61,41 @@ print(" ".join(state(os.path.join(out, f"{prefix}{k}", "last.pt")) for k in fold
 EOF
 }
 
-# shellcheck disable=SC2086
-st=$(states "$OUT" cnn $FOLDS)
-read -r -a state <<< "$st"
+# run_folds PREFIX COMMAND...: COMMAND --valid-fold k --out $OUT/PREFIXk for every fold k, with
+# --resume for a fold stopped part-way; a finished fold is skipped
+run_folds() {
+    local prefix=$1 st k i=0
+    shift
+    # shellcheck disable=SC2086 # FOLDS is a list of fold numbers
+    st=$(states "$OUT" "$prefix" $FOLDS)
+    local -a state resume
+    read -r -a state <<< "$st"
+    for k in $FOLDS; do
+        resume=()
+        [ "${state[i]}" = partial ] && resume=(--resume)
+        if [ "${state[i]}" != done ]; then
+            "$@" --valid-fold "$k" --out "$OUT/$prefix$k" "${resume[@]}"
+        fi
+        i=$((i + 1))
+    done
+}
+
+# shellcheck disable=SC2086 # FIT_ARGS is a list of flags
+run_folds cnn "$BIN/ich-train" fit --shards "$TRAIN" $FIT_ARGS
 cnns=()
-i=0
-for k in $FOLDS; do
-    resume=()
-    [ "${state[i]}" = partial ] && resume=(--resume)
-    if [ "${state[i]}" != done ]; then
-        # shellcheck disable=SC2086 # FIT_ARGS is a list of flags
-        "$BIN/ich-train" fit --shards "$TRAIN" --valid-fold "$k" --out "$OUT/cnn$k" $FIT_ARGS "${resume[@]}"
-    fi
-    cnns+=("$OUT/cnn$k/best.pt")
-    i=$((i + 1))
-done
+for k in $FOLDS; do cnns+=("$OUT/cnn$k/best.pt"); done
 
 # shellcheck disable=SC2086 # FOLDS is a list of fold numbers
 "$BIN/ich-train" embed --checkpoint "${cnns[@]}" --shards "$TRAIN" --oof --folds $FOLDS \
     --out "$OUT/oof.parquet"
 
-# shellcheck disable=SC2086
-st=$(states "$OUT" seq $FOLDS)
-read -r -a state <<< "$st"
+# shellcheck disable=SC2086 # SEQ_ARGS is a list of flags
+run_folds seq "$BIN/ich-train" seq fit --features "$OUT/oof.parquet" $SEQ_ARGS
 seqs=()
-i=0
 for k in $FOLDS; do
-    resume=()
-    [ "${state[i]}" = partial ] && resume=(--resume)
-    if [ "${state[i]}" != done ]; then
-        # shellcheck disable=SC2086
-        "$BIN/ich-train" seq fit --features "$OUT/oof.parquet" --valid-fold "$k" --out "$OUT/seq$k" $SEQ_ARGS "${resume[@]}"
-    fi
     "$BIN/ich-train" seq evaluate --checkpoint "$OUT/seq$k/best.pt" --features "$OUT/oof.parquet" \
         --fold "$k" > "$OUT/seq$k/evaluate.json"
     seqs+=("$OUT/seq$k/best.pt")
-    i=$((i + 1))
 done
 
 "$BIN/python" - "$OUT" $FOLDS <<'EOF'
