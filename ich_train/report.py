@@ -536,10 +536,9 @@ def _is_our_page(path: Path) -> bool:
 
 
 def _write(path: Path, data: bytes) -> None:
-    """`data` to `path` through a fresh `.partial` (a leftover one is replaced, never written
-    through: a link there could point anywhere)."""
+    """`data` to `path` through atomic_file's fresh `.partial`, created exclusively ("xb": a link
+    planted there after atomic_file removed the old one is refused, never written through)."""
     with atomic_file(path) as tmp:
-        tmp.unlink(missing_ok=True)
         with open(tmp, "xb") as f:
             f.write(data)
 

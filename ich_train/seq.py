@@ -186,10 +186,9 @@ RUN_FILES = ("config.json", "metrics.csv", "best.pt", "last.pt")  # what fit wri
 
 
 def _write(path: Path, write) -> None:
-    """`write(file)` into `path` through a fresh `.partial` (a leftover one is replaced, never
-    written through: a link there could point anywhere), then renamed over `path`."""
+    """`write(file)` into `path` through atomic_file's fresh `.partial`, created exclusively ("xb":
+    never written through a link), then renamed over `path`."""
     with atomic_file(path) as tmp:
-        tmp.unlink(missing_ok=True)
         with open(tmp, "xb") as f:
             write(f)
 
