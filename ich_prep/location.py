@@ -222,6 +222,16 @@ def sha256_file(path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------- atomic writes
 
 
+def file_in_the_way(path: str | os.PathLike, itself: bool = False) -> Path | None:
+    """The nearest of `path`'s parent folders (and `path` itself when `itself`) that exists and
+    is not a folder: what stops `path` from being created as a file (or a folder); None if none."""
+    path = Path(path)
+    for p in (path, *path.parents) if itself else path.parents:
+        if p.exists() and not p.is_dir():
+            return p
+    return None
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yields `<path>.partial` to write; on success it is renamed to `path` (a reader sees the old

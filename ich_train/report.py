@@ -40,7 +40,7 @@ from sklearn.metrics import (  # noqa: E402
 
 from ich_prep import LABELS, parquet_read  # noqa: E402
 from ich_prep.errors import UserError  # noqa: E402
-from ich_prep.location import atomic_file, open_local, read_bytes  # noqa: E402
+from ich_prep.location import atomic_file, file_in_the_way, open_local, read_bytes  # noqa: E402
 from ich_train.metrics import LABEL_WEIGHTS, label_log_loss, weighted_log_loss  # noqa: E402
 
 META_KEY = b"ich_train"  # Parquet key-value metadata: {"run", "config", "build", "checkpoint"}
@@ -510,9 +510,9 @@ def check_out_dir(out: Path) -> None:
     files a report writes (regular files, no links), its report.html one of ours. Anything else
     there is someone else's, never overwritten."""
     out = Path(out)
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise ReportError(f"--out {out}: {parent} is a file, not a folder; choose another --out")  # fmt: skip
+    parent = file_in_the_way(out)
+    if parent is not None:
+        raise ReportError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file; give a folder for the report")
     names = sorted(os.listdir(out)) if out.is_dir() else []

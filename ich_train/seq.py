@@ -27,7 +27,7 @@ from torch import nn
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
-from ich_prep.location import atomic_file
+from ich_prep.location import atomic_file, file_in_the_way
 from ich_train.checkpoint import safe_torch_load
 from ich_train.metrics import LABEL_WEIGHTS, compute_metrics
 from ich_train.optim import create_scheduler
@@ -241,10 +241,10 @@ def load(path: str) -> dict:
 def check_run_folder(out: Path, resume: bool) -> None:
     """SeqError unless `out` can be this run's folder: no file in its way, nothing in it but what
     fit writes (regular files, no links), and a last.pt exactly when resuming."""
-    for p in (out, *out.parents):
-        if p.exists() and not p.is_dir():
-            where = "" if p == out else f" ({p} is a file)"
-            raise SeqError(f"--out {out} cannot be a run folder{where}: an existing file is in the way; choose a folder path for --out")  # fmt: skip
+    p = file_in_the_way(out, itself=True)
+    if p is not None:
+        where = "" if p == out else f" ({p} is a file)"
+        raise SeqError(f"--out {out} cannot be a run folder{where}: an existing file is in the way; choose a folder path for --out")  # fmt: skip
     names = sorted(os.listdir(out)) if out.is_dir() else []
     ours = {*RUN_FILES, *(f"{n}.partial" for n in RUN_FILES)}
     foreign = [n for n in names if n not in ours or not stat.S_ISREG(os.lstat(out / n).st_mode)]

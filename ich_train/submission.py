@@ -10,7 +10,7 @@ import pandas as pd
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
-from ich_prep.location import atomic_file
+from ich_prep.location import atomic_file, file_in_the_way
 
 
 class SubmissionError(UserError, ValueError):
@@ -25,11 +25,11 @@ def check_out_file(path: str | Path, flag: str = "--out", example: str = "submis
         raise SubmissionError(
             f"{flag} {path} is a folder; give a file path such as {path / example}"
         )
-    for parent in path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise SubmissionError(
-                f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}"
-            )
+    parent = file_in_the_way(path)
+    if parent is not None:
+        raise SubmissionError(
+            f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}"
+        )
 
 
 def submission_frame(image_ids: list[str], probs: np.ndarray) -> pd.DataFrame:

@@ -20,7 +20,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ich_prep.location import atomic_file
+from ich_prep.location import atomic_file, file_in_the_way
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
 from ich_train.checkpoint import (
@@ -99,13 +99,13 @@ def fit(cfg: TrainConfig, resume: bool = False) -> dict:
 
 def check_out_folder(out: Path) -> None:
     """ConfigError unless --out can be a run folder: neither it nor a parent is a file."""
-    for p in (out, *out.parents):
-        if p.exists() and not p.is_dir():
-            where = "" if p == out else f" ({p} is a file)"
-            raise ConfigError(
-                f"--out {out} cannot be a run folder{where}: an existing file is in the way; "
-                "choose a folder path for --out"
-            )
+    p = file_in_the_way(out, itself=True)
+    if p is not None:
+        where = "" if p == out else f" ({p} is a file)"
+        raise ConfigError(
+            f"--out {out} cannot be a run folder{where}: an existing file is in the way; "
+            "choose a folder path for --out"
+        )
 
 
 RUN_FILES = ("config.json", "metrics.csv", "metrics.png")  # written before the first checkpoint
