@@ -145,3 +145,14 @@ def test_atomic_file_never_writes_through_a_link_at_its_partial_name(tmp_path):
     with atomic_file(out) as tmp, open(tmp, "w") as f:
         f.write("new")
     assert victim.read_text() == "keep me" and out.read_text() == "new" and not out.is_symlink()
+
+
+def test_file_in_the_way_names_the_nearest_file(tmp_path):
+    """The nearest existing non-folder among a path's parents (and the path with itself=True)."""
+    from ich_prep.location import file_in_the_way
+
+    (tmp_path / "f").write_text("x")
+    assert file_in_the_way(tmp_path / "f" / "a" / "b") == tmp_path / "f"
+    assert file_in_the_way(tmp_path / "f") is None
+    assert file_in_the_way(tmp_path / "f", itself=True) == tmp_path / "f"
+    assert file_in_the_way(tmp_path / "new" / "x", itself=True) is None
