@@ -13,6 +13,7 @@ import os
 import re
 from collections import Counter
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -306,6 +307,29 @@ def index_spans(rows: pd.DataFrame) -> dict[str, tuple[int, int]]:
         return {}
     offsets, lengths = (rows[c].astype("int64").tolist() for c in SPAN_COLUMNS)
     return dict(zip(rows["image_id"], zip(offsets, lengths, strict=True), strict=True))
+
+
+def series_ranks(ok: pd.DataFrame, where: str = INDEX) -> tuple[np.ndarray, np.ndarray]:
+    """(series ids as str, slice ranks as int64) of a format 2.0 index's ok rows (columns
+    series_id, slice_rank, shard, no empty value), once they are what ich-prep writes: whole-number
+    ranks that run 0..n-1 once each over every series, each series in one shard. FormatError
+    naming the first series that is not (an edited index would stack slices across series)."""
+    sid, col = ok["series_id"].astype(str).to_numpy(), ok["slice_rank"]
+    numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
+    rank = col.to_numpy(np.float64) if numeric else np.zeros(0)
+    if not numeric or not (np.isfinite(rank) & (rank == np.round(rank))).all():
+        raise FormatError(f"{where}: slice_rank holds values that are not whole numbers ({col.dtype}); the index is damaged or edited: run `ich-prep verify` and rebuild the build")  # fmt: skip
+    frame = pd.DataFrame({"series": sid, "rank": rank, "shard": ok["shard"].to_numpy()})
+    size = frame.groupby("series", sort=False)["rank"].transform("size").to_numpy()
+    # n ranks in [0, n), none twice: exactly 0..n-1
+    bad = (rank < 0) | (rank >= size) | frame.duplicated(["series", "rank"]).to_numpy()
+    if bad.any():
+        s = sid[np.argmax(bad)]
+        raise FormatError(f"{where}: series {s}: slice ranks {', '.join(f'{v:g}' for v in sorted(rank[sid == s])[:12])} are not 0..{int(size[sid == s][0]) - 1} once each; the index is damaged or edited: run `ich-prep verify` and rebuild the build")  # fmt: skip
+    shards = frame.groupby("series", sort=False)["shard"].nunique()
+    if (shards > 1).any():
+        raise FormatError(f"{where}: series {shards.index[np.argmax(shards.to_numpy() > 1)]} lies in {shards.max()} shards; a series must be whole in one shard (format 2.0): run `ich-prep verify` and rebuild the build")  # fmt: skip
+    return sid, rank.astype(np.int64)
 
 
 def index_mismatches(manifest: dict, index: pd.DataFrame) -> list[tuple[str, str, str]]:

@@ -32,6 +32,7 @@ from ich_prep.manifest import (
     index_spans,
     load_manifest,
     parse_index,
+    series_ranks,
 )
 from ich_prep.shards import decode_json, image_header, iter_samples
 
@@ -289,6 +290,11 @@ def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
             spans = index_spans(ok)
         except FormatError as e:
             report.add("index", INDEX, str(e))
+        if {"series_id", "slice_rank"} <= set(ok.columns) and ok[["series_id", "slice_rank"]].notna().all(axis=None):  # fmt: skip
+            try:  # the check ich-train makes before --context, embed and predict --seq
+                series_ranks(ok)
+            except FormatError as e:
+                report.add("index", INDEX, str(e))
         if not spans and "shard_offset" in ok and ok["shard_offset"].isna().any():
             report.add("index", INDEX, f"{INDEX}: {int(ok['shard_offset'].isna().sum())} ok rows have no span (shard_offset); the index is damaged, rebuild")  # fmt: skip
     shards = manifest["shards"]

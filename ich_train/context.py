@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from ich_prep.config import ImageLayout
 from ich_prep.errors import UserError
+from ich_prep.manifest import FormatError, series_ranks
 from ich_train.config import ConfigError
 
 MAX_CONTEXT = 8  # neighbours on each side: 17 slices a stack
@@ -79,22 +79,11 @@ def series_positions(ok, what: str = "--context", where: str = "index.parquet") 
     names the feature that needs them, `where` the index)."""
     if not {"series_id", "slice_rank"} <= set(ok.columns) or ok[["series_id", "slice_rank"]].isna().any(axis=None):  # fmt: skip
         raise ContextError(f"{what} needs a series-aware build (index columns series_id and slice_rank, format 2.0); rebuild it with this ich-prep")  # fmt: skip
-    sid, col = ok["series_id"].astype(str).to_numpy(), ok["slice_rank"]
-    numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
-    rank = col.to_numpy(np.float64) if numeric else np.zeros(0)
-    if not numeric or not (np.isfinite(rank) & (rank == np.round(rank))).all():
-        raise ContextError(f"{where}: slice_rank holds values that are not whole numbers ({col.dtype}); the index is damaged or edited: run `ich-prep verify` and rebuild the build")  # fmt: skip
-    frame = pd.DataFrame({"series": sid, "rank": rank, "shard": ok["shard"].to_numpy()})
-    size = frame.groupby("series", sort=False)["rank"].transform("size").to_numpy()
-    # n ranks in [0, n), none twice: exactly 0..n-1
-    bad = (rank < 0) | (rank >= size) | frame.duplicated(["series", "rank"]).to_numpy()
-    if bad.any():
-        s = sid[np.argmax(bad)]
-        raise ContextError(f"{where}: series {s}: slice ranks {', '.join(f'{v:g}' for v in sorted(rank[sid == s])[:12])} are not 0..{int(size[sid == s][0]) - 1} once each; the index is damaged or edited: run `ich-prep verify` and rebuild the build")  # fmt: skip
-    shards = frame.groupby("series", sort=False)["shard"].nunique()
-    if (shards > 1).any():
-        raise ContextError(f"{where}: series {shards.index[np.argmax(shards.to_numpy() > 1)]} lies in {shards.max()} shards; a series must be whole in one shard (format 2.0): run `ich-prep verify` and rebuild the build")  # fmt: skip
-    return dict(zip(ok["image_id"], zip(sid.tolist(), rank.astype(np.int64).tolist(), strict=True), strict=True))  # fmt: skip
+    try:
+        sid, rank = series_ranks(ok, where)
+    except FormatError as e:
+        raise ContextError(str(e)) from None
+    return dict(zip(ok["image_id"], zip(sid.tolist(), rank.tolist(), strict=True), strict=True))  # fmt: skip
 
 
 def stack(images: list[np.ndarray], r: int, ctx: Context) -> np.ndarray:

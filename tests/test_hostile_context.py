@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ich_prep.cli import main as prep
 from ich_train.cli import main
 from ich_train.context import Context, series_positions
 from ich_train.data import Build, EvalStream, ShardError
@@ -102,6 +103,17 @@ def test_an_edited_index_is_refused_before_training(series, tmp_path, capsys, ca
     out = tmp_path / "run"
     assert main(["fit", "--shards", str(bad), "--valid-fold", "1", *TINY, "--context", "1", "--out", str(out)]) == 2  # fmt: skip
     assert message in one_error_line(capsys, "fit") and not out.exists()
+
+
+@pytest.mark.parametrize(("edit", "message"), [(_split, "lies in 2 shards"), (_rank_half, "not whole numbers")])  # fmt: skip
+def test_verify_reports_the_index_series_the_trainer_refuses(series, tmp_path, capsys, edit, message):  # fmt: skip
+    """ich-prep verify runs the same series check (manifest.series_ranks) as --context, embed and
+    predict --seq, so it never passes an index they refuse."""
+    _, build, _ = series
+    bad = _edited(build, tmp_path / "bad", edit)
+    assert prep(["verify", str(bad)]) == 1
+    assert message in capsys.readouterr().out
+    assert prep(["verify", str(build)]) == 0
 
 
 def test_ranks_must_run_0_to_n_minus_1_in_every_series(series):
