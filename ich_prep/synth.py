@@ -8,6 +8,12 @@ A bleed is a blob along its series (`Bleed`: centre slice and reach), placed any
 its cross-section is largest mid-way and tapers, smaller and fainter, towards both ends, so its
 end slices are ambiguous on their own and a slice's rank says nothing about its label. A slice is
 labelled with exactly the subtypes whose blood is drawn on it (at least MIN_BLEED_MM2 of it).
+
+Mimics make a slice's neighbours matter, as they do on real CT: about MIMIC_RATE of all slices
+carry one hyperdensity of blood density and a bleed's shape (the partial volume of bone near the
+skull base, a calcification) on that slice alone. On its own slice it looks like a bleed's thin
+end; only the neighbours tell them apart (a bleed continues on the next slice, a mimic does not).
+Mimics are never labelled.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ EXTENT = {  # a bleed's reach either side of its centre: 1 slice + this share of
     "intraventricular": (0.15, 0.3),
     "subarachnoid": (0.15, 0.35),
 }
+MIMIC_RATE = 0.3  # share of slices with one single-slice, never labelled, bleed-like hyperdensity
+MIMIC_SCALE = (0.35, 0.75)  # its cross-section factor: the size and density of a bleed's thin end
 PLACE = 0.9  # a bleed's centre may lie up to PLACE x its reach beyond either end of the series
 FORMS = ("signed16", "unsigned12", "wrap12")
 # standard normal at 256 equally likely levels: noise from one random byte a pixel, 6x faster
@@ -92,6 +100,24 @@ def taper(d: float) -> float:
 def blood_hu(b: Bleed, s: float) -> float:
     """The bleed's density where its cross-section factor is s: fainter at its thin ends."""
     return BLOOD - FAINT * (1.0 - s) - (IVH_DARKER if b.subtype == "intraventricular" else 0.0)
+
+
+def mimic_hu(s: float) -> float:
+    """A mimic's density at cross-section factor s: that of a bleed's end of the same size."""
+    return BLOOD - FAINT * (1.0 - s)
+
+
+def plan_mimics(rng, n: int) -> list[list[tuple[Bleed, float]]]:
+    """Per slice of a series of n, its mimics: with probability MIMIC_RATE one (Bleed, s), the
+    shape of a random subtype's bleed at a thin end's cross-section factor s."""
+    out = []
+    for _ in range(n):
+        if rng.random() >= MIMIC_RATE:
+            out.append([])
+            continue
+        shape = _plan_bleeds(rng, 1, SUBTYPES[int(rng.integers(len(SUBTYPES)))])[0]
+        out.append([(shape, float(rng.uniform(*MIMIC_SCALE)))])
+    return out
 
 
 def _noise(rng, shape, sd: float) -> np.ndarray:
@@ -150,13 +176,14 @@ def _head_grid(shape, spacing, head, k):
     return c * x + s * y, -s * x + c * y, (rs, cs)
 
 
-def draw_slice(shape, spacing, head, frac, bleeds, rng):
+def draw_slice(shape, spacing, head, frac, bleeds, rng, mimics=()):
     """HU (H, W) float32, FOV mask (H, W) and the visible subtypes of one slice with their areas.
 
     `frac` is the slice height in the series (0 bottom, 1 top; the head shrinks towards the top);
     `bleeds` are (Bleed, d) pairs, d = (k - kc) / hz the slice's distance from the bleed's centre
     in units of its reach along the series. A subtype is visible, and returned with its area in
     pixels, when at least MIN_BLEED_MM2 of its cross-section is drawn; otherwise none of it is.
+    `mimics` are (Bleed, s) pairs drawn at a thin end's density where no blood is, never returned.
     """
     t = 0.05 + 0.7 * frac
     k = math.sqrt(1 - t * t)
@@ -205,6 +232,8 @@ def draw_slice(shape, spacing, head, frac, bleeds, rng):
         masks = [bm for bm, n in zip(masks, areas, strict=True) if n >= min_px]
     for i, (bl, sc, _) in enumerate(masks):
         out[owner == i] = blood_hu(bl, sc)
+    for mb, sc in mimics:
+        out[bleed_mask(mb, sc, g) & brain & (owner < 0)] = mimic_hu(sc)
     hu = np.full(shape, AIR, np.float32)
     hu[box] = out
     rows, cols = shape
@@ -352,11 +381,12 @@ def _write_series(folder: Path, ser: dict, n: int, bleeds: list[Bleed], rng, use
     ser["spacing"] = round(rng.uniform(235, 250) / min(ser["size"]), 6)
     sulci, phase = int(rng.integers(16, 22)), tuple(rng.uniform(0, 2 * np.pi, 3).tolist())
     ser["head"] = replace(ser["head"], sulci=sulci, phase=phase)  # one brain for all its slices
+    mimics = plan_mimics(np.random.default_rng(ser["mimic_seed"]), n)  # apart: labels unchanged
     for k in range(n):
         near = [(bl, (k - bl.kc) / bl.hz) for bl in bleeds]  # where this slice cuts each bleed
         near = [(bl, d) for bl, d in near if abs(d) < bl.reach()]
         frac = k / (n - 1) if n > 1 else 0.5
-        hu, fov, seen = draw_slice(ser["size"], ser["spacing"], ser["head"], frac, near, rng)
+        hu, fov, seen = draw_slice(ser["size"], ser["spacing"], ser["head"], frac, near, rng, mimics[k])  # fmt: skip
         stored, tags = encode_hu(hu, fov, ser["form"])
         image_id = _hexid(rng, 9, used)
         path = folder / f"{image_id}.dcm"
@@ -404,6 +434,7 @@ def write_synthetic(
         negative = set(rng.permutation(len(series))[: round(0.35 * len(series))].tolist())
         for si, ser in enumerate(series):
             srng = np.random.default_rng([seed, 2, int(split == "test"), si])
+            ser["mimic_seed"] = [seed, 3, int(split == "test"), si]
             bleeds = []
             if si not in negative:  # primary subtypes cycle, so every subtype occurs early
                 bleeds = _plan_bleeds(srng, slices_per_series, SUBTYPES[(first + n_pos) % 5])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -21,6 +22,7 @@ from ich_prep.synth import (
     Bleed,
     SynthError,
     blood_hu,
+    draw_slice,
     encode_hu,
     taper,
     write_synthetic,
@@ -150,12 +152,14 @@ def test_every_subtype_occurs_and_positives_are_balanced(synth, labels):
 
 
 def test_labelled_bleeds_are_visible(slices, labels):
-    """Positive slices hold a blood-density area; negative slices have next to none.
+    """Positive slices hold a blood-density area; negative slices have next to none, except the
+    share of them that carry a mimic (MIMIC_RATE, drawn at a thin end's density).
 
     Blood is 54-72 HU (fainter at a bleed's thin ends), brain at most 37 HU plus noise: a 3x3
-    median takes the noise out, so 48-100 HU after it is blood and nothing else in the head.
+    median takes the noise out, so 48-100 HU after it is blood (or a mimic) and nothing else.
     """
     lab = labels.labels
+    dense = []
     for image_id, _, h, hu in slices:
         if image_id not in lab.index:
             continue
@@ -164,7 +168,8 @@ def test_labelled_bleeds_are_visible(slices, labels):
         if lab.at[image_id, "any"]:
             assert blood_mm2 > 0.8 * MIN_BLEED_MM2, image_id
         else:
-            assert blood_mm2 < 10, image_id
+            dense.append(blood_mm2 >= 10)
+    assert len(dense) > 20 and 0.05 < np.mean(dense) < synth_module.MIMIC_RATE + 0.15
 
 
 def test_phantom_values_are_plausible_hu(slices):
@@ -316,11 +321,12 @@ def traced(tmp_path_factory):
     """
     rows, draw = [], synth_module.draw_slice
 
-    def counting_draw(shape, spacing, head, frac, bleeds, rng):
-        hu, fov, seen = draw(shape, spacing, head, frac, bleeds, rng)
+    def counting_draw(shape, spacing, head, frac, bleeds, rng, mimics=()):
+        hu, fov, seen = draw(shape, spacing, head, frac, bleeds, rng, mimics)
         code = np.rint((hu[hu > 5000] - 10000) / 1000).astype(int)
         counts = {SUBTYPES[c]: int(n) for c, n in enumerate(np.bincount(code, minlength=5)) if n}
-        rows.append({"counts": counts, "seen": dict(seen), "bleeds": [b for b, _ in bleeds]})
+        rows.append({"counts": counts, "seen": dict(seen), "bleeds": [b for b, _ in bleeds],
+                     "mimics": list(mimics)})  # fmt: skip
         return hu, fov, seen
 
     def recording_write(path, image_id, ser, z, stored, tags):
@@ -447,3 +453,33 @@ def test_position_does_not_predict_the_label(traced):
     assert 0.4 < _auc(y, pos) < 0.6
     ends, middle = y[(pos < 0.25) | (pos > 0.75)].mean(), y[(pos >= 0.25) & (pos <= 0.75)].mean()
     assert abs(ends - middle) < 0.08, (ends, middle)
+
+
+def test_mimics_look_like_thin_ends_on_one_slice_and_are_never_labelled(traced):
+    """About MIMIC_RATE of slices carry a mimic, on that slice alone, positive or negative; a
+    slice with a mimic and no bleed is labelled negative, and its mimic is drawn at blood density
+    in the brain, as dense as a bleed's thin end (so one slice cannot tell them apart)."""
+    info, rows = traced
+    lab = read_labels(info["labels_csv"]).labels
+    with_mimic = np.array([bool(r["mimics"]) for r in rows])
+    assert abs(with_mimic.mean() - synth_module.MIMIC_RATE) < 0.05
+    only = [r for r in rows if r["mimics"] and not r["counts"]]
+    assert len(only) > 100 and not lab.loc[[r["image_id"] for r in only]].to_numpy().any()
+    for shape, s in (m for r in only[:50] for m in r["mimics"]):
+        assert synth_module.MIMIC_SCALE[0] <= s <= synth_module.MIMIC_SCALE[1]
+        assert synth_module.mimic_hu(s) == blood_hu(replace(shape, subtype="subdural"), s)
+
+
+def test_a_mimic_is_drawn_at_blood_density_and_not_reported():
+    """draw_slice paints a mimic's pixels at its density inside the brain and reports no subtype."""
+    head = synth_module.Head(70.0, 88.0, 7.0, 0.0, -8.0, 0.0, 12.0)
+    shape = Bleed("intraparenchymal", 0.0, 1.0, 0.3, 0.2, 0.0, (0.2, 0.1))
+    plain, _, seen0 = draw_slice((256, 256), 0.95, head, 0.5, [], np.random.default_rng(1))
+    hu, _, seen = draw_slice(
+        (256, 256), 0.95, head, 0.5, [], np.random.default_rng(1), [(shape, 0.6)]
+    )
+    assert seen == seen0 == {}
+    changed = np.abs(hu - plain) > 1e-3  # the same noise on both: only the mimic differs
+    assert changed.sum() * 0.95**2 > 30  # a visible blob of more than 30 mm^2
+    assert abs(np.median(hu[changed]) - synth_module.mimic_hu(0.6)) < 1.0  # noise: median 0
+    assert np.median(plain[changed]) < 40  # drawn over brain, not over bone or air
