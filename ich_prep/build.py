@@ -45,6 +45,7 @@ from ich_prep.split import (
     assign_folds,
     duplicate_positions,
     pack_series,
+    series_keys,
     series_order,
     slice_order,
     slice_ranks,
@@ -63,8 +64,9 @@ HEADER_FIELDS = [
     "rows",
     "cols",
 ]
-# Read in the header pass, counted in the manifest (`counts.orientation_fallback`), not indexed.
-SCAN_ONLY = ["orientation_fallback"]
+# Read in the header pass, not indexed: counted in the manifest (`counts.orientation_fallback`), or
+# used to key a series without SeriesInstanceUID (split.series_keys).
+SCAN_ONLY = ["orientation_fallback", "slice_normal", "frame_of_reference", "series_number"]
 # Read in the header pass and handed to the shard task, so the compile does not convert them again.
 PIXEL_FIELDS = [
     "bits_stored",
@@ -278,7 +280,7 @@ def plan_images(
         dup_rows = dup_rows[dup_rows["image_id"].isin(subset)]
 
     unopened = unopened[unopened["image_id"].isin(subset)] if subset is not None else unopened
-    headers = _scan_headers(cfg.dicom_dir, files, jobs, store, progress)
+    headers = with_series_keys(_scan_headers(cfg.dicom_dir, files, jobs, store, progress))
     df = pd.concat([files.merge(headers, on="path", how="left"), unopened], ignore_index=True)
     df = df.merge(
         labels, left_on="image_id", right_index=True, how="outer" if cfg.labels else "left"
@@ -331,6 +333,20 @@ def plan_images(
     return df
 
 
+def with_series_keys(headers: pd.DataFrame) -> pd.DataFrame:
+    """`headers` with each read slice's series key in `series_id` and where it came from in
+    `series_source` (split.series_keys: a missing SeriesInstanceUID never merges scans); both null
+    on rows whose header could not be read."""
+    headers = headers.copy()
+    read = headers["reason"].isna().to_numpy()
+    h = headers[read]
+    keys, source = series_keys(*(h[c].to_numpy() for c in ("patient_id", "study_id", "series_id", "frame_of_reference", "slice_normal", "series_number", "slice_position", "path")))  # fmt: skip
+    headers["series_source"] = pd.Series([None] * len(headers), dtype=object, index=headers.index)
+    headers.loc[read, "series_id"] = keys
+    headers.loc[read, "series_source"] = source
+    return headers
+
+
 STAT_KEY = ["path", "file_size", "file_mtime_ns"]
 SCAN_COLUMNS = ["path", *HEADER_FIELDS, *PIXEL_FIELDS, *SCAN_ONLY, "reason", "detail"]
 
@@ -375,7 +391,7 @@ def _read_headers(root: str, files: pd.DataFrame, jobs: int, progress: bool) -> 
         df[c] = df[c].astype("Int32")
     df["instance_number"] = df["instance_number"].astype("Int64")
     df["orientation_fallback"] = df["orientation_fallback"].astype("boolean")
-    for c in ("reason", "detail", "patient_id", "study_id", "series_id"):
+    for c in ("reason", "detail", "patient_id", "study_id", "series_id", "slice_normal", "frame_of_reference", "series_number"):  # fmt: skip
         df[c] = df[c].astype(object)
     for c in (
         "z_position",
@@ -749,10 +765,10 @@ def _index_table(df: pd.DataFrame, shard_of: dict[str, str]) -> pd.DataFrame:
     for c in LABELS:
         df[c] = df[c].astype("Int8")
     df["fold"] = df["fold"].astype(np.int8)
-    cols = ["image_id", "path", "file_size", "file_mtime_ns", "patient_id", "study_id", "series_id", "z_position", "slice_position", "slice_rank", "series_len",
+    cols = ["image_id", "path", "file_size", "file_mtime_ns", "patient_id", "study_id", "series_id", "series_source", "z_position", "slice_position", "slice_rank", "series_len",
             "duplicate_position", "instance_number", "pixel_spacing_y", "pixel_spacing_x",
             "rows", "cols", "crop_y0", "crop_y1", "crop_x0", "crop_x1", "split", "fold", "shard", *SPAN_COLUMNS, *LABELS, "status", "reason", "detail"]  # fmt: skip
-    for c in ("path", "patient_id", "study_id", "series_id", "reason", "detail", "shard"):
+    for c in ("path", "patient_id", "study_id", "series_id", "series_source", "reason", "detail", "shard"):  # fmt: skip
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     return df[cols]
 

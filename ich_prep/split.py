@@ -4,6 +4,8 @@ the seed; pure numpy/pandas."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
@@ -89,6 +91,49 @@ def duplicate_positions(
     """True for each slice whose series holds another slice within `tol` mm (chained) of it."""
     group = position_groups(series, position, tol)
     return np.bincount(group)[group] > 1 if len(group) else np.zeros(0, bool)
+
+
+# Where a slice's series key came from (index column `series_source`).
+SERIES_SOURCES = ("uid", "derived", "file")
+# The prefix of a key made here; a SeriesInstanceUID is digits and dots (RSNA: ID_...).
+NO_UID = "nouid-"
+
+
+def _key(*parts: str) -> str:
+    digest = hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
+    return NO_UID + digest[:20]
+
+
+def series_keys(
+    patient, study, series, frame, normal, number, position, path
+) -> tuple[np.ndarray, np.ndarray]:
+    """(series key, source) per slice; a missing SeriesInstanceUID (0020,000E) never merges scans.
+
+    With a SeriesInstanceUID the key is that id ("uid"). Without one, the slices of one PatientID
+    (0010,0020), StudyInstanceUID (0020,000D), FrameOfReferenceUID (0020,0052), slice normal
+    (from ImageOrientationPatient, rounded) and SeriesNumber (0020,0011, may be empty) form one
+    series ("derived"), unless two of them share a position (within DUPLICATE_MM: two scans of one
+    volume, e.g. two kernels): then, as when the patient, study or frame of reference is missing
+    too, each file is a series of its own ("file", keyed on its path). Derived keys are `nouid-`
+    and 20 hex of a sha256. Left: two scans that agree on all of these and interleave without a
+    tie are one series; no header tells them apart."""
+    sid = np.asarray(series, dtype=object)
+    missing = np.array([not (isinstance(v, str) and v) for v in sid], bool)
+    out, source = sid.copy(), np.full(len(sid), "uid", dtype=object)
+    if not missing.any():
+        return out, source
+    idx = np.flatnonzero(missing)
+    parts = [np.asarray(a, dtype=object)[idx] for a in (patient, study, frame, normal, number)]
+    full = np.array([all(isinstance(p[i], str) and p[i] for p in parts[:3]) for i in range(len(idx))], bool)  # fmt: skip
+    derived = np.array([_key("derived", *(str(p[i]) for p in parts)) for i in range(len(idx))], dtype=object)  # fmt: skip
+    pos = np.asarray(position, dtype=np.float64)[idx]
+    tied = duplicate_positions(derived, pos)
+    tied_group = set(derived[tied])
+    per_file = ~full | np.array([k in tied_group for k in derived], bool)
+    paths = np.asarray(path, dtype=object)[idx]
+    out[idx] = np.where(per_file, [_key("file", str(p)) for p in paths], derived)
+    source[idx] = np.where(per_file, "file", "derived")
+    return out, source
 
 
 def series_order(series: np.ndarray, seed: int, fold: int) -> np.ndarray:
