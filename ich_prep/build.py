@@ -181,15 +181,35 @@ def _image_id(rel: str) -> str:
     return f"{safe}_{digest}" if safe else f"file_{digest}"
 
 
-def _select_subset(ids: list[str], cfg: BuildConfig) -> set[str] | None:
-    """--limit / --fraction: a seeded random subset of input ids, chosen before any header is read."""
+def _select_subset(ids: list[str], group: dict[str, str], cfg: BuildConfig) -> tuple[set[str] | None, dict]:  # fmt: skip
+    """--limit / --fraction: (the kept input ids, what was kept) from `ids`, the image ids of every
+    input, CSV row and file. Whole series only (`group`: image id -> its series key, after the
+    header pass; an id with no readable header is a group of its own), so the kept slices are
+    exactly their series' slices: --context neighbours, ranks and the series crop box are those of
+    a full build. Series are drawn in a seeded order and kept while the total stays within the
+    target (N, or the fraction of all inputs); the first one drawn is kept whatever its size."""
     if cfg.limit is None and cfg.fraction is None:
-        return None
+        return None, {}
     n = len(ids) if cfg.limit is None else min(cfg.limit, len(ids))
     if cfg.fraction is not None:
         n = min(n, max(1, round(cfg.fraction * len(ids))))
-    pick = np.random.default_rng(cfg.seed).permutation(len(ids))[:n]
-    return {ids[i] for i in pick}
+    keys = [group.get(i, f"image:{i}") for i in ids]
+    names, codes = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)
+    sizes = np.bincount(codes, minlength=len(names))
+    take, total = [], 0
+    for g in np.random.default_rng(cfg.seed).permutation(len(names)):
+        if take and total + sizes[g] > n:
+            break
+        take.append(g)
+        total += int(sizes[g])
+    kept = np.isin(codes, take)
+    series = [k for k in names[take] if k.startswith("series:")]
+    return {i for i, k in zip(ids, kept, strict=True) if k}, {
+        "images": int(kept.sum()),
+        "of_images": len(ids),
+        "series": len(series),
+        "of_series": int(sum(k.startswith("series:") for k in names)),
+    }
 
 
 def _files_table(inputs: list[InputFile]) -> pd.DataFrame:
@@ -272,15 +292,17 @@ def plan_images(
         | set(label_errors["image_id"])
         | set(dup_rows["image_id"])
     )
-    subset = _select_subset(universe, cfg)
+    # every header is read, also for a subset: it is made of whole series (_select_subset)
+    headers = with_series_keys(_scan_headers(cfg.dicom_dir, files, jobs, store, progress))
+    read = files.merge(headers[headers["reason"].isna()], on="path")
+    subset, chosen = _select_subset(universe, dict(zip(read["image_id"], "series:" + read["series_id"], strict=True)), cfg)  # fmt: skip
     if subset is not None:
         files = files[files["image_id"].isin(subset)]
+        headers = headers[headers["path"].isin(files["path"])]
         labels = labels[labels.index.isin(subset)]
         label_errors = label_errors[label_errors["image_id"].isin(subset)]
         dup_rows = dup_rows[dup_rows["image_id"].isin(subset)]
-
-    unopened = unopened[unopened["image_id"].isin(subset)] if subset is not None else unopened
-    headers = with_series_keys(_scan_headers(cfg.dicom_dir, files, jobs, store, progress))
+        unopened = unopened[unopened["image_id"].isin(subset)]
     df = pd.concat([files.merge(headers, on="path", how="left"), unopened], ignore_index=True)
     df = df.merge(
         labels, left_on="image_id", right_index=True, how="outer" if cfg.labels else "left"
@@ -330,6 +352,9 @@ def plan_images(
         )
     df = df.sort_values("image_id", kind="stable").reset_index(drop=True)
     df.attrs["label_stats"] = label_stats
+    if subset is not None:  # the patients of the kept series
+        chosen["patients"] = int(df.loc[df["status"] == "ok", "patient_id"].nunique())
+        df.attrs["subset"] = chosen
     return df
 
 
@@ -905,6 +930,8 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
         df = plan_images(cfg, inputs, jobs, store, progress, lt)  # header pass on the same workers
     fallback = int(df["orientation_fallback"].eq(True).sum())
     counts = {**df.attrs.get("label_stats", {}), "orientation_fallback": fallback}
+    if "subset" in df.attrs:  # --limit / --fraction: what was kept (_select_subset)
+        counts["subset"] = df.attrs["subset"]
     plan = plan_shards(df, cfg)
     labelled = cfg.labels is not None
     keys = {n: shard_key(part, cfg) for n, part in plan.items()}
