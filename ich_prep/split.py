@@ -93,6 +93,50 @@ def duplicate_positions(
     return np.bincount(group)[group] > 1 if len(group) else np.zeros(0, bool)
 
 
+GAP_FACTOR = 1.5  # a step beyond this many times the series' median spacing is a gap
+
+
+def neighbour_ranks(n: int, k: int, position=None, gap: float = GAP_FACTOR) -> np.ndarray:
+    """(n, 2k+1) int64: for each slice of one series (rows in rank order), the ranks of the slices
+    of its 2.5D stack, itself in the middle. `position`: the n slices' positions along the normal (mm,
+    the index's slice_position) in rank order; None for a build without them (each rank its own
+    position, 1 apart: the end slices repeated, as before positions were used).
+
+    Neighbours are the nearest slices at *other* positions: slices within DUPLICATE_MM (tied
+    positions, `duplicate_position`) are one place, and a stack never holds a slice's twin; a
+    neighbour place is represented by its lowest rank. A step between places longer than `gap`
+    times the series' median step (a slice missing: failed to compile, unlabelled, never scanned)
+    is treated like the series' end: the stack repeats the last slice before it, as at the ends."""
+    pos = np.arange(n, dtype=np.float64) if position is None else np.asarray(position, np.float64)
+    if pos.shape != (n,):
+        raise ValueError(f"{len(pos)} positions for {n} slices")
+    return _neighbours(pos, k, gap)
+
+
+def _neighbours(pos: np.ndarray, k: int, gap: float) -> np.ndarray:
+    n = len(pos)
+    out = np.repeat(np.arange(n, dtype=np.int64)[:, None], 2 * k + 1, axis=1)
+    if n < 2:
+        return out
+    place = position_groups(np.zeros(n, np.int64), pos)  # numbered in position order
+    places = int(place.max()) + 1
+    first = np.full(places, n, np.int64)
+    np.minimum.at(first, place, np.arange(n))
+    where = np.full(places, np.inf)
+    np.minimum.at(where, place, pos)
+    steps = np.diff(where)
+    close = steps <= gap * np.median(steps) if len(steps) else np.zeros(0, bool)
+    for sign in (-1, 1):
+        at = place.copy()
+        for d in range(1, k + 1):
+            nxt = at + sign
+            inside = (nxt >= 0) & (nxt < places)
+            step = np.clip(np.minimum(at, nxt), 0, max(places - 2, 0))
+            at = np.where(inside & close[step], nxt, at) if len(close) else at
+            out[:, k + sign * d] = np.where(at == place, np.arange(n), first[at])
+    return out
+
+
 # Where a slice's series key came from (index column `series_source`).
 SERIES_SOURCES = ("uid", "derived", "file")
 # The prefix of a key made here; a SeriesInstanceUID is digits and dots (RSNA: ID_...).
