@@ -11,6 +11,7 @@ import pytest
 
 from ich_prep.build import build
 from ich_prep.config import BuildConfig
+from ich_prep.info import format_info, info
 from ich_prep.split import neighbour_ranks
 from ich_train.context import Context, series_positions
 from ich_train.data import Build, EvalStream
@@ -87,6 +88,9 @@ def test_tied_positions_are_never_stacked_together(gap_build):
     for me in ("ID_s4", "ID_twin"):
         assert np.array_equal(stacks[me], _of(alone, me, me, "ID_s5")), me
     assert np.array_equal(stacks["ID_s5"], _of(alone, "ID_s4", "ID_s5", "ID_s6"))  # lowest rank
+    tied = info(gap_build)["series"]["tied"]
+    assert tied == {"series": 1, "slices": 2}
+    assert "tied positions: 2 slices in 1 series" in format_info(info(gap_build))
 
 
 def test_an_edited_position_is_refused(gap_build):
