@@ -181,20 +181,21 @@ def _image_id(rel: str) -> str:
     return f"{safe}_{digest}" if safe else f"file_{digest}"
 
 
-def _select_subset(ids: list[str], group: dict[str, str], cfg: BuildConfig) -> tuple[set[str] | None, dict]:  # fmt: skip
-    """--limit / --fraction: (the kept input ids, what was kept) from `ids`, the image ids of every
-    input, CSV row and file. Whole series only (`group`: image id -> its series key, after the
-    header pass; an id with no readable header is a group of its own), so the kept slices are
-    exactly their series' slices: --context neighbours, ranks and the series crop box are those of
-    a full build. Series are drawn in a seeded order and kept while the total stays within the
-    target (N, or the fraction of all inputs); the first one drawn is kept whatever its size."""
+def _select_subset(group: dict[str, str], ids: list[str], cfg: BuildConfig) -> tuple[set[str] | None, dict]:  # fmt: skip
+    """--limit / --fraction: (the kept image ids, what was kept). Whole series only (`group`: the
+    image id of every file -> its series key after the header pass, `series:<id>`, or `file:<id>`
+    for a file whose header could not be read), so the kept slices are exactly their series'
+    slices: --context neighbours, ranks and the series crop box are those of a full build. Series
+    are drawn in a seeded order and kept while the total stays within the target (N, or the
+    fraction of the files); the first one drawn is kept whatever its size. `ids` (every input:
+    files and CSV rows) only counts the CSV rows that name no file: a subset leaves them out."""
     if cfg.limit is None and cfg.fraction is None:
         return None, {}
-    n = len(ids) if cfg.limit is None else min(cfg.limit, len(ids))
+    files = sorted(group)
+    n = len(files) if cfg.limit is None else min(cfg.limit, len(files))
     if cfg.fraction is not None:
-        n = min(n, max(1, round(cfg.fraction * len(ids))))
-    keys = [group.get(i, f"image:{i}") for i in ids]
-    names, codes = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)
+        n = min(n, max(1, round(cfg.fraction * len(files))))
+    names, codes = np.unique(np.asarray([group[i] for i in files], dtype=object).astype(str), return_inverse=True)  # fmt: skip
     sizes = np.bincount(codes, minlength=len(names))
     take, total = [], 0
     for g in np.random.default_rng(cfg.seed).permutation(len(names)):
@@ -203,12 +204,12 @@ def _select_subset(ids: list[str], group: dict[str, str], cfg: BuildConfig) -> t
         take.append(g)
         total += int(sizes[g])
     kept = np.isin(codes, take)
-    series = [k for k in names[take] if k.startswith("series:")]
-    return {i for i, k in zip(ids, kept, strict=True) if k}, {
+    return {i for i, k in zip(files, kept, strict=True) if k}, {
         "images": int(kept.sum()),
-        "of_images": len(ids),
-        "series": len(series),
+        "of_images": len(files),
+        "series": sum(k.startswith("series:") for k in names[take]),
         "of_series": int(sum(k.startswith("series:") for k in names)),
+        "csv_rows_without_file_left_out": len(set(ids) - set(group)),
     }
 
 
@@ -295,7 +296,9 @@ def plan_images(
     # every header is read, also for a subset: it is made of whole series (_select_subset)
     headers = with_series_keys(_scan_headers(cfg.dicom_dir, files, jobs, store, progress))
     read = files.merge(headers[headers["reason"].isna()], on="path")
-    subset, chosen = _select_subset(universe, dict(zip(read["image_id"], "series:" + read["series_id"], strict=True)), cfg)  # fmt: skip
+    group = {i: f"file:{i}" for i in (*files["image_id"], *unopened["image_id"])}
+    group.update(zip(read["image_id"], "series:" + read["series_id"], strict=True))
+    subset, chosen = _select_subset(group, universe, cfg)
     if subset is not None:
         files = files[files["image_id"].isin(subset)]
         headers = headers[headers["path"].isin(files["path"])]

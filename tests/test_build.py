@@ -222,7 +222,20 @@ def test_limit_takes_whole_series(dataset, tmp_path, kw, kept):
     assert all(r == [0, 1, 2, 3] for r in per_series), per_series
     assert res.manifest["counts"]["subset"] == {
         "images": kept, "of_images": 24, "series": kept // 4, "of_series": 6, "patients": kept // 4,
+        "csv_rows_without_file_left_out": 0,
     }  # fmt: skip
+
+
+def test_limit_draws_files_not_csv_rows_without_one(dataset, tmp_path):
+    """A labels CSV naming 100 images with no file (the real samples' CSV names 1044, 50 with
+    files): --limit draws series of files and leaves those rows out (counted), instead of a subset
+    of mostly missing_file rows with nothing compiled."""
+    dicom_dir, labels, _ = dataset
+    extra = [f"ID_nofile{i:04d}_{k},0" for i in range(100) for k in ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")]  # fmt: skip
+    labels.write_text(labels.read_text() + "\n".join(extra) + "\n")
+    res = build(cfg_for(dicom_dir, labels, limit=10), tmp_path / "out", jobs=1, progress=False)
+    c = res.manifest["counts"]
+    assert c["ok"] == c["inputs"] == 8 and c["subset"]["csv_rows_without_file_left_out"] == 100
 
 
 def test_limit_on_real_samples_keeps_whole_series(real_samples, tmp_path):
