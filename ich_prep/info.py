@@ -137,6 +137,14 @@ def _mib(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
+def _kept(counts: dict) -> str:
+    """What a --limit / --fraction build kept (counts.subset; absent in builds before it)."""
+    k = counts.get("subset")
+    if not isinstance(k, dict) or not all(type(k.get(f)) is int for f in ("series", "of_series", "images", "of_images")):  # fmt: skip
+        return ""
+    return f" (whole series: {k['series']} of {k['of_series']}, {k['images']} of {k['of_images']} files)"  # fmt: skip
+
+
 def _series_line(s: dict) -> str:
     """One line on the series keys and tied positions (series_counts)."""
     w, t = s["without_uid"], s["tied"]
@@ -152,7 +160,7 @@ def format_info(d: dict) -> str:
     c, im = d["config"], d["image"]
     windows = ", ".join(f"{w['name']} L{w['center']:g}/W{w['width']:g}" for w in c["windows"])
     subset = (
-        f"; subset: limit {c['limit']}, fraction {c['fraction']}"
+        f"; subset: limit {c['limit']}, fraction {c['fraction']}{_kept(d['manifest_counts'])}"
         if c["limit"] is not None or c["fraction"] is not None
         else ""
     )

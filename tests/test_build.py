@@ -236,6 +236,9 @@ def test_limit_draws_files_not_csv_rows_without_one(dataset, tmp_path):
     res = build(cfg_for(dicom_dir, labels, limit=10), tmp_path / "out", jobs=1, progress=False)
     c = res.manifest["counts"]
     assert c["ok"] == c["inputs"] == 8 and c["subset"]["csv_rows_without_file_left_out"] == 100
+    from ich_prep.info import format_info, info
+
+    assert "(whole series: 2 of 6, 8 of 24 files)" in format_info(info(tmp_path / "out"))
 
 
 def test_limit_on_real_samples_keeps_whole_series(real_samples, tmp_path):
