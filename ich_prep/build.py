@@ -45,6 +45,7 @@ from ich_prep.split import (
     assign_folds,
     duplicate_positions,
     pack_series,
+    series_keys,
     series_order,
     slice_order,
     slice_ranks,
@@ -63,8 +64,9 @@ HEADER_FIELDS = [
     "rows",
     "cols",
 ]
-# Read in the header pass, counted in the manifest (`counts.orientation_fallback`), not indexed.
-SCAN_ONLY = ["orientation_fallback"]
+# Read in the header pass, not indexed: counted in the manifest (`counts.orientation_fallback`), or
+# used to key a series without SeriesInstanceUID (split.series_keys).
+SCAN_ONLY = ["orientation_fallback", "slice_normal", "frame_of_reference", "series_number"]
 # Read in the header pass and handed to the shard task, so the compile does not convert them again.
 PIXEL_FIELDS = [
     "bits_stored",
@@ -179,15 +181,36 @@ def _image_id(rel: str) -> str:
     return f"{safe}_{digest}" if safe else f"file_{digest}"
 
 
-def _select_subset(ids: list[str], cfg: BuildConfig) -> set[str] | None:
-    """--limit / --fraction: a seeded random subset of input ids, chosen before any header is read."""
+def _select_subset(group: dict[str, str], ids: list[str], cfg: BuildConfig) -> tuple[set[str] | None, dict]:  # fmt: skip
+    """--limit / --fraction: (the kept image ids, what was kept). Whole series only (`group`: the
+    image id of every file -> its series key after the header pass, `series:<id>`, or `file:<id>`
+    for a file whose header could not be read), so the kept slices are exactly their series'
+    slices: --context neighbours, ranks and the series crop box are those of a full build. Series
+    are drawn in a seeded order and kept while the total stays within the target (N, or the
+    fraction of the files); the first one drawn is kept whatever its size. `ids` (every input:
+    files and CSV rows) only counts the CSV rows that name no file: a subset leaves them out."""
     if cfg.limit is None and cfg.fraction is None:
-        return None
-    n = len(ids) if cfg.limit is None else min(cfg.limit, len(ids))
+        return None, {}
+    files = sorted(group)
+    n = len(files) if cfg.limit is None else min(cfg.limit, len(files))
     if cfg.fraction is not None:
-        n = min(n, max(1, round(cfg.fraction * len(ids))))
-    pick = np.random.default_rng(cfg.seed).permutation(len(ids))[:n]
-    return {ids[i] for i in pick}
+        n = min(n, max(1, round(cfg.fraction * len(files))))
+    names, codes = np.unique(np.asarray([group[i] for i in files], dtype=object).astype(str), return_inverse=True)  # fmt: skip
+    sizes = np.bincount(codes, minlength=len(names))
+    take, total = [], 0
+    for g in np.random.default_rng(cfg.seed).permutation(len(names)):
+        if take and total + sizes[g] > n:
+            break
+        take.append(g)
+        total += int(sizes[g])
+    kept = np.isin(codes, take)
+    return {i for i, k in zip(files, kept, strict=True) if k}, {
+        "images": int(kept.sum()),
+        "of_images": len(files),
+        "series": sum(k.startswith("series:") for k in names[take]),
+        "of_series": int(sum(k.startswith("series:") for k in names)),
+        "csv_rows_without_file_left_out": len(set(ids) - set(group)),
+    }
 
 
 def _files_table(inputs: list[InputFile]) -> pd.DataFrame:
@@ -270,15 +293,19 @@ def plan_images(
         | set(label_errors["image_id"])
         | set(dup_rows["image_id"])
     )
-    subset = _select_subset(universe, cfg)
+    # every header is read, also for a subset: it is made of whole series (_select_subset)
+    headers = with_series_keys(_scan_headers(cfg.dicom_dir, files, jobs, store, progress))
+    read = files.merge(headers[headers["reason"].isna()], on="path")
+    group = {i: f"file:{i}" for i in (*files["image_id"], *unopened["image_id"])}
+    group.update(zip(read["image_id"], "series:" + read["series_id"], strict=True))
+    subset, chosen = _select_subset(group, universe, cfg)
     if subset is not None:
         files = files[files["image_id"].isin(subset)]
+        headers = headers[headers["path"].isin(files["path"])]
         labels = labels[labels.index.isin(subset)]
         label_errors = label_errors[label_errors["image_id"].isin(subset)]
         dup_rows = dup_rows[dup_rows["image_id"].isin(subset)]
-
-    unopened = unopened[unopened["image_id"].isin(subset)] if subset is not None else unopened
-    headers = _scan_headers(cfg.dicom_dir, files, jobs, store, progress)
+        unopened = unopened[unopened["image_id"].isin(subset)]
     df = pd.concat([files.merge(headers, on="path", how="left"), unopened], ignore_index=True)
     df = df.merge(
         labels, left_on="image_id", right_index=True, how="outer" if cfg.labels else "left"
@@ -328,7 +355,24 @@ def plan_images(
         )
     df = df.sort_values("image_id", kind="stable").reset_index(drop=True)
     df.attrs["label_stats"] = label_stats
+    if subset is not None:  # the patients of the kept series
+        chosen["patients"] = int(df.loc[df["status"] == "ok", "patient_id"].nunique())
+        df.attrs["subset"] = chosen
     return df
+
+
+def with_series_keys(headers: pd.DataFrame) -> pd.DataFrame:
+    """`headers` with each read slice's series key in `series_id` and where it came from in
+    `series_source` (split.series_keys: a missing SeriesInstanceUID never merges scans); both null
+    on rows whose header could not be read."""
+    headers = headers.copy()
+    read = headers["reason"].isna().to_numpy()
+    h = headers[read]
+    keys, source = series_keys(*(h[c].to_numpy() for c in ("patient_id", "study_id", "series_id", "frame_of_reference", "slice_normal", "series_number", "slice_position", "path")))  # fmt: skip
+    headers["series_source"] = pd.Series([None] * len(headers), dtype=object, index=headers.index)
+    headers.loc[read, "series_id"] = keys
+    headers.loc[read, "series_source"] = source
+    return headers
 
 
 STAT_KEY = ["path", "file_size", "file_mtime_ns"]
@@ -375,7 +419,7 @@ def _read_headers(root: str, files: pd.DataFrame, jobs: int, progress: bool) -> 
         df[c] = df[c].astype("Int32")
     df["instance_number"] = df["instance_number"].astype("Int64")
     df["orientation_fallback"] = df["orientation_fallback"].astype("boolean")
-    for c in ("reason", "detail", "patient_id", "study_id", "series_id"):
+    for c in ("reason", "detail", "patient_id", "study_id", "series_id", "slice_normal", "frame_of_reference", "series_number"):  # fmt: skip
         df[c] = df[c].astype(object)
     for c in (
         "z_position",
@@ -749,10 +793,10 @@ def _index_table(df: pd.DataFrame, shard_of: dict[str, str]) -> pd.DataFrame:
     for c in LABELS:
         df[c] = df[c].astype("Int8")
     df["fold"] = df["fold"].astype(np.int8)
-    cols = ["image_id", "path", "file_size", "file_mtime_ns", "patient_id", "study_id", "series_id", "z_position", "slice_position", "slice_rank", "series_len",
+    cols = ["image_id", "path", "file_size", "file_mtime_ns", "patient_id", "study_id", "series_id", "series_source", "z_position", "slice_position", "slice_rank", "series_len",
             "duplicate_position", "instance_number", "pixel_spacing_y", "pixel_spacing_x",
             "rows", "cols", "crop_y0", "crop_y1", "crop_x0", "crop_x1", "split", "fold", "shard", *SPAN_COLUMNS, *LABELS, "status", "reason", "detail"]  # fmt: skip
-    for c in ("path", "patient_id", "study_id", "series_id", "reason", "detail", "shard"):
+    for c in ("path", "patient_id", "study_id", "series_id", "series_source", "reason", "detail", "shard"):  # fmt: skip
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     return df[cols]
 
@@ -889,6 +933,8 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
         df = plan_images(cfg, inputs, jobs, store, progress, lt)  # header pass on the same workers
     fallback = int(df["orientation_fallback"].eq(True).sum())
     counts = {**df.attrs.get("label_stats", {}), "orientation_fallback": fallback}
+    if "subset" in df.attrs:  # --limit / --fraction: what was kept (_select_subset)
+        counts["subset"] = df.attrs["subset"]
     plan = plan_shards(df, cfg)
     labelled = cfg.labels is not None
     keys = {n: shard_key(part, cfg) for n, part in plan.items()}

@@ -116,12 +116,15 @@ def add_build(sub) -> None:
         help="image encoding in the shards",
     )
     p.add_argument(
-        "--limit", type=int, help="compile a seeded random subset of N >= 1 images (prototyping)"
+        "--limit",
+        type=int,
+        help="compile a seeded random subset of whole series, at most N >= 1 images (prototyping)",
     )
     p.add_argument(
         "--fraction",
         type=float,
-        help="compile a seeded random fraction in (0, 1] of the images (prototyping)",
+        help="compile a seeded random subset of whole series, at most a fraction in (0, 1] of the "
+        "images (prototyping)",
     )
     p.add_argument(
         "--overwrite",

@@ -35,6 +35,21 @@ def checked_index(index: pd.DataFrame, where: str, labelled: bool) -> pd.DataFra
     return index
 
 
+def series_counts(index: pd.DataFrame) -> dict:
+    """Of the ok rows: slices whose series key is not a SeriesInstanceUID (`series_source`
+    derived / file: split.series_keys) and series / slices with tied positions
+    (`duplicate_position`, never stacked as each other's neighbours); zeros where an older index
+    lacks the column."""
+    ok = index[index["status"] == "ok"]
+    source = ok["series_source"].astype(str) if "series_source" in ok else pd.Series([], dtype=str)
+    tied = ok["duplicate_position"].eq(True) if "duplicate_position" in ok else pd.Series(False, index=ok.index)  # fmt: skip
+    series = ok["series_id"].astype(str)[tied].nunique() if "series_id" in ok else 0
+    return {
+        "without_uid": {k: int((source == k).sum()) for k in ("derived", "file")},
+        "tied": {"series": int(series), "slices": int(tied.sum())},
+    }
+
+
 def info(root: str, examples: int = 3) -> dict:
     """Format, config, counts per split and fold, label prevalence per fold, bytes, errors."""
     root = str(root)
@@ -42,7 +57,9 @@ def info(root: str, examples: int = 3) -> dict:
     cfg, counts = build_config(m, root), m["counts"]
     layout, build_split = cfg.layout, cfg.split
     labelled = build_split == "train"
-    index = checked_index(load_index(root, manifest=m), f"{root}: {INDEX}", labelled)
+    full = load_index(root, manifest=m)
+    index = checked_index(full, f"{root}: {INDEX}", labelled)
+    series = series_counts(full)
     index["split"] = index["split"].fillna(build_split)
     ok = index[index["status"] == "ok"]
     shard_bytes = {s["name"]: int(s["bytes"]) for s in m["shards"]}
@@ -100,6 +117,7 @@ def info(root: str, examples: int = 3) -> dict:
         },
         "counts": {"inputs": len(index), "ok": len(ok), "error": len(errors)},
         "groups": groups,
+        "series": series,
         "prevalence": prevalence,
         "bytes": {
             "shards": sum(shard_bytes.values()),
@@ -119,12 +137,30 @@ def _mib(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
+def _kept(counts: dict) -> str:
+    """What a --limit / --fraction build kept (counts.subset; absent in builds before it)."""
+    k = counts.get("subset")
+    if not isinstance(k, dict) or not all(type(k.get(f)) is int for f in ("series", "of_series", "images", "of_images")):  # fmt: skip
+        return ""
+    return f" (whole series: {k['series']} of {k['of_series']}, {k['images']} of {k['of_images']} files)"  # fmt: skip
+
+
+def _series_line(s: dict) -> str:
+    """One line on the series keys and tied positions (series_counts)."""
+    w, t = s["without_uid"], s["tied"]
+    return (
+        f"series: without SeriesInstanceUID: {w['derived'] + w['file']} slices ({w['derived']} "
+        f"keyed on patient/study/frame/orientation, {w['file']} one series per file); tied "
+        f"positions: {t['slices']} slices in {t['series']} series (2.5D skips a twin)"
+    )
+
+
 def format_info(d: dict) -> str:
     """Plain-text tables for a terminal."""
     c, im = d["config"], d["image"]
     windows = ", ".join(f"{w['name']} L{w['center']:g}/W{w['width']:g}" for w in c["windows"])
     subset = (
-        f"; subset: limit {c['limit']}, fraction {c['fraction']}"
+        f"; subset: limit {c['limit']}, fraction {c['fraction']}{_kept(d['manifest_counts'])}"
         if c["limit"] is not None or c["fraction"] is not None
         else ""
     )
@@ -160,6 +196,7 @@ def format_info(d: dict) -> str:
         "",
         f"bytes: shards {_mib(b['shards'])} + index {_mib(b['index'])} = {_mib(b['total'])} "
         f"({b['shards'] / max(1, d['counts']['ok']) / 1024:.1f} KiB per image)",
+        _series_line(d["series"]),
         f"errors: {d['counts']['error']} of {d['counts']['inputs']} inputs",
     ]
     for reason, n in d["errors"]["by_reason"].items():

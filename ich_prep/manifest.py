@@ -312,7 +312,8 @@ def index_spans(rows: pd.DataFrame) -> dict[str, tuple[int, int]]:
 def series_ranks(ok: pd.DataFrame, where: str = INDEX) -> tuple[np.ndarray, np.ndarray]:
     """(series ids as str, slice ranks as int64) of a format 2.0 index's ok rows (columns
     series_id, slice_rank, shard, no empty value), once they are what ich-prep writes: whole-number
-    ranks that run 0..n-1 once each over every series, each series in one shard. FormatError
+    ranks that run 0..n-1 once each over every series, each series in one shard, and
+    slice_position, where the index has it (builds before it do not), finite numbers. FormatError
     naming the first series that is not (an edited index would stack slices across series)."""
     sid, col = ok["series_id"].astype(str).to_numpy(), ok["slice_rank"]
     numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
@@ -326,6 +327,11 @@ def series_ranks(ok: pd.DataFrame, where: str = INDEX) -> tuple[np.ndarray, np.n
     if bad.any():
         s = sid[np.argmax(bad)]
         raise FormatError(f"{where}: series {s}: slice ranks {', '.join(f'{v:g}' for v in sorted(rank[sid == s])[:12])} are not 0..{int(size[sid == s][0]) - 1} once each; the index is damaged or edited: run `ich-prep verify` and rebuild the build")  # fmt: skip
+    if "slice_position" in ok:  # mm along the normal: 2.5D neighbours (split.neighbour_ranks)
+        col = ok["slice_position"]
+        numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
+        if not numeric or not np.isfinite(col.to_numpy(np.float64, na_value=np.nan)).all():
+            raise FormatError(f"{where}: slice_position holds values that are not finite numbers ({col.dtype}); the index is damaged or edited: run `ich-prep verify` and rebuild the build")  # fmt: skip
     shards = frame.groupby("series", sort=False)["shard"].nunique()
     if (shards > 1).any():
         raise FormatError(f"{where}: series {shards.index[np.argmax(shards.to_numpy() > 1)]} lies in {shards.max()} shards; a series must be whole in one shard (format 2.0): run `ich-prep verify` and rebuild the build")  # fmt: skip

@@ -278,6 +278,17 @@ def _instance_number(ds) -> int | None:
     return i if -(2**62) < i < 2**62 else None
 
 
+def _optional_text(ds, keyword: str) -> str:
+    """FrameOfReferenceUID (0020,0052) or SeriesNumber (0020,0011) as text, "" when missing or
+    unusable (over MAX_ID_CHARS, not printable): they only help tell scans apart when
+    SeriesInstanceUID is missing (split.series_keys)."""
+    try:
+        value = str(_first(ds.get(keyword, "")) or "")
+    except Exception:  # noqa: BLE001 - a damaged optional tag is just absent
+        return ""
+    return value if len(value) <= MAX_ID_CHARS and value.isprintable() else ""
+
+
 def _check_complete(ds, path) -> None:
     essential = ("Modality", "Rows", "Columns", "BitsAllocated")
     if sum(k not in ds for k in essential) >= 2:
@@ -321,7 +332,9 @@ def header_from_dataset(ds, path) -> dict:
     Tags: PatientID (0010,0020), StudyInstanceUID (0020,000D), SeriesInstanceUID (0020,000E),
     ImagePositionPatient (0020,0032) and its projection on the slice normal from
     ImageOrientationPatient (0020,0037) (`slice_position`; the axial normal, and
-    `orientation_fallback`, when that is missing or malformed), InstanceNumber (0020,0013, or None),
+    `orientation_fallback`, when that is missing or malformed; the normal itself as `slice_normal`,
+    three numbers rounded to 1e-3, as text), InstanceNumber (0020,0013, or None), FrameOfReferenceUID
+    (0020,0052) and SeriesNumber (0020,0011) as text ("" when absent),
     PixelSpacing (0028,0030), Rows/Columns,
     BitsStored (0028,0101), PixelRepresentation (0028,0103), RescaleSlope/Intercept (0028,1053/1052),
     PixelPaddingValue (0028,0120). Values that would break the output are refused here, never
@@ -344,6 +357,9 @@ def header_from_dataset(ds, path) -> dict:
         "slice_position": along,
         "instance_number": _instance_number(ds),
         "orientation_fallback": fallback,
+        "slice_normal": ",".join(f"{round(v, 3) + 0.0:.3f}" for v in normal),  # no "-0.000"
+        "frame_of_reference": _optional_text(ds, "FrameOfReferenceUID"),
+        "series_number": _optional_text(ds, "SeriesNumber"),
         "pixel_spacing_y": sy,
         "pixel_spacing_x": sx,
         "rows": rows,

@@ -4,6 +4,8 @@ the seed; pure numpy/pandas."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
@@ -89,6 +91,93 @@ def duplicate_positions(
     """True for each slice whose series holds another slice within `tol` mm (chained) of it."""
     group = position_groups(series, position, tol)
     return np.bincount(group)[group] > 1 if len(group) else np.zeros(0, bool)
+
+
+GAP_FACTOR = 1.5  # a step beyond this many times the series' median spacing is a gap
+
+
+def neighbour_ranks(n: int, k: int, position=None, gap: float = GAP_FACTOR) -> np.ndarray:
+    """(n, 2k+1) int64: for each slice of one series (rows in rank order), the ranks of the slices
+    of its 2.5D stack, itself in the middle. `position`: the n slices' positions along the normal (mm,
+    the index's slice_position) in rank order; None for a build without them (each rank its own
+    position, 1 apart: the end slices repeated, as before positions were used).
+
+    Neighbours are the nearest slices at *other* positions: slices within DUPLICATE_MM (tied
+    positions, `duplicate_position`) are one place, and a stack never holds a slice's twin; a
+    neighbour place is represented by its lowest rank. A step between places longer than `gap`
+    times the series' median step (a slice missing: failed to compile, unlabelled, never scanned)
+    is treated like the series' end: the stack repeats the last slice before it, as at the ends."""
+    pos = np.arange(n, dtype=np.float64) if position is None else np.asarray(position, np.float64)
+    if pos.shape != (n,):
+        raise ValueError(f"{len(pos)} positions for {n} slices")
+    return _neighbours(pos, k, gap)
+
+
+def _neighbours(pos: np.ndarray, k: int, gap: float) -> np.ndarray:
+    n = len(pos)
+    out = np.repeat(np.arange(n, dtype=np.int64)[:, None], 2 * k + 1, axis=1)
+    if n < 2:
+        return out
+    place = position_groups(np.zeros(n, np.int64), pos)  # numbered in position order
+    places = int(place.max()) + 1
+    first = np.full(places, n, np.int64)
+    np.minimum.at(first, place, np.arange(n))
+    where = np.full(places, np.inf)
+    np.minimum.at(where, place, pos)
+    steps = np.diff(where)
+    close = steps <= gap * np.median(steps) if len(steps) else np.zeros(0, bool)
+    for sign in (-1, 1):
+        at = place.copy()
+        for d in range(1, k + 1):
+            nxt = at + sign
+            inside = (nxt >= 0) & (nxt < places)
+            step = np.clip(np.minimum(at, nxt), 0, max(places - 2, 0))
+            at = np.where(inside & close[step], nxt, at) if len(close) else at
+            out[:, k + sign * d] = np.where(at == place, np.arange(n), first[at])
+    return out
+
+
+# Where a slice's series key came from (index column `series_source`).
+SERIES_SOURCES = ("uid", "derived", "file")
+# The prefix of a key made here; a SeriesInstanceUID is digits and dots (RSNA: ID_...).
+NO_UID = "nouid-"
+
+
+def _key(*parts: str) -> str:
+    digest = hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogateescape")).hexdigest()
+    return NO_UID + digest[:20]
+
+
+def series_keys(
+    patient, study, series, frame, normal, number, position, path
+) -> tuple[np.ndarray, np.ndarray]:
+    """(series key, source) per slice; a missing SeriesInstanceUID (0020,000E) never merges scans.
+
+    With a SeriesInstanceUID the key is that id ("uid"). Without one, the slices of one PatientID
+    (0010,0020), StudyInstanceUID (0020,000D), FrameOfReferenceUID (0020,0052), slice normal
+    (from ImageOrientationPatient, rounded) and SeriesNumber (0020,0011, may be empty) form one
+    series ("derived"), unless two of them share a position (within DUPLICATE_MM: two scans of one
+    volume, e.g. two kernels): then, as when the patient, study or frame of reference is missing
+    too, each file is a series of its own ("file", keyed on its path). Derived keys are `nouid-`
+    and 20 hex of a sha256. Left: two scans that agree on all of these and interleave without a
+    tie are one series; no header tells them apart."""
+    sid = np.asarray(series, dtype=object)
+    missing = np.array([not (isinstance(v, str) and v) for v in sid], bool)
+    out, source = sid.copy(), np.full(len(sid), "uid", dtype=object)
+    if not missing.any():
+        return out, source
+    idx = np.flatnonzero(missing)
+    parts = [np.asarray(a, dtype=object)[idx] for a in (patient, study, frame, normal, number)]
+    full = np.array([all(isinstance(p[i], str) and p[i] for p in parts[:3]) for i in range(len(idx))], bool)  # fmt: skip
+    derived = np.array([_key("derived", *(str(p[i]) for p in parts)) for i in range(len(idx))], dtype=object)  # fmt: skip
+    pos = np.asarray(position, dtype=np.float64)[idx]
+    tied = duplicate_positions(derived, pos)
+    tied_group = set(derived[tied])
+    per_file = ~full | np.array([k in tied_group for k in derived], bool)
+    paths = np.asarray(path, dtype=object)[idx]
+    out[idx] = np.where(per_file, [_key("file", str(p)) for p in paths], derived)
+    source[idx] = np.where(per_file, "file", "derived")
+    return out, source
 
 
 def series_order(series: np.ndarray, seed: int, fold: int) -> np.ndarray:

@@ -1,6 +1,8 @@
 """2.5D inputs (`--context K`): each slice stacked with its K neighbours on each side.
 
-A sample becomes slices rank-K .. rank+K of its series (the end slices repeated), each with all of
+A sample becomes slices rank-K .. rank+K of its series (the end slices repeated; with the index's
+slice_position, neighbours at other positions only, and a gap in the series treated like its end:
+ich_prep.split.neighbour_ranks), each with all of
 the build's windows, or with one window (`--context-window brain`: the 1st place's "s-1, s, s+1
 in one window"), concatenated along channels: (H, W, (2K+1) x c) uint8, neighbours in slice
 order. Shards of format 2.0 hold every series whole and in slice order, so a reader that goes
@@ -20,6 +22,7 @@ import numpy as np
 from ich_prep.config import ImageLayout
 from ich_prep.errors import UserError
 from ich_prep.manifest import FormatError, series_ranks
+from ich_prep.split import neighbour_ranks
 from ich_train.config import ConfigError
 
 MAX_CONTEXT = 8  # neighbours on each side: 17 slices a stack
@@ -72,25 +75,30 @@ def context_of(config: dict, layout: ImageLayout, where: str = "the checkpoint")
     return create_context(k, window, layout)
 
 
-def series_positions(ok, what: str = "--context", where: str = "index.parquet") -> dict[str, tuple[str, int]]:  # fmt: skip
-    """image id -> (series id, slice rank) of the index's ok rows (a format 2.0 build), once its
-    series columns are what ich-prep writes: no empty value, whole-number slice ranks that run
-    0..n-1 once each over every series, each series in one shard. ContextError otherwise (`what`
-    names the feature that needs them, `where` the index)."""
+def series_positions(ok, what: str = "--context", where: str = "index.parquet") -> dict[str, tuple[str, int, float | None]]:  # fmt: skip
+    """image id -> (series id, slice rank, slice_position in mm or None) of the index's ok rows (a
+    format 2.0 build; None for all when the index predates slice_position), once its series columns
+    are what ich-prep writes (manifest.series_ranks): no empty value, whole-number slice ranks that
+    run 0..n-1 once each over every series, each series in one shard, finite positions.
+    ContextError otherwise (`what` names the feature that needs them, `where` the index)."""
     if not {"series_id", "slice_rank"} <= set(ok.columns) or ok[["series_id", "slice_rank"]].isna().any(axis=None):  # fmt: skip
         raise ContextError(f"{what} needs a series-aware build (index columns series_id and slice_rank, format 2.0); rebuild it with this ich-prep")  # fmt: skip
     try:
         sid, rank = series_ranks(ok, where)
     except FormatError as e:
         raise ContextError(str(e)) from None
-    return dict(zip(ok["image_id"], zip(sid.tolist(), rank.tolist(), strict=True), strict=True))  # fmt: skip
+    mm = ok["slice_position"].astype("float64").tolist() if "slice_position" in ok else [None] * len(ok)  # fmt: skip
+    return dict(zip(ok["image_id"], zip(sid.tolist(), rank.tolist(), mm, strict=True), strict=True))  # fmt: skip
 
 
-def stack(images: list[np.ndarray], r: int, ctx: Context) -> np.ndarray:
-    """uint8 (H, W, (2K+1) x c): slices r-K .. r+K of one series' images (in slice order), the end
-    slices repeated, the `picks` channels of each."""
+def stack(images: list[np.ndarray], r: int, ctx: Context, ranks=None) -> np.ndarray:
+    """uint8 (H, W, (2K+1) x c): the `ranks` of one series' images (in slice order; its row of
+    split.neighbour_ranks), by default slices r-K .. r+K with the end slices repeated, the `picks`
+    channels of each."""
     n = len(images)
-    parts = [images[min(max(r + d, 0), n - 1)] for d in range(-ctx.k, ctx.k + 1)]
+    if ranks is None:
+        ranks = [min(max(r + d, 0), n - 1) for d in range(-ctx.k, ctx.k + 1)]
+    parts = [images[i] for i in ranks]
     if ctx.picks:
         parts = [p[..., list(ctx.picks)] for p in parts]
     return np.concatenate(parts, axis=-1)
@@ -105,9 +113,9 @@ def with_context(decoded, positions: dict, ctx: Context, where: str = "the shard
     for item in decoded:
         if item[0] not in positions:
             raise ContextError(f"{where}: sample {item[0]} is not an ok row of index.parquet; rebuild the build")  # fmt: skip
-        sid, rank = positions[item[0]]
+        sid, rank = positions[item[0]][:2]
         if sid != series:
-            yield from _stacks(held, ctx)
+            yield from _stacks(held, positions, ctx)
             if sid in done:
                 raise ContextError(f"{where}: series {sid} is split; --context needs each series whole in one shard (format 2.0), rebuild it")  # fmt: skip
             done.add(sid)
@@ -117,10 +125,14 @@ def with_context(decoded, positions: dict, ctx: Context, where: str = "the shard
         if len(held) >= MAX_SERIES_SLICES:
             raise ContextError(f"{where}: series {sid} has more than {MAX_SERIES_SLICES} slices; refusing to hold it")  # fmt: skip
         held.append(item)
-    yield from _stacks(held, ctx)
+    yield from _stacks(held, positions, ctx)
 
 
-def _stacks(held: list, ctx: Context) -> Iterator:
+def _stacks(held: list, positions: dict, ctx: Context) -> Iterator:
+    """The stacks of one series' decoded slices (`held`, in rank order): neighbours from
+    split.neighbour_ranks over their slice positions (ranks alone for a build without them)."""
     images = [image for _, image, _ in held]
+    mm = [positions[image_id][2] if len(positions[image_id]) > 2 else None for image_id, _, _ in held]  # fmt: skip
+    table = neighbour_ranks(len(held), ctx.k, None if None in mm else mm)
     for r, (image_id, _, labels) in enumerate(held):
-        yield image_id, stack(images, r, ctx), labels
+        yield image_id, stack(images, r, ctx, table[r]), labels

@@ -46,7 +46,7 @@ from ich_train.context import with_context
 from ich_train.sampler import balanced_epoch
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
-OPTIONAL_COLUMNS = (*SPAN_COLUMNS, "series_id", "slice_rank")
+OPTIONAL_COLUMNS = (*SPAN_COLUMNS, "series_id", "slice_rank", "slice_position")
 
 
 class ShardError(UserError, RuntimeError):
@@ -261,7 +261,7 @@ def _labels_of(meta: dict, raw: dict) -> np.ndarray:
 def decode_sample(raw: dict, encoding: str, positions: dict | None = None) -> tuple[str, np.ndarray, np.ndarray]:  # fmt: skip
     """(image_id, uint8 (H, W, C) of the build's layout, float32 labels (6,), NaN when
     unlabelled), from a raw sample of read_shard (which attaches the shard's layout). With
-    `positions` (image id -> (series id, slice rank) of the index), the json's series_id and
+    `positions` (image id -> (series id, slice rank, position) of the index), the json's series_id and
     slice_rank, where it has them, must be the index's."""
     where = f"{raw.get('__url__')}: sample {raw['__key__']}"
     layout = raw["__layout__"]
@@ -276,7 +276,7 @@ def decode_sample(raw: dict, encoding: str, positions: dict | None = None) -> tu
         raise ShardError(f"{where}: image is {image.shape}, the manifest says {layout.shape}; rebuild the shard")  # fmt: skip
     if positions is not None and raw["__key__"] in positions and {"series_id", "slice_rank"} <= meta.keys():  # fmt: skip
         own = (meta["series_id"], meta["slice_rank"])
-        if own != positions[raw["__key__"]] or type(own[1]) is not int:
+        if own != positions[raw["__key__"]][:2] or type(own[1]) is not int:
             raise ShardError(f"{where}: its json says series {str(own[0])[:40]} slice rank {str(own[1])[:20]}, index.parquet says series {positions[raw['__key__']][0][:40]} slice rank {positions[raw['__key__']][1]}; the build is inconsistent (an edited index?): run `ich-prep verify` and rebuild it")  # fmt: skip
     return raw["__key__"], image, _labels_of(meta, raw)
 

@@ -54,10 +54,13 @@ def write_ct(
     position: tuple | None = None,
     orientation: list | None = None,
     instance: int | str | None = None,
+    study: str | None = None,
+    frame: str | None = None,
 ) -> Path:
     """Write a real single-frame CT DICOM file with RSNA-style pseudonym UIDs. `position`
     (ImagePositionPatient) replaces (-125, -125, z); `orientation` (ImageOrientationPatient) and
-    `instance` (InstanceNumber) are written only when given."""
+    `instance` (InstanceNumber) are written only when given; `study` replaces the StudyInstanceUID
+    made from `series`; `frame` (FrameOfReferenceUID) is written only when given."""
     image_id = Path(path).stem
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -69,7 +72,9 @@ def write_ct(
     ds.SOPInstanceUID = image_id
     ds.Modality = modality
     ds.PatientID = patient
-    ds.StudyInstanceUID = "ID_st" + series[5:]
+    ds.StudyInstanceUID = "ID_st" + series[5:] if study is None else study
+    if frame is not None:
+        ds.FrameOfReferenceUID = frame
     ds.SeriesInstanceUID = series
     if position is not None:
         ds.ImagePositionPatient = list(position)

@@ -206,11 +206,62 @@ def test_kill_9_then_resume_is_byte_identical(tmp_path):
     assert not list(out.glob("*.partial"))
 
 
-def test_limit_takes_subset(dataset, tmp_path):
-    """--limit 10 compiles 10 inputs, still patient-grouped."""
+@pytest.mark.parametrize(
+    ("kw", "kept"),
+    [({"limit": 10}, 8), ({"limit": 10, "seed": 3}, 8), ({"fraction": 0.5}, 12), ({"limit": 3}, 4)],
+)
+def test_limit_takes_whole_series(dataset, tmp_path, kw, kept):
+    """--limit / --fraction keep whole series (6 series of 4 slices here), seeded, at most the
+    target unless the first series drawn alone is larger; the manifest records what was kept.
+    (Before: --limit 10 kept 10 single slices from most series, ranked 0..n-1 over what was left.)"""
     dicom_dir, labels, _ = dataset
+    res = build(cfg_for(dicom_dir, labels, **kw), tmp_path / "out", jobs=1, progress=False)
+    index = pd.read_parquet(tmp_path / "out" / "index.parquet")
+    assert res.manifest["counts"]["inputs"] == kept == res.manifest["counts"]["ok"]
+    per_series = index.groupby("series_id")["slice_rank"].apply(sorted)
+    assert all(r == [0, 1, 2, 3] for r in per_series), per_series
+    assert res.manifest["counts"]["subset"] == {
+        "images": kept, "of_images": 24, "series": kept // 4, "of_series": 6, "patients": kept // 4,
+        "csv_rows_without_file_left_out": 0,
+    }  # fmt: skip
+
+
+def test_limit_draws_files_not_csv_rows_without_one(dataset, tmp_path):
+    """A labels CSV naming 100 images with no file (the real samples' CSV names 1044, 50 with
+    files): --limit draws series of files and leaves those rows out (counted), instead of a subset
+    of mostly missing_file rows with nothing compiled."""
+    dicom_dir, labels, _ = dataset
+    extra = [f"ID_nofile{i:04d}_{k},0" for i in range(100) for k in ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")]  # fmt: skip
+    labels.write_text(labels.read_text() + "\n".join(extra) + "\n")
     res = build(cfg_for(dicom_dir, labels, limit=10), tmp_path / "out", jobs=1, progress=False)
-    assert res.manifest["counts"]["inputs"] == 10
+    c = res.manifest["counts"]
+    assert c["ok"] == c["inputs"] == 8 and c["subset"]["csv_rows_without_file_left_out"] == 100
+    from ich_prep.info import format_info, info
+
+    assert "(whole series: 2 of 6, 8 of 24 files)" in format_info(info(tmp_path / "out"))
+
+
+def test_limit_on_real_samples_keeps_whole_series(real_samples, tmp_path):
+    """Real RSNA slices (a 33- and a 36-slice series, a 3-slice piece of a test series, singles):
+    a --limit build keeps whole series, each with the ranks, length and crop box it has in the
+    full build, for several seeds."""
+    full = build(cfg_for(real_samples, size=32, shard_size=40), tmp_path / "full", jobs=2, progress=False)  # fmt: skip
+    ref = pd.read_parquet(tmp_path / "full" / "index.parquet").set_index("image_id")
+    ref = ref[ref["status"] == "ok"]
+    assert full.manifest["counts"]["ok"] == len(ref) > 90
+    cols = ["series_id", "slice_rank", "series_len", "crop_y0", "crop_y1", "crop_x0", "crop_x1"]
+    sizes = []
+    for seed in range(3):
+        out = tmp_path / f"limit{seed}"
+        res = build(cfg_for(real_samples, size=32, shard_size=40, limit=40, seed=seed), out, jobs=2, progress=False)  # fmt: skip
+        got = pd.read_parquet(out / "index.parquet").set_index("image_id")
+        got = got[got["status"] == "ok"]
+        assert len(got) <= 40 or got["series_id"].nunique() == 1
+        pd.testing.assert_frame_equal(got[cols], ref.loc[got.index, cols], check_dtype=False)
+        for sid in got["series_id"].unique():  # every slice of each kept series
+            assert set(got.index[got["series_id"] == sid]) == set(ref.index[ref["series_id"] == sid])  # fmt: skip
+        sizes.append(res.manifest["counts"]["subset"]["series"])
+    assert max(sizes) > 1
 
 
 def test_max_errors_sets_exit_code(tmp_path, capsys):

@@ -91,9 +91,9 @@ def test_each_slice_is_decoded_once_and_stacks_hold_its_neighbours(series_build,
     stacks = {i: img for b in EvalStream(build.shards, build.encoding, 64, context=Context(1), positions=pos) for i, img in zip(b["id"], b["image"].numpy(), strict=True)}  # fmt: skip
     assert sorted(calls) == sorted(alone) and len(calls) == len(set(calls))
     by_series: dict = {}
-    for image_id, (sid, rank) in pos.items():
+    for image_id, (sid, rank, _) in pos.items():
         by_series.setdefault(sid, {})[rank] = image_id
-    for image_id, (sid, rank) in pos.items():
+    for image_id, (sid, rank, _) in pos.items():
         ranks = by_series[sid]
         want = [alone[ranks[min(max(rank + d, 0), len(ranks) - 1)]] for d in (-1, 0, 1)]
         assert np.array_equal(stacks[image_id], np.concatenate(want, -1)), image_id
