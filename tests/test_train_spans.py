@@ -103,6 +103,26 @@ def test_context_reads_each_slice_once_per_pass(series_build, monkeypatch):
     assert len(reads) == len(set(reads)) == 480
 
 
+def test_context_stacks_of_the_real_samples_are_with_contexts(real_samples, tmp_path):
+    """All 109 real RSNA slices (an unlabelled build at 32 px: 27 series of 1 to 36 slices, in
+    shards of a 16-sample target): the span loader with --context 1 and 2 yields every slice's
+    stack once, each equal to the one context.with_context (the evaluation stream) makes."""
+    from ich_prep.cli import main as prep
+
+    argv = ["build", "--dicom-dir", str(real_samples), "--out", str(tmp_path / "b"), "--size", "32", "--shard-size", "16", "--jobs", "1", "--quiet"]  # fmt: skip
+    with deadline(240):
+        assert prep(argv) == 0
+        b = Build(str(tmp_path / "b"))
+        pos, shards = series_positions(b.ok), b.select(None)
+        assert len(pos) == 109 and len({s for s, _ in pos.values()}) == 27
+        for k in (1, 2):
+            want = {i: img for batch in EvalStream(shards, b.encoding, 64, context=Context(k), positions=pos) for i, img in zip(batch["id"], batch["image"], strict=True)}  # fmt: skip
+            ds = SpanStream(shards, b.encoding, 1, 109, seed=k, shuffle_buffer=4, context=Context(k), positions=pos)  # fmt: skip
+            got = [(i, img) for batch in create_loader(ds, 0, CPU) for i, img in zip(batch["id"], batch["image"], strict=True)]  # fmt: skip
+            assert sorted(i for i, _ in got) == sorted(want)
+            assert all(torch.equal(img, want[i]) for i, img in got), k
+
+
 @pytest.mark.parametrize(
     ("workers", "skip", "context"),
     [(0, 5, None), (2, 5, None), (2, 8, None), (0, 5, Context(1)), (2, 7, Context(2))],
