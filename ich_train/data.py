@@ -42,9 +42,9 @@ from ich_prep.manifest import (
 )
 from ich_prep.shards import decode_bounded, decode_json, iter_samples, read_span
 from ich_train.config import CONTEXT_BALANCED, ConfigError
-from ich_train.context import ContextError, with_context
+from ich_train.context import with_context
 from ich_train.sampler import balanced_epoch
-from ich_train.span_context import context_samples, series_order
+from ich_train.span_context import context_samples, series_of, series_order
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
 OPTIONAL_COLUMNS = (*SPAN_COLUMNS, "series_id", "slice_rank")
@@ -449,7 +449,7 @@ class SpanStream(TrainStream):
         self.pos_fraction, self.positive = pos_fraction, None
         if pos_fraction is not None:
             self.positive = _any_positive(self.items)
-        self.series = _series_of(self.shards, positions) if context is not None else None
+        self.series = series_of(self.shards, positions) if context is not None else None
 
     @property
     def epoch_draws(self) -> int:
@@ -498,22 +498,6 @@ class SpanStream(TrainStream):
             return decode_sample(read_sample(s[0], key, self.encoding), self.encoding, self.positions)  # fmt: skip
 
         return context_samples(order, lambda s: s[1], self.context, fetch, skip=done * self.batch_size)  # fmt: skip
-
-
-def _series_of(shards: list[Shard], positions: dict) -> list[tuple[Shard, tuple[str, ...]]]:
-    """(shard, image ids in slice order) of every series of `shards` (positions: image id ->
-    (series id, slice rank), as context.series_positions checks them), in shard order and then
-    by the offset of each series' first sample."""
-    out = []
-    for s in shards:
-        by_series: dict[str, dict[int, str]] = {}
-        for key in sorted(s.spans, key=s.spans.get):
-            if key not in positions:
-                raise ContextError(f"{s.url}: sample {key} has no series in index.parquet; --context needs a series-aware build, rebuild it")  # fmt: skip
-            sid, rank = positions[key]
-            by_series.setdefault(sid, {})[rank] = key
-        out += [(s, tuple(ranks[r] for r in sorted(ranks))) for ranks in by_series.values()]
-    return out
 
 
 def _any_positive(items: list[tuple[Shard, str]]) -> np.ndarray:

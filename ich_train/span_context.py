@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ich_train.context import Context, stack
+from ich_train.context import Context, ContextError, stack
 
 
 def series_order(passes: Iterable[Iterable], length: Callable[[object], int], open_series: int, rng: random.Random) -> Iterator[tuple[int, object, int]]:  # fmt: skip
@@ -130,3 +130,19 @@ def context_samples(order: Iterator[tuple[int, object, int]], ids: Callable[[obj
             yield w.emit(r)
         if not w.pending:
             del windows[key]
+
+
+def series_of(shards: list, positions: dict) -> list[tuple[object, tuple[str, ...]]]:
+    """(shard, image ids in slice order) of every series of `shards` (data.Shard, with spans), in
+    shard order and then by the offset of each series' first sample; `positions`: image id ->
+    (series id, slice rank), as context.series_positions checks them."""
+    out = []
+    for s in shards:
+        by_series: dict[str, dict[int, str]] = {}
+        for key in sorted(s.spans, key=s.spans.get):
+            if key not in positions:
+                raise ContextError(f"{s.url}: sample {key} has no series in index.parquet; --context needs a series-aware build, rebuild it")  # fmt: skip
+            sid, rank = positions[key]
+            by_series.setdefault(sid, {})[rank] = key
+        out += [(s, tuple(ranks[r] for r in sorted(ranks))) for ranks in by_series.values()]
+    return out
