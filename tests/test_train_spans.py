@@ -172,6 +172,36 @@ def test_context_span_batches_mix_series_like_a_uniform_shuffle(series_build):
     assert abs(spans["label_autocorr"]) < 0.2
 
 
+def test_context_refuses_an_index_whose_ranks_disagree_with_the_samples(series_build, tmp_path):
+    """Slices 0 and 1 of a series swapped in the index (consistent in itself, hash recomputed):
+    the span loader with --context stacks by the index's ranks, so it must not trust them: the
+    sample's json rank is compared with the index's, one ShardError, never stacks out of order."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from ich_prep.manifest import dumps
+    from ich_prep.shards import sha256_file
+
+    root = shutil.copytree(series_build, tmp_path / "b")
+    idx = pd.read_parquet(root / "index.parquet")
+    first = idx.index[(idx["series_id"] == idx.loc[idx.index[0], "series_id"]) & (idx["slice_rank"] < 2)]  # fmt: skip
+    idx.loc[first, "slice_rank"] = idx.loc[first, "slice_rank"].to_numpy()[::-1]
+    idx.to_parquet(root / "index.parquet", index=False)
+    m = json.loads((root / "manifest.json").read_text())
+    m["index"].update(bytes=(root / "index.parquet").stat().st_size, sha256=sha256_file(root / "index.parquet"))  # fmt: skip
+    (root / "manifest.json").write_bytes(dumps(m))
+    b = Build(root)
+    shard = next(s for s in b.shards if idx.loc[first[0], "image_id"] in s.spans)
+    ds = SpanStream([shard], b.encoding, 60, 1, context=Context(1), positions=series_positions(b.ok))  # fmt: skip
+    with pytest.raises(
+        ShardError,
+        match=r"its json says series \S+ slice rank [01], index.parquet says series \S+ slice rank [01];",
+    ):
+        list(create_loader(ds, 0, CPU))
+
+
 @pytest.mark.parametrize("context", [None, Context(1)])
 def test_a_span_pointing_at_another_sample_is_refused(series_build, tmp_path, context):
     """An index whose span for one image points at its neighbour's bytes: one ShardError naming
