@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ich_prep.shards import decode_bounded
 from ich_train.augment import AugmentParams, DeviceAugment
+from ich_train.context import Context
 from ich_train.data import Build, TrainStream, create_loader, create_train_stream, read_shard
 from ich_train.distributed import pick_device
 from ich_train.engine import autocast
@@ -202,15 +203,27 @@ def bench(
     say(
         f"CPU decode cost ({build.encoding}, {build.size}px): {res['decode_ms']:.3f} ms/image on one core"
     )
-    try:
-        res["series_mixing"] = series_mixing(build, batch_size, shuffle_buffer=1000)
-    except ValueError as e:
-        say(f"series mixing: skipped ({e})")
-    else:
-        say(f"series mixing, batch {batch_size} (shuffle buffer 1000 for stream):")
-        uniform = res["series_mixing"]["uniform"]["distinct_series"]
-        for name, m in res["series_mixing"].items():
-            say(f"    {name:8s} distinct series/batch {m['distinct_series']:7.1f} "
-                f"({m['distinct_series'] / uniform:.2f} of uniform), any-label autocorrelation "
-                f"{m['label_autocorr']:+.2f}")  # fmt: skip
+    res["series_mixing"] = _mixing(build, batch_size, None, say)
+    res["series_mixing_context"] = _mixing(build, batch_size, Context(1), say)
     return res
+
+
+def _mixing(build: Build, batch_size: int, context: Context | None, say) -> dict | None:
+    """series_mixing of the build's loaders (single slices or --context stacks), printed; None
+    for a build without series or labels."""
+    try:
+        mix = series_mixing(build, batch_size, shuffle_buffer=1000, context=context)
+    except ValueError as e:
+        if context is None:
+            say(f"series mixing: skipped ({e})")
+        return None
+    if context is None:
+        say(f"series mixing, batch {batch_size} (shuffle buffer 1000 for stream):")
+    else:
+        say(f"series mixing with --context {context.k}, batch {batch_size} (--shuffle-buffer 1000: stacks for stream, open series for spans):")  # fmt: skip
+    uniform = mix["uniform"]["distinct_series"]
+    for name, m in mix.items():
+        say(f"    {name:8s} distinct series/batch {m['distinct_series']:7.1f} "
+            f"({m['distinct_series'] / uniform:.2f} of uniform), any-label autocorrelation "
+            f"{m['label_autocorr']:+.2f}")  # fmt: skip
+    return mix

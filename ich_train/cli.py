@@ -164,7 +164,13 @@ def add_fit_parser(sub) -> None:
     p.add_argument("--no-augment", dest="augment", action="store_false")
     for name in ("hflip", "rotate_deg", "scale", "shift", "brightness", "contrast", "noise"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=DEFAULTS[name])
-    p.add_argument("--shuffle-buffer", type=int, default=DEFAULTS["shuffle_buffer"])
+    p.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=DEFAULTS["shuffle_buffer"],
+        help="per loader worker: samples buffered by --loader stream; with --context and the "
+        "span loader, series open at once (each holds up to 4K+1 decoded slices)",
+    )
     p.add_argument(
         "--opt",
         default=DEFAULTS["opt"],
@@ -175,8 +181,8 @@ def add_fit_parser(sub) -> None:
         choices=("auto", "stream", "spans"),
         default=DEFAULTS["loader"],
         help="spans: a uniform shuffle of samples, each read by its span in the index (mixes "
-        "series-contiguous shards); stream: read whole shards through a shuffle buffer; "
-        "auto: spans when the index records them",
+        "series-contiguous shards; with --context, many series interleaved); stream: read whole "
+        "shards through a shuffle buffer; auto: spans when the index records them",
     )
     p.add_argument(
         "--sampler",
@@ -199,7 +205,7 @@ def add_fit_parser(sub) -> None:
         default=DEFAULTS["context"],
         metavar="K",
         help="2.5D: each sample is its slice with K neighbours on each side (ends repeated), "
-        "stacked as channels: (2K+1) x windows; needs a series-aware build, reads by stream",
+        "stacked as channels: (2K+1) x windows; needs a series-aware build",
     )
     p.add_argument(
         "--context-window",

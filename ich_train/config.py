@@ -32,6 +32,8 @@ LOSSES = ("bce", "asl")
 PRECISIONS = ("auto", "bf16", "fp32")
 LOADERS = ("auto", "stream", "spans")  # auto: spans when the build's index records them
 SAMPLERS = ("natural", "balanced")  # balanced: --pos-fraction of 'any' positives per epoch
+# --context with --sampler balanced, refused by TrainConfig and by data.create_train_stream
+CONTEXT_BALANCED = "--context reads every slice once per pass with its neighbours, --sampler balanced draws single images any number of times: drop one of them"  # fmt: skip
 
 
 MAX_IMAGE_SIZE = 4096  # ich-prep's largest --size
@@ -168,9 +170,8 @@ class TrainConfig:
             raise ConfigError(f"--context must be 0 (single slices) to {MAX_CONTEXT}, got {self.context!r}")  # fmt: skip
         if self.context_window is not None and not self.context:
             raise ConfigError("--context-window picks one window of each neighbour; give --context K >= 1 too")  # fmt: skip
-        if self.context and (self.loader == "spans" or self.sampler == "balanced"):
-            why = "--loader spans" if self.loader == "spans" else "--sampler balanced"
-            raise ConfigError(f"--context reads whole series in slice order (the streaming loader); {why} reads single samples: drop one of them")  # fmt: skip
+        if self.context and self.sampler == "balanced":
+            raise ConfigError(CONTEXT_BALANCED)
 
     def _check_sampler(self) -> None:
         if self.sampler not in SAMPLERS:

@@ -41,9 +41,10 @@ from ich_prep.manifest import (
     load_manifest,
 )
 from ich_prep.shards import decode_bounded, decode_json, iter_samples, read_span
-from ich_train.config import ConfigError
+from ich_train.config import CONTEXT_BALANCED, ConfigError
 from ich_train.context import with_context
 from ich_train.sampler import balanced_epoch
+from ich_train.span_context import context_samples, series_of, series_order
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
 OPTIONAL_COLUMNS = (*SPAN_COLUMNS, "series_id", "slice_rank", "slice_position")
@@ -428,6 +429,11 @@ class SpanStream(TrainStream):
     batches of many series (a streaming buffer mixes only the series it spans:
     benchmarks/sim_series_mix.py). Needs spans for every shard.
 
+    With `context` (--context K) a pass is a seeded permutation of whole series instead, dealt
+    over the (rank, worker) slots; each worker keeps `shuffle_buffer` of its series open at once
+    and interleaves their stacks (ich_train.span_context: each slice read and decoded once per
+    pass, batches of about as many series as a uniform shuffle's).
+
     With `pos_fraction` (--sampler balanced) an epoch is instead the multiset
     sampler.balanced_epoch draws from the index's `any` labels: exactly the samples of this
     epoch's batches over all ranks (batches_per_rank x world x batch_size), batch i of rank r
@@ -435,14 +441,15 @@ class SpanStream(TrainStream):
     same draw from (seed, epoch), so ranks get disjoint shares that together are the multiset,
     and a resume skips whole batches without reading them."""
 
-    def __init__(self, shards, encoding, batch_size, batches_per_rank, *, rank=0, world=1, seed=0, pos_fraction=None):  # fmt: skip
-        super().__init__(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed)  # fmt: skip
+    def __init__(self, shards, encoding, batch_size, batches_per_rank, *, rank=0, world=1, seed=0, pos_fraction=None, shuffle_buffer=1000, context=None, positions=None):  # fmt: skip
+        super().__init__(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed, shuffle_buffer=shuffle_buffer, context=context, positions=positions)  # fmt: skip
         if any(s.spans is None for s in self.shards):
             raise ShardError("the index records no sample spans for some shards; use the streaming loader")  # fmt: skip
         self.items = [(s, key) for s in self.shards for key in sorted(s.spans)]
         self.pos_fraction, self.positive = pos_fraction, None
         if pos_fraction is not None:
             self.positive = _any_positive(self.items)
+        self.series = series_of(self.shards, positions) if context is not None else None
 
     @property
     def epoch_draws(self) -> int:
@@ -467,6 +474,9 @@ class SpanStream(TrainStream):
         slot, slots, quota, done = self._slot_plan()
         if quota - done <= 0:
             return
+        if self.context is not None:
+            yield from itertools.islice(batched(self._stacks(slot, slots, done), self.batch_size, drop_last=True), quota - done)  # fmt: skip
+            return
         if self.positive is not None:
             order = self._balanced(slot, slots, done)  # skipped batches: never read
         else:
@@ -476,6 +486,18 @@ class SpanStream(TrainStream):
             order = itertools.islice(order, done * self.batch_size, None)  # skipped: never read
         decoded = (decode_sample(read_sample(s, key, self.encoding), self.encoding) for s, key in order)  # fmt: skip
         yield from itertools.islice(batched(decoded, self.batch_size, drop_last=True), quota - done)
+
+    def _stacks(self, slot: int, slots: int, done: int) -> Iterator[tuple]:
+        """This worker's --context stacks: its series of each pass (slot_passes over series),
+        interleaved by span_context.series_order, after the `done` batches already made."""
+        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
+        passes = slot_passes(self.series, slot, slots, self.seed, self.epoch)
+        order = series_order(passes, lambda s: len(s[1]), self.shuffle_buffer, rng)
+
+        def fetch(key: str, s: tuple) -> tuple:
+            return decode_sample(read_sample(s[0], key, self.encoding), self.encoding, self.positions)  # fmt: skip
+
+        return context_samples(order, lambda s: s[1], self.context, fetch, skip=done * self.batch_size, mm=lambda s: s[2])  # fmt: skip
 
 
 def _any_positive(items: list[tuple[Shard, str]]) -> np.ndarray:
@@ -493,23 +515,21 @@ def _any_positive(items: list[tuple[Shard, str]]) -> np.ndarray:
 
 def create_train_stream(loader: str, shards: list[Shard], encoding: str, batch_size: int, batches_per_rank: int, *, rank: int, world: int, seed: int, shuffle_buffer: int, pos_fraction: float | None = None, context=None, positions=None) -> TrainStream:  # fmt: skip
     """The training stream `loader` names: 'spans' (SpanStream), 'stream' (TrainStream), or
-    'auto': spans when every shard has them in the index, else stream. A balanced epoch
-    (`pos_fraction`, --sampler balanced) is drawn by the span loader only: it reads any sample
-    any number of times, a whole-shard stream cannot."""
+    'auto': spans when every shard has them in the index, else stream; either reads --context
+    stacks (`context`, `positions`). A balanced epoch (`pos_fraction`, --sampler balanced) is
+    drawn by the span loader only, without --context: it reads any sample any number of times, a
+    whole-shard stream cannot, and stacks read each slice once per pass."""
     spans = all(s.spans is not None for s in shards)
-    if context is not None:  # stacks need whole series in order: the streaming loader
-        if loader == "spans" or pos_fraction is not None:
-            why = "--loader spans" if loader == "spans" else "--sampler balanced"
-            raise ConfigError(f"--context reads whole series in slice order (the streaming loader); {why} reads single samples: drop it or --context")  # fmt: skip
-        return TrainStream(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed, shuffle_buffer=shuffle_buffer, context=context, positions=positions)  # fmt: skip
+    if context is not None and pos_fraction is not None:
+        raise ConfigError(CONTEXT_BALANCED)
     if pos_fraction is not None and (loader == "stream" or not spans):
         why = "--loader stream reads whole shards" if loader == "stream" else "this build's index records no sample spans (shard_offset, shard_length); rebuild it with this ich-prep"  # fmt: skip
         raise ConfigError(f"--sampler balanced draws samples by their index spans (the span loader), but {why}")  # fmt: skip
     if loader == "spans" and not spans:
         raise ShardError("--loader spans: this build's index records no sample spans (shard_offset, shard_length); use --loader stream or rebuild with this ich-prep")  # fmt: skip
     if loader == "spans" or (loader == "auto" and spans):
-        return SpanStream(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed, pos_fraction=pos_fraction)  # fmt: skip
-    return TrainStream(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed, shuffle_buffer=shuffle_buffer)  # fmt: skip
+        return SpanStream(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed, pos_fraction=pos_fraction, shuffle_buffer=shuffle_buffer, context=context, positions=positions)  # fmt: skip
+    return TrainStream(shards, encoding, batch_size, batches_per_rank, rank=rank, world=world, seed=seed, shuffle_buffer=shuffle_buffer, context=context, positions=positions)  # fmt: skip
 
 
 class EvalStream(IterableDataset):

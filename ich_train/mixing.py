@@ -16,6 +16,7 @@ import itertools
 import numpy as np
 import torch
 
+from ich_train.context import Context, series_positions
 from ich_train.data import Build, create_loader, create_train_stream
 
 CPU = torch.device("cpu")
@@ -37,11 +38,13 @@ def series_mixing(
     seed: int = 0,
     shuffle_buffer: int = 1000,
     folds: list[int] | None = None,
+    context: Context | None = None,
 ) -> dict[str, dict]:
     """{'uniform' | 'spans' | 'stream': batch_stats} over `batches` batches of the training
-    shards of `folds` (all labelled folds by default). The uniform shuffle is drawn from the
-    index; the loaders are run (one process, no workers) as fit runs them. Raises ValueError for
-    a build whose index has no series_id or no labels."""
+    shards of `folds` (all labelled folds by default), with `context` (--context K) stacks or
+    single slices. The uniform shuffle is drawn from the index; the loaders are run (one process,
+    no workers) as fit runs them. Raises ValueError for a build whose index has no series_id or
+    no labels."""
     ok = build.ok
     if "series_id" not in ok or ok["series_id"].isna().all() or ok["any"].isna().all():
         raise ValueError("series mixing needs a labelled build whose index has series_id")
@@ -54,10 +57,12 @@ def series_mixing(
     any_label = dict(zip(ok["image_id"], ok["any"].fillna(0).astype(int), strict=True))
     rng = np.random.default_rng(seed)
     out = {"uniform": batch_stats([list(rng.permutation(ids)[:batch_size]) for _ in range(n)], series, any_label)}  # fmt: skip
+    positions = series_positions(ok) if context is not None else None
     loaders = ["stream"] + (["spans"] if all(s.spans is not None for s in shards) else [])
     for name in loaders:
         ds = create_train_stream(name, shards, build.encoding, batch_size, n, rank=0, world=1,
-                                 seed=seed, shuffle_buffer=shuffle_buffer)  # fmt: skip
+                                 seed=seed, shuffle_buffer=shuffle_buffer, context=context,
+                                 positions=positions)  # fmt: skip
         got = [b["id"] for b in itertools.islice(create_loader(ds, 0, CPU), n)]
         out[name] = batch_stats(got, series, any_label)
     return out

@@ -38,7 +38,7 @@ from ich_train.checkpoint import (
 )
 from ich_train.config import ConfigError, TrainConfig, check_resumable
 from ich_train.context import create_context, series_positions
-from ich_train.data import Build, EvalStream, create_loader, create_train_stream
+from ich_train.data import Build, EvalStream, SpanStream, create_loader, create_train_stream
 from ich_train.engine import train_one_epoch, validate
 from ich_train.losses import create_loss
 from ich_train.metrics import label_prior, prior_baseline_loss
@@ -371,10 +371,17 @@ def announce(run: Run, say) -> None:
         + (f"; validating the EMA (decay {cfg.ema}) of the weights" if run.ema is not None else "")
     )
     if d.context is not None:
-        say(f"context: {2 * d.context.k + 1} slices a sample, {d.channels} channels ({', '.join(d.context.names(d.build.layout))})")  # fmt: skip
+        say(f"context: {2 * d.context.k + 1} slices a sample, {d.channels} channels ({', '.join(d.context.names(d.build.layout))}); {_context_reader(d.train_ds, cfg)}")  # fmt: skip
     if cfg.sampler == "balanced":
         say(describe(d.train_ds.positive, d.train_ds.epoch_draws, cfg.pos_fraction))
     say(f"prior baseline (training label frequencies) on fold {cfg.valid_fold}: weighted log loss {d.prior_loss:.4f}")  # fmt: skip
+
+
+def _context_reader(ds, cfg: TrainConfig) -> str:
+    """How the --context stacks are read: which loader, and what its buffer holds."""
+    if isinstance(ds, SpanStream):
+        return f"span loader, {cfg.shuffle_buffer} series open per loader worker (--shuffle-buffer)"
+    return f"streaming loader, {cfg.shuffle_buffer} stacks buffered per loader worker (--shuffle-buffer)"  # fmt: skip
 
 
 def run_epoch(run: Run, epoch: int, start, gen, loaders, log, say) -> dict:

@@ -54,8 +54,9 @@ def test_context_flags_are_checked():
         TrainConfig(shards="s", out="o", context_window="brain")
     with pytest.raises(ConfigError, match="--context must be 0"):
         TrainConfig(shards="s", out="o", context=9)
-    with pytest.raises(ConfigError, match="--loader spans reads single samples"):
-        TrainConfig(shards="s", out="o", context=1, loader="spans")
+    with pytest.raises(ConfigError, match="--sampler balanced draws single images"):
+        TrainConfig(shards="s", out="o", context=1, sampler="balanced", pos_fraction=0.5)
+    assert TrainConfig(shards="s", out="o", context=1, loader="spans").loader == "spans"
     assert create_context(0, None, LAYOUT) is None
 
 

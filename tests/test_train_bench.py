@@ -68,12 +68,15 @@ def test_bench_compiled_model_runs(tmp_path, capsys):
 
 def test_bench_reports_series_mixing_on_a_series_build(tmp_path, capsys):
     """A build with series: bench prints distinct series per batch and the label autocorrelation
-    for a uniform shuffle, the span loader and the stream; a build without series says why not."""
+    for a uniform shuffle, the span loader and the stream, of single slices and of --context 1
+    stacks; a build without series says why not."""
     shards = make_build(tmp_path / "s", folds=2, per_shard=24, size=32, series_len=6)
     assert main(["bench", "--shards", str(shards), *TINY]) == 0
     out = capsys.readouterr().out
+    plain, context = out.split("series mixing with --context 1")
     for name in ("uniform", "spans", "stream"):
-        assert re.search(rf"{name} +distinct series/batch +[\d.]+ \([\d.]+ of uniform\), any-label autocorrelation [+-][\d.]+", out), out  # fmt: skip
+        for part in (plain, context):
+            assert re.search(rf"{name} +distinct series/batch +[\d.]+ \([\d.]+ of uniform\), any-label autocorrelation [+-][\d.]+", part), out  # fmt: skip
     shards = make_build(tmp_path / "p", folds=2, per_shard=8, size=32)
     assert main(["bench", "--shards", str(shards), *TINY]) == 0
     assert "series mixing: skipped (series mixing needs a labelled build whose index has series_id)" in capsys.readouterr().out  # fmt: skip

@@ -94,26 +94,29 @@ def test_torchrun_killed_inside_an_epoch_resumes_to_the_same_weights(straight):
     assert list(pd.read_csv(out / "metrics.csv")["train_images"]) == [48, 48]
 
 
-@pytest.fixture(scope="module")
-def context_runs(tmp_path_factory):
-    """fit --context 1 (9 channels, EMA) on a series-aware build under 2 ranks x 2 workers: a
-    straight run, and the same run killed with SIGKILL inside epoch 0 then resumed."""
+@pytest.fixture(scope="module", params=["spans", "stream"])
+def context_runs(tmp_path_factory, request):
+    """fit --context 1 (9 channels, EMA) on a series-aware build under 2 ranks x 2 workers, with
+    the span loader (what --loader auto picks) or the streaming one: a straight run, and the same
+    run killed with SIGKILL inside epoch 0 then resumed."""
     tmp = tmp_path_factory.mktemp("ddp-context")
     shards = make_build(tmp / "shards", folds=2, per_shard=48, size=32, series_len=6)
-    extra = ("--context", "1", "--ema", "0.9")
+    extra = ("--context", "1", "--ema", "0.9", "--loader", request.param)
     ref = tmp / "straight"
     proc = subprocess.run(
         _torchrun(shards, ref, *extra), capture_output=True, text=True, timeout=240, env=ENV
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    reader = {"spans": "span loader, 1000 series open", "stream": "streaming loader"}[request.param]
+    assert reader in proc.stdout, proc.stdout[-2000:]
     out = tmp / "killed"
     return ref, out, _kill_then_resume(shards, out, *extra)
 
 
 def test_context_under_torchrun_gives_equal_batches_and_resumes_bit_for_bit(context_runs):
-    """--context 1 with 2 ranks: every epoch trains all 48 images in equal rank batches (6 steps of
-    4 x 2), the model takes 9 channels, and kill -9 inside epoch 0 then --resume ends on the
-    straight run's trained and EMA weights, bit for bit."""
+    """--context 1 with 2 ranks, span or streaming loader: every epoch trains all 48 images in
+    equal rank batches (6 steps of 4 x 2), the model takes 9 channels, and kill -9 inside epoch 0
+    then --resume ends on the straight run's trained and EMA weights, bit for bit."""
     ref, out, left = context_runs
     assert left["epoch"] == 0 and left["epoch_progress"]["world"] == 2
     a, b = load_checkpoint(ref / "last.pt"), load_checkpoint(out / "last.pt")

@@ -154,6 +154,7 @@ def test_balanced_needs_the_span_loader_and_labels(rare, tmp_path):
         (["--sampler", "balanced", "--pos-fraction", "nan"], "--pos-fraction must be"),
         (["--pos-fraction", "0.5"], "only applies with --sampler balanced"),
         (["--sampler", "balanced", "--pos-fraction", "0.5", "--loader", "stream"], "cannot run with --loader stream"),
+        (["--sampler", "balanced", "--pos-fraction", "0.5", "--context", "1"], "--sampler balanced draws single images any number of times: drop one"),
         (["--sampler", "uniform"], "invalid choice"),
     ],
 )  # fmt: skip
