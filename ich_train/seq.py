@@ -31,7 +31,15 @@ from ich_prep.location import atomic_file, file_in_the_way
 from ich_train.checkpoint import safe_torch_load
 from ich_train.metrics import LABEL_WEIGHTS, compute_metrics
 from ich_train.optim import create_scheduler
-from ich_train.seq_data import MAX_FEATURE_DIM, Series, augment, batches, collate, read_embeddings
+from ich_train.seq_data import (
+    MAX_FEATURE_DIM,
+    Series,
+    augment,
+    batches,
+    check_held_out,
+    collate,
+    read_embeddings,
+)
 from ich_train.submission import check_out_file
 
 RNNS = {"gru": nn.GRU, "lstm": nn.LSTM}
@@ -277,6 +285,7 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
     dim = 0 if cfg.inputs == "logits" else series[0].features.shape[1]
     series = select_inputs(series, dim)
     train, valid = _split(series, cfg.valid_fold, cfg.features)
+    check_held_out(valid, meta, cfg.valid_fold, cfg.features, "--valid-fold")
     torch.manual_seed(cfg.seed)
     model = SeqModel(**model_args(cfg, dim)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -341,10 +350,11 @@ def _evaluate(checkpoint: str, features: str, fold: int, out: str | None, dev: t
     path = Path(out) if out else Path(checkpoint).with_name(f"seq_oof_fold{fold}.parquet")
     check_out_file(path, "--out", "seq_oof.parquet")
     ck = load(checkpoint)
-    series, _ = read_embeddings(features)
+    series, meta = read_embeddings(features)
     chosen = [s for s in series if s.fold == fold]
     if not chosen or any(s.labels is None for s in chosen):
         raise SeqError(f"--fold {fold}: {features} has no labelled series in that fold; its folds are {sorted({s.fold for s in series})}")  # fmt: skip
+    check_held_out(chosen, meta, fold, features, "--fold")
     args = ck["model_args"]
     chosen = select_inputs(chosen, args["feature_dim"])
     if args["feature_dim"] != chosen[0].features.shape[1]:

@@ -94,7 +94,7 @@ def test_a_series_across_folds_or_with_a_repeated_rank_is_refused(small, tmp_pat
     rank[1] = rank[0]
     for col, values in (("fold", fold), ("slice_rank", rank)):
         says = _fit_error(capsys, _edited(small, tmp_path, col, pa.array(values)), tmp_path / "r")
-        assert "spans folds or repeats a slice rank" in says
+        assert "spans folds or CNNs or repeats a slice rank" in says
 
 
 @pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b"\xff\xfe{{", b"{" * 10])  # fmt: skip

@@ -98,8 +98,13 @@ def write_embeddings(path, folds=3, per_fold=60, d=8, seed=0) -> None:
     feats = np.stack(frame.pop("features").to_numpy()).astype(np.float16)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.append_column("features", pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), d))  # fmt: skip
-    table = table.replace_schema_metadata({META_KEY: json.dumps({"oof": True}).encode()})
-    pq.write_table(table, path)
+    pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(oof_meta(folds)).encode()}), path)  # fmt: skip
+
+
+def oof_meta(folds: int) -> dict:
+    """The metadata `embed --oof` writes for `folds` CNNs, CNN k validated on fold k."""
+    cks = [{"path": f"cnn{k}/best.pt", "sha256": f"{k:064x}", "valid_fold": k, "model": "m"} for k in range(folds)]  # fmt: skip
+    return {"checkpoints": cks, "build": "b", "oof": True, "tta": [], "feature_dim": 8}
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +262,25 @@ def test_a_run_of_one_step_per_epoch_trains(features, tmp_path):
     write_embeddings(small, folds=2, per_fold=2)
     r = fit(SeqConfig(features=str(small), valid_fold=1, hidden=8, epochs=3, batch_series=64), str(tmp_path / "r"), log=lambda *_: None)  # fmt: skip
     assert r["epochs"] == 3 and np.isfinite(r["best_valid_loss"])
+
+
+def test_features_a_cnn_trained_on_are_refused_as_validation(cnn_runs, capsys, tmp_path):
+    """One CNN (validated on fold 0) embeds every fold without --oof. Before: `seq fit
+    --valid-fold 1` ran and reported that CNN's in-sample score on fold 1 as its validation loss.
+    Now fold 1 is refused by fit and evaluate in one line naming the CNN's validation fold; fold
+    0, which that CNN held out, still trains and evaluates."""
+    tmp, build, ckpts = cnn_runs
+    feats = tmp_path / "in_sample.parquet"
+    assert main(["embed", "--checkpoint", ckpts[0], "--shards", str(build), "--out", str(feats), "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    args = ["--features", str(feats), "--epochs", "1", "--hidden", "8"]
+    assert main(["seq", "fit", *args, "--valid-fold", "1", "--out", str(tmp_path / "r1")]) == 2
+    line = one_error_line(capsys, "seq fit")
+    assert "--valid-fold 1:" in line and "validated on fold 0" in line and "--oof" in line
+    assert not (tmp_path / "r1" / "best.pt").exists()
+    assert main(["seq", "fit", *args, "--valid-fold", "0", "--out", str(tmp_path / "r0")]) == 0
+    capsys.readouterr()
+    ev = ["seq", "evaluate", "--checkpoint", str(tmp_path / "r0" / "best.pt"), "--features", str(feats)]  # fmt: skip
+    assert main([*ev, "--fold", "1", "--out", str(tmp_path / "e1.parquet")]) == 2
+    assert "--fold 1:" in one_error_line(capsys, "seq evaluate")
+    assert main([*ev, "--fold", "0", "--out", str(tmp_path / "e0.parquet")]) == 0
