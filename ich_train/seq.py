@@ -308,9 +308,15 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
             raise SeqError(f"--resume {run}: last.pt cannot be resumed ({type(e).__name__}: {str(e)[:100]}); start a new --out") from None  # fmt: skip
     run.mkdir(parents=True, exist_ok=True)
     _write(run / "config.json", lambda f: f.write((json.dumps(cfg.to_dict(), indent=1) + "\n").encode()))  # fmt: skip
-    if start == 0:
+
+    def state(epoch: int) -> dict:
+        return {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "config": cfg.to_dict(), "model_args": model_args(cfg, dim), "epoch": epoch, "best_loss": best, "history": rows, "embed": meta}  # fmt: skip
+
+    if start == 0:  # step 0 (the zero head: the CNN itself) is the first candidate for best.pt
         row = {"epoch": -1, "train_loss": math.nan, **_scores(model, valid)}
         rows.append(row)
+        best = row["valid_loss"]
+        save(run / "best.pt", **state(-1))
         log(f"seq: step 0 = the CNN: valid loss {row['valid_loss']:.4f}, AUC any {row['valid_auc_any']:.3f}")  # fmt: skip
     for epoch in range(start, cfg.epochs):
         t0, rng, losses = time.perf_counter(), np.random.default_rng([cfg.seed, epoch]), []
@@ -329,14 +335,24 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
         rows.append(row)
         improved = row["valid_loss"] < best
         best = min(best, row["valid_loss"])
-        state = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "config": cfg.to_dict(), "model_args": model_args(cfg, dim), "epoch": epoch, "best_loss": best, "history": rows, "embed": meta}  # fmt: skip
         if improved:
-            save(run / "best.pt", **state)
-        save(run / "last.pt", **state, optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state())  # fmt: skip
+            save(run / "best.pt", **state(epoch))
+        save(run / "last.pt", **state(epoch), optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state())  # fmt: skip
         log(f"seq epoch {epoch + 1}/{cfg.epochs}: train {row['train_loss']:.4f} valid {row['valid_loss']:.4f} (CNN {row['cnn_loss']:.4f}) AUC any {row['valid_auc_any']:.3f}{' *best' if improved else ''}")  # fmt: skip
     _write(run / "metrics.csv", lambda f: f.write(pd.DataFrame(rows).to_csv(index=False).encode()))
-    first = rows[0]
-    return {"best_valid_loss": best, "cnn_valid_loss": first["cnn_loss"], "epochs": cfg.epochs, "out": str(run)}  # fmt: skip
+    return _summary(rows, best, cfg.epochs, run, log)
+
+
+def _summary(rows: list[dict], best: float, epochs: int, run: Path, log) -> dict:
+    """What fit returns, and its last line: which epoch best.pt is and whether it beat the CNN."""
+    cnn = rows[0]["cnn_loss"]
+    best_epoch = next((r["epoch"] for r in rows if r["valid_loss"] == best), -1) + 1  # 0: step 0
+    improved = best < cnn
+    if improved:
+        log(f"seq: best.pt is epoch {best_epoch}: valid loss {best:.4f} against the CNN's {cnn:.4f} ({100 * (best / cnn - 1):+.1f}%)")  # fmt: skip
+    else:
+        log(f"seq: the sequence model did not improve on the CNN (valid loss {cnn:.4f}): best.pt is step 0, the CNN's own predictions, and predict --seq with it gives the CNN's")  # fmt: skip
+    return {"best_valid_loss": best, "cnn_valid_loss": cnn, "best_epoch": best_epoch, "improved_on_cnn": improved, "epochs": epochs, "out": str(run)}  # fmt: skip
 
 
 def evaluate(checkpoint: str, features: str, fold: int, out: str | None = None, device: str = "auto") -> dict:  # fmt: skip

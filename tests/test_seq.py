@@ -120,11 +120,34 @@ def test_sequence_model_beats_the_per_slice_model_on_a_held_out_fold(features, t
     cfg = SeqConfig(features=features, valid_fold=0, hidden=32, epochs=12, lr=3e-3)
     r = fit(cfg, str(tmp_path / "run"), log=lambda *_: None)
     assert r["best_valid_loss"] < 0.85 * r["cnn_valid_loss"], r
+    assert r["improved_on_cnn"] and r["best_epoch"] >= 1
     m = evaluate(str(tmp_path / "run" / "best.pt"), features, 0)
     assert m["valid_loss"] == pytest.approx(r["best_valid_loss"], rel=1e-5)
     assert m["cnn_loss"] == pytest.approx(r["cnn_valid_loss"], rel=1e-5) and m["out_of_fold"]
     oof = pd.read_parquet(m["predictions"])
     assert len(oof) == m["images"] and list(oof.columns[:8]) == ["image_id", "fold", *LABELS]
+
+
+def test_best_pt_is_the_cnn_itself_when_no_epoch_beats_it(tmp_path):
+    """The validation fold's `any` labels flipped: what the training folds teach makes it worse
+    there. Before: best.pt was the least bad trained epoch (valid loss above the CNN's) and
+    predict --seq shipped it. Now step 0 (the zero head: the CNN's logits) is a candidate, so
+    best.pt is it, evaluate scores it exactly as the CNN, and fit says so in its last line."""
+    write_embeddings(tmp_path / "f.parquet", folds=3, per_fold=20)
+    t = pq.read_table(tmp_path / "f.parquet")
+    y = t.column("any").to_numpy().copy()
+    y[t.column("fold").to_numpy() == 0] ^= 1
+    pq.write_table(t.set_column(t.column_names.index("any"), "any", pa.array(y)), tmp_path / "flip.parquet")  # fmt: skip
+    lines = []
+    cfg = SeqConfig(features=str(tmp_path / "flip.parquet"), valid_fold=0, hidden=16, epochs=3, lr=3e-3)  # fmt: skip
+    r = fit(cfg, str(tmp_path / "run"), log=lines.append)
+    history = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert (history["valid_loss"][1:] > r["cnn_valid_loss"]).all()  # every epoch is worse
+    assert not r["improved_on_cnn"] and r["best_epoch"] == 0
+    assert r["best_valid_loss"] == r["cnn_valid_loss"] and "did not improve on the CNN" in lines[-1]
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == -1
+    m = evaluate(str(tmp_path / "run" / "best.pt"), str(tmp_path / "flip.parquet"), 0)
+    assert m["valid_loss"] == pytest.approx(m["cnn_loss"], rel=1e-6)
 
 
 def test_inputs_logits_learns_from_the_cnn_logits_alone(features, tmp_path):
