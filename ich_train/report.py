@@ -30,6 +30,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     average_precision_score,
+    brier_score_loss,
     confusion_matrix,
     log_loss,
     precision_recall_curve,
@@ -65,7 +66,10 @@ METRICS = {  # column -> heading in the HTML table and the terminal
     "specificity": "spec",
     "sens_at_spec90": "sens@spec.90",
     "sens_at_spec95": "sens@spec.95",
+    "brier": "Brier",
+    "ece": "ECE",
 }
+CAL_BINS = 10  # quantile bins of the predicted probability: calibration plot and ECE
 
 
 class ReportError(UserError, ValueError):
@@ -216,9 +220,26 @@ def at_threshold(y: np.ndarray, p: np.ndarray, t: float) -> dict:
     return {"precision": prec, "recall": rec, "f1": f1, "specificity": float(spec), "confusion": cm}  # fmt: skip
 
 
+def quantile_bins(p: np.ndarray, bins: int = CAL_BINS) -> np.ndarray:
+    """Each prediction's bin: `bins` bins of equal counts of p, the bins scikit-learn's
+    calibration_curve(strategy='quantile') uses (uniform bins put every prediction of a rare label
+    in the first)."""
+    edges = np.percentile(p, np.linspace(0, 100, bins + 1))
+    return np.searchsorted(edges[1:-1], p)
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = CAL_BINS) -> float:
+    """Sum over quantile bins of (share of images) x |observed frequency - mean prediction|, i.e.
+    |positives - summed probability| per bin over all images."""
+    ids = quantile_bins(p, bins)
+    gap = np.bincount(ids, weights=y, minlength=bins) - np.bincount(ids, weights=p, minlength=bins)
+    return float(np.abs(gap).sum() / len(p))
+
+
 def label_metrics(y: np.ndarray, p: np.ndarray, threshold: float | None = None) -> dict:
     """Every number of one label's row: prevalence, log loss, ROC-AUC, AP, the threshold (F1-max
-    unless given) and the metrics at it, sensitivity at specificity 0.90 / 0.95."""
+    unless given) and the metrics at it, sensitivity at specificity 0.90 / 0.95, Brier score and
+    expected calibration error (quantile bins)."""
     two = len(np.unique(y)) == 2
     t = f1_threshold(y, p) if threshold is None else float(threshold)
     row = {
@@ -230,6 +251,8 @@ def label_metrics(y: np.ndarray, p: np.ndarray, threshold: float | None = None) 
         "average_precision": float(average_precision_score(y, p)) if two else math.nan,
         "threshold": t,
         **at_threshold(y, p, t),
+        "brier": float(brier_score_loss(y, p, labels=[0, 1])),
+        "ece": expected_calibration_error(y, p),
     }
     for s in SPECIFICITIES:
         row[f"sens_at_spec{round(s * 100)}"] = sensitivity_at_specificity(y, p, s)
@@ -320,15 +343,20 @@ def curve_figure(frames, names, table, kind: str) -> bytes:
     return _png(fig)
 
 
-def calibration_figure(frames, names, bins: int = 10) -> bytes:
-    """Reliability diagram per label: mean predicted probability against observed frequency."""
-    fig, axes = _grid("Calibration (reliability): observed frequency per bin of predicted probability")  # fmt: skip
+def calibration_figure(frames, names, bins: int = CAL_BINS) -> bytes:
+    """Reliability diagram per label: mean predicted probability against observed frequency in
+    `bins` quantile bins (each holds a tenth of the images, so a rare label's points spread out),
+    the axes zoomed to the points."""
+    fig, axes = _grid(f"Calibration (reliability): observed frequency per {bins} quantile bins of predicted probability")  # fmt: skip
     for j, (lab, ax) in enumerate(zip(LABELS, axes, strict=True)):
+        top = 0.05
         for frame, name in zip(frames, names, strict=True):
-            true, pred = calibration_curve(frame[lab], frame[PRED[j]], n_bins=bins)
+            true, pred = calibration_curve(frame[lab], frame[PRED[j]], n_bins=bins, strategy="quantile")  # fmt: skip
             ax.plot(pred, true, "o-", ms=3, label=_text(name))
-        ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect")
-        ax.set(title=lab, xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1))  # fmt: skip
+            top = max(top, float(pred.max()), float(true.max()))
+        top = min(1.0, top * 1.05)
+        ax.plot([0, top], [0, top], ":", color="grey", label="perfect")
+        ax.set(title=lab, xlabel="predicted probability", ylabel="observed frequency", xlim=(0, top), ylim=(0, top))  # fmt: skip
         ax.legend(loc="upper left", fontsize=8)
     return _png(fig)
 
@@ -392,7 +420,7 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _cell(v, metric: str) -> str:
-    return f'<td class="num">{_num(v, 4 if metric == "log_loss" else 3)}</td>'
+    return f'<td class="num">{_num(v, 4 if metric in ("log_loss", "brier", "ece") else 3)}</td>'
 
 
 SHARED = ("prevalence", "positives")  # the same for every run (same fold, same labels)
@@ -405,6 +433,10 @@ GROUPS = {
         "sens_at_spec95",
     ),
     "At the threshold": ("threshold", "precision", "recall", "f1", "specificity"),
+    f"Calibration (Brier score; expected calibration error over {CAL_BINS} quantile bins)": (
+        "brier",
+        "ece",
+    ),
 }
 
 
@@ -470,7 +502,8 @@ def notes(table: pd.DataFrame, metas: list[dict], names: list[str], threshold: f
         sampler = cfg.get("sampler")
         if sampler not in (None, "", "none", "natural", "uniform"):
             out.append(f"run {name} trained with sampler {sampler} (pos fraction {cfg.get('pos_fraction', '?')}); the validation fold was scored at its natural prevalence above")  # fmt: skip
-    out.append("log loss: per label (scikit-learn); mean row: the competition's weighted log loss (any x2). Other mean cells: mean over labels with both classes")  # fmt: skip
+    out.append("log loss: per label (scikit-learn); mean row: the competition's weighted log loss (any x2). Other mean cells: mean over labels with both classes (Brier and ECE: over all labels)")  # fmt: skip
+    out.append(f"calibration: Brier score = mean squared error of the probability (scikit-learn); ECE = sum over {CAL_BINS} quantile bins of (share of images) x |observed frequency - mean prediction|")  # fmt: skip
     return out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     average_precision_score,
     confusion_matrix,
@@ -120,6 +121,31 @@ def test_sensitivity_at_exactly_the_specificity_by_hand():
     p = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.95, 0.9, 0.99])
     assert report.sensitivity_at_specificity(y, p, 0.90) == 1.0
     assert report.sensitivity_at_specificity(y, p, 0.95) == 0.5
+
+
+def test_brier_and_expected_calibration_error_by_hand(tmp_path):
+    """y = 0 0 1 1, p = .1 .2 .3 .4: Brier = (.01 + .04 + .49 + .36) / 4 = .225; two quantile bins
+    {.1, .2} (observed 0, predicted .15) and {.3, .4} (observed 1, predicted .35): ECE = .5 x .15 +
+    .5 x .65 = .4. At a 2% prevalence (200 distinct predictions, 10 bins of 20) the ECE is the mean
+    gap of scikit-learn's quantile calibration curve; metrics.csv and report.html carry both."""
+    y, p = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])
+    row = report.label_metrics(y, p)
+    assert row["brier"] == pytest.approx(0.225) and report.expected_calibration_error(y, p, bins=2) == pytest.approx(0.4)  # fmt: skip
+    rng = np.random.default_rng(0)
+    p = rng.permutation(np.linspace(0.001, 0.2, 200))
+    y = (rng.random(200) < p).astype(int)
+    true, pred = calibration_curve(y, p, n_bins=10, strategy="quantile")
+    assert len(true) == 10 and report.expected_calibration_error(y, p) == pytest.approx(np.abs(true - pred).mean())  # fmt: skip
+    frame = report.check_predictions(table(), "t")
+    t = report.write_report([frame], ["b0"], tmp_path / "rep", [META]).set_index("label")
+    csv = pd.read_csv(tmp_path / "rep" / "metrics.csv").set_index("label")
+    y, p = frame["any"].to_numpy(), frame["pred_any"].to_numpy()
+    assert csv.loc["any", "brier"] == pytest.approx(((p - y) ** 2).mean())
+    assert csv.loc["any", "ece"] == pytest.approx(report.expected_calibration_error(y, p))
+    assert csv.loc["mean", "brier"] == pytest.approx(csv.loc[list(LABELS), "brier"].mean())
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "expected calibration error over 10 quantile bins" in page
+    assert f"{t.loc['any', 'ece']:.4f}" in page and f"{t.loc['mean', 'brier']:.4f}" in page
 
 
 # ---- the folder and report.html
