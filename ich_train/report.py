@@ -123,7 +123,7 @@ def _check_footer(pf: pq.ParquetFile, path) -> None:
     missing = [c for c in ("image_id", "fold", *LABELS, *PRED) if c not in schema.names]
     if missing:
         raise ReportError(f"{path} has no column {', '.join(missing)}; pass the Parquet ich-train evaluate wrote")  # fmt: skip
-    need = {"image_id": "image_id must be unique, non-null strings", "fold": "fold must be one integer fold"}  # fmt: skip
+    need = {"image_id": "image_id must be unique, non-null strings", "fold": "fold must hold integer folds"}  # fmt: skip
     need |= {c: f"label column {c!r} must hold integers 0 or 1" for c in LABELS}
     need |= {c: f"column {c!r} must hold finite probabilities in [0, 1]" for c in PRED}
     for col, what in need.items():
@@ -144,8 +144,9 @@ def _meta(raw: bytes) -> dict:
 
 
 def check_predictions(frame: pd.DataFrame, where) -> pd.DataFrame:
-    """ReportError unless `frame` has string ids (unique), one integer fold, 0/1 integer labels and
-    finite probabilities in [0, 1]; returns it sorted by image_id."""
+    """ReportError unless `frame` has string ids (unique), integer folds (one, or several: one run's
+    out-of-fold predictions pooled), 0/1 integer labels and finite probabilities in [0, 1];
+    returns it sorted by image_id."""
 
     def bad(what: str) -> ReportError:
         return ReportError(f"{where}: {what}; pass the Parquet ich-train evaluate wrote")
@@ -155,8 +156,8 @@ def check_predictions(frame: pd.DataFrame, where) -> pd.DataFrame:
     ids = frame["image_id"]
     if not pd.api.types.is_string_dtype(ids) or ids.isna().any() or ids.duplicated().any():
         raise bad("image_id must be unique, non-null strings")
-    if not pd.api.types.is_integer_dtype(frame["fold"]) or frame["fold"].nunique() != 1:
-        raise bad(f"fold must be one integer fold (found {frame['fold'].nunique()} values, dtype {frame['fold'].dtype})")  # fmt: skip
+    if not pd.api.types.is_integer_dtype(frame["fold"]):
+        raise bad(f"fold must hold integer folds (dtype {frame['fold'].dtype})")
     for col in LABELS:
         if not pd.api.types.is_integer_dtype(frame[col]) or not frame[col].isin((0, 1)).all():
             raise bad(f"label column {col!r} must hold integers 0 or 1 (dtype {frame[col].dtype})")
@@ -167,12 +168,20 @@ def check_predictions(frame: pd.DataFrame, where) -> pd.DataFrame:
     return frame.sort_values("image_id", ignore_index=True)
 
 
+def folds_of(frame: pd.DataFrame) -> list[int]:
+    return sorted(int(k) for k in frame["fold"].unique())
+
+
+def _folds_text(folds: list[int]) -> str:
+    return f"fold {folds[0]}" if len(folds) == 1 else f"folds {', '.join(map(str, folds))}"
+
+
 def check_comparable(frames: list[pd.DataFrame], names: list[str]) -> None:
-    """ReportError unless every run scored the same fold, the same images and the same labels."""
+    """ReportError unless every run scored the same folds, the same images and the same labels."""
     first = frames[0]
     for frame, name in zip(frames[1:], names[1:], strict=True):
-        if frame["fold"].iloc[0] != first["fold"].iloc[0]:
-            raise ReportError(f"run {name!r} is fold {frame['fold'].iloc[0]}, run {names[0]!r} fold {first['fold'].iloc[0]}: compare runs on the same fold")  # fmt: skip
+        if folds_of(frame) != folds_of(first):
+            raise ReportError(f"run {name!r} is {_folds_text(folds_of(frame))[:80]}, run {names[0]!r} {_folds_text(folds_of(first))[:80]}: compare runs on the same folds, or pool one run's folds by giving its files one name (--names NAME)")  # fmt: skip
         if len(frame) != len(first) or not frame["image_id"].equals(first["image_id"]):
             raise ReportError(f"runs {names[0]!r} and {name!r} scored different images ({len(first)} and {len(frame)}): compare runs evaluated on the same build and fold")  # fmt: skip
         if not frame[list(LABELS)].equals(first[list(LABELS)]):
@@ -269,21 +278,60 @@ def run_rows(frame: pd.DataFrame, name: str, threshold: float | None = None) -> 
 
 
 def metrics_table(frames: list[pd.DataFrame], names: list[str], threshold: float | None = None) -> tuple[pd.DataFrame, dict]:  # fmt: skip
-    """(long table: one row per run and label, {(run, label): confusion matrix or None})."""
-    rows = [r for f, n in zip(frames, names, strict=True) for r in run_rows(f, n, threshold)]
+    """(long table: one row per run and label, {(run, label): confusion matrix or None}). Its
+    `fold` column is the fold scored; runs of several folds have their pooled rows (fold
+    "pooled": every image of every fold as one set, the cross-validation score) and each fold's."""
+    folds = folds_of(frames[0])
+    rows = [{**r, "fold": "pooled" if len(folds) > 1 else str(folds[0])} for f, n in zip(frames, names, strict=True) for r in run_rows(f, n, threshold)]  # fmt: skip
     confusion = {(r["run"], r["label"]): r.pop("confusion", None) for r in rows}
-    table = pd.DataFrame(rows, columns=["run", "label", "n", *METRICS])
+    if len(folds) > 1:
+        for f, n in zip(frames, names, strict=True):
+            rows += [{**r, "fold": str(k)} for k in folds for r in run_rows(f[f["fold"] == k], n, threshold)]  # fmt: skip
+        for r in rows:
+            r.pop("confusion", None)
+    table = pd.DataFrame(rows, columns=["run", "fold", "label", "n", *METRICS])
     return table.astype({"positives": "Int64"}), confusion
 
 
+def main_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the report's main table: the pooled ones when the runs span several folds."""
+    pooled = table["fold"] == "pooled"
+    return table[pooled] if pooled.any() else table
+
+
+def fold_summary(table: pd.DataFrame) -> pd.DataFrame | None:
+    """Per run: each fold's images, weighted log loss, AUC any, mean Brier and ECE, the mean over
+    the folds and the pooled figures; None for a report of one fold."""
+    if not (table["fold"] == "pooled").any():
+        return None
+    mean = table[table["label"] == "mean"].set_index(["run", "fold"])
+    out = mean[["n", "log_loss", "brier", "ece"]].assign(auc_any=table[table["label"] == "any"].set_index(["run", "fold"])["roc_auc"])  # fmt: skip
+    out = out.reset_index()
+    runs = []
+    for run, part in out.groupby("run", sort=False):
+        folds = part[part["fold"] != "pooled"]
+        avg = {"run": run, "fold": "mean of folds", "n": folds["n"].sum(), **folds[["log_loss", "brier", "ece", "auc_any"]].mean().to_dict()}  # fmt: skip
+        runs.append(pd.concat([folds, pd.DataFrame([avg]), part[part["fold"] == "pooled"]]))
+    return pd.concat(runs, ignore_index=True).rename(columns={"n": "images", "log_loss": "weighted log loss", "brier": "Brier (mean)", "ece": "ECE (mean)", "auc_any": "AUC any"})  # fmt: skip
+
+
 def format_table(table: pd.DataFrame) -> str:
-    """The table for a terminal: labels down, metrics across (one row per run within a label)."""
+    """The table for a terminal: labels down, metrics across (one row per run within a label);
+    pooled folds: the pooled rows, then the per-fold summary."""
+    folds = fold_summary(table)
+    table = main_rows(table)
     t = table.rename(columns=METRICS)
     t["pos"] = [("" if pd.isna(v) else str(v)) for v in t["pos"]]
     order = {lab: i for i, lab in enumerate([*LABELS, "mean"])}
     t = t.sort_values(["label", "run"], key=lambda c: c.map(order) if c.name == "label" else c, kind="stable")  # fmt: skip
     keep = ["label", *METRICS.values()] if table["run"].nunique() == 1 else ["label", "run", *METRICS.values()]  # fmt: skip
-    return t[keep].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a")
+    text = t[keep].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a")
+    if folds is None:
+        return text
+    per_fold = folds.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a")
+    return (
+        f"pooled over {table['n'].iloc[0]} images of every fold:\n{text}\n\nper fold:\n{per_fold}"
+    )
 
 
 # ---- report.html (self-contained: CSS inline, images as data URIs, no script, no link)
@@ -387,9 +435,9 @@ def notes(table: pd.DataFrame, metas: list[dict], names: list[str], threshold: f
     """Plain-text notes: prevalence, the threshold rule, and a balanced sampler's effect."""
     first = table[table["run"] == names[0]].set_index("label")
     prev = ", ".join(f"{lab} {first.loc[lab, 'prevalence']:.4f} ({int(first.loc[lab, 'positives'])})" for lab in LABELS)  # fmt: skip
-    out = [f"fold prevalence (positives): {prev}"]
+    out = [f"prevalence of the scored images (positives): {prev}"]
     if threshold is None:
-        out.append("threshold per label: the one maximising F1 on this fold (optimistic: chosen on the data it scores)")  # fmt: skip
+        out.append("threshold per label: the one maximising F1 on the scored images (optimistic: chosen on the data it scores)")  # fmt: skip
     else:
         out.append(f"threshold fixed at {threshold} for every label")
     for name, meta in zip(names, metas, strict=True):
@@ -402,20 +450,34 @@ def notes(table: pd.DataFrame, metas: list[dict], names: list[str], threshold: f
     return out
 
 
-def render_html(table, names, metas, pngs: dict[str, bytes], worst: list[str], threshold, fold: int) -> str:  # fmt: skip
-    """The whole report.html as one string."""
+def folds_html(table: pd.DataFrame) -> str:
+    """The per-fold figures beside the pooled ones (fold_summary), or "" for one fold."""
+    folds = fold_summary(table)
+    if folds is None:
+        return ""
+    head = "<tr>" + "".join(f"<th>{_e(c)}</th>" for c in folds.columns) + "</tr>"
+    rows = "".join("<tr>" + "".join(f"<th>{_e(str(v))}</th>" if c in ("run", "fold") else _cell(v, "log_loss") for c, v in r.items()) + "</tr>" for r in folds.to_dict("records"))  # fmt: skip
+    note = "pooled: every fold's held-out predictions scored as one set (the cross-validation score); mean of folds: the average of the per-fold figures"  # fmt: skip
+    return f'<h2>Per fold</h2><p class="note">{note}</p><div class="wrap"><table>{head}{rows}</table></div>'
+
+
+def render_html(table, names, metas, pngs: dict[str, bytes], worst: list[str], threshold, folds: list[int]) -> str:  # fmt: skip
+    """The whole report.html as one string: `table` all of metrics_table's rows."""
+    per_fold, table = folds_html(table), main_rows(table)
     images, n = int(table["n"].iloc[0]), len(names)
+    scored = _folds_text(folds) + (" pooled" if len(folds) > 1 else "")
     runs = ", ".join(_e(x) for x in names)
     note = "".join(f'<p class="note">{_e(t)}</p>' for t in notes(table, metas, names, threshold))
     matrices = "".join(_img(pngs[f"confusion_{lab}.png"], lab) for lab in LABELS)
     parts = [
         f"{HTML_HEAD}: {runs}</title><style>{CSS}</style></head><body>",  # fmt: skip
-        f"<h1>ICH evaluation report</h1><p>{n} run(s): <b>{runs}</b>; fold {fold}, {images} images</p>",
+        f"<h1>ICH evaluation report</h1><p>{n} run(s): <b>{runs}</b>; {_e(scored)}, {images} images</p>",
         "<h2>Runs</h2>" + config_html(metas, names, "source"),
         "<h3>Build</h3>" + config_html(metas, names, "build"),
         "<h3>Config</h3>" + config_html(metas, names, "config"),
         "<h2>Metrics</h2>" + note,
         "".join(f"<h3>{g}</h3>" + metrics_html(table, names, ms) for g, ms in GROUPS.items()),
+        per_fold,
         "<h2>ROC</h2>" + _img(pngs["roc.png"], "ROC curves"),
         "<h2>Precision-recall</h2>" + _img(pngs["pr.png"], "precision-recall curves"),
         "<h2>Calibration</h2>" + _img(pngs["calibration.png"], "calibration"),
@@ -480,16 +542,17 @@ def report_dir_for(predictions) -> Path:
 
 def write_report(frames: list[pd.DataFrame], names: list[str], out_dir, metas: list[dict], threshold: float | None = None) -> pd.DataFrame:  # fmt: skip
     """metrics.csv, the PNGs and report.html in `out_dir`; returns the metrics table. `frames` are
-    checked predictions (check_predictions), one per run, `metas` each run's {"config", "build"}."""
+    checked predictions (check_predictions), one per run (of one fold, or several pooled:
+    pool_runs), `metas` each run's {"config", "build"}."""
     if len(set(names)) != len(names) or not all(names):
         raise ReportError(f"run names must be distinct and non-empty: {', '.join(map(repr, names))}")  # fmt: skip
     check_comparable(frames, names)
     out = Path(out_dir)
     check_out_dir(out)
     table, confusion = metrics_table(frames, names, threshold)
-    pngs = figures(frames, names, table, confusion)
+    pngs = figures(frames, names, main_rows(table), confusion)
     worst = [worst_html(f) for f in frames]
-    page = render_html(table, names, metas, pngs, worst, threshold, int(frames[0]["fold"].iloc[0]))
+    page = render_html(table, names, metas, pngs, worst, threshold, folds_of(frames[0]))
     out.mkdir(parents=True, exist_ok=True)
     # report.html first: a folder a stopped run leaves is still known as a report (check_out_dir)
     for name, data in [("report.html", page.encode()), *pngs.items(), ("metrics.csv", table.to_csv(index=False).encode())]:  # fmt: skip
@@ -515,6 +578,44 @@ def run_meta(ckpt: dict, checkpoint, shards, tta=()) -> dict:
         "config": ckpt.get("config", {}),
         "build": {k: v for k, v in identity.items() if v is not None},
     }
+
+
+def pool_runs(paths: list[str], runs: list[tuple[pd.DataFrame, dict]], names: list[str]) -> tuple[list[pd.DataFrame], list[str], list[dict]]:  # fmt: skip
+    """(frames, names, metas) of the runs: the files given one name are the folds of one run,
+    pooled into one frame. ReportError when a fold or an image is in two of them: one run's
+    out-of-fold predictions hold each image once."""
+    frames, metas = [], []
+    groups = list(dict.fromkeys(names))
+    for name in groups:
+        mine = [i for i, n in enumerate(names) if n == name]
+        seen: dict[int, str] = {}
+        for i in mine:
+            for k in folds_of(runs[i][0]):
+                if k in seen:
+                    raise ReportError(f"run {name!r}: fold {k} is in both {seen[k]} and {paths[i]}; give each fold's predictions once")  # fmt: skip
+                seen[k] = paths[i]
+        pooled = pd.concat([runs[i][0].assign(_file=paths[i]) for i in mine], ignore_index=True)
+        twice = pooled[pooled["image_id"].duplicated(keep=False)]
+        if len(twice):
+            a, b = twice.iloc[0], twice[twice["image_id"] == twice["image_id"].iloc[0]].iloc[1]
+            raise ReportError(f"run {name!r}: image {str(a['image_id'])[:40]!r} is in fold {a['fold']} ({a['_file']}) and fold {b['fold']} ({b['_file']}); the folds of one run's split hold each image once: pass the out-of-fold predictions of one build")  # fmt: skip
+        frames.append(pooled.drop(columns="_file").sort_values("image_id", ignore_index=True))
+        metas.append(_pooled_meta([runs[i][1] for i in mine], [paths[i] for i in mine]))
+    return frames, groups, metas
+
+
+def _pooled_meta(metas: list[dict], paths: list[str]) -> dict:
+    """One run's metadata from its folds' files: each key's value where the files agree, else
+    their values joined with " / " (the checkpoint, the validation fold)."""
+    if len(metas) == 1:
+        return metas[0]
+
+    def merged(key: str) -> dict:
+        ds = [m.get(key) if isinstance(m.get(key), dict) else {} for m in metas]
+        keys = list(dict.fromkeys(k for d in ds for k in d))[:200]
+        return {k: ds[0].get(k) if all(d.get(k) == ds[0].get(k) for d in ds) else " / ".join(str(d.get(k, "")) for d in ds) for k in keys}  # fmt: skip
+
+    return {"source": {"predictions": " / ".join(map(str, paths)), **merged("source")}, "config": merged("config"), "build": merged("build")}  # fmt: skip
 
 
 def default_names(paths: list[str], metas: list[dict]) -> list[str]:

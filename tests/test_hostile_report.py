@@ -49,7 +49,7 @@ def test_ids_that_decode_past_the_limit_are_refused_before_decoding(tmp_path, ca
         ("pred_any", pa.array(["0.5"] * 40), "'pred_any' must hold finite probabilities in [0, 1] (the file has string)"),
         ("any", pa.array([[0]] * 40), "'any' must hold integers 0 or 1 (the file has list<"),
         ("image_id", pa.array(np.arange(40)), "image_id must be unique, non-null strings (the file has int64)"),
-        ("fold", pa.array(["2"] * 40), "fold must be one integer fold (the file has string)"),
+        ("fold", pa.array(["2"] * 40), "fold must hold integer folds (the file has string)"),
     ],
 )  # fmt: skip
 def test_column_types_are_checked_from_the_footer(tmp_path, capsys, column, array, says):

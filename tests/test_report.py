@@ -30,7 +30,10 @@ from ich_prep import LABELS
 from ich_prep.errors import UserError
 from ich_train import report
 from ich_train.cli import main
+from ich_train.infer import evaluate as cnn_evaluate
 from ich_train.metrics import weighted_log_loss
+from tests.test_seq import cnn_runs  # noqa: F401 - the module-scoped fixture
+from tests.test_train_cli_errors import one_error_line
 from tests.train_fixtures import deadline
 
 PNGS = ["roc.png", "pr.png", "calibration.png", *(f"confusion_{lab}.png" for lab in LABELS)]
@@ -223,7 +226,7 @@ def hostile(case: str, d: Path) -> Path:
         "missing column": lambda t: t.drop(columns="pred_subdural"),
         "float labels": lambda t: t.astype({"any": "float64"}),
         "probability 2": lambda t: t.assign(pred_any=2.0),
-        "two folds": lambda t: t.assign(fold=[0, 1] * 20),
+        "fold as float": lambda t: t.assign(fold=1.0),
         "duplicate ids": lambda t: t.assign(image_id="ID_x"),
     }
     return written(d, damaged[case](table()))
@@ -235,7 +238,7 @@ CASES = {
     "missing column": "no column pred_subdural",
     "float labels": "'any' must hold integers",
     "probability 2": "'pred_any' must hold finite probabilities",
-    "two folds": "one integer fold",
+    "fold as float": "fold must hold integer folds",
     "duplicate ids": "unique",
 }
 
@@ -268,8 +271,9 @@ def test_runs_that_do_not_compare_are_refused(tmp_path, capsys):
         "fold 3, run": [str(a), str(written(tmp_path, table(fold=3), "f3.parquet"))],
         "scored different images": [str(a), str(written(tmp_path, table(n=30), "short.parquet"))],
         "holding other files": [str(a), "--out", str(tmp_path)],
-        "--names gives 1 names for 2": [str(a), str(a), "--names", "x"],
-        "distinct": [str(a), str(a), "--names", "x,x"],
+        "--names gives 3 names for 2": [str(a), str(a), "--names", "x,y,z"],
+        "distinct": [str(a), str(a), "--names", "x,"],
+        "fold 2 is in both": [str(a), str(a), "--names", "x,x"],
         "probability in [0, 1]": [str(a), "--threshold", "2"],
     }
     for message, argv in cases.items():
@@ -311,3 +315,49 @@ def test_report_renders_in_headless_chromium(tmp_path):
     colours = image.getcolors(maxcolors=1 << 20)
     assert len(colours) > 200  # text, table shading and plots; a blank page has 1
     assert max(c for c, _ in colours) < 0.9 * 1200 * 2000  # not one colour almost everywhere
+
+
+# ---- several folds of one run, pooled
+
+
+def test_folds_of_one_run_are_pooled_beside_the_per_fold_figures(cnn_runs, tmp_path, capsys):  # noqa: F811
+    """The held-out predictions of two fold CNNs, written by `ich-train evaluate`. Before: `ich-train
+    report f0 f1` refused them (another fold; a concatenated file: "fold must be one integer
+    fold"). Now files given one name are one run: the table is every image of both folds scored
+    as one set (equal to scikit-learn and the competition metric on the concatenation), the
+    per-fold rows equal each fold's own report, two pooled runs compare, and an image in two folds
+    is one line."""
+    tmp, build, ckpts = cnn_runs
+    files = []
+    for fold in (0, 1):
+        m = cnn_evaluate(ckpts[fold], str(build), fold, out=str(tmp_path / f"oof_fold{fold}.parquet"), workers=0, progress=False, report=False)  # fmt: skip
+        files.append(m["predictions"])
+    assert main(["report", *files, "--names", "cnn", "--out", str(tmp_path / "pooled")]) == 0
+    stdout = capsys.readouterr().out
+    both = pd.concat([pd.read_parquet(f) for f in files])
+    y, p = both[list(LABELS)].to_numpy(), both[report.PRED].to_numpy()
+    csv = pd.read_csv(tmp_path / "pooled" / "metrics.csv", dtype={"fold": str}).set_index(["fold", "label"])  # fmt: skip
+    assert csv.loc[("pooled", "mean"), "log_loss"] == pytest.approx(weighted_log_loss(y, p))
+    assert csv.loc[("pooled", "any"), "roc_auc"] == pytest.approx(roc_auc_score(both["any"], both["pred_any"]))  # fmt: skip
+    assert csv.loc[("pooled", "any"), "n"] == len(both) == len(pd.read_parquet(build / "index.parquet"))  # fmt: skip
+    for fold, f in enumerate(files):
+        assert main(["report", f, "--out", str(tmp_path / f"one{fold}")]) == 0
+        one = pd.read_csv(tmp_path / f"one{fold}" / "metrics.csv").set_index("label")
+        for key in ("log_loss", "roc_auc", "brier", "n"):
+            assert csv.loc[(str(fold), "mean"), key] == pytest.approx(one.loc["mean", key], nan_ok=True)  # fmt: skip
+    page = (tmp_path / "pooled" / "report.html").read_text()
+    assert "folds 0, 1 pooled" in page and "Per fold" in page and "mean of folds" in page
+    assert "pooled over" in stdout and "per fold:" in stdout and "mean of folds" in stdout
+    capsys.readouterr()
+    assert main(["report", *files, *files, "--names", "a,a,b,b", "--out", str(tmp_path / "two")]) == 0  # fmt: skip
+    two = pd.read_csv(tmp_path / "two" / "metrics.csv", dtype={"fold": str})
+    assert set(two["run"]) == {"a", "b"} and set(two["fold"]) == {"pooled", "0", "1"}
+    other_split = pd.read_parquet(files[0]).assign(
+        fold=2
+    )  # fold 0's images in another split's fold 2
+    report.write_predictions(tmp_path / "oof_fold2.parquet", other_split, {})
+    capsys.readouterr()
+    assert main(["report", *files, str(tmp_path / "oof_fold2.parquet"), "--names", "cnn", "--out", str(tmp_path / "bad")]) == 2  # fmt: skip
+    line = one_error_line(capsys, "report")
+    assert "is in fold 0" in line and "and fold 2" in line and "each image once" in line
+    assert not (tmp_path / "bad").exists()
