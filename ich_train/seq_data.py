@@ -121,6 +121,8 @@ def series_of_table(table, path: str) -> list[Series]:
     if nulls:
         raise EmbedError(f"--features {path} has empty (null) values in {nulls}; embed again")
     n = table.num_rows
+    if n == 0:
+        raise EmbedError(f"--features {path} has no rows; embed a build that has images")
     feats = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     with np.errstate(over="ignore", invalid="ignore"):  # a value past float32 is refused below
         feats = feats.astype(np.float32).reshape(n, dim)
