@@ -16,8 +16,8 @@ from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from ich_prep import LABELS  # noqa: E402
+from ich_train.predictions import PRED  # noqa: E402
 
-PRED = [f"pred_{k}" for k in LABELS]
 CAL_BINS = 10  # quantile bins of the predicted probability: the calibration plot and the ECE
 
 

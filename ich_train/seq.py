@@ -31,6 +31,7 @@ from ich_prep.location import atomic_file, file_in_the_way
 from ich_train.checkpoint import safe_torch_load
 from ich_train.metrics import LABEL_WEIGHTS, compute_metrics
 from ich_train.optim import create_scheduler
+from ich_train.predictions import ReportError, check_predictions, predictions_frame
 from ich_train.seq_data import (
     MAX_FEATURE_DIM,
     Series,
@@ -378,12 +379,6 @@ def _evaluate(checkpoint: str, features: str, fold: int, out: str | None, dev: t
     model = SeqModel(**args)
     model.load_state_dict(ck["model"])
     res = predict_series(model.to(dev), chosen)
-    from ich_train.report import (  # matplotlib: not at import
-        ReportError,
-        check_predictions,
-        predictions_frame,
-    )
-
     frame = predictions_frame(res["ids"], fold, res["labels"], res["probs"])
 
     try:  # never written (nor reported ok) when `ich-train report` would refuse it

@@ -28,7 +28,7 @@ from sklearn.metrics import (
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
-from ich_train import report
+from ich_train import predictions, report
 from ich_train.cli import main
 from ich_train.infer import evaluate as cnn_evaluate
 from ich_train.metrics import weighted_log_loss
@@ -258,7 +258,7 @@ def test_a_hostile_predictions_file_is_one_line_exit_2(tmp_path, capsys, case):
 def test_row_cap_is_checked_from_the_footer(tmp_path, monkeypatch):
     """More rows than MAX_ROWS is refused before the columns are decoded."""
     path = written(tmp_path, table())
-    monkeypatch.setattr(report, "MAX_ROWS", 39)
+    monkeypatch.setattr(predictions, "MAX_ROWS", 39)
     with pytest.raises(report.ReportError, match="declares 40 rows"):
         report.read_predictions(path)
 
@@ -291,7 +291,7 @@ def test_predictions_file_round_trip_keeps_the_run_metadata(tmp_path):
     assert meta == META and frame["image_id"].is_monotonic_increasing
     assert report.default_names(["x/a.parquet"], [meta]) == ["b0"]
     assert report.default_names(["x/a.parquet", "y/a.parquet"], [{"run": "<b>"}, {}]) == ["x", "y"]
-    assert report._meta(b"[1, 2]") == {} and report._meta(b"{" * 100_000) == {}
+    assert predictions._meta(b"[1, 2]") == {} and predictions._meta(b"{" * 100_000) == {}
     assert issubclass(report.ReportError, UserError)
 
 
