@@ -31,7 +31,7 @@ def write_features(path: Path, series: int, slices: int, dim: int) -> None:
         "slice_rank": np.tile(np.arange(slices, dtype=np.int32), series),
         "series_len": np.full(n, slices, np.int32),
         "fold": (np.arange(n) // slices % 5).astype(np.int16),
-        "cnn": np.zeros(n, np.int16),
+        "cnn": (np.arange(n) // slices % 5).astype(np.int16),  # out of fold: CNN k embeds fold k
     }
     for name in LABELS:
         cols[name] = (rng.random(n) < 0.1).astype(np.int8)
@@ -39,7 +39,12 @@ def write_features(path: Path, series: int, slices: int, dim: int) -> None:
         cols[name] = rng.normal(-2, 1, n).astype(np.float32)
     feats = rng.normal(size=n * dim).astype(np.float16)
     table = pa.table(cols).append_column("features", pa.FixedSizeListArray.from_arrays(pa.array(feats), dim))  # fmt: skip
-    pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps({}).encode()}), path)
+    pq.write_table(
+        table.replace_schema_metadata(
+            {META_KEY: json.dumps({"checkpoints": [{"valid_fold": k} for k in range(5)]}).encode()}
+        ),
+        path,
+    )
 
 
 def main() -> None:

@@ -302,7 +302,10 @@ def add_report_parser(sub) -> None:
     p.add_argument("predictions", nargs="+", help="out-of-fold Parquet(s) from ich-train evaluate")
     p.add_argument("--out", required=True, help="report folder (new, empty, or a previous report)")
     p.add_argument(
-        "--names", default=None, help="comma-separated run names, one per predictions file"
+        "--names",
+        default=None,
+        help="comma-separated run names, one per predictions file; files given one name are the "
+        "folds of one run, pooled (one name alone: every file)",
     )
     _threshold_arg(p)
     p.set_defaults(func=do_report)
@@ -313,6 +316,7 @@ def do_report(args) -> int:
         ReportError,
         default_names,
         format_table,
+        pool_runs,
         read_predictions,
         write_report,
     )
@@ -323,11 +327,12 @@ def do_report(args) -> int:
         if args.names
         else default_names(args.predictions, [m for _, m in runs])
     )
+    if len(names) == 1 < len(runs):  # one name: every file is a fold of that run, pooled
+        names *= len(runs)
     if len(names) != len(runs):
         raise ReportError(f"--names gives {len(names)} names for {len(runs)} predictions files")
-    table = write_report(
-        [f for f, _ in runs], names, args.out, [m for _, m in runs], args.threshold
-    )
+    frames, names, metas = pool_runs(args.predictions, runs, names)
+    table = write_report(frames, names, args.out, metas, args.threshold)
     print(f"{format_table(table)}\nreport: {Path(args.out) / 'report.html'}")
     return 0
 

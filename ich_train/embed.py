@@ -102,6 +102,17 @@ def assign_folds(checkpoints: list[str], valid_folds: list[int], folds: list[int
     return out
 
 
+def check_same_inputs(checkpoints: list[str], configs: list[dict]) -> None:
+    """EmbedError unless every CNN reads the same input: single slices (2D) or the same context
+    (2.5D: --context K, --context-window). The sequence model of fold k trains on the other folds'
+    features and is scored on fold k's, so one file must not mix what its CNNs saw."""
+    seen = [(c.get("context", 0), c.get("context_window")) for c in configs]
+    for path, s in zip(checkpoints, seen, strict=True):
+        if s != seen[0]:
+            what = [f"--context {k}" + (f" --context-window {w}" if w else "") if k else "2D (no --context)" for k, w in (seen[0], s)]  # fmt: skip
+            raise EmbedError(f"--checkpoint {path} was trained on {what[1]}, {checkpoints[0]} on {what[0]}: one embeddings file must not mix 2D and 2.5D CNNs; pass fold CNNs trained with the same --context")  # fmt: skip
+
+
 def embedding_table(build: Build, res: dict, cnn: int) -> pa.Table:
     """The rows of one checkpoint's embedding, with the index's series columns and labels."""
     ok = build.ok
@@ -145,6 +156,7 @@ def embed(
         loaded = [load_model(c, dist.device) for c in checkpoints]
         for c, (_, _, ckpt) in zip(checkpoints, loaded, strict=True):
             check_preprocessing(c, ckpt, build)
+        check_same_inputs(checkpoints, [ck["config"] for _, _, ck in loaded])
         owner = assign_folds(checkpoints, [ck["config"]["valid_fold"] for _, _, ck in loaded], folds, oof)  # fmt: skip
         tables = []
         for i, (model, augment, ckpt) in enumerate(loaded):

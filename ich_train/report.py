@@ -2,15 +2,14 @@
 confusion and calibration plots, and one self-contained report.html, from out-of-fold predictions.
 
 `write_report(frames, names, out_dir, metas, threshold)` is the one entry point (evaluate and
-`ich-train report`). Predictions are read bounded (`read_predictions`) and every input string is
-HTML-escaped: a predictions file, its metadata and the run names are untrusted.
+`ich-train report`). Predictions are read bounded (ich_train.predictions, re-exported here) and every
+input string is HTML-escaped: a predictions file, its metadata and the run names are untrusted.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
@@ -19,17 +18,11 @@ import stat
 import warnings
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
     average_precision_score,
+    brier_score_loss,
     confusion_matrix,
     log_loss,
     precision_recall_curve,
@@ -38,20 +31,18 @@ from sklearn.metrics import (  # noqa: E402
     roc_curve,
 )
 
-from ich_prep import LABELS, parquet_read  # noqa: E402
-from ich_prep.errors import UserError  # noqa: E402
-from ich_prep.location import atomic_file, file_in_the_way, open_local, read_bytes  # noqa: E402
-from ich_train.metrics import LABEL_WEIGHTS, label_log_loss, weighted_log_loss  # noqa: E402
+from ich_prep import LABELS
+from ich_prep.location import atomic_file, file_in_the_way, open_local
+from ich_train.metrics import LABEL_WEIGHTS, label_log_loss, weighted_log_loss
+from ich_train.predictions import PRED, ReportError
+from ich_train.predictions import check_predictions as check_predictions  # re-exported
+from ich_train.predictions import predictions_frame as predictions_frame  # re-exported
+from ich_train.predictions import read_predictions as read_predictions  # re-exported
+from ich_train.predictions import write_predictions as write_predictions  # re-exported
+from ich_train.report_figures import CAL_BINS, figures
 
-META_KEY = b"ich_train"  # Parquet key-value metadata: {"run", "config", "build", "checkpoint"}
-MAX_BYTES = 512 * 1024 * 1024
-MAX_ROWS = 2_000_000  # RSNA stage 2 train has 752,803 images
-MAX_INFLATED = 2 * 1024 * 1024 * 1024
-MAX_META = 1024 * 1024
-MAX_ID_BYTES = 128 * 1024 * 1024  # decoded image ids (RSNA's are 12 characters)
 SPECIFICITIES = (0.90, 0.95)
 SAFE_NAME = re.compile(r"[\w.+-]{1,60}")  # a run name taken from a predictions file's metadata
-PRED = [f"pred_{k}" for k in LABELS]
 METRICS = {  # column -> heading in the HTML table and the terminal
     "prevalence": "prev",
     "positives": "pos",
@@ -65,116 +56,25 @@ METRICS = {  # column -> heading in the HTML table and the terminal
     "specificity": "spec",
     "sens_at_spec90": "sens@spec.90",
     "sens_at_spec95": "sens@spec.95",
+    "brier": "Brier",
+    "ece": "ECE",
 }
 
 
-class ReportError(UserError, ValueError):
-    """Predictions that cannot be reported: unreadable, malformed, or runs that do not compare."""
+def folds_of(frame: pd.DataFrame) -> list[int]:
+    return sorted(int(k) for k in frame["fold"].unique())
 
 
-# ---- reading and writing predictions
-
-
-def predictions_frame(ids, fold: int, labels, probs) -> pd.DataFrame:
-    """The out-of-fold table evaluate, fit and seq evaluate write: image_id, fold, the six labels
-    (int8) and pred_<label> probabilities, from (N, 6) label and probability arrays."""
-    frame = pd.DataFrame({"image_id": list(ids), "fold": fold})
-    for j, lab in enumerate(LABELS):
-        frame[lab] = np.asarray(labels)[:, j].astype(np.int8)
-    for j, lab in enumerate(LABELS):
-        frame[f"pred_{lab}"] = np.asarray(probs)[:, j]
-    return frame
-
-
-def write_predictions(path, frame: pd.DataFrame, meta: dict) -> None:
-    """The out-of-fold Parquet, with `meta` (run name, config, build identity) in its metadata."""
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    extra = {META_KEY: json.dumps(meta, default=str).encode()}
-    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **extra}), path)
-
-
-def read_predictions(path) -> tuple[pd.DataFrame, dict]:
-    """(checked predictions, metadata dict) of the Parquet at `path`, bounded in bytes, rows,
-    decompressed size and column types before anything is decoded, and image ids in decoded
-    bytes (a dictionary page can repeat one long id a million times); a local path must be a
-    regular file."""
-    try:
-        data = read_bytes(path, MAX_BYTES)
-    except (FileNotFoundError, ValueError) as e:
-        raise ReportError(f"{path}: {e}; pass the Parquet ich-train evaluate wrote") from None
-    try:
-        _check_footer(parquet_read.footer(io.BytesIO(data)), path)
-        table = parquet_read.read_table(io.BytesIO(data), ["image_id", "fold", *LABELS, *PRED], ["image_id"])  # fmt: skip
-        table = parquet_read.decode_strings(table, ["image_id"], MAX_ID_BYTES)
-        frame = table.replace_schema_metadata(None).to_pandas()  # pandas' own metadata unread
-        raw = (table.schema.metadata or {}).get(META_KEY, b"{}")
-    except ReportError:
-        raise
-    except parquet_read.TooLarge as e:
-        raise ReportError(f"{path}: its image ids would take {e.size} bytes decoded (limit {e.limit}); pass the Parquet ich-train evaluate wrote") from None  # fmt: skip
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise ReportError(f"{path} is not a readable Parquet file ({type(e).__name__}: {str(e)[:200]})") from None  # fmt: skip
-    return check_predictions(frame, path), _meta(raw)
-
-
-def _check_footer(pf: pq.ParquetFile, path) -> None:
-    meta, schema = pf.metadata, pf.schema_arrow
-    inflated = parquet_read.inflated_bytes(pf)
-    if meta.num_rows > MAX_ROWS or inflated > MAX_INFLATED:
-        raise ReportError(f"{path} declares {meta.num_rows} rows ({inflated} bytes decompressed); the limits are {MAX_ROWS} rows and {MAX_INFLATED} bytes: refused")  # fmt: skip
-    missing = [c for c in ("image_id", "fold", *LABELS, *PRED) if c not in schema.names]
-    if missing:
-        raise ReportError(f"{path} has no column {', '.join(missing)}; pass the Parquet ich-train evaluate wrote")  # fmt: skip
-    need = {"image_id": "image_id must be unique, non-null strings", "fold": "fold must be one integer fold"}  # fmt: skip
-    need |= {c: f"label column {c!r} must hold integers 0 or 1" for c in LABELS}
-    need |= {c: f"column {c!r} must hold finite probabilities in [0, 1]" for c in PRED}
-    for col, what in need.items():
-        t = schema.field(col).type
-        t = t.value_type if pa.types.is_dictionary(t) else t
-        ok = {"image_id": pa.types.is_string(t) or pa.types.is_large_string(t), "fold": pa.types.is_integer(t)}  # fmt: skip
-        if not ok.get(col, pa.types.is_integer(t) if col in LABELS else pa.types.is_floating(t)):
-            raise ReportError(f"{path}: {what} (the file has {t}); pass the Parquet ich-train evaluate wrote")  # fmt: skip
-
-
-def _meta(raw: bytes) -> dict:
-    """The metadata dict, or {} when it is absent, too large or not a JSON object."""
-    try:
-        meta = json.loads(raw) if len(raw) <= MAX_META else {}
-    except (ValueError, RecursionError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def check_predictions(frame: pd.DataFrame, where) -> pd.DataFrame:
-    """ReportError unless `frame` has string ids (unique), one integer fold, 0/1 integer labels and
-    finite probabilities in [0, 1]; returns it sorted by image_id."""
-
-    def bad(what: str) -> ReportError:
-        return ReportError(f"{where}: {what}; pass the Parquet ich-train evaluate wrote")
-
-    if len(frame) == 0:
-        raise bad("no rows")
-    ids = frame["image_id"]
-    if not pd.api.types.is_string_dtype(ids) or ids.isna().any() or ids.duplicated().any():
-        raise bad("image_id must be unique, non-null strings")
-    if not pd.api.types.is_integer_dtype(frame["fold"]) or frame["fold"].nunique() != 1:
-        raise bad(f"fold must be one integer fold (found {frame['fold'].nunique()} values, dtype {frame['fold'].dtype})")  # fmt: skip
-    for col in LABELS:
-        if not pd.api.types.is_integer_dtype(frame[col]) or not frame[col].isin((0, 1)).all():
-            raise bad(f"label column {col!r} must hold integers 0 or 1 (dtype {frame[col].dtype})")
-    for col in PRED:
-        p = frame[col]
-        if not pd.api.types.is_float_dtype(p) or not (np.isfinite(p) & p.between(0, 1)).all():
-            raise bad(f"column {col!r} must hold finite probabilities in [0, 1] (dtype {p.dtype})")
-    return frame.sort_values("image_id", ignore_index=True)
+def _folds_text(folds: list[int]) -> str:
+    return f"fold {folds[0]}" if len(folds) == 1 else f"folds {', '.join(map(str, folds))}"
 
 
 def check_comparable(frames: list[pd.DataFrame], names: list[str]) -> None:
-    """ReportError unless every run scored the same fold, the same images and the same labels."""
+    """ReportError unless every run scored the same folds, the same images and the same labels."""
     first = frames[0]
     for frame, name in zip(frames[1:], names[1:], strict=True):
-        if frame["fold"].iloc[0] != first["fold"].iloc[0]:
-            raise ReportError(f"run {name!r} is fold {frame['fold'].iloc[0]}, run {names[0]!r} fold {first['fold'].iloc[0]}: compare runs on the same fold")  # fmt: skip
+        if folds_of(frame) != folds_of(first):
+            raise ReportError(f"run {name!r} is {_folds_text(folds_of(frame))[:80]}, run {names[0]!r} {_folds_text(folds_of(first))[:80]}: compare runs on the same folds, or pool one run's folds by giving its files one name (--names NAME)")  # fmt: skip
         if len(frame) != len(first) or not frame["image_id"].equals(first["image_id"]):
             raise ReportError(f"runs {names[0]!r} and {name!r} scored different images ({len(first)} and {len(frame)}): compare runs evaluated on the same build and fold")  # fmt: skip
         if not frame[list(LABELS)].equals(first[list(LABELS)]):
@@ -216,9 +116,26 @@ def at_threshold(y: np.ndarray, p: np.ndarray, t: float) -> dict:
     return {"precision": prec, "recall": rec, "f1": f1, "specificity": float(spec), "confusion": cm}  # fmt: skip
 
 
+def quantile_bins(p: np.ndarray, bins: int = CAL_BINS) -> np.ndarray:
+    """Each prediction's bin: `bins` bins of equal counts of p, the bins scikit-learn's
+    calibration_curve(strategy='quantile') uses (uniform bins put every prediction of a rare label
+    in the first)."""
+    edges = np.percentile(p, np.linspace(0, 100, bins + 1))
+    return np.searchsorted(edges[1:-1], p)
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = CAL_BINS) -> float:
+    """Sum over quantile bins of (share of images) x |observed frequency - mean prediction|, i.e.
+    |positives - summed probability| per bin over all images."""
+    ids = quantile_bins(p, bins)
+    gap = np.bincount(ids, weights=y, minlength=bins) - np.bincount(ids, weights=p, minlength=bins)
+    return float(np.abs(gap).sum() / len(p))
+
+
 def label_metrics(y: np.ndarray, p: np.ndarray, threshold: float | None = None) -> dict:
     """Every number of one label's row: prevalence, log loss, ROC-AUC, AP, the threshold (F1-max
-    unless given) and the metrics at it, sensitivity at specificity 0.90 / 0.95."""
+    unless given) and the metrics at it, sensitivity at specificity 0.90 / 0.95, Brier score and
+    expected calibration error (quantile bins)."""
     two = len(np.unique(y)) == 2
     t = f1_threshold(y, p) if threshold is None else float(threshold)
     row = {
@@ -230,6 +147,8 @@ def label_metrics(y: np.ndarray, p: np.ndarray, threshold: float | None = None) 
         "average_precision": float(average_precision_score(y, p)) if two else math.nan,
         "threshold": t,
         **at_threshold(y, p, t),
+        "brier": float(brier_score_loss(y, p, labels=[0, 1])),
+        "ece": expected_calibration_error(y, p),
     }
     for s in SPECIFICITIES:
         row[f"sens_at_spec{round(s * 100)}"] = sensitivity_at_specificity(y, p, s)
@@ -252,115 +171,60 @@ def run_rows(frame: pd.DataFrame, name: str, threshold: float | None = None) -> 
 
 
 def metrics_table(frames: list[pd.DataFrame], names: list[str], threshold: float | None = None) -> tuple[pd.DataFrame, dict]:  # fmt: skip
-    """(long table: one row per run and label, {(run, label): confusion matrix or None})."""
-    rows = [r for f, n in zip(frames, names, strict=True) for r in run_rows(f, n, threshold)]
+    """(long table: one row per run and label, {(run, label): confusion matrix or None}). Its
+    `fold` column is the fold scored; runs of several folds have their pooled rows (fold
+    "pooled": every image of every fold as one set, the cross-validation score) and each fold's."""
+    folds = folds_of(frames[0])
+    rows = [{**r, "fold": "pooled" if len(folds) > 1 else str(folds[0])} for f, n in zip(frames, names, strict=True) for r in run_rows(f, n, threshold)]  # fmt: skip
     confusion = {(r["run"], r["label"]): r.pop("confusion", None) for r in rows}
-    table = pd.DataFrame(rows, columns=["run", "label", "n", *METRICS])
+    if len(folds) > 1:
+        for f, n in zip(frames, names, strict=True):
+            rows += [{**r, "fold": str(k)} for k in folds for r in run_rows(f[f["fold"] == k], n, threshold)]  # fmt: skip
+        for r in rows:
+            r.pop("confusion", None)
+    table = pd.DataFrame(rows, columns=["run", "fold", "label", "n", *METRICS])
     return table.astype({"positives": "Int64"}), confusion
 
 
+def main_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the report's main table: the pooled ones when the runs span several folds."""
+    pooled = table["fold"] == "pooled"
+    return table[pooled] if pooled.any() else table
+
+
+def fold_summary(table: pd.DataFrame) -> pd.DataFrame | None:
+    """Per run: each fold's images, weighted log loss, AUC any, mean Brier and ECE, the mean over
+    the folds and the pooled figures; None for a report of one fold."""
+    if not (table["fold"] == "pooled").any():
+        return None
+    mean = table[table["label"] == "mean"].set_index(["run", "fold"])
+    out = mean[["n", "log_loss", "brier", "ece"]].assign(auc_any=table[table["label"] == "any"].set_index(["run", "fold"])["roc_auc"])  # fmt: skip
+    out = out.reset_index()
+    runs = []
+    for run, part in out.groupby("run", sort=False):
+        folds = part[part["fold"] != "pooled"]
+        avg = {"run": run, "fold": "mean of folds", "n": folds["n"].sum(), **folds[["log_loss", "brier", "ece", "auc_any"]].mean().to_dict()}  # fmt: skip
+        runs.append(pd.concat([folds, pd.DataFrame([avg]), part[part["fold"] == "pooled"]]))
+    return pd.concat(runs, ignore_index=True).rename(columns={"n": "images", "log_loss": "weighted log loss", "brier": "Brier (mean)", "ece": "ECE (mean)", "auc_any": "AUC any"})  # fmt: skip
+
+
 def format_table(table: pd.DataFrame) -> str:
-    """The table for a terminal: labels down, metrics across (one row per run within a label)."""
+    """The table for a terminal: labels down, metrics across (one row per run within a label);
+    pooled folds: the pooled rows, then the per-fold summary."""
+    folds = fold_summary(table)
+    table = main_rows(table)
     t = table.rename(columns=METRICS)
     t["pos"] = [("" if pd.isna(v) else str(v)) for v in t["pos"]]
     order = {lab: i for i, lab in enumerate([*LABELS, "mean"])}
     t = t.sort_values(["label", "run"], key=lambda c: c.map(order) if c.name == "label" else c, kind="stable")  # fmt: skip
     keep = ["label", *METRICS.values()] if table["run"].nunique() == 1 else ["label", "run", *METRICS.values()]  # fmt: skip
-    return t[keep].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a")
-
-
-# ---- figures (matplotlib Agg, PNG bytes)
-
-
-def _text(s) -> str:
-    """An untrusted string for a matplotlib label: short, no mathtext."""
-    s = str(s)
-    return ((s[:40] + "...") if len(s) > 43 else s).replace("$", r"\$")
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=72)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _grid(title: str):
-    fig, axes = plt.subplots(2, 3, figsize=(12, 7.6))
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.9, wspace=0.25, hspace=0.35)
-    fig.suptitle(title)
-    return fig, axes.ravel()
-
-
-def curve_figure(frames, names, table, kind: str) -> bytes:
-    """ROC (kind 'roc') or precision-recall ('pr') curves: a panel per label, a line per run."""
-    fig, axes = _grid("ROC curves" if kind == "roc" else "Precision-recall curves")
-    for j, (lab, ax) in enumerate(zip(LABELS, axes, strict=True)):
-        for frame, name in zip(frames, names, strict=True):
-            y, p = frame[lab].to_numpy(), frame[PRED[j]].to_numpy()
-            row = table[(table["run"] == name) & (table["label"] == lab)].iloc[0]
-            if len(np.unique(y)) < 2:
-                ax.text(0.5, 0.5, "one class only", ha="center", transform=ax.transAxes)
-                continue
-            if kind == "roc":
-                fpr, tpr, _ = roc_curve(y, p)
-                ax.plot(fpr, tpr, label=f"{_text(name)} AUC {row['roc_auc']:.3f}")
-            else:
-                prec, rec, _ = precision_recall_curve(y, p)
-                ax.plot(rec, prec, label=f"{_text(name)} AP {row['average_precision']:.3f}")
-        if kind == "roc":
-            ax.plot([0, 1], [0, 1], ":", color="grey")
-            ax.set(xlabel="1 - specificity", ylabel="sensitivity")
-        else:
-            ax.axhline(frames[0][lab].mean(), ls=":", color="grey", label="prevalence")
-            ax.set(xlabel="recall", ylabel="precision")
-        ax.set(title=lab, xlim=(0, 1), ylim=(0, 1.02))
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=8)
-    return _png(fig)
-
-
-def calibration_figure(frames, names, bins: int = 10) -> bytes:
-    """Reliability diagram per label: mean predicted probability against observed frequency."""
-    fig, axes = _grid("Calibration (reliability): observed frequency per bin of predicted probability")  # fmt: skip
-    for j, (lab, ax) in enumerate(zip(LABELS, axes, strict=True)):
-        for frame, name in zip(frames, names, strict=True):
-            true, pred = calibration_curve(frame[lab], frame[PRED[j]], n_bins=bins)
-            ax.plot(pred, true, "o-", ms=3, label=_text(name))
-        ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect")
-        ax.set(title=lab, xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1))  # fmt: skip
-        ax.legend(loc="upper left", fontsize=8)
-    return _png(fig)
-
-
-def confusion_figure(label: str, names, table, confusion) -> bytes:
-    """One label's confusion matrix at its threshold, a panel per run."""
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
-    for name, ax in zip(names, axes[0], strict=True):
-        cm, t = confusion[(name, label)], table[(table["run"] == name) & (table["label"] == label)]["threshold"].iloc[0]  # fmt: skip
-        ax.set(title=f"{_text(name)}: {label}", xticks=[0, 1], yticks=[0, 1], xticklabels=["neg", "pos"], yticklabels=["neg", "pos"], xlabel="predicted", ylabel="true")  # fmt: skip
-        if cm is None:
-            ax.text(0.5, 0.5, "one class only:\nno threshold", ha="center", va="center")
-            ax.set(xlim=(-0.5, 1.5), ylim=(1.5, -0.5))
-            continue
-        ax.imshow(cm, cmap="Blues")
-        for (i, k), v in np.ndenumerate(cm):
-            ax.text(k, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")  # fmt: skip
-        ax.set_xlabel(f"predicted (p >= {t:.3f})")
-    fig.tight_layout()
-    return _png(fig)
-
-
-def figures(frames, names, table, confusion) -> dict[str, bytes]:
-    """PNG file name -> bytes of every plot."""
-    out = {
-        "roc.png": curve_figure(frames, names, table, "roc"),
-        "pr.png": curve_figure(frames, names, table, "pr"),
-        "calibration.png": calibration_figure(frames, names),
-    }
-    for lab in LABELS:
-        out[f"confusion_{lab}.png"] = confusion_figure(lab, names, table, confusion)
-    return out
+    text = t[keep].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a")
+    if folds is None:
+        return text
+    per_fold = folds.to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="n/a")
+    return (
+        f"pooled over {table['n'].iloc[0]} images of every fold:\n{text}\n\nper fold:\n{per_fold}"
+    )
 
 
 # ---- report.html (self-contained: CSS inline, images as data URIs, no script, no link)
@@ -392,7 +256,7 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _cell(v, metric: str) -> str:
-    return f'<td class="num">{_num(v, 4 if metric == "log_loss" else 3)}</td>'
+    return f'<td class="num">{_num(v, 4 if metric in ("log_loss", "brier", "ece") else 3)}</td>'
 
 
 SHARED = ("prevalence", "positives")  # the same for every run (same fold, same labels)
@@ -405,6 +269,10 @@ GROUPS = {
         "sens_at_spec95",
     ),
     "At the threshold": ("threshold", "precision", "recall", "f1", "specificity"),
+    f"Calibration (Brier score; expected calibration error over {CAL_BINS} quantile bins)": (
+        "brier",
+        "ece",
+    ),
 }
 
 
@@ -460,9 +328,9 @@ def notes(table: pd.DataFrame, metas: list[dict], names: list[str], threshold: f
     """Plain-text notes: prevalence, the threshold rule, and a balanced sampler's effect."""
     first = table[table["run"] == names[0]].set_index("label")
     prev = ", ".join(f"{lab} {first.loc[lab, 'prevalence']:.4f} ({int(first.loc[lab, 'positives'])})" for lab in LABELS)  # fmt: skip
-    out = [f"fold prevalence (positives): {prev}"]
+    out = [f"prevalence of the scored images (positives): {prev}"]
     if threshold is None:
-        out.append("threshold per label: the one maximising F1 on this fold (optimistic: chosen on the data it scores)")  # fmt: skip
+        out.append("threshold per label: the one maximising F1 on the scored images (optimistic: chosen on the data it scores)")  # fmt: skip
     else:
         out.append(f"threshold fixed at {threshold} for every label")
     for name, meta in zip(names, metas, strict=True):
@@ -470,24 +338,39 @@ def notes(table: pd.DataFrame, metas: list[dict], names: list[str], threshold: f
         sampler = cfg.get("sampler")
         if sampler not in (None, "", "none", "natural", "uniform"):
             out.append(f"run {name} trained with sampler {sampler} (pos fraction {cfg.get('pos_fraction', '?')}); the validation fold was scored at its natural prevalence above")  # fmt: skip
-    out.append("log loss: per label (scikit-learn); mean row: the competition's weighted log loss (any x2). Other mean cells: mean over labels with both classes")  # fmt: skip
+    out.append("log loss: per label (scikit-learn); mean row: the competition's weighted log loss (any x2). Other mean cells: mean over labels with both classes (Brier and ECE: over all labels)")  # fmt: skip
+    out.append(f"calibration: Brier score = mean squared error of the probability (scikit-learn); ECE = sum over {CAL_BINS} quantile bins of (share of images) x |observed frequency - mean prediction|")  # fmt: skip
     return out
 
 
-def render_html(table, names, metas, pngs: dict[str, bytes], worst: list[str], threshold, fold: int) -> str:  # fmt: skip
-    """The whole report.html as one string."""
+def folds_html(table: pd.DataFrame) -> str:
+    """The per-fold figures beside the pooled ones (fold_summary), or "" for one fold."""
+    folds = fold_summary(table)
+    if folds is None:
+        return ""
+    head = "<tr>" + "".join(f"<th>{_e(c)}</th>" for c in folds.columns) + "</tr>"
+    rows = "".join("<tr>" + "".join(f"<th>{_e(str(v))}</th>" if c in ("run", "fold") else _cell(v, "log_loss") for c, v in r.items()) + "</tr>" for r in folds.to_dict("records"))  # fmt: skip
+    note = "pooled: every fold's held-out predictions scored as one set (the cross-validation score); mean of folds: the average of the per-fold figures"  # fmt: skip
+    return f'<h2>Per fold</h2><p class="note">{note}</p><div class="wrap"><table>{head}{rows}</table></div>'
+
+
+def render_html(table, names, metas, pngs: dict[str, bytes], worst: list[str], threshold, folds: list[int]) -> str:  # fmt: skip
+    """The whole report.html as one string: `table` all of metrics_table's rows."""
+    per_fold, table = folds_html(table), main_rows(table)
     images, n = int(table["n"].iloc[0]), len(names)
+    scored = _folds_text(folds) + (" pooled" if len(folds) > 1 else "")
     runs = ", ".join(_e(x) for x in names)
     note = "".join(f'<p class="note">{_e(t)}</p>' for t in notes(table, metas, names, threshold))
     matrices = "".join(_img(pngs[f"confusion_{lab}.png"], lab) for lab in LABELS)
     parts = [
         f"{HTML_HEAD}: {runs}</title><style>{CSS}</style></head><body>",  # fmt: skip
-        f"<h1>ICH evaluation report</h1><p>{n} run(s): <b>{runs}</b>; fold {fold}, {images} images</p>",
+        f"<h1>ICH evaluation report</h1><p>{n} run(s): <b>{runs}</b>; {_e(scored)}, {images} images</p>",
         "<h2>Runs</h2>" + config_html(metas, names, "source"),
         "<h3>Build</h3>" + config_html(metas, names, "build"),
         "<h3>Config</h3>" + config_html(metas, names, "config"),
         "<h2>Metrics</h2>" + note,
         "".join(f"<h3>{g}</h3>" + metrics_html(table, names, ms) for g, ms in GROUPS.items()),
+        per_fold,
         "<h2>ROC</h2>" + _img(pngs["roc.png"], "ROC curves"),
         "<h2>Precision-recall</h2>" + _img(pngs["pr.png"], "precision-recall curves"),
         "<h2>Calibration</h2>" + _img(pngs["calibration.png"], "calibration"),
@@ -552,16 +435,17 @@ def report_dir_for(predictions) -> Path:
 
 def write_report(frames: list[pd.DataFrame], names: list[str], out_dir, metas: list[dict], threshold: float | None = None) -> pd.DataFrame:  # fmt: skip
     """metrics.csv, the PNGs and report.html in `out_dir`; returns the metrics table. `frames` are
-    checked predictions (check_predictions), one per run, `metas` each run's {"config", "build"}."""
+    checked predictions (check_predictions), one per run (of one fold, or several pooled:
+    pool_runs), `metas` each run's {"config", "build"}."""
     if len(set(names)) != len(names) or not all(names):
         raise ReportError(f"run names must be distinct and non-empty: {', '.join(map(repr, names))}")  # fmt: skip
     check_comparable(frames, names)
     out = Path(out_dir)
     check_out_dir(out)
     table, confusion = metrics_table(frames, names, threshold)
-    pngs = figures(frames, names, table, confusion)
+    pngs = figures(frames, names, main_rows(table), confusion)
     worst = [worst_html(f) for f in frames]
-    page = render_html(table, names, metas, pngs, worst, threshold, int(frames[0]["fold"].iloc[0]))
+    page = render_html(table, names, metas, pngs, worst, threshold, folds_of(frames[0]))
     out.mkdir(parents=True, exist_ok=True)
     # report.html first: a folder a stopped run leaves is still known as a report (check_out_dir)
     for name, data in [("report.html", page.encode()), *pngs.items(), ("metrics.csv", table.to_csv(index=False).encode())]:  # fmt: skip
@@ -587,6 +471,44 @@ def run_meta(ckpt: dict, checkpoint, shards, tta=()) -> dict:
         "config": ckpt.get("config", {}),
         "build": {k: v for k, v in identity.items() if v is not None},
     }
+
+
+def pool_runs(paths: list[str], runs: list[tuple[pd.DataFrame, dict]], names: list[str]) -> tuple[list[pd.DataFrame], list[str], list[dict]]:  # fmt: skip
+    """(frames, names, metas) of the runs: the files given one name are the folds of one run,
+    pooled into one frame. ReportError when a fold or an image is in two of them: one run's
+    out-of-fold predictions hold each image once."""
+    frames, metas = [], []
+    groups = list(dict.fromkeys(names))
+    for name in groups:
+        mine = [i for i, n in enumerate(names) if n == name]
+        seen: dict[int, str] = {}
+        for i in mine:
+            for k in folds_of(runs[i][0]):
+                if k in seen:
+                    raise ReportError(f"run {name!r}: fold {k} is in both {seen[k]} and {paths[i]}; give each fold's predictions once")  # fmt: skip
+                seen[k] = paths[i]
+        pooled = pd.concat([runs[i][0].assign(_file=paths[i]) for i in mine], ignore_index=True)
+        twice = pooled[pooled["image_id"].duplicated(keep=False)]
+        if len(twice):
+            a, b = twice.iloc[0], twice[twice["image_id"] == twice["image_id"].iloc[0]].iloc[1]
+            raise ReportError(f"run {name!r}: image {str(a['image_id'])[:40]!r} is in fold {a['fold']} ({a['_file']}) and fold {b['fold']} ({b['_file']}); the folds of one run's split hold each image once: pass the out-of-fold predictions of one build")  # fmt: skip
+        frames.append(pooled.drop(columns="_file").sort_values("image_id", ignore_index=True))
+        metas.append(_pooled_meta([runs[i][1] for i in mine], [paths[i] for i in mine]))
+    return frames, groups, metas
+
+
+def _pooled_meta(metas: list[dict], paths: list[str]) -> dict:
+    """One run's metadata from its folds' files: each key's value where the files agree, else
+    their values joined with " / " (the checkpoint, the validation fold)."""
+    if len(metas) == 1:
+        return metas[0]
+
+    def merged(key: str) -> dict:
+        ds = [m.get(key) if isinstance(m.get(key), dict) else {} for m in metas]
+        keys = list(dict.fromkeys(k for d in ds for k in d))[:200]
+        return {k: ds[0].get(k) if all(d.get(k) == ds[0].get(k) for d in ds) else " / ".join(str(d.get(k, "")) for d in ds) for k in keys}  # fmt: skip
+
+    return {"source": {"predictions": " / ".join(map(str, paths)), **merged("source")}, "config": merged("config"), "build": merged("build")}  # fmt: skip
 
 
 def default_names(paths: list[str], metas: list[dict]) -> list[str]:

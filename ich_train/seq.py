@@ -31,7 +31,16 @@ from ich_prep.location import atomic_file, file_in_the_way
 from ich_train.checkpoint import safe_torch_load
 from ich_train.metrics import LABEL_WEIGHTS, compute_metrics
 from ich_train.optim import create_scheduler
-from ich_train.seq_data import MAX_FEATURE_DIM, Series, augment, batches, collate, read_embeddings
+from ich_train.predictions import ReportError, check_predictions, predictions_frame
+from ich_train.seq_data import (
+    MAX_FEATURE_DIM,
+    Series,
+    augment,
+    batches,
+    check_held_out,
+    collate,
+    read_embeddings,
+)
 from ich_train.submission import check_out_file
 
 RNNS = {"gru": nn.GRU, "lstm": nn.LSTM}
@@ -277,6 +286,7 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
     dim = 0 if cfg.inputs == "logits" else series[0].features.shape[1]
     series = select_inputs(series, dim)
     train, valid = _split(series, cfg.valid_fold, cfg.features)
+    check_held_out(valid, meta, cfg.valid_fold, cfg.features, "--valid-fold")
     torch.manual_seed(cfg.seed)
     model = SeqModel(**model_args(cfg, dim)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -299,9 +309,15 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
             raise SeqError(f"--resume {run}: last.pt cannot be resumed ({type(e).__name__}: {str(e)[:100]}); start a new --out") from None  # fmt: skip
     run.mkdir(parents=True, exist_ok=True)
     _write(run / "config.json", lambda f: f.write((json.dumps(cfg.to_dict(), indent=1) + "\n").encode()))  # fmt: skip
-    if start == 0:
+
+    def state(epoch: int) -> dict:
+        return {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "config": cfg.to_dict(), "model_args": model_args(cfg, dim), "epoch": epoch, "best_loss": best, "history": rows, "embed": meta}  # fmt: skip
+
+    if start == 0:  # step 0 (the zero head: the CNN itself) is the first candidate for best.pt
         row = {"epoch": -1, "train_loss": math.nan, **_scores(model, valid)}
         rows.append(row)
+        best = row["valid_loss"]
+        save(run / "best.pt", **state(-1))
         log(f"seq: step 0 = the CNN: valid loss {row['valid_loss']:.4f}, AUC any {row['valid_auc_any']:.3f}")  # fmt: skip
     for epoch in range(start, cfg.epochs):
         t0, rng, losses = time.perf_counter(), np.random.default_rng([cfg.seed, epoch]), []
@@ -320,14 +336,24 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
         rows.append(row)
         improved = row["valid_loss"] < best
         best = min(best, row["valid_loss"])
-        state = {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "config": cfg.to_dict(), "model_args": model_args(cfg, dim), "epoch": epoch, "best_loss": best, "history": rows, "embed": meta}  # fmt: skip
         if improved:
-            save(run / "best.pt", **state)
-        save(run / "last.pt", **state, optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state())  # fmt: skip
+            save(run / "best.pt", **state(epoch))
+        save(run / "last.pt", **state(epoch), optimizer=opt.state_dict(), scheduler=sched.state_dict(), torch_rng=torch.get_rng_state())  # fmt: skip
         log(f"seq epoch {epoch + 1}/{cfg.epochs}: train {row['train_loss']:.4f} valid {row['valid_loss']:.4f} (CNN {row['cnn_loss']:.4f}) AUC any {row['valid_auc_any']:.3f}{' *best' if improved else ''}")  # fmt: skip
     _write(run / "metrics.csv", lambda f: f.write(pd.DataFrame(rows).to_csv(index=False).encode()))
-    first = rows[0]
-    return {"best_valid_loss": best, "cnn_valid_loss": first["cnn_loss"], "epochs": cfg.epochs, "out": str(run)}  # fmt: skip
+    return _summary(rows, best, cfg.epochs, run, log)
+
+
+def _summary(rows: list[dict], best: float, epochs: int, run: Path, log) -> dict:
+    """What fit returns, and its last line: which epoch best.pt is and whether it beat the CNN."""
+    cnn = rows[0]["cnn_loss"]
+    best_epoch = next((r["epoch"] for r in rows if r["valid_loss"] == best), -1) + 1  # 0: step 0
+    improved = best < cnn
+    if improved:
+        log(f"seq: best.pt is epoch {best_epoch}: valid loss {best:.4f} against the CNN's {cnn:.4f} ({100 * (best / cnn - 1):+.1f}%)")  # fmt: skip
+    else:
+        log(f"seq: the sequence model did not improve on the CNN (valid loss {cnn:.4f}): best.pt is step 0, the CNN's own predictions, and predict --seq with it gives the CNN's")  # fmt: skip
+    return {"best_valid_loss": best, "cnn_valid_loss": cnn, "best_epoch": best_epoch, "improved_on_cnn": improved, "epochs": epochs, "out": str(run)}  # fmt: skip
 
 
 def evaluate(checkpoint: str, features: str, fold: int, out: str | None = None, device: str = "auto") -> dict:  # fmt: skip
@@ -341,10 +367,11 @@ def _evaluate(checkpoint: str, features: str, fold: int, out: str | None, dev: t
     path = Path(out) if out else Path(checkpoint).with_name(f"seq_oof_fold{fold}.parquet")
     check_out_file(path, "--out", "seq_oof.parquet")
     ck = load(checkpoint)
-    series, _ = read_embeddings(features)
+    series, meta = read_embeddings(features)
     chosen = [s for s in series if s.fold == fold]
     if not chosen or any(s.labels is None for s in chosen):
         raise SeqError(f"--fold {fold}: {features} has no labelled series in that fold; its folds are {sorted({s.fold for s in series})}")  # fmt: skip
+    check_held_out(chosen, meta, fold, features, "--fold")
     args = ck["model_args"]
     chosen = select_inputs(chosen, args["feature_dim"])
     if args["feature_dim"] != chosen[0].features.shape[1]:
@@ -352,12 +379,6 @@ def _evaluate(checkpoint: str, features: str, fold: int, out: str | None, dev: t
     model = SeqModel(**args)
     model.load_state_dict(ck["model"])
     res = predict_series(model.to(dev), chosen)
-    from ich_train.report import (  # matplotlib: not at import
-        ReportError,
-        check_predictions,
-        predictions_frame,
-    )
-
     frame = predictions_frame(res["ids"], fold, res["labels"], res["probs"])
 
     try:  # never written (nor reported ok) when `ich-train report` would refuse it

@@ -32,7 +32,8 @@ INTEGERS = ("slice_rank", "series_len", "fold", "cnn")
 
 @dataclass
 class Series:
-    """One series in slice order: features (T, D) float32, logits (T, 6), labels (T, 6) or None."""
+    """One series in slice order: features (T, D) float32, logits (T, 6), labels (T, 6) or None;
+    `cnn` is the index (in the file's metadata) of the checkpoint that embedded it."""
 
     series_id: str
     fold: int
@@ -40,6 +41,7 @@ class Series:
     features: np.ndarray
     logits: np.ndarray
     labels: np.ndarray | None
+    cnn: int = 0
 
 
 def read_embeddings(path: str) -> tuple[list[Series], dict]:
@@ -119,6 +121,8 @@ def series_of_table(table, path: str) -> list[Series]:
     if nulls:
         raise EmbedError(f"--features {path} has empty (null) values in {nulls}; embed again")
     n = table.num_rows
+    if n == 0:
+        raise EmbedError(f"--features {path} has no rows; embed a build that has images")
     feats = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     with np.errstate(over="ignore", invalid="ignore"):  # a value past float32 is refused below
         feats = feats.astype(np.float32).reshape(n, dim)
@@ -135,6 +139,7 @@ def series_of_table(table, path: str) -> list[Series]:
         raise EmbedError(f"--features {path} holds an image_id more than once; embed again")
     rank = table.column("slice_rank").to_numpy().astype(np.int64)
     fold = table.column("fold").to_numpy().astype(np.int64)
+    cnn = table.column("cnn").to_numpy().astype(np.int64)
     order = np.lexsort((rank, sid))
     out, start = [], 0
     for end in [*np.flatnonzero(sid[order][1:] != sid[order][:-1]) + 1, n]:
@@ -142,10 +147,26 @@ def series_of_table(table, path: str) -> list[Series]:
         start = end
         if len(rows) > MAX_SERIES_LEN:
             raise EmbedError(f"--features {path}: series {sid[rows[0]]} has {len(rows)} slices; at most {MAX_SERIES_LEN}")  # fmt: skip
-        if (fold[rows] != fold[rows[0]]).any() or (np.diff(rank[rows]) == 0).any():
-            raise EmbedError(f"--features {path}: series {sid[rows[0]]} spans folds or repeats a slice rank; embed again")  # fmt: skip
-        out.append(Series(str(sid[rows[0]]), int(fold[rows[0]]), [ids[i] for i in rows], feats[rows], logits[rows], None if labels is None else labels[rows]))  # fmt: skip
+        if (fold[rows] != fold[rows[0]]).any() or (cnn[rows] != cnn[rows[0]]).any() or (np.diff(rank[rows]) == 0).any():  # fmt: skip
+            raise EmbedError(f"--features {path}: series {sid[rows[0]]} spans folds or CNNs or repeats a slice rank; embed again")  # fmt: skip
+        out.append(Series(str(sid[rows[0]]), int(fold[rows[0]]), [ids[i] for i in rows], feats[rows], logits[rows], None if labels is None else labels[rows], int(cnn[rows[0]])))  # fmt: skip
     return out
+
+
+def check_held_out(series: list[Series], meta: dict, fold: int, path: str, flag: str) -> None:
+    """EmbedError unless every series of `fold` was embedded by a CNN that held `fold` out: the
+    checkpoint its `cnn` column names in the file's metadata has `valid_fold` == fold. Features a
+    CNN trained on are confident and right, so scores on them are optimistic (docs/training.md)."""
+    cks = meta.get("checkpoints") if isinstance(meta.get("checkpoints"), list) else []
+    for s in series:
+        if s.fold != fold:
+            continue
+        ck = cks[s.cnn] if 0 <= s.cnn < len(cks) and isinstance(cks[s.cnn], dict) else {}
+        held_out = ck.get("valid_fold")
+        if held_out == fold and type(held_out) is int:
+            continue
+        who = f"a CNN validated on fold {held_out!r} ({str(ck.get('path', '?'))[-80:]!r})" if ck else "a CNN its metadata does not name"  # fmt: skip
+        raise EmbedError(f"{flag} {fold}: {path}'s features of fold {fold} come from {who}, not one that held fold {fold} out, so its scores there would be in-sample; embed with --oof (fold k by the CNN validated on k) or validate on that CNN's own validation fold")  # fmt: skip
 
 
 def slice_inputs(features: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -168,7 +189,7 @@ def augment(s: Series, rng: np.random.Generator, reverse_p: float, drop_p: float
     if rng.random() < reverse_p:
         idx = idx[::-1]
     lab = None if s.labels is None else s.labels[idx]
-    return Series(s.series_id, s.fold, [s.ids[i] for i in idx], s.features[idx], s.logits[idx], lab)  # fmt: skip
+    return Series(s.series_id, s.fold, [s.ids[i] for i in idx], s.features[idx], s.logits[idx], lab, s.cnn)  # fmt: skip
 
 
 def collate(batch: list[Series]) -> dict[str, torch.Tensor]:

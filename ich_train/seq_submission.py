@@ -21,11 +21,17 @@ from ich_train.seq_data import series_of_table
 from ich_train.submission import align_to_index, check_out_file, check_submission, write_submission
 
 
-def _seq_models(paths: list[str], cnn_sha: dict[str, str]) -> list[SeqModel]:
-    """The sequence models, each refused unless it was trained on features of the given CNNs."""
+def _seq_models(paths: list[str], cnn_sha: dict[str, str], tta: tuple[str, ...]) -> list[SeqModel]:  # fmt: skip
+    """The sequence models, each refused unless it was trained on features of the given CNNs,
+    embedded with the same --tta (the mean of a slice's and its mirror's features is not what a
+    model trained on single views learned from, nor the reverse)."""
     models = []
     for path in paths:
         ck = load(path)
+        trained_tta = (ck.get("embed") or {}).get("tta")
+        if isinstance(trained_tta, list) and sorted(map(str, trained_tta)) != sorted(tta):
+            said = [" ".join(t) if t else "none" for t in (sorted(map(str, trained_tta)), sorted(tta))]  # fmt: skip
+            raise SeqError(f"--seq {path} was trained on embeddings made with --tta {said[0][:40]!r}, this predict uses --tta {said[1]!r}; pass the --tta its embeddings used (embed's --tta)")  # fmt: skip
         trained_on = {c.get("sha256") for c in (ck.get("embed") or {}).get("checkpoints", []) if isinstance(c, dict)}  # fmt: skip
         foreign = [c for c, sha in cnn_sha.items() if trained_on and sha not in trained_on]
         if foreign:
@@ -50,7 +56,7 @@ def predict_seq_submission(
 ) -> dict:  # fmt: skip
     """Write the stage-2 submission for the test build `shards` to `out` (see the module doc)."""
     check_out_file(out)
-    models = _seq_models(seqs, {c: _cnn_sha256(c) for c in cnns})
+    models = _seq_models(seqs, {c: _cnn_sha256(c) for c in cnns}, tta)
     dist = distributed.setup(device)
     try:
         build = Build(shards)

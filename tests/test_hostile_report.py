@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ich_prep import LABELS
-from ich_train import report
+from ich_train import predictions
 from ich_train.cli import main
 from tests.test_report import table, written
 from tests.test_train_cli_errors import one_error_line
@@ -36,7 +36,7 @@ def test_ids_that_decode_past_the_limit_are_refused_before_decoding(tmp_path, ca
     path = tmp_path / "bomb.parquet"
     _dictionary_bomb(path, 20_000, 100)
     assert path.stat().st_size < 20_000
-    monkeypatch.setattr(report, "MAX_ID_BYTES", 1_000_000)
+    monkeypatch.setattr(predictions, "MAX_ID_BYTES", 1_000_000)
     assert main(["report", str(path), "--out", str(tmp_path / "rep")]) == 2
     line = one_error_line(capsys, "report")
     assert "image ids would take 2000000 bytes decoded (limit 1000000)" in line
@@ -49,7 +49,7 @@ def test_ids_that_decode_past_the_limit_are_refused_before_decoding(tmp_path, ca
         ("pred_any", pa.array(["0.5"] * 40), "'pred_any' must hold finite probabilities in [0, 1] (the file has string)"),
         ("any", pa.array([[0]] * 40), "'any' must hold integers 0 or 1 (the file has list<"),
         ("image_id", pa.array(np.arange(40)), "image_id must be unique, non-null strings (the file has int64)"),
-        ("fold", pa.array(["2"] * 40), "fold must be one integer fold (the file has string)"),
+        ("fold", pa.array(["2"] * 40), "fold must hold integer folds (the file has string)"),
     ],
 )  # fmt: skip
 def test_column_types_are_checked_from_the_footer(tmp_path, capsys, column, array, says):

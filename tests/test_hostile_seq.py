@@ -94,7 +94,7 @@ def test_a_series_across_folds_or_with_a_repeated_rank_is_refused(small, tmp_pat
     rank[1] = rank[0]
     for col, values in (("fold", fold), ("slice_rank", rank)):
         says = _fit_error(capsys, _edited(small, tmp_path, col, pa.array(values)), tmp_path / "r")
-        assert "spans folds or repeats a slice rank" in says
+        assert "spans folds or CNNs or repeats a slice rank" in says
 
 
 @pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b"\xff\xfe{{", b"{" * 10])  # fmt: skip
@@ -306,3 +306,13 @@ def test_fit_on_a_test_build_says_so_first(small, tmp_path, capsys):
     path = tmp_path / "test.parquet"
     pq.write_table(t.set_column(t.column_names.index("fold"), "fold", pa.array(np.full(t.num_rows, -1, np.int16))), path)  # fmt: skip
     assert "has no labels (a test build)" in _fit_error(capsys, str(path), tmp_path / "r")
+
+
+def test_a_features_file_of_no_rows_is_one_line(small, tmp_path, capsys):
+    """The right schema and metadata, 0 rows. Before: an IndexError traceback in series_of_table
+    (issue 23). Now fit and evaluate each say it in one line, exit 2."""
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pq.read_table(small[0]).slice(0, 0), path)
+    assert "has no rows" in _fit_error(capsys, str(path), tmp_path / "r")
+    assert main(["seq", "evaluate", "--checkpoint", str(small[1] / "best.pt"), "--features", str(path), "--fold", "0", "--out", str(tmp_path / "e.parquet")]) == 2  # fmt: skip
+    assert "has no rows" in one_error_line(capsys, "seq evaluate")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     average_precision_score,
     confusion_matrix,
@@ -27,9 +28,12 @@ from sklearn.metrics import (
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
-from ich_train import report
+from ich_train import predictions, report
 from ich_train.cli import main
+from ich_train.infer import evaluate as cnn_evaluate
 from ich_train.metrics import weighted_log_loss
+from tests.test_seq import cnn_runs  # noqa: F401 - the module-scoped fixture
+from tests.test_train_cli_errors import one_error_line
 from tests.train_fixtures import deadline
 
 PNGS = ["roc.png", "pr.png", "calibration.png", *(f"confusion_{lab}.png" for lab in LABELS)]
@@ -122,6 +126,31 @@ def test_sensitivity_at_exactly_the_specificity_by_hand():
     assert report.sensitivity_at_specificity(y, p, 0.95) == 0.5
 
 
+def test_brier_and_expected_calibration_error_by_hand(tmp_path):
+    """y = 0 0 1 1, p = .1 .2 .3 .4: Brier = (.01 + .04 + .49 + .36) / 4 = .225; two quantile bins
+    {.1, .2} (observed 0, predicted .15) and {.3, .4} (observed 1, predicted .35): ECE = .5 x .15 +
+    .5 x .65 = .4. At a 2% prevalence (200 distinct predictions, 10 bins of 20) the ECE is the mean
+    gap of scikit-learn's quantile calibration curve; metrics.csv and report.html carry both."""
+    y, p = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])
+    row = report.label_metrics(y, p)
+    assert row["brier"] == pytest.approx(0.225) and report.expected_calibration_error(y, p, bins=2) == pytest.approx(0.4)  # fmt: skip
+    rng = np.random.default_rng(0)
+    p = rng.permutation(np.linspace(0.001, 0.2, 200))
+    y = (rng.random(200) < p).astype(int)
+    true, pred = calibration_curve(y, p, n_bins=10, strategy="quantile")
+    assert len(true) == 10 and report.expected_calibration_error(y, p) == pytest.approx(np.abs(true - pred).mean())  # fmt: skip
+    frame = report.check_predictions(table(), "t")
+    t = report.write_report([frame], ["b0"], tmp_path / "rep", [META]).set_index("label")
+    csv = pd.read_csv(tmp_path / "rep" / "metrics.csv").set_index("label")
+    y, p = frame["any"].to_numpy(), frame["pred_any"].to_numpy()
+    assert csv.loc["any", "brier"] == pytest.approx(((p - y) ** 2).mean())
+    assert csv.loc["any", "ece"] == pytest.approx(report.expected_calibration_error(y, p))
+    assert csv.loc["mean", "brier"] == pytest.approx(csv.loc[list(LABELS), "brier"].mean())
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "expected calibration error over 10 quantile bins" in page
+    assert f"{t.loc['any', 'ece']:.4f}" in page and f"{t.loc['mean', 'brier']:.4f}" in page
+
+
 # ---- the folder and report.html
 
 
@@ -197,7 +226,7 @@ def hostile(case: str, d: Path) -> Path:
         "missing column": lambda t: t.drop(columns="pred_subdural"),
         "float labels": lambda t: t.astype({"any": "float64"}),
         "probability 2": lambda t: t.assign(pred_any=2.0),
-        "two folds": lambda t: t.assign(fold=[0, 1] * 20),
+        "fold as float": lambda t: t.assign(fold=1.0),
         "duplicate ids": lambda t: t.assign(image_id="ID_x"),
     }
     return written(d, damaged[case](table()))
@@ -209,7 +238,7 @@ CASES = {
     "missing column": "no column pred_subdural",
     "float labels": "'any' must hold integers",
     "probability 2": "'pred_any' must hold finite probabilities",
-    "two folds": "one integer fold",
+    "fold as float": "fold must hold integer folds",
     "duplicate ids": "unique",
 }
 
@@ -229,7 +258,7 @@ def test_a_hostile_predictions_file_is_one_line_exit_2(tmp_path, capsys, case):
 def test_row_cap_is_checked_from_the_footer(tmp_path, monkeypatch):
     """More rows than MAX_ROWS is refused before the columns are decoded."""
     path = written(tmp_path, table())
-    monkeypatch.setattr(report, "MAX_ROWS", 39)
+    monkeypatch.setattr(predictions, "MAX_ROWS", 39)
     with pytest.raises(report.ReportError, match="declares 40 rows"):
         report.read_predictions(path)
 
@@ -242,8 +271,9 @@ def test_runs_that_do_not_compare_are_refused(tmp_path, capsys):
         "fold 3, run": [str(a), str(written(tmp_path, table(fold=3), "f3.parquet"))],
         "scored different images": [str(a), str(written(tmp_path, table(n=30), "short.parquet"))],
         "holding other files": [str(a), "--out", str(tmp_path)],
-        "--names gives 1 names for 2": [str(a), str(a), "--names", "x"],
-        "distinct": [str(a), str(a), "--names", "x,x"],
+        "--names gives 3 names for 2": [str(a), str(a), "--names", "x,y,z"],
+        "distinct": [str(a), str(a), "--names", "x,"],
+        "fold 2 is in both": [str(a), str(a), "--names", "x,x"],
         "probability in [0, 1]": [str(a), "--threshold", "2"],
     }
     for message, argv in cases.items():
@@ -261,7 +291,7 @@ def test_predictions_file_round_trip_keeps_the_run_metadata(tmp_path):
     assert meta == META and frame["image_id"].is_monotonic_increasing
     assert report.default_names(["x/a.parquet"], [meta]) == ["b0"]
     assert report.default_names(["x/a.parquet", "y/a.parquet"], [{"run": "<b>"}, {}]) == ["x", "y"]
-    assert report._meta(b"[1, 2]") == {} and report._meta(b"{" * 100_000) == {}
+    assert predictions._meta(b"[1, 2]") == {} and predictions._meta(b"{" * 100_000) == {}
     assert issubclass(report.ReportError, UserError)
 
 
@@ -285,3 +315,49 @@ def test_report_renders_in_headless_chromium(tmp_path):
     colours = image.getcolors(maxcolors=1 << 20)
     assert len(colours) > 200  # text, table shading and plots; a blank page has 1
     assert max(c for c, _ in colours) < 0.9 * 1200 * 2000  # not one colour almost everywhere
+
+
+# ---- several folds of one run, pooled
+
+
+def test_folds_of_one_run_are_pooled_beside_the_per_fold_figures(cnn_runs, tmp_path, capsys):  # noqa: F811
+    """The held-out predictions of two fold CNNs, written by `ich-train evaluate`. Before: `ich-train
+    report f0 f1` refused them (another fold; a concatenated file: "fold must be one integer
+    fold"). Now files given one name are one run: the table is every image of both folds scored
+    as one set (equal to scikit-learn and the competition metric on the concatenation), the
+    per-fold rows equal each fold's own report, two pooled runs compare, and an image in two folds
+    is one line."""
+    tmp, build, ckpts = cnn_runs
+    files = []
+    for fold in (0, 1):
+        m = cnn_evaluate(ckpts[fold], str(build), fold, out=str(tmp_path / f"oof_fold{fold}.parquet"), workers=0, progress=False, report=False)  # fmt: skip
+        files.append(m["predictions"])
+    assert main(["report", *files, "--names", "cnn", "--out", str(tmp_path / "pooled")]) == 0
+    stdout = capsys.readouterr().out
+    both = pd.concat([pd.read_parquet(f) for f in files])
+    y, p = both[list(LABELS)].to_numpy(), both[report.PRED].to_numpy()
+    csv = pd.read_csv(tmp_path / "pooled" / "metrics.csv", dtype={"fold": str}).set_index(["fold", "label"])  # fmt: skip
+    assert csv.loc[("pooled", "mean"), "log_loss"] == pytest.approx(weighted_log_loss(y, p))
+    assert csv.loc[("pooled", "any"), "roc_auc"] == pytest.approx(roc_auc_score(both["any"], both["pred_any"]))  # fmt: skip
+    assert csv.loc[("pooled", "any"), "n"] == len(both) == len(pd.read_parquet(build / "index.parquet"))  # fmt: skip
+    for fold, f in enumerate(files):
+        assert main(["report", f, "--out", str(tmp_path / f"one{fold}")]) == 0
+        one = pd.read_csv(tmp_path / f"one{fold}" / "metrics.csv").set_index("label")
+        for key in ("log_loss", "roc_auc", "brier", "n"):
+            assert csv.loc[(str(fold), "mean"), key] == pytest.approx(one.loc["mean", key], nan_ok=True)  # fmt: skip
+    page = (tmp_path / "pooled" / "report.html").read_text()
+    assert "folds 0, 1 pooled" in page and "Per fold" in page and "mean of folds" in page
+    assert "pooled over" in stdout and "per fold:" in stdout and "mean of folds" in stdout
+    capsys.readouterr()
+    assert main(["report", *files, *files, "--names", "a,a,b,b", "--out", str(tmp_path / "two")]) == 0  # fmt: skip
+    two = pd.read_csv(tmp_path / "two" / "metrics.csv", dtype={"fold": str})
+    assert set(two["run"]) == {"a", "b"} and set(two["fold"]) == {"pooled", "0", "1"}
+    other_split = pd.read_parquet(files[0]).assign(
+        fold=2
+    )  # fold 0's images in another split's fold 2
+    report.write_predictions(tmp_path / "oof_fold2.parquet", other_split, {})
+    capsys.readouterr()
+    assert main(["report", *files, str(tmp_path / "oof_fold2.parquet"), "--names", "cnn", "--out", str(tmp_path / "bad")]) == 2  # fmt: skip
+    line = one_error_line(capsys, "report")
+    assert "is in fold 0" in line and "and fold 2" in line and "each image once" in line
+    assert not (tmp_path / "bad").exists()

@@ -98,8 +98,13 @@ def write_embeddings(path, folds=3, per_fold=60, d=8, seed=0) -> None:
     feats = np.stack(frame.pop("features").to_numpy()).astype(np.float16)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.append_column("features", pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), d))  # fmt: skip
-    table = table.replace_schema_metadata({META_KEY: json.dumps({"oof": True}).encode()})
-    pq.write_table(table, path)
+    pq.write_table(table.replace_schema_metadata({META_KEY: json.dumps(oof_meta(folds)).encode()}), path)  # fmt: skip
+
+
+def oof_meta(folds: int) -> dict:
+    """The metadata `embed --oof` writes for `folds` CNNs, CNN k validated on fold k."""
+    cks = [{"path": f"cnn{k}/best.pt", "sha256": f"{k:064x}", "valid_fold": k, "model": "m"} for k in range(folds)]  # fmt: skip
+    return {"checkpoints": cks, "build": "b", "oof": True, "tta": [], "feature_dim": 8}
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +120,34 @@ def test_sequence_model_beats_the_per_slice_model_on_a_held_out_fold(features, t
     cfg = SeqConfig(features=features, valid_fold=0, hidden=32, epochs=12, lr=3e-3)
     r = fit(cfg, str(tmp_path / "run"), log=lambda *_: None)
     assert r["best_valid_loss"] < 0.85 * r["cnn_valid_loss"], r
+    assert r["improved_on_cnn"] and r["best_epoch"] >= 1
     m = evaluate(str(tmp_path / "run" / "best.pt"), features, 0)
     assert m["valid_loss"] == pytest.approx(r["best_valid_loss"], rel=1e-5)
     assert m["cnn_loss"] == pytest.approx(r["cnn_valid_loss"], rel=1e-5) and m["out_of_fold"]
     oof = pd.read_parquet(m["predictions"])
     assert len(oof) == m["images"] and list(oof.columns[:8]) == ["image_id", "fold", *LABELS]
+
+
+def test_best_pt_is_the_cnn_itself_when_no_epoch_beats_it(tmp_path):
+    """The validation fold's `any` labels flipped: what the training folds teach makes it worse
+    there. Before: best.pt was the least bad trained epoch (valid loss above the CNN's) and
+    predict --seq shipped it. Now step 0 (the zero head: the CNN's logits) is a candidate, so
+    best.pt is it, evaluate scores it exactly as the CNN, and fit says so in its last line."""
+    write_embeddings(tmp_path / "f.parquet", folds=3, per_fold=20)
+    t = pq.read_table(tmp_path / "f.parquet")
+    y = t.column("any").to_numpy().copy()
+    y[t.column("fold").to_numpy() == 0] ^= 1
+    pq.write_table(t.set_column(t.column_names.index("any"), "any", pa.array(y)), tmp_path / "flip.parquet")  # fmt: skip
+    lines = []
+    cfg = SeqConfig(features=str(tmp_path / "flip.parquet"), valid_fold=0, hidden=16, epochs=3, lr=3e-3)  # fmt: skip
+    r = fit(cfg, str(tmp_path / "run"), log=lines.append)
+    history = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert (history["valid_loss"][1:] > r["cnn_valid_loss"]).all()  # every epoch is worse
+    assert not r["improved_on_cnn"] and r["best_epoch"] == 0
+    assert r["best_valid_loss"] == r["cnn_valid_loss"] and "did not improve on the CNN" in lines[-1]
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == -1
+    m = evaluate(str(tmp_path / "run" / "best.pt"), str(tmp_path / "flip.parquet"), 0)
+    assert m["valid_loss"] == pytest.approx(m["cnn_loss"], rel=1e-6)
 
 
 def test_inputs_logits_learns_from_the_cnn_logits_alone(features, tmp_path):
@@ -257,3 +285,25 @@ def test_a_run_of_one_step_per_epoch_trains(features, tmp_path):
     write_embeddings(small, folds=2, per_fold=2)
     r = fit(SeqConfig(features=str(small), valid_fold=1, hidden=8, epochs=3, batch_series=64), str(tmp_path / "r"), log=lambda *_: None)  # fmt: skip
     assert r["epochs"] == 3 and np.isfinite(r["best_valid_loss"])
+
+
+def test_features_a_cnn_trained_on_are_refused_as_validation(cnn_runs, capsys, tmp_path):
+    """One CNN (validated on fold 0) embeds every fold without --oof. Before: `seq fit
+    --valid-fold 1` ran and reported that CNN's in-sample score on fold 1 as its validation loss.
+    Now fold 1 is refused by fit and evaluate in one line naming the CNN's validation fold; fold
+    0, which that CNN held out, still trains and evaluates."""
+    tmp, build, ckpts = cnn_runs
+    feats = tmp_path / "in_sample.parquet"
+    assert main(["embed", "--checkpoint", ckpts[0], "--shards", str(build), "--out", str(feats), "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    args = ["--features", str(feats), "--epochs", "1", "--hidden", "8"]
+    assert main(["seq", "fit", *args, "--valid-fold", "1", "--out", str(tmp_path / "r1")]) == 2
+    line = one_error_line(capsys, "seq fit")
+    assert "--valid-fold 1:" in line and "validated on fold 0" in line and "--oof" in line
+    assert not (tmp_path / "r1" / "best.pt").exists()
+    assert main(["seq", "fit", *args, "--valid-fold", "0", "--out", str(tmp_path / "r0")]) == 0
+    capsys.readouterr()
+    ev = ["seq", "evaluate", "--checkpoint", str(tmp_path / "r0" / "best.pt"), "--features", str(feats)]  # fmt: skip
+    assert main([*ev, "--fold", "1", "--out", str(tmp_path / "e1.parquet")]) == 2
+    assert "--fold 1:" in one_error_line(capsys, "seq evaluate")
+    assert main([*ev, "--fold", "0", "--out", str(tmp_path / "e0.parquet")]) == 0

@@ -59,3 +59,45 @@ def test_stage_two_submission_averages_every_cnn_and_sequence_model(cnn_runs, tm
     both = tmp_path / "both.csv"
     assert main(["predict", "--checkpoint", *ckpts, "--seq", str(run / "best.pt"), str(lo / "best.pt"), "--shards", str(test), "--out", str(both), "--workers", "0", "--no-progress"]) == 0  # fmt: skip
     assert len(pd.read_csv(both)) == 6 * 14
+
+
+def test_tta_must_match_the_embeddings_the_sequence_model_learned_from(cnn_runs, tmp_path, capsys):  # noqa: F811
+    """Sequence models trained on out-of-fold features made with --tta hflip and without it.
+    Before: `predict --seq` ran either with either --tta (the mean of a slice's and its mirror's
+    features fed to a model that learned single views, and the reverse). Now a mismatch is one
+    line naming the --tta the embeddings used; the matching --tta writes the submission."""
+    tmp, build, ckpts = cnn_runs
+    test = make_build(tmp_path / "test", test=True, per_shard=8, size=32, series_len=4, seed=4)
+    runs = {}
+    for name, tta in (("flip", ("hflip",)), ("plain", ())):
+        embed(ckpts, str(build), str(tmp_path / f"{name}.parquet"), oof=True, tta=tta, workers=0, progress=False)  # fmt: skip
+        runs[name] = tmp_path / f"seq_{name}"
+        assert main(["seq", "fit", "--features", str(tmp_path / f"{name}.parquet"), "--valid-fold", "0", "--out", str(runs[name]), "--epochs", "1", "--hidden", "8"]) == 0  # fmt: skip
+    capsys.readouterr()
+    common = ["--checkpoint", *ckpts, "--shards", str(test), "--workers", "0", "--no-progress"]
+    assert main(["predict", *common, "--seq", str(runs["flip"] / "best.pt"), "--out", str(tmp_path / "a.csv")]) == 2  # fmt: skip
+    assert "made with --tta 'hflip', this predict uses --tta 'none'" in one_error_line(capsys, "predict")  # fmt: skip
+    assert main(["predict", *common, "--seq", str(runs["plain"] / "best.pt"), "--tta", "hflip", "--out", str(tmp_path / "b.csv")]) == 2  # fmt: skip
+    assert "made with --tta 'none', this predict uses --tta 'hflip'" in one_error_line(capsys, "predict")  # fmt: skip
+    assert not (tmp_path / "a.csv").exists() and not (tmp_path / "b.csv").exists()
+    assert main(["predict", *common, "--seq", str(runs["flip"] / "best.pt"), "--tta", "hflip", "--out", str(tmp_path / "c.csv")]) == 0  # fmt: skip
+    assert len(pd.read_csv(tmp_path / "c.csv")) == 6 * 8
+
+
+def test_embed_oof_refuses_to_mix_2d_and_2_5d_cnns(cnn_runs, tmp_path, capsys):  # noqa: F811
+    """Fold 0's CNN reads single slices, fold 1's (--context 1) three. Before: `embed --oof` wrote
+    one file of both CNNs' features and the sequence model trained on one kind, validated on the
+    other. Now it is one line naming both inputs; nothing is written."""
+    tmp, build, ckpts = cnn_runs
+    ctx = tmp_path / "ctx1"
+    cnn_fit(TrainConfig(shards=str(build), out=str(ctx), model="resnet10t", image_size=32, batch_size=8,
+                        epochs=1, workers=0, progress=False, valid_fold=1, context=1))  # fmt: skip
+    out = tmp_path / "mixed.parquet"
+    assert main(["embed", "--checkpoint", ckpts[0], str(ctx / "last.pt"), "--oof", "--shards", str(build), "--out", str(out), "--workers", "0", "--no-progress"]) == 2  # fmt: skip
+    line = one_error_line(capsys, "embed")
+    assert (
+        "trained on --context 1" in line
+        and "on 2D (no --context)" in line
+        and "must not mix" in line
+    )
+    assert not out.exists()
