@@ -14,7 +14,13 @@ from ich_prep import LABELS
 from ich_prep.location import atomic_file
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
-from ich_train.checkpoint import CheckpointError, check_keys, load_checkpoint, load_weights
+from ich_train.checkpoint import (
+    CheckpointError,
+    check_keys,
+    load_checkpoint,
+    load_weights,
+    trained_preprocessing,
+)
 from ich_train.context import context_of, series_positions
 from ich_train.data import Build, EvalStream, create_loader
 from ich_train.engine import predict
@@ -71,9 +77,10 @@ def load_model(path: str | Path, device: torch.device):
 
 
 def check_preprocessing(path, ckpt: dict, build: Build) -> None:
-    """Refuse a build whose windows or pixel spacing differ from those the checkpoint was trained on:
-    its images would mean something else to the model, and a build whose images have another
-    number of channels than the model takes. Checkpoints older than this check pass."""
+    """Refuse a build whose windows, pixel spacing or crop (checkpoint.PREPROCESSING_FIELDS) differ
+    from those the checkpoint was trained on: its images would mean something else to the model,
+    and a build whose images have another number of channels than the model takes. A field the
+    checkpoint does not record (it is older than the check) passes."""
     context = context_of(ckpt["config"], build.layout, str(path))
     channels = context.channels(build.layout) if context else build.layout.channels
     if channels != ckpt.get("in_chans", 3):
@@ -85,13 +92,11 @@ def check_preprocessing(path, ckpt: dict, build: Build) -> None:
             f"{build.layout.channels}-channel images ({', '.join(build.layout.channel_names)}){stacks}; "
             "evaluate on a build made with the training build's settings"
         )
-    for key, now in build.preprocessing.items():
-        if key not in ckpt["data"]:
-            continue
-        was = ckpt["data"][key]
-        if was != now:
+    now = build.preprocessing
+    for key, was in trained_preprocessing(ckpt["data"]).items():
+        if was != now[key]:
             raise CheckpointError(
-                f"{path} was trained on a build with {key} = {was}, but {build.root} has {now}; "
+                f"{path} was trained on a build with {key} = {was}, but {build.root} has {now[key]}; "
                 f"rebuild it with the training build's settings (ich-prep build --{key.replace('_', '-')} ...)"
             )
 
