@@ -307,6 +307,19 @@ class Run:
         distributed.barrier(dist)
 
 
+def _normalize(cfg: TrainConfig, model, channels: int, ckpt: dict | None) -> tuple[list, list]:
+    """(mean, std) of a run: a new run's from the weights it starts from (--pretrained timm:TAG's
+    own config), a resumed run's from its checkpoint (--pretrained may change on resume; what the
+    model learned on may not)."""
+    if ckpt is None:
+        mean, std = normalization(model, channels, cfg.pretrained)
+        return list(mean), list(std)
+    norm = ckpt["normalize"]
+    if len(norm["mean"]) != channels:
+        raise CheckpointError(f"{cfg.out}/last.pt is damaged: {len(norm['mean'])} normalisation values for {channels} input channels; start a new run with another --out")  # fmt: skip
+    return [float(v) for v in norm["mean"]], [float(v) for v in norm["std"]]
+
+
 def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict | None, say) -> Run:
     """Model (and --pretrained, before the run folder is written: a bad file leaves none), head
     bias at the prior, optimizer, schedule, EMA, loss and device augmentation; a resumed run's
@@ -324,7 +337,7 @@ def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict 
         (Path(cfg.out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     if report is not None:
         say(f"pretrained: {len(report['loaded'])} tensors from {cfg.pretrained}, new: {report['missing']}")  # fmt: skip
-    mean, std = normalization(model, data.channels)
+    mean, std = _normalize(cfg, model, data.channels, ckpt)
     dev = dist.device
     model.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay, dev, cfg.opt)
@@ -340,7 +353,7 @@ def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict 
         model = torch.compile(model)
     augment = DeviceAugment(data.image_size, mean, std, AugmentParams.from_config(cfg), cfg.channels_last)  # fmt: skip
     run = Run(cfg, dist, data, spec, raw, model, ema, optimizer, scheduler, create_loss(cfg).to(dev),
-              augment, {"mean": list(mean), "std": list(std)})  # fmt: skip
+              augment, {"mean": mean, "std": std})  # fmt: skip
     if ckpt is not None:
         run.best, run.best_row = ckpt["best_loss"], dict(ckpt["best_metrics"])
     return run
