@@ -180,7 +180,18 @@ _CHECKS = {
     "epoch": lambda v: isinstance(v, int) and v >= 0,
     "best_loss": _is_number,
     "best_metrics": lambda v: isinstance(v, dict),
+    "logit_adjustment": lambda v: _numbers(v, len(LABELS)) and all(abs(x) <= 20 for x in v),
 }
+
+
+def recorded_adjustment(ckpt: dict, path) -> list[float] | None:
+    """The prior correction a --sampler balanced run recorded (logit(natural) - logit(drawn) per
+    label, sampler.logit_adjustment), checked; None for a natural run or a checkpoint from before
+    it was recorded (its predictions are left as they are)."""
+    if "logit_adjustment" not in ckpt:
+        return None
+    check_keys(ckpt, ("logit_adjustment",), path)
+    return [float(v) for v in ckpt["logit_adjustment"]]
 
 
 def check_keys(ckpt: dict, keys: tuple[str, ...], path) -> None:

@@ -19,6 +19,7 @@ from ich_train.checkpoint import (
     check_keys,
     load_checkpoint,
     load_weights,
+    recorded_adjustment,
     trained_preprocessing,
 )
 from ich_train.context import context_of, series_positions
@@ -127,25 +128,30 @@ def eval_stream(
                       workers=workers, context=context, positions=positions)  # fmt: skip
 
 
-def _predict_checkpoint(path, build, shards, dist, batch_size, workers, tta, progress) -> dict:
+def _predict_checkpoint(path, build, shards, dist, batch_size, workers, tta, progress, correct=True) -> dict:  # fmt: skip
+    """Probabilities of one checkpoint over `shards`; with `correct`, a balanced run's logits get
+    the prior correction it recorded (checkpoint.recorded_adjustment), in out['shift']."""
     model, augment, ckpt = load_model(path, dist.device)
     check_preprocessing(path, ckpt, build)
+    shift = recorded_adjustment(ckpt, path) if correct else None
     loader = create_loader(eval_stream(build, shards, ckpt, dist, batch_size, workers), workers, dist.device)  # fmt: skip
     precision = ckpt["config"].get("precision", "auto")
     out = predict(
-        model, loader, augment, dist=dist, precision=precision, tta=tta, progress=progress
-    )
-    out["ckpt"] = ckpt
+        model, loader, augment, dist=dist, precision=precision, tta=tta, progress=progress,
+        shift=shift,
+    )  # fmt: skip
+    out["ckpt"], out["shift"] = ckpt, shift
     return out
 
 
 def evaluate(
     checkpoint: str, shards: str, fold: int, out: str | None = None, tta: tuple[str, ...] = (),
     batch_size: int = 128, workers: int = 4, device: str = "auto", progress: bool = True,
-    threshold: float | None = None, report: bool = True,
+    threshold: float | None = None, report: bool = True, prior_correction: bool = True,
 ) -> dict:  # fmt: skip
     """Metrics of `checkpoint` on `fold` of `shards`; out-of-fold predictions written to `out`
-    (Parquet) and, unless report=False, the report beside it (ich_train.report)."""
+    (Parquet) and, unless report=False, the report beside it (ich_train.report). A balanced run's
+    prior correction is applied unless prior_correction=False (metrics['prior_correction'])."""
     path = Path(out) if out else Path(checkpoint).with_name(f"oof_fold{fold}.parquet")
     check_out_file(path, "--out", "oof.parquet")
     if report:
@@ -154,7 +160,7 @@ def evaluate(
     try:
         build = Build(shards)
         sel = build.select([fold])
-        res = _predict_checkpoint(checkpoint, build, sel, dist, batch_size, workers, tta, progress)
+        res = _predict_checkpoint(checkpoint, build, sel, dist, batch_size, workers, tta, progress, prior_correction)  # fmt: skip
         cfg = res["ckpt"]["config"]
         metrics = compute_metrics(res["labels"], res["probs"])
         prior = np.asarray(res["ckpt"]["prior"])
@@ -162,6 +168,7 @@ def evaluate(
             res["labels"], np.broadcast_to(prior, res["labels"].shape)
         )
         metrics["images"] = len(res["ids"])
+        metrics["prior_correction"] = res["shift"]
         trained_on = cfg.get("train_folds") or [f for f in build.folds if f != cfg["valid_fold"]]
         metrics["out_of_fold"] = fold not in trained_on
         if dist.main:
@@ -185,9 +192,11 @@ def evaluate(
 def predict_submission(
     checkpoints: list[str], shards: str, out: str, tta: tuple[str, ...] = (),
     batch_size: int = 128, workers: int = 4, device: str = "auto", progress: bool = True,
+    prior_correction: bool = True,
 ) -> dict:  # fmt: skip
     """Average the probabilities of `checkpoints` (and TTA views) over every shard of `shards`; write
-    the Kaggle CSV. Images the build could not read get the checkpoints' mean training prior."""
+    the Kaggle CSV. Images the build could not read get the checkpoints' mean training prior.
+    Each balanced run's prior correction is applied unless prior_correction=False."""
     check_out_file(out)
     dist = distributed.setup(device)
     try:
@@ -203,7 +212,7 @@ def predict_submission(
         sel = build.select(None)
         total, priors, ids = None, [], None
         for path in checkpoints:
-            res = _predict_checkpoint(path, build, sel, dist, batch_size, workers, tta, progress)
+            res = _predict_checkpoint(path, build, sel, dist, batch_size, workers, tta, progress, prior_correction)  # fmt: skip
             order = np.argsort(res["ids"])
             probs, these = res["probs"][order], [res["ids"][i] for i in order]
             if ids is not None and these != ids:
