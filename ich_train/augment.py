@@ -1,7 +1,8 @@
 """Batch preparation on the device: uint8 NHWC -> resized, augmented, normalised float NCHW.
 
 Everything runs in torch over the whole batch on whatever device the batch is on (no per-sample
-CPU work): one antialiased resize, one grid_sample for flip + rotate + scale + shift, then
+CPU work): one antialiased resize, one grid_sample for flip + rotate + scale + shift (the zoom
+and shift bounded per sample so the head stays in the frame: keep_inside), then
 brightness/contrast and Gaussian noise drawn per sample.
 """
 
@@ -33,22 +34,64 @@ class AugmentParams:
         )
 
 
-def affine_theta(n: int, p: AugmentParams, g: torch.Generator, device) -> torch.Tensor:
-    """(n, 2, 3) output->input maps for affine_grid: random hflip, rotation, zoom and shift."""
+DRAWS = ("angle", "zoom", "flip", "shift_x", "shift_y")  # uniform [0, 1) draws, in this order
 
-    def uniform(lo, hi):
-        return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
 
-    angle = uniform(-p.rotate_deg, p.rotate_deg) * (math.pi / 180)
-    zoom = uniform(1 - p.scale, 1 + p.scale)
-    flip = torch.where(torch.rand(n, generator=g, device=device) < p.hflip, -1.0, 1.0)
+def affine_theta(
+    n: int, p: AugmentParams, g: torch.Generator | None, device, content=None, draws=None
+) -> torch.Tensor:
+    """(n, 2, 3) output->input maps for affine_grid: random hflip, rotation, zoom and shift.
+
+    With `content` ((n, S, S) bool: the pixels that are not air, content_mask), the zoom and the
+    shift are bounded per sample so that every content pixel's centre stays inside the frame
+    (keep_inside): a zoom-in or shift that would push the head past an edge is cut to what fits,
+    a zoom-out never is. `draws` ({name: (n,) tensor in [0, 1]} for DRAWS) replaces the random
+    draws (tests pass the extremes)."""
+    u = draws or {k: torch.rand(n, generator=g, device=device) for k in DRAWS}
+    angle = (2 * u["angle"] - 1) * p.rotate_deg * (math.pi / 180)
+    zoom = 1 - p.scale + 2 * p.scale * u["zoom"]
+    flip = torch.where(u["flip"] < p.hflip, -1.0, 1.0)
+    # the shift, in output coordinates (normalised coordinates span 2)
+    shift = torch.stack([(2 * u[k] - 1) * p.shift * 2 for k in ("shift_x", "shift_y")], 1)
+    if content is not None:
+        zoom, shift = keep_inside(content, angle, flip, zoom, shift)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.zeros(n, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
     theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
-    theta[:, 0, 2] = uniform(-p.shift, p.shift) * 2  # normalised coordinates span 2
-    theta[:, 1, 2] = uniform(-p.shift, p.shift) * 2
+    # input = L (output - shift): the content moves by `shift` in the output
+    theta[:, :, 2] = -torch.einsum("nij,nj->ni", theta[:, :, :2], shift)
     return theta
+
+
+def content_mask(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) bool of a (B, C, S, S) batch in [0, 1]: pixels above 0 in some channel. Air is 0
+    in every window whose lower edge lies above air's -1024 HU (brain, subdural, bone, ...), so
+    this is the head with whatever else is not air (head rest, table): a superset of the head."""
+    return (x > 0).any(dim=1)
+
+
+def keep_inside(content, angle, flip, zoom, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zoom, shift) cut per sample so that the centres of the `content` pixels, rotated, flipped,
+    zoomed and shifted, stay within the centres of the frame's outer pixels: the zoom at most
+    what the rotated content's extent allows (a head spanning the frame: no zoom-in), then the
+    shift clamped to the room left on each side. Samples with no content are left as drawn."""
+    size = content.shape[-1]
+    c = (torch.arange(size, device=content.device, dtype=torch.float32) + 0.5) / size * 2 - 1
+    ys, xs = torch.meshgrid(c, c, indexing="ij")
+    cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
+    # content coordinates in the output's orientation (before zoom and shift)
+    w = ((cos * xs + sin * ys) * flip.view(-1, 1, 1), -sin * xs + cos * ys)
+    inf = torch.tensor(math.inf, device=content.device)
+    lo = torch.stack([torch.where(content, a, inf).amin(dim=(1, 2)) for a in w], 1)
+    hi = torch.stack([torch.where(content, a, -inf).amax(dim=(1, 2)) for a in w], 1)
+    lim = 1 - 1 / size  # the outer pixels' centres
+    has = content.any(dim=(1, 2))
+    span = (hi - lo).amax(dim=1).clamp_min(1e-6)
+    zoom = torch.where(has, torch.minimum(zoom, 2 * lim / span), zoom)
+    z = zoom.view(-1, 1)
+    bounded = torch.minimum(torch.maximum(shift, -lim - z * lo), lim - z * hi)
+    return zoom, torch.where(has.view(-1, 1), bounded, shift)
 
 
 class DeviceAugment:
@@ -94,7 +137,8 @@ class DeviceAugment:
     def _augment(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
         p, n, dev = self.params, x.shape[0], x.device
         if self._geometric(p):
-            grid = F.affine_grid(affine_theta(n, p, g, dev), list(x.shape), align_corners=False)
+            theta = affine_theta(n, p, g, dev, content=content_mask(x))
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if p.contrast > 0 or p.brightness > 0:
             c = 1 + p.contrast * (2 * torch.rand(n, 1, 1, 1, generator=g, device=dev) - 1)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ich_prep import LABELS
+from ich_prep.config import LEGACY_CROP
 from ich_prep.errors import UserError
 from ich_prep.location import atomic_file, open_local
 
@@ -31,6 +32,13 @@ RESUME_KEYS = ("optimizer", "scheduler", "rng", "step", "epoch", "best_loss", "b
 # manifest config fields that say where the inputs were, not what was built (the index's sha256
 # covers what was read): a build of the same inputs from another mount point is the same data
 BUILD_LOCATION_FIELDS = ("dicom_dir", "labels")
+# build config fields that decide what a pixel means to a model: a test build must repeat them
+# (infer.check_preprocessing). windows: the HU range of each channel; spacing_mm: mm per pixel;
+# crop: series boxes or per-slice boxes (the head's scale and centre). The others do not: size is
+# resized on the device, encoding (jpg q95 against lossless) moves pixels by a grey level or two,
+# folds/seed/shard_size/limit/fraction choose and group images, dicom_dir/labels say where
+# the inputs were; the layout's channel count is checked on its own (in_chans).
+PREPROCESSING_FIELDS = ("windows", "spacing_mm", "crop")
 
 
 class CheckpointError(UserError, ValueError):
@@ -172,7 +180,18 @@ _CHECKS = {
     "epoch": lambda v: isinstance(v, int) and v >= 0,
     "best_loss": _is_number,
     "best_metrics": lambda v: isinstance(v, dict),
+    "logit_adjustment": lambda v: _numbers(v, len(LABELS)) and all(abs(x) <= 20 for x in v),
 }
+
+
+def recorded_adjustment(ckpt: dict, path) -> list[float] | None:
+    """The prior correction a --sampler balanced run recorded (logit(natural) - logit(drawn) per
+    label, sampler.logit_adjustment), checked; None for a natural run or a checkpoint from before
+    it was recorded (its predictions are left as they are)."""
+    if "logit_adjustment" not in ckpt:
+        return None
+    check_keys(ckpt, ("logit_adjustment",), path)
+    return [float(v) for v in ckpt["logit_adjustment"]]
 
 
 def check_keys(ckpt: dict, keys: tuple[str, ...], path) -> None:
@@ -278,6 +297,22 @@ def same_build(data: dict, manifest: dict) -> tuple[bool, list[str]]:
         if key in data and data[key] != config.get(key):
             diffs.append(f"{key} {_short(data[key])} -> {_short(config.get(key))}")
     return not diffs, diffs
+
+
+def trained_preprocessing(data: dict) -> dict:
+    """The PREPROCESSING_FIELDS of the build a checkpoint's 'data' section was trained on, as far
+    as it records them: its own keys, else its build description's config (a checkpoint from
+    before `crop` was compared: a config without `crop` is a build from before series crops,
+    cropped per slice). Fields it cannot tell are left out (never compared)."""
+    build = data.get("build")
+    config = build.get("config") if isinstance(build, dict) else None
+    out = {}
+    for key in PREPROCESSING_FIELDS:
+        if key in data:
+            out[key] = data[key]
+        elif key == "crop" and isinstance(config, dict):
+            out[key] = config.get("crop", LEGACY_CROP)
+    return out
 
 
 def checkpoint_data(build) -> dict:

@@ -256,8 +256,19 @@ def add_evaluate_parser(sub) -> None:
         action="store_false",
         help="no report folder (default: report_fold<K>/ beside the predictions)",
     )
+    _prior_correction_arg(p)
     _runtime_args(p, 128)
     p.set_defaults(func=do_evaluate)
+
+
+def _prior_correction_arg(p) -> None:
+    p.add_argument(
+        "--no-prior-correction",
+        dest="prior_correction",
+        action="store_false",
+        help="leave a --sampler balanced checkpoint's logits as trained (default: shifted by the "
+        "log-odds of its natural against its drawn label shares, recorded in the checkpoint)",
+    )
 
 
 def do_evaluate(args) -> int:
@@ -265,7 +276,8 @@ def do_evaluate(args) -> int:
     from ich_train.report import format_table
 
     m = evaluate(args.checkpoint, args.shards, args.fold, args.out, tuple(args.tta), args.batch_size,
-                 args.workers, args.device, args.progress, args.threshold, args.report)  # fmt: skip
+                 args.workers, args.device, args.progress, args.threshold, args.report,
+                 args.prior_correction)  # fmt: skip
     table = m.pop("report_table", None)
     # strict JSON on stdout (an AUC of a one-class label is NaN: null here), notes on stderr
     print(json.dumps(strict_json(m), indent=1, allow_nan=False))
@@ -353,6 +365,7 @@ def add_predict_parser(sub) -> None:
         help="stage 2: sequence checkpoint(s) of `ich-train seq fit`; the test build is embedded "
         "by each --checkpoint (the fold CNNs) and every S runs over each; all averaged",
     )
+    _prior_correction_arg(p)
     _runtime_args(p, 128)
     p.set_defaults(func=do_predict)
 
@@ -361,12 +374,14 @@ def do_predict(args) -> int:
     from ich_train.infer import predict_submission
     from ich_train.seq_submission import predict_seq_submission
 
+    if args.seq and not args.prior_correction:
+        raise UserError("predict --no-prior-correction applies to the CNN probabilities of predict without --seq; the sequence stage reads the CNN logits as embed wrote them: drop one of the two flags")  # fmt: skip
     if args.seq:
         r = predict_seq_submission(args.checkpoint, args.seq, args.shards, args.out, tuple(args.tta),
                                    args.batch_size, args.workers, args.device, args.progress)  # fmt: skip
     else:
         r = predict_submission(args.checkpoint, args.shards, args.out, tuple(args.tta), args.batch_size,
-                               args.workers, args.device, args.progress)  # fmt: skip
+                               args.workers, args.device, args.progress, args.prior_correction)  # fmt: skip
     print(
         f"wrote {r['out']}: {r['images']} images x 6 labels from {r['checkpoints']} checkpoint(s)"
     )

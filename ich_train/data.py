@@ -41,6 +41,7 @@ from ich_prep.manifest import (
     load_manifest,
 )
 from ich_prep.shards import decode_bounded, decode_json, iter_samples, read_span
+from ich_train.checkpoint import PREPROCESSING_FIELDS
 from ich_train.config import CONTEXT_BALANCED, ConfigError
 from ich_train.context import with_context
 from ich_train.sampler import balanced_epoch
@@ -133,9 +134,11 @@ class Build:
     @property
     def preprocessing(self) -> dict:
         """What a model trained on this build expects of its input pixels, beyond the size (which
-        the device resize adapts): the windows (HU centre/width per channel) and the pixel spacing."""
+        the device resize adapts): the windows (HU centre/width per channel), the pixel spacing
+        and the crop (series: one box per series; slice: each slice's own box, so the head's
+        scale and centre differ). A manifest without `crop` reads as "slice" (BuildConfig)."""
         recorded = self.config.to_dict()
-        return {"windows": recorded["windows"], "spacing_mm": recorded["spacing_mm"]}
+        return {key: recorded[key] for key in PREPROCESSING_FIELDS}
 
     @property
     def folds(self) -> list[int]:

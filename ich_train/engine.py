@@ -149,17 +149,20 @@ def predict(
     precision: str = "auto",
     tta: tuple[str, ...] = (),
     progress=True,
+    shift=None,
 ) -> dict:
-    """{'ids', 'probs' (N, 6), 'labels' (N, 6)} over every rank's share, gathered on all ranks."""
+    """{'ids', 'probs' (N, 6), 'labels' (N, 6)} over every rank's share, gathered on all ranks.
+    `shift` (6 numbers, e.g. a balanced run's prior correction) is added to every view's logits."""
     model.eval()
     dev = dist.device
+    add = torch.as_tensor(shift, dtype=torch.float32, device=dev) if shift is not None else 0.0
     ids, probs, labels = [], [], []
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not (dist.main and progress)):
         x = augment(batch["image"].to(dev, non_blocking=True), train=False)
         with autocast(dev, precision):
-            p = torch.sigmoid(model(x).float())
+            p = torch.sigmoid(model(x).float() + add)
             if "hflip" in tta:
-                p = (p + torch.sigmoid(model(x.flip(3)).float())) / 2
+                p = (p + torch.sigmoid(model(x.flip(3)).float() + add)) / 2
         ids.extend(batch["id"])
         probs.append(p)  # stays on the device: a copy per batch would sync the GPU every batch
         labels.append(batch["label"].numpy().astype(np.float64))
@@ -179,12 +182,13 @@ def _cat(arrays: list[np.ndarray]) -> np.ndarray:
 
 def validate(
     model, loader, augment, *, dist: Dist, expected: int, precision: str = "auto", progress=True,
-    keep: dict | None = None,
+    keep: dict | None = None, shift=None,
 ) -> dict:  # fmt: skip
-    """Competition metric, per-label log loss and AUC over the whole validation fold. With `keep`
-    (a dict), the predictions ('ids', 'probs', 'labels') are also left in it."""
+    """Competition metric, per-label log loss and AUC over the whole validation fold, the logits
+    shifted by `shift` (see predict). With `keep` (a dict), the predictions ('ids', 'probs',
+    'labels') are also left in it."""
     t0 = time.perf_counter()
-    out = predict(model, loader, augment, dist=dist, precision=precision, progress=progress)
+    out = predict(model, loader, augment, dist=dist, precision=precision, progress=progress, shift=shift)  # fmt: skip
     if keep is not None:
         keep.update(out)
     if len(out["ids"]) != expected or len(set(out["ids"])) != expected:

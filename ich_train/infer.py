@@ -14,7 +14,14 @@ from ich_prep import LABELS
 from ich_prep.location import atomic_file
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
-from ich_train.checkpoint import CheckpointError, check_keys, load_checkpoint, load_weights
+from ich_train.checkpoint import (
+    CheckpointError,
+    check_keys,
+    load_checkpoint,
+    load_weights,
+    recorded_adjustment,
+    trained_preprocessing,
+)
 from ich_train.context import context_of, series_positions
 from ich_train.data import Build, EvalStream, create_loader
 from ich_train.engine import predict
@@ -71,9 +78,10 @@ def load_model(path: str | Path, device: torch.device):
 
 
 def check_preprocessing(path, ckpt: dict, build: Build) -> None:
-    """Refuse a build whose windows or pixel spacing differ from those the checkpoint was trained on:
-    its images would mean something else to the model, and a build whose images have another
-    number of channels than the model takes. Checkpoints older than this check pass."""
+    """Refuse a build whose windows, pixel spacing or crop (checkpoint.PREPROCESSING_FIELDS) differ
+    from those the checkpoint was trained on: its images would mean something else to the model,
+    and a build whose images have another number of channels than the model takes. A field the
+    checkpoint does not record (it is older than the check) passes."""
     context = context_of(ckpt["config"], build.layout, str(path))
     channels = context.channels(build.layout) if context else build.layout.channels
     if channels != ckpt.get("in_chans", 3):
@@ -85,13 +93,11 @@ def check_preprocessing(path, ckpt: dict, build: Build) -> None:
             f"{build.layout.channels}-channel images ({', '.join(build.layout.channel_names)}){stacks}; "
             "evaluate on a build made with the training build's settings"
         )
-    for key, now in build.preprocessing.items():
-        if key not in ckpt["data"]:
-            continue
-        was = ckpt["data"][key]
-        if was != now:
+    now = build.preprocessing
+    for key, was in trained_preprocessing(ckpt["data"]).items():
+        if was != now[key]:
             raise CheckpointError(
-                f"{path} was trained on a build with {key} = {was}, but {build.root} has {now}; "
+                f"{path} was trained on a build with {key} = {was}, but {build.root} has {now[key]}; "
                 f"rebuild it with the training build's settings (ich-prep build --{key.replace('_', '-')} ...)"
             )
 
@@ -122,25 +128,30 @@ def eval_stream(
                       workers=workers, context=context, positions=positions)  # fmt: skip
 
 
-def _predict_checkpoint(path, build, shards, dist, batch_size, workers, tta, progress) -> dict:
+def _predict_checkpoint(path, build, shards, dist, batch_size, workers, tta, progress, correct=True) -> dict:  # fmt: skip
+    """Probabilities of one checkpoint over `shards`; with `correct`, a balanced run's logits get
+    the prior correction it recorded (checkpoint.recorded_adjustment), in out['shift']."""
     model, augment, ckpt = load_model(path, dist.device)
     check_preprocessing(path, ckpt, build)
+    shift = recorded_adjustment(ckpt, path) if correct else None
     loader = create_loader(eval_stream(build, shards, ckpt, dist, batch_size, workers), workers, dist.device)  # fmt: skip
     precision = ckpt["config"].get("precision", "auto")
     out = predict(
-        model, loader, augment, dist=dist, precision=precision, tta=tta, progress=progress
-    )
-    out["ckpt"] = ckpt
+        model, loader, augment, dist=dist, precision=precision, tta=tta, progress=progress,
+        shift=shift,
+    )  # fmt: skip
+    out["ckpt"], out["shift"] = ckpt, shift
     return out
 
 
 def evaluate(
     checkpoint: str, shards: str, fold: int, out: str | None = None, tta: tuple[str, ...] = (),
     batch_size: int = 128, workers: int = 4, device: str = "auto", progress: bool = True,
-    threshold: float | None = None, report: bool = True,
+    threshold: float | None = None, report: bool = True, prior_correction: bool = True,
 ) -> dict:  # fmt: skip
     """Metrics of `checkpoint` on `fold` of `shards`; out-of-fold predictions written to `out`
-    (Parquet) and, unless report=False, the report beside it (ich_train.report)."""
+    (Parquet) and, unless report=False, the report beside it (ich_train.report). A balanced run's
+    prior correction is applied unless prior_correction=False (metrics['prior_correction'])."""
     path = Path(out) if out else Path(checkpoint).with_name(f"oof_fold{fold}.parquet")
     check_out_file(path, "--out", "oof.parquet")
     if report:
@@ -149,7 +160,7 @@ def evaluate(
     try:
         build = Build(shards)
         sel = build.select([fold])
-        res = _predict_checkpoint(checkpoint, build, sel, dist, batch_size, workers, tta, progress)
+        res = _predict_checkpoint(checkpoint, build, sel, dist, batch_size, workers, tta, progress, prior_correction)  # fmt: skip
         cfg = res["ckpt"]["config"]
         metrics = compute_metrics(res["labels"], res["probs"])
         prior = np.asarray(res["ckpt"]["prior"])
@@ -157,6 +168,7 @@ def evaluate(
             res["labels"], np.broadcast_to(prior, res["labels"].shape)
         )
         metrics["images"] = len(res["ids"])
+        metrics["prior_correction"] = res["shift"]
         trained_on = cfg.get("train_folds") or [f for f in build.folds if f != cfg["valid_fold"]]
         metrics["out_of_fold"] = fold not in trained_on
         if dist.main:
@@ -180,9 +192,11 @@ def evaluate(
 def predict_submission(
     checkpoints: list[str], shards: str, out: str, tta: tuple[str, ...] = (),
     batch_size: int = 128, workers: int = 4, device: str = "auto", progress: bool = True,
+    prior_correction: bool = True,
 ) -> dict:  # fmt: skip
     """Average the probabilities of `checkpoints` (and TTA views) over every shard of `shards`; write
-    the Kaggle CSV. Images the build could not read get the checkpoints' mean training prior."""
+    the Kaggle CSV. Images the build could not read get the checkpoints' mean training prior.
+    Each balanced run's prior correction is applied unless prior_correction=False."""
     check_out_file(out)
     dist = distributed.setup(device)
     try:
@@ -198,7 +212,7 @@ def predict_submission(
         sel = build.select(None)
         total, priors, ids = None, [], None
         for path in checkpoints:
-            res = _predict_checkpoint(path, build, sel, dist, batch_size, workers, tta, progress)
+            res = _predict_checkpoint(path, build, sel, dist, batch_size, workers, tta, progress, prior_correction)  # fmt: skip
             order = np.argsort(res["ids"])
             probs, these = res["probs"][order], [res["ids"][i] for i in order]
             if ids is not None and these != ids:

@@ -85,14 +85,27 @@ def init_head(model: nn.Module, prior) -> bool:
     return True
 
 
+def weights_config(model: nn.Module, pretrained: str | None = None) -> dict:
+    """The pretrained config (mean, std, first_conv, ...) of the weights a model starts from: the
+    tag's own for `timm:TAG` (timm's registry, in the installed timm: no hub access), which may
+    differ from its architecture's default tag (timm:resnet18d.ra4_e3600_r224_in1k expects
+    0.5/0.5, resnet18d's default ImageNet's); else the model's (its architecture's default)."""
+    if isinstance(pretrained, str) and pretrained.startswith(TIMM_PREFIX):
+        cfg = timm.models.get_pretrained_cfg(pretrained[len(TIMM_PREFIX) :], allow_unregistered=False)  # fmt: skip
+        if cfg is not None:
+            return cfg.to_dict()
+    return dict(getattr(model, "pretrained_cfg", None) or {})
+
+
 def normalization(
-    model: nn.Module, channels: int = 3
+    model: nn.Module, channels: int = 3, pretrained: str | None = None
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per input channel: the model family's (timm's pretrained_cfg, ImageNet by
-    default) when it has `channels` values; repeated when `channels` is a multiple of them (a
-    --context stack of 3-window slices: timm's adapt_input_conv repeats the RGB filters the same
-    way); else their averages repeated `channels` times."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    """(mean, std) per input channel: those the weights were trained with (weights_config: the
+    --pretrained timm:TAG's, else the model family's, ImageNet by default) when they have
+    `channels` values; repeated when `channels` is a multiple of them (a --context stack of
+    3-window slices: timm's adapt_input_conv repeats the RGB filters the same way); else their
+    averages repeated `channels` times."""
+    cfg = weights_config(model, pretrained)
     mean = [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))]
     std = [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))]
     if len(mean) == len(std) and channels % len(mean) == 0:

@@ -60,6 +60,31 @@ def positives_drawn(n: int, pos_fraction: float) -> int:
     return k
 
 
+def sampled_prior(y: np.ndarray, n: int, pos_fraction: float) -> np.ndarray:
+    """Each label's share among a balanced epoch's `n` draws, given the training labels `y`
+    (N, 6; column 0 `any`): k/n for `any` (k = positives_drawn) and, as positives are drawn
+    uniformly among the `any` positives, k/n x (label j's share among them) for subtype j."""
+    y = np.asarray(y, dtype=np.float64)
+    pos = y[:, 0] == 1
+    among = y[pos].mean(axis=0) if pos.any() else np.zeros(y.shape[1])
+    return positives_drawn(n, pos_fraction) / n * among
+
+
+def logit_adjustment(natural: np.ndarray, sampled: np.ndarray) -> np.ndarray:
+    """The prior correction of a model trained at `sampled` prevalences, to be scored at `natural`
+    ones: logit(natural) - logit(sampled) per label, added to its logits (Bayes' rule under label
+    shift, p(x | y) unchanged: the odds scale by the ratio of the natural to the sampled odds).
+    Exact for `any`, whose share the sampler sets; for a subtype the negatives' mix shifts too
+    (more `any` positives without it), so it is the same first-order correction. Both clipped to
+    [1e-4, 1 - 1e-4], as the head's prior bias is (a label with no positives shifts by 0)."""
+
+    def logit(p):
+        p = np.clip(np.asarray(p, dtype=np.float64), 1e-4, 1 - 1e-4)
+        return np.log(p / (1 - p))
+
+    return logit(natural) - logit(sampled)
+
+
 def describe(positive: np.ndarray, n: int, pos_fraction: float) -> str:
     """One line for fit's log: the share drawn per epoch against the natural one, and how often a
     positive and a negative are drawn."""

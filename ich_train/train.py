@@ -61,7 +61,7 @@ from ich_train.report import (
     write_report,
 )
 from ich_train.runlog import MetricsLog
-from ich_train.sampler import describe, positives_drawn
+from ich_train.sampler import describe, logit_adjustment, positives_drawn, sampled_prior
 
 
 def augment_seed(seed: int, epoch: int, rank: int) -> int:
@@ -228,6 +228,11 @@ class Data:
     positions: dict | None
     channels: int
     train_ds: object
+    # --sampler balanced: each label's share among an epoch's draws (where the head starts) and
+    # the prior correction added to the logits at validation, evaluate and predict
+    # (sampler.logit_adjustment); None for natural runs
+    drawn: np.ndarray | None = None
+    adjustment: np.ndarray | None = None
 
 
 def load_data(cfg: TrainConfig, dist: distributed.Dist) -> Data:
@@ -255,11 +260,14 @@ def load_data(cfg: TrainConfig, dist: distributed.Dist) -> Data:
         pos_fraction=cfg.pos_fraction if cfg.sampler == "balanced" else None,
         context=context, positions=positions,
     )  # fmt: skip
+    drawn = adjustment = None
     if cfg.sampler == "balanced":  # an epoch that cannot be drawn is refused here, not at epoch 1
         positives_drawn(train_ds.epoch_draws, cfg.pos_fraction)
+        drawn = sampled_prior(y_train, train_ds.epoch_draws, cfg.pos_fraction)
+        adjustment = logit_adjustment(label_prior(y_train), drawn)
     return Data(build, train_folds, train_shards, valid_shards, y_train, y_valid,
                 label_prior(y_train), prior_baseline_loss(y_train, y_valid), steps_per_epoch,
-                cfg.image_size or build.size, context, positions, channels, train_ds)  # fmt: skip
+                cfg.image_size or build.size, context, positions, channels, train_ds, drawn, adjustment)  # fmt: skip
 
 
 @dataclass
@@ -292,8 +300,12 @@ class Run:
             config=self.cfg.to_dict(), rng=rng_state(), prior=self.data.prior.tolist(),
             normalize=self.normalize, image_size=self.data.image_size, in_chans=self.data.channels,
             model_spec=self.spec, data=checkpoint_data(self.data.build), metrics=metrics,
-            best_loss=self.best, best_metrics=self.best_row, **extra,
+            best_loss=self.best, best_metrics=self.best_row, **self._adjustment(), **extra,
         )  # fmt: skip
+
+    def _adjustment(self) -> dict:
+        a = self.data.adjustment
+        return {} if a is None else {"logit_adjustment": [float(v) for v in a]}
 
     def checkpoint_mid_epoch(self, epoch: int, gen: torch.Generator, progress: dict) -> None:
         """last.pt inside an epoch: every rank's progress and augmentation generator."""
@@ -307,6 +319,19 @@ class Run:
         distributed.barrier(dist)
 
 
+def _normalize(cfg: TrainConfig, model, channels: int, ckpt: dict | None) -> tuple[list, list]:
+    """(mean, std) of a run: a new run's from the weights it starts from (--pretrained timm:TAG's
+    own config), a resumed run's from its checkpoint (--pretrained may change on resume; what the
+    model learned on may not)."""
+    if ckpt is None:
+        mean, std = normalization(model, channels, cfg.pretrained)
+        return list(mean), list(std)
+    norm = ckpt["normalize"]
+    if len(norm["mean"]) != channels:
+        raise CheckpointError(f"{cfg.out}/last.pt is damaged: {len(norm['mean'])} normalisation values for {channels} input channels; start a new run with another --out")  # fmt: skip
+    return [float(v) for v in norm["mean"]], [float(v) for v in norm["std"]]
+
+
 def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict | None, say) -> Run:
     """Model (and --pretrained, before the run folder is written: a bad file leaves none), head
     bias at the prior, optimizer, schedule, EMA, loss and device augmentation; a resumed run's
@@ -317,14 +342,14 @@ def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict 
     spec = model_spec(cfg.model, data.channels, cfg.drop_rate)
     model = build_model(spec)
     report = load_pretrained(model, cfg.pretrained) if cfg.pretrained and ckpt is None else None
-    if ckpt is None:  # a new run starts from the prior; a resumed one has its own weights
-        init_head(model, data.prior)
+    if ckpt is None:  # a new run starts from the prior it trains on; a resumed one has its weights
+        init_head(model, data.prior if data.drawn is None else data.drawn)
     if dist.main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     if report is not None:
         say(f"pretrained: {len(report['loaded'])} tensors from {cfg.pretrained}, new: {report['missing']}")  # fmt: skip
-    mean, std = normalization(model, data.channels)
+    mean, std = _normalize(cfg, model, data.channels, ckpt)
     dev = dist.device
     model.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay, dev, cfg.opt)
@@ -340,7 +365,7 @@ def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict 
         model = torch.compile(model)
     augment = DeviceAugment(data.image_size, mean, std, AugmentParams.from_config(cfg), cfg.channels_last)  # fmt: skip
     run = Run(cfg, dist, data, spec, raw, model, ema, optimizer, scheduler, create_loss(cfg).to(dev),
-              augment, {"mean": list(mean), "std": list(std)})  # fmt: skip
+              augment, {"mean": mean, "std": std})  # fmt: skip
     if ckpt is not None:
         run.best, run.best_row = ckpt["best_loss"], dict(ckpt["best_metrics"])
     return run
@@ -374,6 +399,8 @@ def announce(run: Run, say) -> None:
         say(f"context: {2 * d.context.k + 1} slices a sample, {d.channels} channels ({', '.join(d.context.names(d.build.layout))}); {_context_reader(d.train_ds, cfg)}")  # fmt: skip
     if cfg.sampler == "balanced":
         say(describe(d.train_ds.positive, d.train_ds.epoch_draws, cfg.pos_fraction))
+        shift = ", ".join(f"{v:+.3f}" for v in d.adjustment)
+        say(f"prior correction: validation, evaluate and predict add logit(natural) - logit(drawn) = [{shift}] to the logits (evaluate/predict --no-prior-correction to leave them)")  # fmt: skip
     say(f"prior baseline (training label frequencies) on fold {cfg.valid_fold}: weighted log loss {d.prior_loss:.4f}")  # fmt: skip
 
 
@@ -400,7 +427,7 @@ def run_epoch(run: Run, epoch: int, start, gen, loaders, log, say) -> dict:
     row |= validate(
         run.raw if run.ema is None else run.ema.module, valid_loader, run.augment, dist=dist,
         expected=len(run.data.y_valid), precision=cfg.precision, progress=cfg.progress,
-        keep=predictions,
+        keep=predictions, shift=run.data.adjustment,
     )  # fmt: skip
     row["prior_loss"] = run.data.prior_loss
     improved = row["valid_loss"] < run.best

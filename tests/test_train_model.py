@@ -207,3 +207,55 @@ def test_build_model_rebuilds_from_the_spec_a_checkpoint_stores(tmp_path):
     for bad in ({**spec, "in_chans": 10**9}, {**spec, "num_classes": 1000}, {**spec, "drop_rate": "x"}, {**spec, "name": "nope"}):  # fmt: skip
         with pytest.raises(UnknownModelError):
             build_model(bad)
+
+
+def test_timm_tag_normalisation_follows_the_weights_and_the_checkpoint_keeps_it(tmp_path):
+    """`fit --model mobilenetv4_conv_small --pretrained timm:mobilenetv4_conv_small.e3600_r256_in1k`
+    normalises with that tag's mean/std (0.5/0.5), not its architecture's default tag's (ImageNet),
+    in a real `ich-train fit` process reading the weights offline from a Hugging Face cache this
+    test builds; the checkpoint stores them and every reader (evaluate, predict, embed: through
+    infer.load_model) uses the stored values."""
+    import os
+    import subprocess
+    import sys
+
+    from ich_train.checkpoint import load_checkpoint
+    from ich_train.infer import load_model
+    from tests.train_fixtures import make_build
+
+    arch, tag = "mobilenetv4_conv_small", "mobilenetv4_conv_small.e3600_r256_in1k"
+    default = timm.models.get_pretrained_cfg(arch)
+    assert tuple(default.mean) != (0.5, 0.5, 0.5)  # the premise: the tag differs from its arch
+    assert tuple(timm.models.get_pretrained_cfg(tag).mean) == (0.5, 0.5, 0.5)
+    write_hf_cache(tmp_path / "hf", f"timm/{tag}", timm.create_model(arch).state_dict())
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    build = make_build(tmp_path / "b", folds=2, per_shard=16, size=32)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ich_train", "fit", "--shards", str(build), "--out", str(run),
+           "--valid-fold", "1", "--model", arch, "--pretrained", f"timm:{tag}", "--epochs", "1",
+           "--batch-size", "8", "--workers", "0", "--no-progress", "--no-report"]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"tensors from timm:{tag}" in r.stdout
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["normalize"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    _, augment, _ = load_model(run / "last.pt", torch.device("cpu"))
+    assert augment.mean.flatten().tolist() == [0.5] * 3 and augment.std.flatten().tolist() == [0.5] * 3  # fmt: skip
+
+
+def test_a_resumed_run_keeps_the_normalisation_it_trained_with(tmp_path):
+    """On --resume (where --pretrained may change or be dropped) the run's mean/std come from its
+    checkpoint, not from the architecture or the new --pretrained; a count that does not fit the
+    input channels is a damaged checkpoint."""
+    from ich_train.checkpoint import CheckpointError
+    from ich_train.config import TrainConfig
+    from ich_train.train import _normalize
+
+    cfg = TrainConfig(shards="s", out=str(tmp_path), model="resnet10t")
+    model = create_model("resnet10t")
+    assert _normalize(cfg, model, 3, None) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    saved = {"normalize": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    assert _normalize(cfg, model, 3, saved) == ([0.5] * 3, [0.5] * 3)
+    with pytest.raises(CheckpointError, match="normalisation values for 9 input channels"):
+        _normalize(cfg, model, 9, saved)

@@ -148,6 +148,43 @@ def test_predict_refuses_a_build_with_other_windows(setup, tmp_path, capsys):
     assert main(args) == 0
 
 
+def test_predict_refuses_a_build_with_another_crop(setup, tmp_path, capsys):
+    """A checkpoint trained on a --crop series build refuses a --crop slice test build (the head's
+    scale and centre differ slice to slice) in one line naming both; a checkpoint from before
+    `crop` was recorded under `data` takes it from its build description, and one whose build
+    description has no crop (a build from before series crops) reads as slice."""
+    import json
+    import shutil
+
+    import torch
+
+    from ich_train.checkpoint import load_checkpoint
+
+    _, _, test, ckpts = setup
+    ckpt = load_checkpoint(ckpts[0])
+    assert ckpt["data"]["crop"] == "series" == ckpt["data"]["build"]["config"]["crop"]
+    other = tmp_path / "test"
+    shutil.copytree(test, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["config"]["crop"] = "slice"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+
+    def run(data: dict) -> int:
+        torch.save({**ckpt, "data": data}, tmp_path / "ckpt.pt")
+        return main(["predict", "--checkpoint", str(tmp_path / "ckpt.pt"), "--shards", str(other),
+                     "--out", str(tmp_path / "s.csv"), "--workers", "0", "--no-progress"])  # fmt: skip
+
+    assert run(ckpt["data"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and "crop = series" in err and "has slice" in err and "--crop" in err
+    )
+    older = {k: v for k, v in ckpt["data"].items() if k != "crop"}
+    assert run(older) == 2 and "crop = series" in capsys.readouterr().err
+    legacy = {**older, "build": {**older["build"], "config": {k: v for k, v in older["build"]["config"].items() if k != "crop"}}}  # fmt: skip
+    assert run(legacy) == 0 and (tmp_path / "s.csv").is_file()
+
+
 def test_checkpoint_records_its_input_channels_and_refuses_other_builds(setup, tmp_path, capsys):
     """fit records in_chans (the build's layout); a checkpoint taking 5 channels is refused on a
     3-channel build in one line naming both; one from before in_chans existed reads as 3."""

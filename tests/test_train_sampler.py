@@ -292,3 +292,56 @@ def test_fit_with_a_fraction_of_one_class_stops_before_training(rare, tmp_path, 
     err = capsys.readouterr().err
     assert "0 of an epoch's 32 images would be positive" in err and len(err.strip().splitlines()) == 1, err  # fmt: skip
     assert not out.exists()  # refused in load_data, before config.json is written
+
+
+def test_balanced_runs_record_the_prior_correction_and_evaluate_applies_it(rare, tmp_path, capsys):
+    """A `--sampler balanced --pos-fraction 0.5` run records the prior correction, which equals the
+    hand-computed log-odds shift logit(natural) - logit(drawn) per label (drawn: 32 of 64 draws
+    positive for `any`, a subtype at that times its share among the positives); evaluate adds it
+    to every logit, so the corrected mean prediction of `any` is closer to the natural prevalence
+    than the uncorrected one; `--no-prior-correction` leaves the logits as trained."""
+    from ich_prep import LABELS
+
+    out = tmp_path / "run"
+    argv = ["fit", "--shards", str(rare), "--out", str(out), "--model", "resnet10t", "--image-size", "16",
+            "--batch-size", "8", "--epochs", "2", "--workers", "0", "--no-progress", "--valid-fold", "1",
+            "--sampler", "balanced", "--pos-fraction", "0.5", "--epoch-samples", "64", "--no-report"]  # fmt: skip
+    with deadline(300):
+        assert main(argv) == 0
+    assert "prior correction: validation, evaluate and predict add" in capsys.readouterr().out
+
+    y = Build(rare).labels([0]).astype(float)
+
+    def logit(p):
+        p = np.clip(p, 1e-4, 1 - 1e-4)
+        return np.log(p / (1 - p))
+
+    natural, drawn = y.mean(0), 32 / 64 * y[y[:, 0] == 1].mean(0)
+    assert drawn[0] == 0.5 and natural[0] < 0.25
+    shift = load_checkpoint(out / "best.pt")["logit_adjustment"]
+    np.testing.assert_allclose(shift, logit(natural) - logit(drawn), rtol=1e-12)
+    assert shift[0] == pytest.approx(np.log(natural[0] / (1 - natural[0])))  # logit(0.5) = 0
+
+    preds = {}
+    for name, extra in (("on", []), ("off", ["--no-prior-correction"])):
+        args = ["evaluate", "--checkpoint", str(out / "best.pt"), "--shards", str(rare), "--fold", "1",
+                "--out", str(tmp_path / f"{name}.parquet"), "--no-report", "--workers", "0", "--no-progress"]  # fmt: skip
+        assert main(args + extra) == 0
+        m = json.loads(capsys.readouterr().out)
+        assert m["prior_correction"] == (shift if name == "on" else None)
+        frame = pd.read_parquet(tmp_path / f"{name}.parquet").sort_values("image_id")
+        preds[name] = frame[[f"pred_{k}" for k in LABELS]].to_numpy()
+    np.testing.assert_allclose(logit(preds["on"]) - logit(preds["off"]), np.broadcast_to(shift, preds["on"].shape), atol=2e-3)  # fmt: skip
+    valid_any = Build(rare).labels([1])[:, 0].mean()
+    assert abs(preds["on"][:, 0].mean() - valid_any) < abs(preds["off"][:, 0].mean() - valid_any)
+    assert preds["off"][:, 0].mean() > 0.3  # trained at 50%: inflated without the correction
+
+
+def test_no_prior_correction_with_seq_is_one_line(tmp_path, capsys):
+    """`predict --seq --no-prior-correction` would silently do nothing (the sequence stage reads
+    the logits embed wrote): one line, exit 2, before any file is read."""
+    args = ["predict", "--checkpoint", str(tmp_path / "a.pt"), "--seq", str(tmp_path / "s.pt"),
+            "--shards", str(tmp_path), "--out", str(tmp_path / "s.csv"), "--no-prior-correction"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--no-prior-correction" in err and "--seq" in err
