@@ -308,3 +308,90 @@ def test_a_checkpoint_is_never_written_through_a_link(tmp_path):
     (tmp_path / "last.pt").unlink()
     save_checkpoint(tmp_path / "last.pt", epoch=1, model=torch.zeros(2))
     assert not (tmp_path / "last.pt").is_symlink() and (tmp_path / "last.pt").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- --out errors that say what is wrong
+
+
+@pytest.fixture
+def small(tmp_path):
+    return make_dataset(tmp_path / "data", n_patients=3, slices=2, size=64)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["file", "fifo", "dangling"])
+def test_out_that_cannot_be_a_folder_is_one_line(small, tmp_path, capsys, kind, depth):
+    """Before: a dangling link as --out, or --out inside a regular file, was an I/O error (exit
+    1) saying to run the command again. Now exit 2 naming the entry in the way, at any depth,
+    and nothing is created."""
+    dicom_dir, labels, _ = small
+    bad = tmp_path / "a"
+    out = bad.joinpath(*["sub"] * depth)
+    if kind == "file":
+        bad.write_text("x")
+    elif kind == "fifo":
+        os.mkfifo(bad)
+    else:
+        bad.symlink_to(tmp_path / "nowhere")
+    before = tree(tmp_path)
+    capsys.readouterr()
+    assert main(build_args(dicom_dir, labels, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run the same command again" not in err, err
+    says = "which does not exist" if kind == "dangling" else "not a folder"
+    assert f"{bad}" in err and says in err, err
+    assert tree(tmp_path) == before
+
+
+def test_every_spelling_of_an_out_inside_the_inputs_is_refused_alike(small, tmp_path, capsys, monkeypatch):  # fmt: skip
+    """Before: `simplecache::file://<dicom>/out` built into the DICOM folder (exit 0) and
+    `FILE://...` was a traceback. Now every spelling of a folder inside --dicom-dir gives the same
+    line and exit 2, and an unknown protocol one line."""
+    dicom_dir, labels, _ = small
+    (tmp_path / "via").symlink_to(dicom_dir.parent)
+    monkeypatch.chdir(tmp_path)
+    inside = f"{dicom_dir}/out"
+    spellings = [inside, f"file://{inside}", f"file://{inside}/", f"simplecache::file://{inside}",
+                 f"{dicom_dir}/../{dicom_dir.name}/out", "data/train/out", "via/train/out",
+                 f"file://{tmp_path}/via/train/out"]  # fmt: skip
+    before = tree(dicom_dir.parent)
+    for out in spellings:
+        capsys.readouterr()
+        assert main(build_args(dicom_dir, labels, Path(out) if "://" not in out else out)) == 2, out  # type: ignore[arg-type]  # fmt: skip
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "lies inside --dicom-dir" in err, (out, err)
+    assert tree(dicom_dir.parent) == before
+    for out in (f"FILE://{tmp_path}/o", f"nosuch://{tmp_path}/o"):
+        assert main(build_args(dicom_dir, labels, out)) == 2, out  # type: ignore[arg-type]
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "unknown protocol" in err, err
+
+
+def test_different_config_names_each_setting_with_both_values(small, tmp_path, capsys):
+    """Before: every differing setting gave the same line. Now each is named with the folder's
+    value and the new one, and nothing in the build changes."""
+    dicom_dir, labels, _ = small
+    out = tmp_path / "out"
+    assert main(build_args(dicom_dir, labels, out)) == 0
+    before = tree(out)
+    changes = {
+        ("--size", "48"): "--size 32 (now 48)",
+        ("--crop", "slice"): "--crop series (now slice)",
+        ("--windows", "brain"): "--windows brain,subdural,bone (now brain)",
+        ("--encoding", "png"): "--encoding npy.gz (now png)",
+        ("--folds", "4"): "--folds 3 (now 4)",
+        ("--seed", "7"): "--seed 0 (now 7)",
+        ("--limit", "3"): "--limit not set (now 3)",
+        ("--shard-size", "5"): "--shard-size 2 (now 5)",
+    }
+    for flags, says in changes.items():
+        capsys.readouterr()
+        assert main([*build_args(dicom_dir, labels, out), *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, (flags, err)
+        assert err.count("(now ") == 1, err
+    capsys.readouterr()
+    assert main([*build_args(dicom_dir, labels, out), "--size", "48", "--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--size 32 (now 48)" in err and "--seed 0 (now 7)" in err
+    assert tree(out) == before
