@@ -395,3 +395,22 @@ def test_different_config_names_each_setting_with_both_values(small, tmp_path, c
     err = capsys.readouterr().err
     assert "--size 32 (now 48)" in err and "--seed 0 (now 7)" in err
     assert tree(out) == before
+
+
+@pytest.mark.parametrize("which", ["shard", "index.parquet", "manifest.json"])
+def test_verify_refuses_a_build_file_that_is_a_link(small, tmp_path, capsys, which):
+    """Before: a shard that was a symlink to an identical copy elsewhere passed verify (OK), so a
+    link a resume had written through looked sound. Now a shard, the index or the manifest that is
+    a link is a `link` problem (exit 1) and is not read."""
+    dicom_dir, labels, _ = small
+    out = tmp_path / "out"
+    assert main(build_args(dicom_dir, labels, out)) == 0
+    name = json.loads((out / "manifest.json").read_bytes())["shards"][0]["name"] if which == "shard" else which  # fmt: skip
+    copy = tmp_path / "elsewhere"
+    shutil.copyfile(out / name, copy)
+    (out / name).unlink()
+    (out / name).symlink_to(copy)
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "LINK" in printed and f"{name} is a symlink" in printed, printed
