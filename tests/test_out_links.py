@@ -414,3 +414,19 @@ def test_verify_refuses_a_build_file_that_is_a_link(small, tmp_path, capsys, whi
     assert main(["verify", str(out)]) == 1
     printed = capsys.readouterr().out
     assert "LINK" in printed and f"{name} is a symlink" in printed, printed
+
+
+def test_resume_never_replaces_a_file_no_ledger_names(small, tmp_path, capsys, monkeypatch):
+    """An interrupted build whose plan needs `train-f0-00000.tar`, where that name now holds a
+    user's file that no ledger record names: the rerun refuses in one line and keeps the file
+    (before: the file was replaced by the shard)."""
+    dicom_dir, labels, _ = small
+    out = tmp_path / "out"
+    interrupt_before_manifest(monkeypatch, cfg_for(dicom_dir, labels, shard_size=2), out)
+    (out / "_work" / "train-f0-00000.tar.json").unlink()
+    (out / "train-f0-00000.tar").write_text("a user's file")
+    capsys.readouterr()
+    assert main(build_args(dicom_dir, labels, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds train-f0-00000.tar" in err, err
+    assert (out / "train-f0-00000.tar").read_text() == "a user's file"
