@@ -37,7 +37,14 @@ from ich_prep.location import (
     open_stream,
     sha256_stream,
 )
-from ich_prep.manifest import INDEX, MANIFEST, MAX_INDEX_BYTES, SPAN_COLUMNS, write_build
+from ich_prep.manifest import (
+    INDEX,
+    MANIFEST,
+    MAX_INDEX_BYTES,
+    MAX_MANIFEST_BYTES,
+    SPAN_COLUMNS,
+    write_build,
+)
 from ich_prep.outdir import (
     WORK,
     BuildLock,
@@ -677,7 +684,7 @@ def _record(store: Store, name: str) -> dict | None:
     if not store.exists(rec):
         return None
     try:
-        done = json.loads(store.read_bytes(rec))
+        done = json.loads(store.read_bytes(rec, MAX_MANIFEST_BYTES))
     except ValueError:
         return None
     return done if isinstance(done, dict) and "shard" in done else None
@@ -722,11 +729,12 @@ def _prepare_out(store: Store, cfg: BuildConfig, overwrite: bool) -> None:
         )
     if owned:
         theirs = None
-        if store.exists(state):
-            theirs = store.read_bytes(state).decode()
-        elif store.exists(MANIFEST):
-            with contextlib.suppress(ValueError):
-                theirs = json.dumps(json.loads(store.read_bytes(MANIFEST)).get("config"), sort_keys=True)  # fmt: skip
+        with contextlib.suppress(ValueError):  # unreadable: a different config, said so
+            if store.exists(state):
+                theirs = store.read_bytes(state, MAX_MANIFEST_BYTES).decode()
+            elif store.exists(MANIFEST):
+                m = json.loads(store.read_bytes(MANIFEST, MAX_MANIFEST_BYTES))
+                theirs = json.dumps(m.get("config") if isinstance(m, dict) else None, sort_keys=True)  # fmt: skip
         if theirs != ours and not overwrite:
             raise BuildError(
                 f"{store} already holds a build with a different config ({_differs(theirs, cfg)}); "
@@ -815,7 +823,9 @@ def _changes(store: Store, was: dict, now: dict, inputs: list[InputFile]) -> str
     if was.get("labels_sha256") != now["labels_sha256"]:
         parts.append("the labels CSV changed")
     if was.get("files_sha256") != now["files_sha256"]:
-        old = pd.read_parquet(io.BytesIO(store.read_bytes(INDEX)), columns=STAT_KEY).dropna()
+        old = pd.read_parquet(
+            io.BytesIO(store.read_bytes(INDEX, MAX_INDEX_BYTES)), columns=STAT_KEY
+        ).dropna()
         old = {r.path: (int(r.file_size), int(r.file_mtime_ns)) for r in old.itertuples()}
         cur = {f.path: (f.size, f.mtime_ns) for f in inputs}
         for what, names in (
@@ -853,7 +863,7 @@ def build(
     now = inputs_record(cfg, inputs)
     if store.exists(MANIFEST) and not overwrite:
         with contextlib.suppress(ValueError):
-            m = json.loads(store.read_bytes(MANIFEST))
+            m = json.loads(store.read_bytes(MANIFEST, MAX_MANIFEST_BYTES))
             if isinstance(m, dict) and m.get("config") == cfg.to_dict():
                 changed = _changes(store, m.get("inputs") or {}, now, inputs)
                 if not changed:

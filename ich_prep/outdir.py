@@ -23,7 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ich_prep.errors import UserError
 from ich_prep.location import WORK, Store, entry_kind, is_url, refuse_unless_file, temp_target
-from ich_prep.manifest import CARD, INDEX, MANIFEST
+from ich_prep.manifest import CARD, INDEX, MANIFEST, MAX_MANIFEST_BYTES
 
 LOCK = ".ich-prep.lock"
 # Names our builds give shards, and the files of the ledger `_work/` (a shard's record is
@@ -108,7 +108,7 @@ def check_apart(out: str, dicom_dir: str, labels: str | None) -> None:
 
 def _json(store: Store, name: str) -> dict | None:
     try:
-        d = json.loads(store.read_bytes(name))
+        d = json.loads(store.read_bytes(name, MAX_MANIFEST_BYTES))
     except (OSError, ValueError):
         return None
     return d if isinstance(d, dict) else None

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from ich_prep.build import build
@@ -430,3 +431,30 @@ def test_resume_never_replaces_a_file_no_ledger_names(small, tmp_path, capsys, m
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds train-f0-00000.tar" in err, err
     assert (out / "train-f0-00000.tar").read_text() == "a user's file"
+
+
+def test_preview_and_metrics_png_never_write_through_a_link(small, tmp_path, capsys):
+    """Before: `preview --out` and the run folder's metrics.png were opened with 'wb' / savefig
+    by path, writing a PNG into whatever file a link there pointed at. Now both go through the one
+    writer: refused (preview: one line, exit 2), the file untouched; a regular file is replaced."""
+    from ich_prep.errors import NotOurs
+    from ich_train.runlog import plot_metrics
+
+    dicom_dir, labels, _ = small
+    out = tmp_path / "out"
+    assert main(build_args(dicom_dir, labels, out)) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link = tmp_path / "sheet.png"
+    link.symlink_to(victim)
+    capsys.readouterr()
+    assert main(["preview", str(out), "--n", "2", "--out", str(link)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{link} is a symlink" in err, err
+    frame = pd.DataFrame({"epoch": [0], "train_loss": [0.5], "valid_loss": [0.6]})
+    with pytest.raises(NotOurs):
+        plot_metrics(frame, link)
+    assert victim.read_text() == "keep me" and link.is_symlink()
+    link.unlink()
+    assert main(["preview", str(out), "--n", "2", "--out", str(link)]) == 0
+    assert link.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
