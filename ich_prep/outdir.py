@@ -249,6 +249,13 @@ class BuildLock:
                 break
             os.close(fd)
         old = _read_holder(fd)
+        if not (old and {"host", "pid", "started"} <= set(old)) and os.fstat(fd).st_size:
+            # not empty and not a holder's record: someone else's file, never truncated
+            os.close(fd)
+            raise OutDirError(
+                f"--out {self.store} holds {LOCK}, which no ich-prep build wrote (not a lock "
+                "holder's record); move it away or choose another --out"
+            )
         self.took_over = old or None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder()).encode(), 0)
