@@ -37,8 +37,24 @@ from ich_prep.location import (
     open_stream,
     sha256_stream,
 )
-from ich_prep.manifest import CARD, INDEX, MANIFEST, SPAN_COLUMNS, write_build
-from ich_prep.outdir import SHARD_RE, WORK, WORK_FILE_RE, BuildLock, check_apart, owned_names
+from ich_prep.manifest import (
+    INDEX,
+    MANIFEST,
+    MAX_INDEX_BYTES,
+    MAX_MANIFEST_BYTES,
+    SPAN_COLUMNS,
+    write_build,
+)
+from ich_prep.outdir import (
+    WORK,
+    BuildLock,
+    check_apart,
+    check_out_path,
+    ledger_names,
+    owned_names,
+    remove_ledger,
+    remove_owned,
+)
 from ich_prep.read_dicom import ImageError, read_header, read_slice
 from ich_prep.shards import MAX_JSON_BYTES, encode_meta, write_shard
 from ich_prep.split import (
@@ -387,8 +403,9 @@ def _scan_headers(
     cache = f"{WORK}/headers.parquet"
     cached = None
     if store.exists(cache):
-        cached = pd.read_parquet(io.BytesIO(store.read_bytes(cache)))
-        if not set(STAT_KEY + SCAN_COLUMNS) <= set(cached.columns):
+        with contextlib.suppress(ValueError):  # damaged or not parquet: read the headers again
+            cached = pd.read_parquet(io.BytesIO(store.read_bytes(cache, MAX_INDEX_BYTES)))
+        if cached is not None and not set(STAT_KEY + SCAN_COLUMNS) <= set(cached.columns):
             cached = None  # written by an older version: read the headers again
     if cached is not None:
         cached = cached.merge(files[STAT_KEY], on=STAT_KEY, how="inner")
@@ -692,6 +709,9 @@ def compile_shard(
             yield {"__key__": rec["image_id"], "image": img, "meta": meta}
 
     store = Store(out)
+    # The ledger names the shard before it is moved into place: a shard-named file no record
+    # names is never ours (outdir.owned_names), even one a task killed after the move left.
+    store.write_bytes(f"{WORK}/{name}.json", json.dumps({"key": None}).encode())
     spans: dict = {}
     info = write_shard(store, name, samples(), cfg.encoding, spans)
     for r in results:  # each written sample's bytes in the shard: one range read fetches it
@@ -702,16 +722,22 @@ def compile_shard(
     return done
 
 
-def _load_done(store: Store, name: str, key: str) -> dict | None:
-    """Results of a shard a previous run finished from the same inputs, if its tar is intact."""
+def _record(store: Store, name: str) -> dict | None:
+    """The ledger record of a shard an earlier run finished (not one only started), or None."""
     rec = f"{WORK}/{name}.json"
-    if not (store.exists(rec) and store.exists(name)):
+    if not store.exists(rec):
         return None
     try:
-        done = json.loads(store.read_bytes(rec))
+        done = json.loads(store.read_bytes(rec, MAX_MANIFEST_BYTES))
     except ValueError:
         return None
-    if not isinstance(done, dict) or done.get("key") != key:
+    return done if isinstance(done, dict) and "shard" in done else None
+
+
+def _load_done(store: Store, name: str, key: str) -> dict | None:
+    """Results of a shard a previous run finished from the same inputs, if its tar is intact."""
+    done = _record(store, name)
+    if done is None or done.get("key") != key or not store.exists(name):
         return None
     if any(r.get("reason") is None and "span" not in r for r in done.get("results", [])):
         return None  # a ledger from before spans were recorded: compile the shard again
@@ -721,6 +747,17 @@ def _load_done(store: Store, name: str, key: str) -> dict | None:
 
 
 # ---------------------------------------------------------------- the build
+
+
+def _differs(theirs: str | None, cfg: BuildConfig) -> str:
+    """What differs between the config a folder records and `cfg`, flag by flag."""
+    try:
+        old = json.loads(theirs) if theirs is not None else None
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):
+        return "its recorded config cannot be read"
+    return "; ".join(BuildConfig.differences(old, cfg.to_dict())) or "recorded differently"
 
 
 def _prepare_out(store: Store, cfg: BuildConfig, overwrite: bool) -> None:
@@ -736,15 +773,17 @@ def _prepare_out(store: Store, cfg: BuildConfig, overwrite: bool) -> None:
         )
     if owned:
         theirs = None
-        if store.exists(state):
-            theirs = store.read_bytes(state).decode()
-        elif store.exists(MANIFEST):
-            with contextlib.suppress(ValueError):
-                theirs = json.dumps(json.loads(store.read_bytes(MANIFEST)).get("config"), sort_keys=True)  # fmt: skip
+        with contextlib.suppress(ValueError):  # unreadable: a different config, said so
+            if store.exists(state):
+                theirs = store.read_bytes(state, MAX_MANIFEST_BYTES).decode()
+            elif store.exists(MANIFEST):
+                m = json.loads(store.read_bytes(MANIFEST, MAX_MANIFEST_BYTES))
+                theirs = json.dumps(m.get("config") if isinstance(m, dict) else None, sort_keys=True)  # fmt: skip
         if theirs != ours and not overwrite:
             raise BuildError(
-                f"{store} already holds a build with a different config; "
-                "choose another --out, or pass --overwrite to replace it"
+                f"{store} already holds a build with a different config ({_differs(theirs, cfg)}); "
+                "run with the same settings to resume it, choose another --out, or pass "
+                "--overwrite to replace it"
             )
         if overwrite:
             if foreign:
@@ -753,8 +792,7 @@ def _prepare_out(store: Store, cfg: BuildConfig, overwrite: bool) -> None:
                     f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); nothing was "
                     "deleted: move them away or choose another --out"
                 )
-            for name in owned:
-                store.remove(name)
+            remove_owned(store, owned)
     store.makedirs(WORK)
     store.write_bytes(state, ours.encode())
 
@@ -829,7 +867,9 @@ def _changes(store: Store, was: dict, now: dict, inputs: list[InputFile]) -> str
     if was.get("labels_sha256") != now["labels_sha256"]:
         parts.append("the labels CSV changed")
     if was.get("files_sha256") != now["files_sha256"]:
-        old = pd.read_parquet(io.BytesIO(store.read_bytes(INDEX)), columns=STAT_KEY).dropna()
+        old = pd.read_parquet(
+            io.BytesIO(store.read_bytes(INDEX, MAX_INDEX_BYTES)), columns=STAT_KEY
+        ).dropna()
         old = {r.path: (int(r.file_size), int(r.file_mtime_ns)) for r in old.itertuples()}
         cur = {f.path: (f.size, f.mtime_ns) for f in inputs}
         for what, names in (
@@ -856,19 +896,18 @@ def build(
     time per `out`. A finished build whose config and inputs are unchanged is left as it is; one
     whose inputs changed is refused (pass `overwrite` to rebuild it)."""
     t0 = time.perf_counter()
+    check_out_path(str(out))
     store = Store(out)
     check_apart(store.root, cfg.dicom_dir, cfg.labels)
     if not is_dir(cfg.dicom_dir):
         raise BuildError(f"--dicom-dir {cfg.dicom_dir} is not a folder")
-    if store.local and os.path.exists(store.path) and not os.path.isdir(store.path):
-        raise BuildError(f"--out {out} is a file, not a folder; choose a folder path for --out")
     inputs = list_inputs(cfg.dicom_dir, ".dcm")
     if not inputs:
         raise BuildError(f"--dicom-dir {cfg.dicom_dir} holds no .dcm files; check the path")
     now = inputs_record(cfg, inputs)
     if store.exists(MANIFEST) and not overwrite:
         with contextlib.suppress(ValueError):
-            m = json.loads(store.read_bytes(MANIFEST))
+            m = json.loads(store.read_bytes(MANIFEST, MAX_MANIFEST_BYTES))
             if isinstance(m, dict) and m.get("config") == cfg.to_dict():
                 changed = _changes(store, m.get("inputs") or {}, now, inputs)
                 if not changed:
@@ -904,25 +943,15 @@ def _compile_pending(store, plan, cfg, keys, pending, jobs, progress, backend) -
     return done
 
 
-def _remove_ledger(store: Store) -> None:
-    """Delete the `_work/` files a build writes (and `_work/` once empty); a file we did not
-    write there stays."""
-    for name in store.listdir(WORK):
-        if WORK_FILE_RE.fullmatch(name.removesuffix(".partial")):
-            store.remove(f"{WORK}/{name}")
-    if not store.listdir(WORK):
-        store.remove(WORK)
-
-
 def _remove_leftovers(store: Store, shards: set[str]) -> None:
-    """Delete what earlier runs of this build left: `.partial` files of ours (a worker killed
-    mid-write; its task was redone) and shard-named files this plan does not have (written before
-    the inputs changed). Nothing else: a file we did not name stays."""
-    final = shards | {MANIFEST, INDEX, CARD}
-    for name in store.listdir():
-        base = name.removesuffix(".partial")
-        if (base in final and name != base) or (SHARD_RE.fullmatch(base) and name not in shards):
+    """Delete the shards earlier runs of this build wrote (each named by a ledger record) that
+    this plan does not have (written before the inputs changed), then the ledger. Only regular
+    files the ledger names: a file we did not name stays."""
+    for rec in ledger_names(store):
+        name = rec.removesuffix(".json")
+        if name != rec and name.endswith(".tar") and name not in shards and store.is_file(name):
             store.remove(name)
+    remove_ledger(store)
 
 
 def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
@@ -938,6 +967,12 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
     plan = plan_shards(df, cfg)
     labelled = cfg.labels is not None
     keys = {n: shard_key(part, cfg) for n, part in plan.items()}
+    clash = sorted(set(plan) & set(owned_names(store)[1]))
+    if clash:  # a shard's name taken by a file no manifest or ledger of ours names: never replaced
+        raise BuildError(
+            f"--out {store} holds {clash[0]}, named like a shard of this build but written by no "
+            "ich-prep build (no manifest or ledger names it); move it away, or choose another --out"
+        )
 
     done: dict[str, dict] = {}
     pending, stale = [], 0
@@ -945,7 +980,7 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
         d = _load_done(store, name, keys[name])
         if d is None:
             pending.append(name)
-            stale += store.exists(f"{WORK}/{name}.json")
+            stale += _record(store, name) is not None
         else:
             done[name] = d
     todo = sum(len(plan[n]) for n in pending)
@@ -977,7 +1012,6 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
     ]
     manifest = write_build(store, cfg, index, shards, now, counts)
     counts = manifest["counts"]
-    _remove_ledger(store)
     _remove_leftovers(store, set(plan))
     wall = time.perf_counter() - t0
     total_bytes = sum(s["bytes"] for s in shards)

@@ -236,8 +236,9 @@ def check_build_paths(dicom_dir: str, labels: str | None, out: str) -> None:
             raise UserError(
                 f"--labels {labels} is a folder; give the labels CSV file in it (e.g. stage_2_train.csv)"  # fmt: skip
             )
-    if not is_url(out) and os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out} is an existing file, not a folder; choose a folder path for --out")  # fmt: skip
+    from ich_prep.outdir import check_out_path
+
+    check_out_path(out)
 
 
 def connect_dask(address: str | None):

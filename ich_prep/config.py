@@ -152,6 +152,25 @@ class BuildConfig:
         """Plain json types (lists, not tuples), as stored in manifest.json."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    @staticmethod
+    def differences(old: dict, new: dict) -> list[str]:
+        """Each setting two configs (as to_dict gives them) set differently, as its flag with
+        both values: `--size 64 (now 32)`; a field no flag sets is named as it is."""
+
+        def show(key: str, v) -> str:
+            if v is None:
+                return "not set"
+            if key == "windows" and isinstance(v, list):
+                return ",".join(str(w.get("name")) if isinstance(w, dict) else repr(w) for w in v)  # fmt: skip
+            return str(v)
+
+        keys = sorted(set(old) | set(new), key=lambda k: (k not in new, list(new).index(k) if k in new else 0))  # fmt: skip
+        return [
+            f"--{k.replace('_', '-')} {show(k, old.get(k))} (now {show(k, new.get(k))})"
+            for k in keys
+            if old.get(k) != new.get(k)
+        ]
+
     @property
     def layout(self) -> ImageLayout:
         """The shape of every image in the build: size x size, one uint8 channel per window."""

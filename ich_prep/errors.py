@@ -30,6 +30,11 @@ class NotRegularFile(UserError, OSError):
         return f"{self.filename}: {self.strerror}"
 
 
+class NotOurs(UserError):
+    """An output path where a link, folder, FIFO or other entry not written by us stands: it is
+    never written through, replaced or deleted."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its usage errors in one line, like every other error (exit 2). Both CLIs."""
 

@@ -5,10 +5,13 @@ an http(s) URL (the standard library's urllib, so streaming from a web server ne
 package) or any fsspec URL (s3://, gs://, memory://, ...). Files are read as sequential streams,
 never copied to local disk first; whole-file reads take a byte limit.
 
-Writing is atomic for readers: bytes go to `<name>.partial`, then a rename (os.replace locally, the
-file system's move on fsspec; on object stores the final object appears whole). `atomic_file`
-does this for one local file (checkpoints, metrics, submissions, predictions); `Store` for a build
-folder that may be a URL. Inputs are listed with their size and mtime (`list_inputs`).
+Writing is atomic for readers, and never goes through a link or into an existing entry: bytes go
+to a new private file `<name>.<random>.partial` (created O_CREAT | O_EXCL | O_NOFOLLOW by
+`tempfile.mkstemp`), then a rename over `<name>`, refused when `<name>` is anything but a regular
+file (a link, a folder, a FIFO). `atomic_open` / `atomic_file` are the one local writer (shards,
+the build's metadata and ledger, checkpoints, metrics, submissions, predictions); `Store` is a
+build folder that may be a URL, and refuses a link at any path component inside it. Inputs are
+listed with their size and mtime (`list_inputs`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import hashlib
 import html.parser
 import io
 import os
-import shutil
+import re
 import stat
 import tempfile
 import urllib.error
@@ -32,10 +35,13 @@ from typing import BinaryIO
 
 import fsspec
 
-from ich_prep.errors import NotRegularFile
+from ich_prep.errors import NotOurs, NotRegularFile
 
 TIMEOUT_S = 60.0
 MAX_LISTING_BYTES = 16 * 1024 * 1024
+WORK = "_work"  # a build's ledger folder; a local Store writes its temporaries there when present
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: new files get 0o666 & ~umask, as open() would give them
 
 
 def is_url(root: str | os.PathLike) -> bool:
@@ -232,20 +238,73 @@ def file_in_the_way(path: str | os.PathLike, itself: bool = False) -> Path | Non
     return None
 
 
-@contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields `<path>.partial` to write; on success it is renamed to `path` (a reader sees the old
-    file or the whole new one), on any exception or Ctrl-C it is removed and nothing is left."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    # a link (or anything) left at the .partial name would be written through: start from nothing
-    tmp.unlink(missing_ok=True)
+def entry_kind(path: str | os.PathLike) -> str | None:
+    """What is at `path`, not following a link: None when nothing or a regular file, else
+    'symlink', 'folder', 'FIFO', 'socket' or 'device'."""
     try:
-        yield tmp
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (or a file above it)
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device"  # fmt: skip
+
+
+def refuse_unless_file(path: str | os.PathLike, what: str = "") -> None:
+    """NotOurs when `path` is a link, folder, FIFO, socket or device (never written through,
+    replaced or deleted); a regular file or nothing passes."""
+    kind = entry_kind(path)
+    if kind is not None:
+        raise NotOurs(
+            f"{what}{path} is a {kind}, not a file this tool wrote; it is never written through, "
+            "replaced or deleted: move it away or choose another output path"
+        )
+
+
+def temp_target(name: str) -> str | None:
+    """The file name a temporary of ours (`<name>.<8 random>.partial`) is for, else None."""
+    m = re.fullmatch(r"(.+)\.[A-Za-z0-9_]{8}\.partial", name)
+    return m.group(1) if m else None
+
+
+@contextmanager
+def _temporary(path: Path, tmp_dir: str | os.PathLike | None) -> Iterator[tuple[int, Path]]:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=tmp_dir or path.parent)  # fmt: skip
+    tmp = Path(tmp)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        yield fd, tmp
+        refuse_unless_file(path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, tmp_dir: str | os.PathLike | None = None) -> Iterator[BinaryIO]:  # fmt: skip
+    """Yields a new file (read-write, binary) created O_CREAT | O_EXCL | O_NOFOLLOW under a private
+    temporary name `<name>.<random>.partial` in `tmp_dir` (default: `path`'s folder, which must be
+    on the same file system), so nothing that exists is written through or reused. On success it
+    is renamed to `path` (a reader sees the old file or the whole new one), refused (NotOurs) if a
+    link, folder or other non-file is at `path`; on any exception or Ctrl-C it is removed."""
+    path = Path(path)
+    with _temporary(path, tmp_dir) as (fd, tmp):
+        with os.fdopen(fd, "w+b") as f:
+            f.raw.name = str(tmp)  # errors name the file, not the descriptor
+            yield f
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, tmp_dir: str | os.PathLike | None = None) -> Iterator[Path]:  # fmt: skip
+    """atomic_open for writers that take a path (torch.save, to_parquet): yields the path of the
+    new, empty temporary file to write (it exists: open it with 'wb', not 'xb')."""
+    path = Path(path)
+    with _temporary(path, tmp_dir) as (fd, tmp):
+        os.close(fd)
+        yield tmp
 
 
 # ---------------------------------------------------------------- hashing while streaming
@@ -281,7 +340,12 @@ class HashingReader(io.RawIOBase):
 
 
 class Store:
-    """A build folder. `Store(path_or_url)`; names are relative ('train-f0-00000.tar', '_work/x')."""
+    """A build folder. `Store(path_or_url)`; names are relative ('train-f0-00000.tar', '_work/x').
+
+    Locally, no path component of a name inside the folder may be a symbolic link: every
+    operation refuses one (NotOurs, naming it) before it is followed. Writes go through
+    `atomic_open` (temporaries in `_work/` when that folder exists); `remove` deletes a regular
+    file or an empty folder, never a link or a folder's contents."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = str(root)
@@ -292,7 +356,17 @@ class Store:
             self.fs, self.path = fsspec.core.url_to_fs(self.root)
 
     def _p(self, name: str) -> str:
-        return os.path.join(self.path, name) if self.local else f"{self.path.rstrip('/')}/{name}"
+        if not self.local:
+            return f"{self.path.rstrip('/')}/{name}"
+        p = self.path
+        for part in filter(None, name.split("/")):
+            p = os.path.join(p, part)
+            if entry_kind(p) == "symlink":
+                raise NotOurs(
+                    f"{p} is a symlink inside --out {self.root}; nothing inside a build folder is "
+                    "read, written or deleted through a link: remove the link or choose another --out"
+                )
+        return p
 
     def __str__(self) -> str:
         return self.root
@@ -302,7 +376,11 @@ class Store:
 
     def makedirs(self, name: str = "") -> None:
         if self.local:
-            os.makedirs(self._p(name), exist_ok=True)
+            p = self._p(name)
+            if name and os.path.lexists(p) and entry_kind(p) != "folder":
+                refuse_unless_file(p)  # a FIFO, socket or device
+                raise NotOurs(f"{p} is a file where a folder of ours belongs; move it away or choose another --out")  # fmt: skip
+            os.makedirs(p, exist_ok=True)
         else:
             self.fs.makedirs(self._p(name), exist_ok=True)
 
@@ -315,6 +393,21 @@ class Store:
         return sorted(
             p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._p(name), detail=False)
         )
+
+    def is_folder(self, name: str) -> bool:
+        """Whether `name` is a folder (locally: not a link to one)."""
+        if self.local:
+            folder, base = os.path.split(name)
+            return entry_kind(os.path.join(self._p(folder), base)) == "folder"
+        return self.fs.isdir(self._p(name))
+
+    def is_file(self, name: str) -> bool:
+        """Whether `name` is a regular file (locally: not a link, folder, FIFO, ...)."""
+        if self.local:  # the folders above it must not be links; it may be one (then False)
+            folder, base = os.path.split(name)
+            p = os.path.join(self._p(folder), base)
+            return os.path.lexists(p) and entry_kind(p) is None
+        return self.fs.isfile(self._p(name))
 
     def read_bytes(self, name: str, limit: int | None = None) -> bytes:
         """The whole file (a local one only if regular), refusing more than `limit` bytes."""
@@ -330,44 +423,48 @@ class Store:
         with open_local(self._p(name)) if self.local else self.fs.open(self._p(name), "rb") as f:
             return sha256_stream(f)
 
+    @contextmanager
+    def open_new(self, name: str) -> Iterator[BinaryIO]:
+        """A new file to write (read-write, binary) that becomes `name` when the block ends, at
+        once for readers; on an exception nothing is left. Locally: atomic_open, with the
+        temporary in `_work/` when the build has one (so a killed writer leaves it there, with the
+        ledger); on a URL: a local temporary file, uploaded as `<name>.partial`, then moved."""
+        if self.local:
+            work = os.path.join(self.path, WORK)
+            tmp_dir = work if os.path.isdir(self._p(WORK)) else None
+            with atomic_open(self._p(name), tmp_dir) as f:
+                yield f
+            return
+        with tempfile.NamedTemporaryFile(suffix=".partial") as f:
+            yield f
+            f.flush()
+            self.fs.put_file(f.name, self._p(name + ".partial"))
+            self.fs.mv(self._p(name + ".partial"), self._p(name))
+
     def write_bytes(self, name: str, data: bytes) -> None:
         """Atomic: a reader sees the old file or the whole new one."""
-        if self.local:
-            with atomic_file(self._p(name)) as tmp:
-                tmp.write_bytes(data)
-        else:
-            tmp = self._p(name + ".partial")
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            self.fs.mv(tmp, self._p(name))
-
-    def local_file(self, name: str) -> str:
-        """A local path to write `name` to before `commit(name, path)` moves it into place."""
-        if self.local:
-            return self._p(name + ".partial")
-        fd, tmp = tempfile.mkstemp(suffix=".partial")
-        os.close(fd)
-        return tmp
-
-    def commit(self, name: str, local_path: str) -> None:
-        """Move a finished local file into place as `name`, atomically for readers."""
-        if self.local:
-            os.replace(local_path, self._p(name))
-            return
-        self.fs.put_file(local_path, self._p(name + ".partial"))
-        self.fs.mv(self._p(name + ".partial"), self._p(name))
-        os.unlink(local_path)
+        with self.open_new(name) as f:
+            f.write(data)
 
     def remove(self, name: str) -> None:
-        """Delete a file or a folder (recursively); nothing if absent."""
+        """Delete a regular file; nothing if absent. Locally a link, a folder, a FIFO or anything
+        else is refused (NotOurs): never deleted, and a folder's contents never."""
         p = self._p(name)
         if self.local:
-            if os.path.isdir(p):
-                shutil.rmtree(p, ignore_errors=True)
-            elif os.path.exists(p):
+            if os.path.lexists(p):
+                refuse_unless_file(p)
                 os.unlink(p)
-        elif self.fs.exists(p):
-            self.fs.rm(p, recursive=True)
+        elif self.fs.isfile(p):
+            self.fs.rm_file(p)
+
+    def remove_empty_folder(self, name: str) -> None:
+        """Delete the folder `name` if it exists and is empty (os.rmdir: never its contents)."""
+        p = self._p(name)
+        if self.local:
+            if entry_kind(p) == "folder" and not os.listdir(p):
+                os.rmdir(p)
+        elif self.fs.isdir(p) and not self.fs.ls(p):
+            self.fs.rmdir(p)
 
 
 @dataclass(frozen=True)

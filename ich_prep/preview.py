@@ -22,7 +22,7 @@ from ich_prep import LABELS
 from ich_prep.config import ImageLayout, Window
 from ich_prep.errors import UserError
 from ich_prep.info import checked_index
-from ich_prep.location import join, open_stream
+from ich_prep.location import atomic_open, join, open_stream
 from ich_prep.manifest import INDEX, build_config, load_index, load_manifest
 from ich_prep.shards import decode_bounded, iter_samples
 
@@ -277,5 +277,5 @@ def write_png(path: str, sheet: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", sheet, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:
         raise PreviewError(f"cv2 could not encode the {sheet.shape} sheet as png")
-    with open(path, "wb") as f:
+    with atomic_open(path) as f:  # never through a link, never into a folder
         f.write(buf.tobytes())

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ import numpy as np
 from isal import igzip, isal_zlib
 
 from ich_prep.config import CV2_CHANNELS, ImageLayout
-from ich_prep.location import Store, read_range, sha256_file
+from ich_prep.location import Store, read_range, sha256_file, sha256_stream  # noqa: F401 (sha256_file: re-exported)
 
 TAR_MTIME = 0.0  # fixed so that identical content gives identical bytes
 MAX_JSON_BYTES = 64 * 1024  # a sample's json is a few hundred bytes; anything far larger is refused
@@ -245,35 +244,37 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(ti, io.BytesIO(data))
 
 
-def write_tar(path: str | os.PathLike, samples, encoding: str) -> dict[str, tuple[int, int]]:
-    """Write samples ({'__key__', 'image' uint8 (H, W, C), 'meta' dict}) as a tar at `path`.
-    Returns each sample's span, key -> (byte offset, length): its members, headers and padding
-    included, so bytes [offset, offset + length) of the shard are a tar that read_span reads."""
+def write_tar(f: BinaryIO, samples, encoding: str) -> dict[str, tuple[int, int]]:
+    """Write samples ({'__key__', 'image' uint8 (H, W, C), 'meta' dict}) as a tar into the binary
+    file `f`. Returns each sample's span, key -> (byte offset, length): its members, headers and
+    padding included, so bytes [offset, offset + length) of the shard are a tar that read_span
+    reads."""
     spans = {}
-    with open(path, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for s in samples:
-                meta = encode_meta(s["meta"])
-                start = tar.offset
-                _add(tar, f"{s['__key__']}.{encoding}", encode_image(s["image"], encoding))
-                _add(tar, f"{s['__key__']}.json", meta)
-                spans[s["__key__"]] = (start, tar.offset - start)
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            meta = encode_meta(s["meta"])
+            start = tar.offset
+            _add(tar, f"{s['__key__']}.{encoding}", encode_image(s["image"], encoding))
+            _add(tar, f"{s['__key__']}.json", meta)
+            spans[s["__key__"]] = (start, tar.offset - start)
     return spans
 
 
 def write_shard(store: Store, name: str, samples, encoding: str, spans: dict | None = None) -> dict:
-    """write_tar as `name` in a build folder (local or URL), atomically: a local temporary file,
-    then `store.commit`. The one shard writer (the build's tasks and the test fixtures).
+    """write_tar as `name` in a build folder (local or URL), atomically, through `store.open_new`
+    (a new private temporary file, renamed only when complete; never through a link). The one
+    shard writer (the build's tasks and the test fixtures).
 
     Returns the manifest's shard entry {'name', 'samples', 'bytes', 'sha256'}; each sample's span
     (write_tar), which the index records, is put in `spans` when given.
     """
-    tmp = store.local_file(name)
-    written = write_tar(tmp, samples, encoding)
-    # No fsync: the rename is atomic against a killed process; a power cut is what `verify` is for.
-    size, sha = os.path.getsize(tmp), sha256_file(tmp)
+    with store.open_new(name) as f:
+        written = write_tar(f, samples, encoding)
+        # No fsync: the rename is atomic against a killed process; a power cut is what `verify` is for.
+        size = f.tell()
+        f.seek(0)
+        sha = sha256_stream(f)
     info = {"name": name, "samples": len(written), "bytes": size, "sha256": sha}
-    store.commit(name, tmp)
     if spans is not None:
         spans.update(written)
     return info

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,15 @@ import pyarrow as pa
 
 from ich_prep import LABELS
 from ich_prep.config import BuildConfig
-from ich_prep.location import HashingReader, file_size, join, list_names, open_stream, read_bytes
+from ich_prep.location import (
+    HashingReader,
+    file_size,
+    is_url,
+    join,
+    list_names,
+    open_stream,
+    read_bytes,
+)
 from ich_prep.manifest import (
     CARD,
     INDEX,
@@ -160,12 +169,26 @@ def _check_sample(s, name: str, fold: int, cfg: BuildConfig, labels: dict, spans
     return out
 
 
+def _link(root: str, name: str) -> Problem | None:
+    """A local build file that is a symbolic link: refused, never read (it can point anywhere)."""
+    path = join(root, name)
+    if is_url(root) or not os.path.islink(path):
+        return None
+    return Problem(
+        "link", name, f"{name} is a symlink (to {os.readlink(path)}), not a file of the build; "
+        "it is not read: replace it with the file it should be, or copy the build again",
+    )  # fmt: skip
+
+
 def _check_shard(
     root: str, entry: dict, cfg: BuildConfig, labels: dict, spans: dict, quick: bool
 ) -> _ShardResult:
     """Size, then (unless quick) one streaming pass: sha256, members, image headers, json."""
     name, r = entry["name"], _ShardResult()
     url = join(root, name)
+    if (link := _link(root, name)) is not None:
+        r.problems.append(link)
+        return r
     try:
         size = file_size(url)
     except FileNotFoundError:
@@ -215,6 +238,9 @@ def _check_index(root: str, manifest: dict, report: Report) -> pd.DataFrame | No
     """index.parquet: size (and sha256 unless quick), then counts against the manifest."""
     meta = manifest.get("index") or {}
     url = join(root, INDEX)
+    if (link := _link(root, INDEX)) is not None:
+        report.problems.append(link)
+        return None
     try:
         if report.quick:
             p = _index_size_problem(file_size(url), int(meta.get("bytes", -1)))
@@ -269,6 +295,9 @@ def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
     """Check the build at `root` (folder or URL prefix); `jobs` shards are streamed at once."""
     root = str(root)
     report = Report(root, quick)
+    if (link := _link(root, MANIFEST)) is not None:
+        report.problems.append(link)
+        return report
     try:
         manifest = load_manifest(root)
     except (FormatError, OSError) as e:

@@ -32,7 +32,7 @@ from sklearn.metrics import (
 )
 
 from ich_prep import LABELS
-from ich_prep.location import atomic_file, file_in_the_way, open_local
+from ich_prep.location import atomic_open, file_in_the_way, open_local, temp_target
 from ich_train.metrics import LABEL_WEIGHTS, label_log_loss, weighted_log_loss
 from ich_train.predictions import PRED, ReportError
 from ich_train.predictions import check_predictions as check_predictions  # re-exported
@@ -402,7 +402,7 @@ def check_out_dir(out: Path) -> None:
     if not names:
         return
     ours = {*REPORT_FILES, *(f"{n}.partial" for n in REPORT_FILES)}
-    foreign = [n for n in names if n not in ours or not stat.S_ISREG(os.lstat(out / n).st_mode)]
+    foreign = [n for n in names if (n not in ours and temp_target(n) not in REPORT_FILES) or not stat.S_ISREG(os.lstat(out / n).st_mode)]  # fmt: skip
     if foreign or not _is_our_page(out / "report.html"):
         what = (
             f"other files ({', '.join(foreign[:3])})" if foreign else "no report.html of ich-train"
@@ -419,11 +419,9 @@ def _is_our_page(path: Path) -> bool:
 
 
 def _write(path: Path, data: bytes) -> None:
-    """`data` to `path` through atomic_file's fresh `.partial`, created exclusively ("xb": a link
-    planted there after atomic_file removed the old one is refused, never written through)."""
-    with atomic_file(path) as tmp:
-        with open(tmp, "xb") as f:
-            f.write(data)
+    """`data` to `path` through a new private temporary file (atomic_open: never through a link)."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def report_dir_for(predictions) -> Path:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ich_prep.location import atomic_file  # noqa: E402
+from ich_prep.location import atomic_file, atomic_open  # noqa: E402
 
 
 class MetricsLog:
@@ -48,5 +48,8 @@ def plot_metrics(frame: pd.DataFrame, path: str | Path) -> None:
     ax_auc.set(xlabel="epoch", ylabel="ROC-AUC", title="validation AUC")
     ax_auc.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        with atomic_open(path) as f:  # never through a link left at metrics.png
+            fig.savefig(f, format="png", dpi=80)
+    finally:
+        plt.close(fig)

@@ -27,7 +27,7 @@ from torch import nn
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
-from ich_prep.location import atomic_file, file_in_the_way
+from ich_prep.location import atomic_open, file_in_the_way, temp_target
 from ich_train.checkpoint import safe_torch_load
 from ich_train.metrics import LABEL_WEIGHTS, compute_metrics
 from ich_train.optim import create_scheduler
@@ -195,11 +195,10 @@ RUN_FILES = ("config.json", "metrics.csv", "best.pt", "last.pt")  # what fit wri
 
 
 def _write(path: Path, write) -> None:
-    """`write(file)` into `path` through atomic_file's fresh `.partial`, created exclusively ("xb":
-    never written through a link), then renamed over `path`."""
-    with atomic_file(path) as tmp:
-        with open(tmp, "xb") as f:
-            write(f)
+    """`write(file)` into a new private temporary file (atomic_open: never through a link), then
+    renamed over `path`."""
+    with atomic_open(path) as f:
+        write(f)
 
 
 def save(path: Path, **state) -> None:
@@ -256,7 +255,7 @@ def check_run_folder(out: Path, resume: bool) -> None:
         raise SeqError(f"--out {out} cannot be a run folder{where}: an existing file is in the way; choose a folder path for --out")  # fmt: skip
     names = sorted(os.listdir(out)) if out.is_dir() else []
     ours = {*RUN_FILES, *(f"{n}.partial" for n in RUN_FILES)}
-    foreign = [n for n in names if n not in ours or not stat.S_ISREG(os.lstat(out / n).st_mode)]
+    foreign = [n for n in names if (n not in ours and temp_target(n) not in RUN_FILES) or not stat.S_ISREG(os.lstat(out / n).st_mode)]  # fmt: skip
     if foreign:
         raise SeqError(f"--out {out} holds files `ich-train seq fit` did not write ({', '.join(foreign[:3])}); choose a new or empty folder")  # fmt: skip
     if resume and "last.pt" not in names:

@@ -304,13 +304,12 @@ def test_full_disk_ends_in_one_line_and_the_rerun_is_byte_identical(synth, tmp_p
     real = shards_mod.write_tar
     calls = []
 
-    def full_disk(path, samples, encoding):
-        calls.append(path)
+    def full_disk(f, samples, encoding):
+        calls.append(f.name)
         if len(calls) == 1:
-            return real(path, samples, encoding)
-        with open(path, "wb") as f:
-            f.write(b"\0" * 512)  # what a full disk leaves: a cut .partial
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return real(f, samples, encoding)
+        f.write(b"\0" * 512)  # what a full disk leaves: a cut temporary file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
 
     out, clean = tmp_path / "out", tmp_path / "clean"
     monkeypatch.setattr(shards_mod, "write_tar", full_disk)

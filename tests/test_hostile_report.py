@@ -112,15 +112,16 @@ def test_a_previous_report_is_rewritten_but_not_one_with_other_files_or_links(tm
     assert (rep / "roc.png").stat().st_size > 0 and victim.read_text() == "precious"
 
 
-def test_a_leftover_partial_file_is_replaced_not_written_through(tmp_path):
-    """A `.partial` a killed run left (a regular file, perhaps a hard link to another file) is
-    replaced by a new file: what it was linked to is unchanged."""
+def test_a_leftover_partial_file_is_never_written_through(tmp_path):
+    """A temporary file a killed run left (a regular file, perhaps a hard link to another file)
+    is never reused: each write makes a new private one, so what it was linked to is unchanged."""
     a, rep = _previous_report(tmp_path)
     other = tmp_path / "other.txt"
     other.write_text("keep me")
-    os.link(other, rep / "metrics.csv.partial")
+    for name in ("metrics.csv.partial", "metrics.csv.abcd1234.partial"):
+        os.link(other, rep / name)
     assert main(["report", str(a), "--out", str(rep)]) == 0
-    assert other.read_text() == "keep me" and not (rep / "metrics.csv.partial").exists()
+    assert other.read_text() == "keep me" and (rep / "metrics.csv").stat().st_nlink == 1
 
 
 def test_out_inside_a_file_is_one_line(tmp_path, capsys):
