@@ -68,7 +68,7 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
     """Up to `n` samples among `rows`: image, meta row. Streams as few shards as it can."""
     cfg = build_config(manifest)
     enc, layout = cfg.encoding, cfg.layout
-    listed = {s["name"]: int(s["samples"]) for s in manifest["shards"]}
+    listed = {s["name"]: (int(s["samples"]), int(s["bytes"])) for s in manifest["shards"]}
     by_shard = {k: set(v) for k, v in rows.groupby("shard")["image_id"] if k in listed}
     names = sorted(by_shard)
     order = np.random.default_rng(seed).permutation(len(names))
@@ -79,7 +79,7 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
         try:
             with (
                 open_stream(join(root, name)) as f,
-                closing(iter_samples(f, enc, layout, listed[name])) as it,
+                closing(iter_samples(f, enc, layout, listed[name][0], size=listed[name][1])) as it,
             ):
                 for s in it:
                     img = _image(s, by_shard[name], enc, layout)

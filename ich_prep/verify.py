@@ -188,7 +188,8 @@ def _check_shard(
     try:
         with open_stream(url) as raw:
             reader = HashingReader(raw)
-            for s in iter_samples(reader, cfg.encoding, cfg.layout, int(entry["samples"])):
+            held = int(entry["bytes"]) if size is None else size  # a server may not say
+            for s in iter_samples(reader, cfg.encoding, cfg.layout, int(entry["samples"]), size=held):  # fmt: skip
                 r.keys.append(s.key)
                 r.problems += _check_sample(s, name, int(entry["fold"]), cfg, labels, spans)
             reader.drain()

@@ -60,6 +60,7 @@ class Shard:
     fold: int
     samples: int
     layout: ImageLayout  # the manifest's image layout: bounds members, checks shapes
+    bytes: int  # the manifest's size: no member may declare more than is left of it
     # image id -> labels of the index's ok rows for this shard (None labels in a test build)
     expected: dict | None = field(default=None, compare=False, hash=False, repr=False)
     # image id -> (offset, length) of its sample in this shard, when the index records spans
@@ -88,6 +89,7 @@ class Build:
                 int(e["fold"]),
                 int(e["samples"]),
                 self.layout,
+                int(e["bytes"]),
                 expected.get(e["name"], {}),
                 spans.get(e["name"]),
             )  # fmt: skip
@@ -188,7 +190,7 @@ def read_shard(shard: Shard, encoding: str) -> Iterator[dict]:
         ) from e
     n = 0
     try:
-        for s in iter_samples(stream, encoding, shard.layout, shard.samples):
+        for s in iter_samples(stream, encoding, shard.layout, shard.samples, size=shard.bytes):
             yield _raw_sample(shard, s, encoding)
             n += 1
     except (tarfile.TarError, EOFError, ValueError) as e:
