@@ -25,6 +25,7 @@ from ich_prep.errors import (
     run_cli,
 )
 from ich_prep.location import is_url
+from ich_prep.terminal import echo
 
 SCHEDULER_TIMEOUT_S = 10.0  # connecting to a dask scheduler that accepted the TCP connection
 
@@ -183,7 +184,7 @@ def do_build(args) -> int:
             client.close()
     print_summary(res)
     if args.max_errors is not None and res.manifest["counts"]["error"] > args.max_errors:
-        print(
+        echo(
             f"ich-prep build: {res.manifest['counts']['error']} inputs failed, more than --max-errors {args.max_errors}",
             file=sys.stderr,
         )
@@ -290,27 +291,25 @@ def print_summary(res) -> None:
 
     c, s = res.manifest["counts"], res.summary
     if s.get("already_complete"):
-        print(
-            f"{res.out}: already complete with this config (manifest.json present); nothing to do"
-        )
-    print(f"images ok: {c['ok']}   failed: {c['error']}   inputs: {c['inputs']}")
+        echo(f"{res.out}: already complete with this config (manifest.json present); nothing to do")
+    echo(f"images ok: {c['ok']}   failed: {c['error']}   inputs: {c['inputs']}")
     for reason, n in c["errors_by_reason"].items():
-        print(f"  {reason}: {n}")
+        echo(f"  {reason}: {n}")
     if c.get("positives"):
-        print("positives: " + ", ".join(f"{k} {c['positives'][k]}" for k in LABELS))
+        echo("positives: " + ", ".join(f"{k} {c['positives'][k]}" for k in LABELS))
     n_bytes = sum(sh["bytes"] for sh in res.manifest["shards"])
-    print(
+    echo(
         f"shards: {len(res.manifest['shards'])}   bytes: {n_bytes / 2**20:.1f} MiB ({n_bytes / max(1, c['ok']) / 1024:.1f} KiB/image)"
     )
     if "wall_s" in s:
-        print(
+        echo(
             f"wall: {s['wall_s']:.1f} s   {s['images_per_s']:.1f} images/s   (shards resumed: {s['resumed_shards']})"
         )
     if s.get("changed_shards"):
-        print(
+        echo(
             f"inputs changed since the interrupted run: {s['changed_shards']} finished shards compiled again"
         )
-    print(f"output: {res.out}")
+    echo(f"output: {res.out}")
 
 
 # ---------------------------------------------------------------- synth
@@ -335,7 +334,7 @@ def do_synth(args) -> int:
     info = write_synthetic(
         args.out, patients=args.patients, seed=args.seed, slices_per_series=args.slices
     )
-    print(json.dumps(info, indent=1, default=str))
+    echo(json.dumps(info, indent=1, default=str))
     return 0
 
 
@@ -358,7 +357,7 @@ def do_verify(args) -> int:
     from ich_prep.verify import format_report, report_json, verify
 
     report = verify(args.root, quick=args.quick, jobs=args.jobs)
-    print(report_json(report) if args.json else format_report(report))
+    echo(report_json(report) if args.json else format_report(report))
     return 0 if report.ok else 1
 
 
@@ -378,7 +377,7 @@ def do_info(args) -> int:
     from ich_prep.info import format_info, info
 
     d = info(args.root)
-    print(json.dumps(d, indent=1) if args.json else format_info(d))
+    echo(json.dumps(d, indent=1) if args.json else format_info(d))
     return 0
 
 
@@ -413,7 +412,7 @@ def do_preview(args) -> int:
 
     sheet, n = preview(args.root, args.n, args.label, args.fold, args.seed, args.panel, args.series)
     write_png(args.out, sheet)
-    print(f"wrote {args.out}: {n} samples, {sheet.shape[1]}x{sheet.shape[0]} px")
+    echo(f"wrote {args.out}: {n} samples, {sheet.shape[1]}x{sheet.shape[0]} px")
     return 0
 
 

@@ -25,6 +25,7 @@ from ich_prep.info import checked_index
 from ich_prep.location import join, open_stream
 from ich_prep.manifest import INDEX, build_config, load_index, load_manifest
 from ich_prep.shards import decode_bounded, iter_samples
+from ich_prep.terminal import for_terminal
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 SCALE = 0.38
@@ -105,7 +106,7 @@ def _image(s, wanted: set[str], enc: str, layout: ImageLayout) -> np.ndarray | N
 
 
 def _text(img, s: str, x: int, y: int, color) -> None:
-    cv2.putText(img, s, (x, y), FONT, SCALE, color, 1, cv2.LINE_AA)
+    cv2.putText(img, for_terminal(s), (x, y), FONT, SCALE, color, 1, cv2.LINE_AA)
 
 
 def _fit(s: str, width: int) -> list[str]:

@@ -35,6 +35,7 @@ from ich_prep.manifest import (
     series_ranks,
 )
 from ich_prep.shards import decode_json, image_header, iter_samples
+from ich_prep.terminal import for_terminal
 
 COPY_AGAIN = "copy it again from the source build"
 
@@ -326,16 +327,17 @@ def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
 
 
 def format_report(report: Report, limit: int = 50) -> str:
-    """Human text: one line per problem (at most `limit` per kind), then a summary line."""
+    """Human text: one line per problem (at most `limit` per kind; a message quotes names from the
+    build, shown by terminal.for_terminal), then a summary line."""
     lines, shown = [], Counter()
     for p in report.problems:
         shown[p.kind] += 1
         if shown[p.kind] <= limit:
-            lines.append(f"  {p.kind.upper():<16} {p.message}")
+            lines.append(f"  {p.kind.upper():<16} {for_terminal(p.message)}")
     for kind, n in shown.items():
         if n > limit:
             lines.append(f"  ... and {n - limit} more {kind} problems (--json lists all)")
-    lines += [f"  note: {n}" for n in report.notes]
+    lines += [f"  note: {for_terminal(n)}" for n in report.notes]
     head = f"{report.root}: OK" if report.ok else f"{report.root}: {len(report.problems)} problems"
     found = f"{report.shards} of {report.listed} shards found"
     summary = (

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ich_prep.shards import decode_bounded
+from ich_prep.terminal import echo
 from ich_train.augment import AugmentParams, DeviceAugment
 from ich_train.data import Build, TrainStream, create_loader, create_train_stream, read_shard
 from ich_train.distributed import pick_device
@@ -105,7 +106,7 @@ def bench(
     shards: str, model: str = "efficientnet_b0", batch_size: int = 256, image_size: int | None = None,
     steps: int = 20, warmup: int = 3, workers: int = 4, dicom_dir: str | None = None,
     device: str = "auto", precision: str = "auto", loader_steps: int = 50, compile: bool = False,
-    say=print,
+    say=echo,
 ) -> dict:  # fmt: skip
     """Run (a), (b), (c), the loaders alone and the decode cost; print and return the numbers."""
     dev = pick_device(device)

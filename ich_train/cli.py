@@ -25,6 +25,7 @@ from ich_prep.errors import (
     at_least,
     run_cli,
 )
+from ich_prep.terminal import echo
 from ich_train.cli_seq import add_embed_parser, add_seq_parser
 from ich_train.config import TrainConfig
 from ich_train.data import default_workers
@@ -262,13 +263,11 @@ def do_evaluate(args) -> int:
                  args.workers, args.device, args.progress, args.threshold, args.report)  # fmt: skip
     table = m.pop("report_table", None)
     # strict JSON on stdout (an AUC of a one-class label is NaN: null here), notes on stderr
-    print(json.dumps(strict_json(m), indent=1, allow_nan=False))
+    echo(json.dumps(strict_json(m), indent=1, allow_nan=False))
     if table is not None:
-        print(
-            f"{format_table(table)}\nreport: {Path(m['report']) / 'report.html'}", file=sys.stderr
-        )
+        echo(f"{format_table(table)}\nreport: {Path(m['report']) / 'report.html'}", file=sys.stderr)
     if not m["out_of_fold"]:
-        print(
+        echo(
             f"ich-train evaluate: note: fold {args.fold} was a training fold of this checkpoint; "
             "these metrics are not out-of-fold",
             file=sys.stderr,
@@ -322,7 +321,7 @@ def do_report(args) -> int:
     table = write_report(
         [f for f, _ in runs], names, args.out, [m for _, m in runs], args.threshold
     )
-    print(f"{format_table(table)}\nreport: {Path(args.out) / 'report.html'}")
+    echo(f"{format_table(table)}\nreport: {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -356,11 +355,9 @@ def do_predict(args) -> int:
     else:
         r = predict_submission(args.checkpoint, args.shards, args.out, tuple(args.tta), args.batch_size,
                                args.workers, args.device, args.progress)  # fmt: skip
-    print(
-        f"wrote {r['out']}: {r['images']} images x 6 labels from {r['checkpoints']} checkpoint(s)"
-    )
+    echo(f"wrote {r['out']}: {r['images']} images x 6 labels from {r['checkpoints']} checkpoint(s)")
     if r["filled_with_prior"]:
-        print(
+        echo(
             f"note: {r['filled_with_prior']} images the build could not read got the training prior"
         )
     return 0
