@@ -40,6 +40,7 @@ from ich_prep.manifest import (
     load_index,
     load_manifest,
 )
+from ich_prep.sample import check_meta, index_labels
 from ich_prep.shards import decode_bounded, decode_json, iter_samples, read_span
 from ich_train.config import ConfigError
 from ich_train.context import with_context
@@ -110,12 +111,7 @@ class Build:
     def _expected(self) -> dict[str, dict]:
         """shard name -> {image id: labels (list of 6 ints) or None} of its ok rows."""
         ok = self.ok
-        lab = ok[list(LABELS)]
-        rows = (
-            [None] * len(ok)
-            if lab.isna().all(axis=None)
-            else lab.astype("Int64").astype(object).where(lab.notna(), None).to_numpy().tolist()
-        )
+        rows = index_labels(ok)
         out: dict[str, dict] = {}
         for shard, image_id, y in zip(ok["shard"], ok["image_id"], rows, strict=True):
             out.setdefault(shard, {})[image_id] = y
@@ -231,7 +227,7 @@ def _raw_sample(shard: Shard, s, encoding: str) -> dict:
             f"{shard.url}: sample {s.key} has members {sorted(s.fields)}, expected "
             f"'{encoding}' (the manifest's encoding) and 'json'; the shard is damaged, rebuild it"
         )
-    raw = {"__key__": s.key, "__url__": shard.url, **s.fields}
+    raw = {"__key__": s.key, "__url__": shard.url, "__fold__": shard.fold, **s.fields}
     if shard.expected is not None:
         if s.key not in shard.expected:
             raise ShardError(f"{shard.url} holds sample {s.key}, which index.parquet does not list for this shard; the build is inconsistent, rebuild it")  # fmt: skip
@@ -241,30 +237,13 @@ def _raw_sample(shard: Shard, s, encoding: str) -> dict:
     return raw
 
 
-def _labels_of(meta: dict, raw: dict) -> np.ndarray:
-    """float32 (6,) labels: the index's (one source of truth), which the json must repeat; NaN
-    for an unlabelled sample."""
-    where = f"{raw.get('__url__')}: sample {raw['__key__']}"
-    labels = meta.get("labels")
-    if labels is not None and not (
-        isinstance(labels, list)
-        and len(labels) == len(LABELS)
-        and all(type(v) is int and v in (0, 1) for v in labels)
-    ):
-        raise ShardError(f"{where}: labels {str(labels)[:80]} are not {len(LABELS)} values of 0 or 1; rebuild the shard")  # fmt: skip
-    want = raw.get("__labels__", labels)
-    if want != labels:
-        raise ShardError(f"{where}: json labels {labels} disagree with index.parquet {want}; the build is inconsistent (ich-prep verify), rebuild it")  # fmt: skip
-    if labels is None:
-        return np.full(len(LABELS), np.nan, np.float32)
-    return np.asarray(labels, np.float32)
-
-
 def decode_sample(raw: dict, encoding: str, positions: dict | None = None) -> tuple[str, np.ndarray, np.ndarray]:  # fmt: skip
     """(image_id, uint8 (H, W, C) of the build's layout, float32 labels (6,), NaN when
-    unlabelled), from a raw sample of read_shard (which attaches the shard's layout). With
-    `positions` (image id -> (series id, slice rank) of the index), the json's series_id and
-    slice_rank, where it has them, must be the index's."""
+    unlabelled), from a raw sample of read_shard (which attaches the shard's layout, fold and the
+    index's labels). The json is checked by sample.check_meta, verify's check: its schema, its
+    image id, fold and labels those of the key, the shard and the index (the one source of truth)
+    and, with `positions` (image id -> (series id, slice rank) of the index), its series_id and
+    slice_rank the index's."""
     where = f"{raw.get('__url__')}: sample {raw['__key__']}"
     layout = raw["__layout__"]
     try:
@@ -272,15 +251,20 @@ def decode_sample(raw: dict, encoding: str, positions: dict | None = None) -> tu
         meta = decode_json(raw["json"])
     except (ValueError, RecursionError) as e:  # RecursionError: json nested thousands deep
         raise ShardError(f"{where}: {str(e)[:200]}") from e
-    if not isinstance(meta, dict):
-        raise ShardError(f"{where}: json is a {type(meta).__name__}, not an object; rebuild the shard")  # fmt: skip
     if image.shape != layout.shape:
         raise ShardError(f"{where}: image is {image.shape}, the manifest says {layout.shape}; rebuild the shard")  # fmt: skip
-    if positions is not None and raw["__key__"] in positions and {"series_id", "slice_rank"} <= meta.keys():  # fmt: skip
-        own = (meta["series_id"], meta["slice_rank"])
-        if own != positions[raw["__key__"]] or type(own[1]) is not int:
-            raise ShardError(f"{where}: its json says series {str(own[0])[:40]} slice rank {str(own[1])[:20]}, index.parquet says series {positions[raw['__key__']][0][:40]} slice rank {positions[raw['__key__']][1]}; the build is inconsistent (an edited index?): run `ich-prep verify` and rebuild it")  # fmt: skip
-    return raw["__key__"], image, _labels_of(meta, raw)
+    expected = {"image_id": raw["__key__"], "fold": raw["__fold__"]}
+    if "__labels__" in raw:
+        expected["labels"] = raw["__labels__"]
+    if positions is not None and raw["__key__"] in positions:
+        expected["series_id"], expected["slice_rank"] = positions[raw["__key__"]]
+    problems = check_meta(meta, expected)
+    if problems:
+        raise ShardError(f"{where}: {'; '.join(problems)}; the build is inconsistent (an edited shard or index?): run `ich-prep verify` and rebuild it")  # fmt: skip
+    labels = meta["labels"]
+    if labels is None:
+        return raw["__key__"], image, np.full(len(LABELS), np.nan, np.float32)
+    return raw["__key__"], image, np.asarray(labels, np.float32)
 
 
 def collate(items: list[tuple[str, np.ndarray, np.ndarray]]) -> dict:
