@@ -21,9 +21,9 @@ import pyarrow.csv as pacsv
 from ich_prep import LABELS
 from ich_prep.errors import UserError
 
-# An image id: ID_ and at most 77 letters or digits (a file's key is at most 80 characters,
-# build.SAFE_ID); a longer one matches no file and is a malformed id.
-_ID_RE = r"^(?P<image>ID_[0-9A-Za-z]{1,77})_(?P<subtype>" + "|".join(LABELS) + r")$"
+# An image id: ID_ and letters or digits, no longer than a file name can be (255 bytes with
+# `.dcm`); a longer one matches no file and is a malformed id.
+_ID_RE = r"^(?P<image>ID_[0-9A-Za-z]{1,248})_(?P<subtype>" + "|".join(LABELS) + r")$"
 EXPECTED = (
     "expected the RSNA format: a header line ID,Label, then rows like ID_63eb1e259_epidural,0"
 )
