@@ -61,7 +61,9 @@ REASONS = {
     "bad_shape": "not a single-frame 2-D grey image of a plausible size",
     "bad_bit_depth": "BitsAllocated/BitsStored/PixelRepresentation the HU conversion does not know",
     "missing_tag": "a tag the conversion needs is absent or not a number",
-    "bad_rescale": "RescaleSlope 0 or not finite, or RescaleIntercept not finite: no Hounsfield units",
+    "bad_rescale": "RescaleSlope 0 or not finite, or RescaleIntercept not finite, or a rescale that "
+    "makes the slice one value or puts most of its head box above 3071 HU "
+    "(transform.check_hu): no Hounsfield units",
     "bad_tag": "a kept tag out of bounds: an id too long or with control characters, "
     "a position without exactly 3 values, a position or pixel spacing not finite, a spacing <= 0",
 }
