@@ -22,6 +22,7 @@ from ich_prep.errors import (
     OneLineParser,
     UserError,
     at_least,
+    int_range,
     run_cli,
 )
 from ich_prep.location import is_url
@@ -30,9 +31,13 @@ from ich_prep.terminal import echo
 SCHEDULER_TIMEOUT_S = 10.0  # connecting to a dask scheduler that accepted the TCP connection
 
 
+MAX_JOBS = 1024  # worker processes (a dask cluster's included); check_jobs bounds local ones
+MAX_SEED = 2**32 - 1
+
+
 def _jobs(value: str) -> int:
     try:
-        return at_least(1)(value)
+        return int_range(1, MAX_JOBS)(value)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(
             f"{e} (worker processes; leave --jobs out to use all {os.cpu_count() or 1} cores)"
@@ -320,11 +325,16 @@ def add_synth(sub) -> None:
         "synth", help="write a small synthetic RSNA-like dataset (real DICOM files + labels CSV)"
     )
     p.add_argument("--out", required=True, help="folder to write (created if absent)")
-    p.add_argument("--patients", type=at_least(1), default=24, help="at least 1 (default 24)")
     p.add_argument(
-        "--slices", type=at_least(1), default=6, help="slices per series, at least 1 (default 6)"
+        "--patients", type=int_range(1, 100_000), default=24, help="1 to 100000 (default 24)"
     )
-    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument(
+        "--slices",
+        type=int_range(1, 1000),
+        default=6,
+        help="slices per series, 1 to 1000 (default 6)",
+    )
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0)
     p.set_defaults(func=do_synth)
 
 
@@ -348,7 +358,12 @@ def add_verify(sub) -> None:
     )
     p.add_argument("root", metavar="DIR_OR_URL", help="build folder or URL prefix")
     p.add_argument("--quick", action="store_true", help="file sizes and counts only (no hashing)")
-    p.add_argument("--jobs", type=_jobs, default=1, help="shards streamed at once (default 1)")
+    p.add_argument(
+        "--jobs",
+        type=int_range(1, 256),
+        default=1,
+        help="shards streamed at once, 1 to 256 (default 1)",
+    )
     p.add_argument("--json", action="store_true", help="print the full report as json")
     p.set_defaults(func=do_verify)
 
@@ -391,13 +406,23 @@ def add_preview(sub) -> None:
         "preview", help="contact sheet PNG of decoded samples: id, labels, each window"
     )
     p.add_argument("root", metavar="DIR_OR_URL", help="build folder or URL prefix")
-    p.add_argument("--n", type=at_least(1), default=64, help="samples to show (default 64)")
+    p.add_argument(
+        "--n",
+        type=int_range(1, 10_000),
+        default=64,
+        help="samples to show, 1 to 10000 (default 64)",
+    )
     p.add_argument("--out", default="preview.png", help="PNG to write (default preview.png)")
     p.add_argument("--label", choices=LABELS, help="only samples positive for this label")
     p.add_argument("--fold", type=int, help="only samples of this fold")
-    p.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
     p.add_argument(
-        "--panel", type=at_least(8), default=96, help="pixels per window panel (default 96)"
+        "--seed", type=int_range(0, MAX_SEED), default=0, help="which samples (default 0)"
+    )
+    p.add_argument(
+        "--panel",
+        type=int_range(8, 1024),
+        default=96,
+        help="pixels per window panel, 8 to 1024 (default 96)",
     )
     p.add_argument(
         "--series",

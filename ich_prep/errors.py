@@ -41,19 +41,28 @@ class OneLineParser(argparse.ArgumentParser):
         )
 
 
-def at_least(lo: int):
-    """An argparse type: a whole number >= lo."""
+def int_range(lo: int, hi: int):
+    """An argparse type: a whole number from lo to hi. Every count flag of both CLIs (workers,
+    jobs, batch sizes, epochs, buffers, steps, ...) is one, so `--workers 100000` is one line and
+    exit 2 before anything starts. The bounds are kept on the parser (`.bounds`) for the tests."""
 
     def parse(value: str) -> int:
         try:
             n = int(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-        if n < lo:
-            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}")
+        if not lo <= n <= hi:
+            allowed = f"at least {lo}" if hi == sys.maxsize else f"from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {n}")
         return n
 
+    parse.bounds = (lo, hi)
     return parse
+
+
+def at_least(lo: int):
+    """int_range(lo, no practical limit): for numbers that are not counts (a threshold)."""
+    return int_range(lo, sys.maxsize)
 
 
 def run_cli(

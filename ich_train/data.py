@@ -14,10 +14,14 @@ balanced) is the multiset ich_train.sampler draws from the index, read by the sp
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import math
 import os
 import random
+import signal
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +51,7 @@ from ich_train.context import with_context
 from ich_train.sampler import balanced_epoch
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 OPTIONAL_COLUMNS = (*SPAN_COLUMNS, "series_id", "slice_rank")
 
 
@@ -539,8 +544,22 @@ def default_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 1) // local_world - 1))
 
 
+def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: Linux kills this worker (SIGKILL) as soon as the process that
+    started it is gone, kill -9 included (prctl PR_SET_PDEATHSIG), as ich_prep.build's
+    exit_with_parent does for build workers; a worker whose parent is already gone exits now.
+    Elsewhere nothing (torch's own watchdog ends workers within seconds)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl: no signal will come
+        os._exit(1)
+
+
 def create_loader(dataset: IterableDataset, workers: int, device: torch.device) -> DataLoader:
-    """DataLoader over a stream that already yields batches; pinned memory on CUDA.
+    """DataLoader over a stream that already yields batches; pinned memory on CUDA; its workers
+    die with this process (die_with_parent).
 
     Batches in flight sit in shared memory (/dev/shm): workers x prefetch_factor x batch bytes, e.g.
     15 x 2 x 256 x 192 KiB = 1.4 GiB; in a container, give it --shm-size accordingly."""
@@ -551,4 +570,5 @@ def create_loader(dataset: IterableDataset, workers: int, device: torch.device) 
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if workers > 0 else None,
         persistent_workers=False,  # fresh workers per epoch pick up set_epoch()
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers > 0 else None,
     )
