@@ -69,7 +69,11 @@ FIELDS: tuple[Field, ...] = (
     Field("slice_rank", _rank, "a whole number >= 0"),
     Field("z_position", _number, "a number (mm)"),
     Field("slice_position", _number, "a number (mm)"),
-    Field("pixel_spacing", _numbers(2, _number), "2 numbers (mm)"),
+    Field(
+        "pixel_spacing",
+        _numbers(2, lambda x: x is None or _number(x)),
+        "2 numbers (mm; null without PixelSpacing)",
+    ),  # fmt: skip
     Field("original_shape", _numbers(2, _whole), "2 whole numbers"),
     Field("crop_box", _box, "null or 4 whole numbers"),
 )

@@ -106,12 +106,13 @@ def test_verify_reports_exactly_what_the_readers_refuse(made, tmp_path, case):
         assert key not in shown and len(shown) == len(b.ok) - 1
 
 
-@pytest.mark.parametrize("field", ["patient_id", "z_position", "brand_new_field"])
+@pytest.mark.parametrize("field", ["patient_id", "z_position", "pixel_spacing", "brand_new_field"])
 def test_unknown_fields_and_harmless_values_pass_everywhere(made, tmp_path, field):
     """A json with a field the schema does not know (a newer writer's) or another value of the
     right type: verify passes and the readers take it (no false alarms)."""
     folder = Path(shutil.copytree(made, tmp_path / "b"))
-    value = {"patient_id": "ID_x", "z_position": -3.25, "brand_new_field": {"a": [1]}}[field]
+    value = {"patient_id": "ID_x", "z_position": -3.25, "pixel_spacing": [None, None],  # no PixelSpacing
+             "brand_new_field": {"a": [1]}}[field]  # fmt: skip
     edit_json(folder, set_(field, value))
     assert verify(str(folder)).ok
     assert readers_refuse(folder) is None
