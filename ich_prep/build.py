@@ -66,7 +66,7 @@ from ich_prep.split import (
     slice_order,
     slice_ranks,
 )
-from ich_prep.transform import compile_stored, series_box, stored_head_box
+from ich_prep.transform import ImplausibleHU, compile_stored, series_box, stored_head_box
 
 HEADER_FIELDS = [
     "patient_id",
@@ -550,6 +550,16 @@ def _read_stored(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
     return stored, h
 
 
+def _head_box(stored: np.ndarray, h: dict, path: str):
+    """stored_head_box; a rescale (RescaleSlope/Intercept (0028,1053/1052)) that gives no
+    Hounsfield units (transform.check_hu: a constant slice, most of the head box above any head
+    CT's range) is the file's 'bad_rescale' error, like a slope of 0."""
+    try:
+        return stored_head_box(stored, h)
+    except ImplausibleHU as e:
+        raise ImageError("bad_rescale", f"{path}: RescaleSlope={h['rescale_slope']!r} RescaleIntercept={h['rescale_intercept']!r}: {e}") from None  # fmt: skip
+
+
 def _finish(
     rec: dict, cfg: BuildConfig, h: dict, stored: np.ndarray, box
 ) -> tuple[np.ndarray, dict]:
@@ -576,7 +586,7 @@ def compile_record(rec: dict, cfg: BuildConfig) -> tuple[np.ndarray, dict]:
     """One DICOM cropped to its own head box (`--crop slice`) -> (uint8 image (size, size, 3),
     metadata). Raises ImageError."""
     stored, h = _read_stored(rec, cfg)
-    return _finish(rec, cfg, h, stored, stored_head_box(stored, h))
+    return _finish(rec, cfg, h, stored, _head_box(stored, h, rec["path"]))
 
 
 # --crop series holds the stored values of one series between its two passes (boxes, then crops),
@@ -613,7 +623,7 @@ class SeriesCrops:
             s: dict = {"rec": rec}
             try:
                 stored, h = _read_stored(rec, self.cfg)
-                s.update(h=h, box=stored_head_box(stored, h))
+                s.update(h=h, box=_head_box(stored, h, rec["path"]))
                 if held + stored.nbytes <= self.hold:
                     s["stored"], held = stored, held + stored.nbytes
                 g = (stored.shape, h["pixel_spacing_y"], h["pixel_spacing_x"])

@@ -22,16 +22,22 @@ from ich_prep.errors import (
     OneLineParser,
     UserError,
     at_least,
+    int_range,
     run_cli,
 )
 from ich_prep.location import is_url
+from ich_prep.terminal import echo
 
 SCHEDULER_TIMEOUT_S = 10.0  # connecting to a dask scheduler that accepted the TCP connection
 
 
+MAX_JOBS = 1024  # worker processes (a dask cluster's included); check_jobs bounds local ones
+MAX_SEED = 2**32 - 1
+
+
 def _jobs(value: str) -> int:
     try:
-        return at_least(1)(value)
+        return int_range(1, MAX_JOBS)(value)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(
             f"{e} (worker processes; leave --jobs out to use all {os.cpu_count() or 1} cores)"
@@ -186,7 +192,7 @@ def do_build(args) -> int:
             client.close()
     print_summary(res)
     if args.max_errors is not None and res.manifest["counts"]["error"] > args.max_errors:
-        print(
+        echo(
             f"ich-prep build: {res.manifest['counts']['error']} inputs failed, more than --max-errors {args.max_errors}",
             file=sys.stderr,
         )
@@ -294,27 +300,25 @@ def print_summary(res) -> None:
 
     c, s = res.manifest["counts"], res.summary
     if s.get("already_complete"):
-        print(
-            f"{res.out}: already complete with this config (manifest.json present); nothing to do"
-        )
-    print(f"images ok: {c['ok']}   failed: {c['error']}   inputs: {c['inputs']}")
+        echo(f"{res.out}: already complete with this config (manifest.json present); nothing to do")
+    echo(f"images ok: {c['ok']}   failed: {c['error']}   inputs: {c['inputs']}")
     for reason, n in c["errors_by_reason"].items():
-        print(f"  {reason}: {n}")
+        echo(f"  {reason}: {n}")
     if c.get("positives"):
-        print("positives: " + ", ".join(f"{k} {c['positives'][k]}" for k in LABELS))
+        echo("positives: " + ", ".join(f"{k} {c['positives'][k]}" for k in LABELS))
     n_bytes = sum(sh["bytes"] for sh in res.manifest["shards"])
-    print(
+    echo(
         f"shards: {len(res.manifest['shards'])}   bytes: {n_bytes / 2**20:.1f} MiB ({n_bytes / max(1, c['ok']) / 1024:.1f} KiB/image)"
     )
     if "wall_s" in s:
-        print(
+        echo(
             f"wall: {s['wall_s']:.1f} s   {s['images_per_s']:.1f} images/s   (shards resumed: {s['resumed_shards']})"
         )
     if s.get("changed_shards"):
-        print(
+        echo(
             f"inputs changed since the interrupted run: {s['changed_shards']} finished shards compiled again"
         )
-    print(f"output: {res.out}")
+    echo(f"output: {res.out}")
 
 
 # ---------------------------------------------------------------- synth
@@ -325,11 +329,16 @@ def add_synth(sub) -> None:
         "synth", help="write a small synthetic RSNA-like dataset (real DICOM files + labels CSV)"
     )
     p.add_argument("--out", required=True, help="folder to write (created if absent)")
-    p.add_argument("--patients", type=at_least(1), default=24, help="at least 1 (default 24)")
     p.add_argument(
-        "--slices", type=at_least(1), default=6, help="slices per series, at least 1 (default 6)"
+        "--patients", type=int_range(1, 100_000), default=24, help="1 to 100000 (default 24)"
     )
-    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument(
+        "--slices",
+        type=int_range(1, 1000),
+        default=6,
+        help="slices per series, 1 to 1000 (default 6)",
+    )
+    p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0)
     p.set_defaults(func=do_synth)
 
 
@@ -339,7 +348,7 @@ def do_synth(args) -> int:
     info = write_synthetic(
         args.out, patients=args.patients, seed=args.seed, slices_per_series=args.slices
     )
-    print(json.dumps(info, indent=1, default=str))
+    echo(json.dumps(info, indent=1, default=str))
     return 0
 
 
@@ -353,7 +362,12 @@ def add_verify(sub) -> None:
     )
     p.add_argument("root", metavar="DIR_OR_URL", help="build folder or URL prefix")
     p.add_argument("--quick", action="store_true", help="file sizes and counts only (no hashing)")
-    p.add_argument("--jobs", type=_jobs, default=1, help="shards streamed at once (default 1)")
+    p.add_argument(
+        "--jobs",
+        type=int_range(1, 256),
+        default=1,
+        help="shards streamed at once, 1 to 256 (default 1)",
+    )
     p.add_argument("--json", action="store_true", help="print the full report as json")
     p.set_defaults(func=do_verify)
 
@@ -362,7 +376,7 @@ def do_verify(args) -> int:
     from ich_prep.verify import format_report, report_json, verify
 
     report = verify(args.root, quick=args.quick, jobs=args.jobs)
-    print(report_json(report) if args.json else format_report(report))
+    echo(report_json(report) if args.json else format_report(report))
     return 0 if report.ok else 1
 
 
@@ -382,7 +396,7 @@ def do_info(args) -> int:
     from ich_prep.info import format_info, info
 
     d = info(args.root)
-    print(json.dumps(d, indent=1) if args.json else format_info(d))
+    echo(json.dumps(d, indent=1) if args.json else format_info(d))
     return 0
 
 
@@ -396,13 +410,23 @@ def add_preview(sub) -> None:
         "preview", help="contact sheet PNG of decoded samples: id, labels, each window"
     )
     p.add_argument("root", metavar="DIR_OR_URL", help="build folder or URL prefix")
-    p.add_argument("--n", type=at_least(1), default=64, help="samples to show (default 64)")
+    p.add_argument(
+        "--n",
+        type=int_range(1, 10_000),
+        default=64,
+        help="samples to show, 1 to 10000 (default 64)",
+    )
     p.add_argument("--out", default="preview.png", help="PNG to write (default preview.png)")
     p.add_argument("--label", choices=LABELS, help="only samples positive for this label")
     p.add_argument("--fold", type=int, help="only samples of this fold")
-    p.add_argument("--seed", type=int, default=0, help="which samples (default 0)")
     p.add_argument(
-        "--panel", type=at_least(8), default=96, help="pixels per window panel (default 96)"
+        "--seed", type=int_range(0, MAX_SEED), default=0, help="which samples (default 0)"
+    )
+    p.add_argument(
+        "--panel",
+        type=int_range(8, 1024),
+        default=96,
+        help="pixels per window panel, 8 to 1024 (default 96)",
     )
     p.add_argument(
         "--series",
@@ -417,7 +441,7 @@ def do_preview(args) -> int:
 
     sheet, n = preview(args.root, args.n, args.label, args.fold, args.seed, args.panel, args.series)
     write_png(args.out, sheet)
-    print(f"wrote {args.out}: {n} samples, {sheet.shape[1]}x{sheet.shape[0]} px")
+    echo(f"wrote {args.out}: {n} samples, {sheet.shape[1]}x{sheet.shape[0]} px")
     return 0
 
 

@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from ich_prep.terminal import echo, for_terminal, install
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # an I/O error (disk full, permission, network), or `verify` found problems
 EXIT_USER = 2  # a UserError or a usage error: nothing was built; fix the flag or file named
@@ -39,22 +41,33 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse with its usage errors in one line, like every other error (exit 2). Both CLIs."""
 
     def error(self, message: str):
-        self.exit(EXIT_USER, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(
+            EXIT_USER, for_terminal(f"{self.prog}: {message} (see {self.prog} --help)") + "\n"
+        )
 
 
-def at_least(lo: int):
-    """An argparse type: a whole number >= lo."""
+def int_range(lo: int, hi: int):
+    """An argparse type: a whole number from lo to hi. Every count flag of both CLIs (workers,
+    jobs, batch sizes, epochs, buffers, steps, ...) is one, so `--workers 100000` is one line and
+    exit 2 before anything starts. The bounds are kept on the parser (`.bounds`) for the tests."""
 
     def parse(value: str) -> int:
         try:
             n = int(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-        if n < lo:
-            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}")
+        if not lo <= n <= hi:
+            allowed = f"at least {lo}" if hi == sys.maxsize else f"from {lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {n}")
         return n
 
+    parse.bounds = (lo, hi)
     return parse
+
+
+def at_least(lo: int):
+    """int_range(lo, no practical limit): for numbers that are not counts (a threshold)."""
+    return int_range(lo, sys.maxsize)
 
 
 def run_cli(
@@ -68,7 +81,9 @@ def run_cli(
 ) -> int:
     """Parse, run the subcommand, and turn every way it can end into an exit code with at most one
     line on stderr: user errors (exit 2), Ctrl-C (130, saying what was kept), I/O errors (1).
-    Anything else is a bug and keeps its traceback. Both CLIs' main() are this call."""
+    Anything else is a bug and keeps its traceback. Both CLIs' main() are this call; every line
+    goes through terminal.echo (so does every warning and last-resort log record)."""
+    install()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)
@@ -78,11 +93,11 @@ def run_cli(
     try:
         return args.func(args)
     except user_errors as e:
-        print(f"{prog}: {message(e)}", file=sys.stderr)
+        echo(f"{prog}: {message(e)}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted{stopped(args)}", file=sys.stderr)
+        echo(f"\n{prog}: interrupted{stopped(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:
-        print(f"{prog}: I/O error: {io_message(e, args)}", file=sys.stderr)
+        echo(f"{prog}: I/O error: {io_message(e, args)}", file=sys.stderr)
         return EXIT_FAILED

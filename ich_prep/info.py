@@ -8,6 +8,7 @@ import pandas as pd
 
 from ich_prep import LABELS
 from ich_prep.manifest import INDEX, FormatError, build_config, load_index, load_manifest
+from ich_prep.terminal import for_terminal
 
 INFO_COLUMNS = ["image_id", "split", "fold", "shard", "status", "reason", "detail", *LABELS]
 REQUIRED_COLUMNS = ["image_id", "fold", "shard", "status"]
@@ -199,7 +200,7 @@ def format_info(d: dict) -> str:
         _series_line(d["series"]),
         f"errors: {d['counts']['error']} of {d['counts']['inputs']} inputs",
     ]
-    for reason, n in d["errors"]["by_reason"].items():
-        lines.append(f"  {reason}: {n}")
-        lines += [f"    e.g. {e}" for e in d["errors"]["examples"][reason]]
+    for reason, n in d["errors"]["by_reason"].items():  # index text: shown by for_terminal
+        lines.append(f"  {for_terminal(reason)}: {n}")
+        lines += [f"    e.g. {for_terminal(e)}" for e in d["errors"]["examples"][reason]]
     return "\n".join(lines)

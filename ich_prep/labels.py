@@ -21,7 +21,9 @@ import pyarrow.csv as pacsv
 from ich_prep import LABELS
 from ich_prep.errors import UserError
 
-_ID_RE = r"^(?P<image>ID_[0-9A-Za-z]+)_(?P<subtype>" + "|".join(LABELS) + r")$"
+# An image id: ID_ and letters or digits, no longer than a file name can be (255 bytes with
+# `.dcm`); a longer one matches no file and is a malformed id.
+_ID_RE = r"^(?P<image>ID_[0-9A-Za-z]{1,248})_(?P<subtype>" + "|".join(LABELS) + r")$"
 EXPECTED = (
     "expected the RSNA format: a header line ID,Label, then rows like ID_63eb1e259_epidural,0"
 )
@@ -43,6 +45,11 @@ class LabelTable:
     stats: dict = field(default_factory=dict)
 
 
+def _shown(text: str, limit: int = 80) -> str:
+    """`text` for an error row or message: at most `limit` characters (a field can be megabytes)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _error_frame(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["image_id", "reason", "detail"])
 
@@ -56,27 +63,52 @@ def read_labels(path: str, block_size: int = 1 << 22) -> LabelTable:
         raise LabelsError(path, _locate(path, str(e))) from None
 
 
+MAX_LINE_BYTES = 1 << 16  # a labels row is about 30 bytes; _locate looks at no longer line
+
+
+def _lines(f, limit: int = MAX_LINE_BYTES):
+    """(line number, bytes) of a binary file, read in bounded chunks: a line longer than `limit`
+    bytes ends the walk as (its number, None), so one huge field is never held whole."""
+    buf, no = b"", 0
+    while chunk := f.read(1 << 20):
+        *lines, buf = (buf + chunk).split(b"\n")
+        for line in lines:
+            no += 1
+            yield (no, line + b"\n") if len(line) <= limit else (no, None)
+            if len(line) > limit:
+                return
+        if len(buf) > limit:
+            yield no + 1, None
+            return
+    if buf:
+        yield no + 1, buf
+
+
 def _locate(path: str, arrow_message: str) -> str:
     """What is wrong with the CSV, with the line number when one line is to blame (a second,
-    plain pass over the file, only taken when pyarrow has refused it)."""
+    plain pass over the file, only taken when pyarrow has refused it; lines bounded by
+    MAX_LINE_BYTES)."""
     if "Empty CSV" in arrow_message:
         return "the file is empty (0 bytes or only blank lines)"
     with fsspec.open(path, "rb") as f:
         n_fields = None
-        for no, raw in enumerate(f, 1):
+        for no, raw in _lines(f):
+            if raw is None:
+                return f"line {no} is longer than {MAX_LINE_BYTES} bytes (a row is ID,Label: about 30)"  # fmt: skip
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 return f"line {no} has a byte that is not UTF-8 (0x{raw[e.start]:02x} at column {e.start + 1})"  # fmt: skip
-            fields = next(csv.reader([text]), [])
+            try:
+                fields = next(csv.reader([text]), [])
+            except csv.Error as e:
+                return f"line {no} is not a CSV row ({e})"
             if not fields:
                 continue  # a blank line, skipped by the reader too
             if n_fields is None:
                 n_fields = len(fields)
             elif len(fields) != n_fields:
-                shown = text.strip()
-                shown = shown if len(shown) <= 80 else shown[:77] + "..."
-                return f"line {no} has {len(fields)} field(s), not {n_fields}: {shown!r}"
+                return f"line {no} has {len(fields)} field(s), not {n_fields}: {_shown(text.strip())!r}"
     return f"pyarrow cannot parse it: {' '.join(arrow_message.split())}"
 
 
@@ -87,8 +119,7 @@ def _read(f, path: str, block_size: int) -> LabelTable:
     )
     if reader.schema.names[:2] != ["ID", "Label"]:
         names = ",".join(reader.schema.names)
-        shown = names if len(names) <= 80 else names[:77] + "..."
-        raise LabelsError(path, f"line 1 (the header) is {shown!r}")
+        raise LabelsError(path, f"line 1 (the header) is {_shown(names)!r}")
     parts, bad = [], []
     line = 2  # line 1 is the header
     n_rows = 0
@@ -102,11 +133,12 @@ def _read(f, path: str, block_size: int) -> LabelTable:
         for i in np.flatnonzero(~good.to_numpy(zero_copy_only=False)):
             raw_id, raw_label = ids[int(i)].as_py(), labels[int(i)].as_py()
             if not ok_id[int(i)].as_py():
+                shown = _shown(str(raw_id))
                 bad.append(
                     (
-                        str(raw_id),
+                        shown,
                         "malformed_csv_id",
-                        f"{path} line {line + i}: ID {raw_id!r} is not ID_<image>_<subtype>",
+                        f"{path} line {line + i}: ID {shown!r} is not ID_<image>_<subtype>",
                     )
                 )
             else:
@@ -115,7 +147,7 @@ def _read(f, path: str, block_size: int) -> LabelTable:
                     (
                         img,
                         "malformed_label",
-                        f"{path} line {line + i}: label {raw_label!r} for {raw_id} is not 0 or 1",
+                        f"{path} line {line + i}: label {_shown(str(raw_label))!r} for {raw_id} is not 0 or 1",
                     )
                 )
         sel = parsed.filter(good)

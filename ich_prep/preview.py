@@ -24,7 +24,9 @@ from ich_prep.errors import UserError
 from ich_prep.info import checked_index
 from ich_prep.location import atomic_open, join, open_stream
 from ich_prep.manifest import INDEX, build_config, load_index, load_manifest
-from ich_prep.shards import decode_bounded, iter_samples
+from ich_prep.sample import check_meta
+from ich_prep.shards import decode_bounded, decode_json, iter_samples
+from ich_prep.terminal import for_terminal
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 SCALE = 0.38
@@ -68,7 +70,7 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
     """Up to `n` samples among `rows`: image, meta row. Streams as few shards as it can."""
     cfg = build_config(manifest)
     enc, layout = cfg.encoding, cfg.layout
-    listed = {s["name"]: int(s["samples"]) for s in manifest["shards"]}
+    listed = {s["name"]: (int(s["samples"]), int(s["bytes"]), int(s["fold"])) for s in manifest["shards"]}  # fmt: skip
     by_shard = {k: set(v) for k, v in rows.groupby("shard")["image_id"] if k in listed}
     names = sorted(by_shard)
     order = np.random.default_rng(seed).permutation(len(names))
@@ -79,10 +81,10 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
         try:
             with (
                 open_stream(join(root, name)) as f,
-                closing(iter_samples(f, enc, layout, listed[name])) as it,
+                closing(iter_samples(f, enc, layout, listed[name][0], size=listed[name][1])) as it,
             ):
                 for s in it:
-                    img = _image(s, by_shard[name], enc, layout)
+                    img = _image(s, by_shard[name], enc, layout, listed[name][2])
                     if img is not None:
                         out.append({"image_id": s.key, "image": img, "row": info.loc[s.key]})
                         if len(out) == n:
@@ -92,20 +94,24 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
     return out
 
 
-def _image(s, wanted: set[str], enc: str, layout: ImageLayout) -> np.ndarray | None:
-    """The sample's image if it is one of `wanted`, sound and of the layout's shape; None for a
-    damaged sample."""
-    if s.key not in wanted or enc not in s.fields or s.problems:
+def _image(s, wanted: set[str], enc: str, layout: ImageLayout, fold: int) -> np.ndarray | None:
+    """The sample's image if it is one of `wanted`, sound, of the layout's shape and with a json
+    that passes sample.check_meta (verify's and the trainer's check; its key and `fold`, the
+    shard's); None for a damaged sample (verify names it)."""
+    if s.key not in wanted or enc not in s.fields or "json" not in s.fields or s.problems:
         return None
     try:
         img = decode_bounded(s.fields[enc], enc, layout)
+        meta = decode_json(s.fields["json"])
     except ValueError:
+        return None
+    if check_meta(meta, {"image_id": s.key, "fold": fold}):
         return None
     return img if img.shape == layout.shape else None
 
 
 def _text(img, s: str, x: int, y: int, color) -> None:
-    cv2.putText(img, s, (x, y), FONT, SCALE, color, 1, cv2.LINE_AA)
+    cv2.putText(img, for_terminal(s), (x, y), FONT, SCALE, color, 1, cv2.LINE_AA)
 
 
 def _fit(s: str, width: int) -> list[str]:

@@ -61,9 +61,11 @@ REASONS = {
     "bad_shape": "not a single-frame 2-D grey image of a plausible size",
     "bad_bit_depth": "BitsAllocated/BitsStored/PixelRepresentation the HU conversion does not know",
     "missing_tag": "a tag the conversion needs is absent or not a number",
-    "bad_rescale": "RescaleSlope 0 or not finite, or RescaleIntercept not finite: no Hounsfield units",
+    "bad_rescale": "RescaleSlope 0 or not finite, or RescaleIntercept not finite, or a rescale that "
+    "makes the slice one value or puts most of its head box above 3071 HU "
+    "(transform.check_hu): no Hounsfield units",
     "bad_tag": "a kept tag out of bounds: an id too long or with control characters, "
-    "a position or pixel spacing not finite, a spacing <= 0",
+    "a position without exactly 3 values, a position or pixel spacing not finite, a spacing <= 0",
 }
 
 
@@ -191,9 +193,16 @@ def _geometry(ds, path) -> tuple[tuple[float, float, float], float, float]:
     PixelSpacing (0028,0030). A missing spacing is (nan, nan), usable without --spacing-mm; a
     present one must be finite and > 0, and the position finite."""
     ipp = ds.get("ImagePositionPatient")
-    if ipp is None or len(ipp) != 3:
+    if ipp is None or ipp == "":
         raise ImageError(
             "missing_tag", f"{path}: ImagePositionPatient is missing; slices cannot be ordered"
+        )
+    n = len(ipp) if isinstance(ipp, pydicom.multival.MultiValue) else 1
+    if n != 3:
+        raise ImageError(
+            "bad_tag",
+            f"{path}: ImagePositionPatient has {n} values, expected 3 (x, y, z in mm); "
+            "slices cannot be ordered",
         )
     spacing = ds.get("PixelSpacing")
     try:

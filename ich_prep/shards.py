@@ -307,9 +307,18 @@ def unsafe_member(ti: tarfile.TarInfo) -> str | None:
         return f"member {name!r} climbs out of the folder ('..')"
     if not SAFE_FILE_NAME.fullmatch(name):
         return f"member {name!r} is not a flat <key>.<field> name"
-    if ti.size > MAX_MEMBER_BYTES:
-        return f"member {name!r} is {ti.size} bytes, over the {MAX_MEMBER_BYTES}-byte limit"
     return None
+
+
+def check_declared_size(ti: tarfile.TarInfo, size: int) -> None:
+    """ValueError, before the member is read or skipped, when its header (or a pax header) declares
+    more bytes than MAX_MEMBER_BYTES or than the stream of `size` bytes has left: tarfile's
+    stream mode would otherwise skip past the end of the shard for as long as the size says
+    (a 40 KB shard declaring 10**12 bytes never ended)."""
+    if ti.size > MAX_MEMBER_BYTES:
+        raise ValueError(f"member {ti.name!r} declares {ti.size} bytes, over the {MAX_MEMBER_BYTES}-byte limit; refused")  # fmt: skip
+    if ti.offset_data + ti.size > size:
+        raise ValueError(f"member {ti.name!r} declares {ti.size} bytes at byte {ti.offset_data}, past the end of the {size}-byte shard; refused")  # fmt: skip
 
 
 @dataclass
@@ -334,17 +343,19 @@ def max_members(samples: int) -> int:
 
 
 def iter_samples(
-    stream: BinaryIO, encoding: str, layout: ImageLayout, samples: int
+    stream: BinaryIO, encoding: str, layout: ImageLayout, samples: int, *, size: int
 ) -> Iterator[Sample]:
     """Samples of an uncompressed tar stream, grouped by key; the one bounded reader of shards.
-    `samples` is the manifest's count for this shard.
+    `samples` is the manifest's count for this shard, `size` the bytes the stream holds (the
+    shard's size).
 
     Only regular members with flat names are read; a json member over MAX_JSON_BYTES, an image
-    member over what one image of `layout` can take (layout.max_bytes), any member over
-    MAX_MEMBER_BYTES and unsafe members are problems, never read into memory; members of other
-    kinds are skipped unread; more than max_members(samples) members stop the read with
-    ValueError. Tar errors (truncation, broken headers, a compressed tar) propagate as
-    tarfile.TarError / EOFError / OSError.
+    member over what one image of `layout` can take (layout.max_bytes) and unsafe members are
+    problems, never read into memory; members of other kinds are skipped unread. More than
+    max_members(samples) members, or a member declaring more than MAX_MEMBER_BYTES or more than
+    the stream has left (check_declared_size), stop the read at once with ValueError. Tar errors
+    (truncation, broken headers, a compressed tar) propagate as tarfile.TarError / EOFError /
+    OSError.
     """
     limits = {"json": MAX_JSON_BYTES, encoding: layout.max_bytes}
     most = max_members(samples)
@@ -353,6 +364,7 @@ def iter_samples(
         for n, ti in enumerate(tar, 1):
             if n > most:
                 raise ValueError(f"more than {most} tar members; refused")
+            check_declared_size(ti, size)
             key, _, ext = ti.name.partition(".")
             if cur is not None and key != cur.key:
                 yield cur
@@ -405,7 +417,7 @@ def read_span(url: str, offset: int, length: int, encoding: str, layout: ImageLa
         raise ValueError(f"span {offset}+{length} is outside 1..{max_span(layout)} bytes; refused")
     data = read_range(url, offset, length)
     try:
-        got = list(iter_samples(io.BytesIO(data), encoding, layout, 1))
+        got = list(iter_samples(io.BytesIO(data), encoding, layout, 1, size=len(data)))
     except (tarfile.TarError, EOFError) as e:
         raise ValueError(f"{url} bytes {offset}+{length} are not a sample ({e})") from e
     if len(got) != 1:

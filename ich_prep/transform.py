@@ -43,8 +43,9 @@ def stored_to_hu(
         hu = x.astype(np.float32)
     else:
         hu = stored.astype(np.float32)
-    hu *= np.float32(slope)
-    hu += np.float32(intercept)
+    with np.errstate(over="ignore", invalid="ignore"):  # a huge slope: refused by check_hu
+        hu *= np.float32(slope)
+        hu += np.float32(intercept)
     np.maximum(hu, np.float32(AIR_HU), out=hu)
     if pad is not None:
         hu[pad] = AIR_HU
@@ -84,11 +85,49 @@ def head_box(
     return box_of_subsampled(hu[::step, ::step], step, hu.shape, min_area_frac, min_fill)
 
 
+# What Hounsfield units a head slice can hold (check_hu). Real CT lies in about [-1024, 3071]
+# (12-bit scanners; anything below air is clipped to air); metal on an extended scale goes
+# higher, but only over a small part of a head. A rescale that puts most of the head box above
+# MAX_HEAD_HU (RescaleSlope 1e30: a binary 0/255 image), or makes the slice one value (1e-30:
+# all air), gives no Hounsfield units. On the 109 real RSNA samples: no head-box pixel above
+# 3071 HU, every slice spanning at least 1285 HU.
+MAX_HEAD_HU = 3071.0
+MAX_HIGH_FRACTION = 0.5  # of the head box's pixels (the whole slice's when it has no head box)
+MIN_SPAN_HU = (
+    20.0  # max - min over the slice: less is a constant image (CT noise in air spans more)
+)
+
+
+class ImplausibleHU(ValueError):
+    """A slice whose rescale gives Hounsfield units no head CT has (check_hu)."""
+
+
+def check_hu(small: np.ndarray, step: int, box: Box | None) -> None:
+    """ImplausibleHU unless the HU view `small` (a slice subsampled by `step`, clipped at air) is
+    finite, not one value (MIN_SPAN_HU), and at most MAX_HIGH_FRACTION of `box` (full-resolution
+    pixels; None: the whole slice) lies above MAX_HEAD_HU."""
+    if not np.isfinite(small).all():
+        raise ImplausibleHU("HU overflow float32 (not finite): RescaleSlope is far too large")
+    lo, hi = float(small.min()), float(small.max())
+    if not hi - lo >= MIN_SPAN_HU:
+        raise ImplausibleHU(f"every pixel is {lo:.6g} to {hi:.6g} HU, less than {MIN_SPAN_HU:g} HU apart (a constant image): RescaleSlope is far too small, or the slice holds no image")  # fmt: skip
+    if box is not None:
+        y0, y1, x0, x1 = box
+        small = small[y0 // step : -(-y1 // step), x0 // step : -(-x1 // step)]
+    high = float((small > MAX_HEAD_HU).mean())
+    if high > MAX_HIGH_FRACTION:
+        raise ImplausibleHU(f"{high:.0%} of the head box is above {MAX_HEAD_HU:g} HU, more than any head CT (bone, metal) has; RescaleSlope is far too large")  # fmt: skip
+
+
 def stored_head_box(stored: np.ndarray, header: dict) -> tuple[int, int, int, int] | None:
     """head_box of header_to_hu(stored, header), converting only the subsampled view it looks at
-    (1/16 of a 512x512 slice): the same answer, since the HU conversion is per pixel."""
+    (1/16 of a 512x512 slice): the same answer, since the HU conversion is per pixel. Raises
+    ImplausibleHU (check_hu, on the same view) for a rescale that gives no Hounsfield units."""
     step = box_step(stored.shape)
-    return box_of_subsampled(header_to_hu(stored[::step, ::step], header), step, stored.shape)
+    small = header_to_hu(stored[::step, ::step], header)
+    box = box_of_subsampled(small, step, stored.shape) if np.isfinite(small).all() else None
+    check_hu(small, step, box)
+    return box
 
 
 def box_of_subsampled(

@@ -43,7 +43,9 @@ from ich_prep.manifest import (
     parse_index,
     series_ranks,
 )
+from ich_prep.sample import check_meta, index_labels
 from ich_prep.shards import decode_json, image_header, iter_samples
+from ich_prep.terminal import for_terminal
 
 COPY_AGAIN = "copy it again from the source build"
 
@@ -118,9 +120,10 @@ def _index_size_problem(got: int | None, want: int) -> Problem | None:
     )
 
 
-def _check_sample(s, name: str, fold: int, cfg: BuildConfig, labels: dict, spans: dict) -> list[Problem]:  # fmt: skip
-    """Member safety, image (the manifest's layout), json bounds and agreement with the index
-    (labels, and the span a range read of the sample uses)."""
+def _check_sample(s, name: str, fold: int, cfg: BuildConfig, rows: dict, spans: dict) -> list[Problem]:  # fmt: skip
+    """Member safety, image (the manifest's layout), the json (sample.check_meta, the readers'
+    check: its schema, and agreement with the index row `rows[key]`), and the span a range read
+    of the sample uses."""
     enc, layout = cfg.encoding, cfg.layout
     where = f"{name}:{s.key}"
     out = [Problem("unsafe_member", where, f"{name}: {why}") for why in s.problems + s.skipped]
@@ -143,29 +146,11 @@ def _check_sample(s, name: str, fold: int, cfg: BuildConfig, labels: dict, spans
         return out
     try:
         meta = decode_json(s.fields["json"])
-        if not isinstance(meta, dict):
-            raise ValueError("not a json object")
     except ValueError as e:
         out.append(Problem("bad_json", where, f"{name}: json of {s.key} is damaged: {e}"))
         return out
-    if meta.get("image_id") != s.key:
-        out.append(
-            Problem(
-                "bad_json", where, f"{name}: json of {s.key} says image_id {meta.get('image_id')!r}"
-            )
-        )
-    if meta.get("fold") != fold:
-        out.append(
-            Problem(
-                "bad_json",
-                where,
-                f"{name}: json of {s.key} says fold {meta.get('fold')}, shard is fold {fold}",
-            )
-        )
-    if s.key in labels and meta.get("labels") != labels[s.key]:
-        out.append(
-            Problem("bad_json", where, f"{name}: labels of {s.key} in json {meta.get('labels')} disagree with index.parquet {labels[s.key]}")
-        )  # fmt: skip
+    expected = {"image_id": s.key, "fold": fold, **rows.get(s.key, {})}
+    out += [Problem("bad_json", where, f"{name}: sample {s.key}: {why}") for why in check_meta(meta, expected)]  # fmt: skip
     return out
 
 
@@ -181,7 +166,7 @@ def _link(root: str, name: str) -> Problem | None:
 
 
 def _check_shard(
-    root: str, entry: dict, cfg: BuildConfig, labels: dict, spans: dict, quick: bool
+    root: str, entry: dict, cfg: BuildConfig, rows: dict, spans: dict, quick: bool
 ) -> _ShardResult:
     """Size, then (unless quick) one streaming pass: sha256, members, image headers, json."""
     name, r = entry["name"], _ShardResult()
@@ -211,9 +196,10 @@ def _check_shard(
     try:
         with open_stream(url) as raw:
             reader = HashingReader(raw)
-            for s in iter_samples(reader, cfg.encoding, cfg.layout, int(entry["samples"])):
+            held = int(entry["bytes"]) if size is None else size  # a server may not say
+            for s in iter_samples(reader, cfg.encoding, cfg.layout, int(entry["samples"]), size=held):  # fmt: skip
                 r.keys.append(s.key)
-                r.problems += _check_sample(s, name, int(entry["fold"]), cfg, labels, spans)
+                r.problems += _check_sample(s, name, int(entry["fold"]), cfg, rows, spans)
             reader.drain()
         r.parsed, r.samples = True, len(r.keys)
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
@@ -272,6 +258,18 @@ def _check_index(root: str, manifest: dict, report: Report) -> pd.DataFrame | No
     return index
 
 
+def _index_rows(ok: pd.DataFrame) -> dict[str, dict]:
+    """image id -> the fields its json must repeat of its ok index row: labels (when the index
+    has the label columns), series_id and slice_rank (when it has those, non-null)."""
+    cols: dict[str, list] = {}
+    if all(k in ok.columns for k in LABELS):
+        cols["labels"] = index_labels(ok)
+    for c in ("series_id", "slice_rank"):
+        if c in ok.columns and ok[c].notna().all():
+            cols[c] = ok[c].tolist()
+    return {i: {c: v[j] for c, v in cols.items()} for j, i in enumerate(ok["image_id"])}
+
+
 def _extra_files(root: str, manifest: dict, report: Report) -> None:
     names = list_names(root)
     if names is None:
@@ -306,15 +304,13 @@ def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
     cfg = build_config(manifest)
     _extra_files(root, manifest, report)
     index = _check_index(root, manifest, report)
-    labels: dict[str, list[int]] = {}
+    rows: dict[str, dict] = {}  # image id -> what its json must repeat of the index
     spans: dict[str, tuple[int, int]] = {}
     expected: dict[str, set[str]] = {}
     if index is not None:
         ok = index[index["status"] == "ok"]
         expected = {k: set(v) for k, v in ok.groupby("shard")["image_id"]}
-        if all(k in ok.columns for k in LABELS) and manifest.get("split") == "train":
-            lab = ok[list(LABELS)].astype("Int64").astype(object).to_numpy().tolist()
-            labels = {i: [None if v is pd.NA else int(v) for v in row] for i, row in zip(ok["image_id"], lab, strict=True)}  # fmt: skip
+        rows = _index_rows(ok)
         try:
             spans = index_spans(ok)
         except FormatError as e:
@@ -328,7 +324,7 @@ def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
             report.add("index", INDEX, f"{INDEX}: {int(ok['shard_offset'].isna().sum())} ok rows have no span (shard_offset); the index is damaged, rebuild")  # fmt: skip
     shards = manifest["shards"]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(lambda e: _check_shard(root, e, cfg, labels, spans, quick), shards))
+        results = list(pool.map(lambda e: _check_shard(root, e, cfg, rows, spans, quick), shards))
     seen: dict[str, str] = {}
     for entry, r in zip(shards, results, strict=True):
         name = entry["name"]
@@ -354,16 +350,17 @@ def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
 
 
 def format_report(report: Report, limit: int = 50) -> str:
-    """Human text: one line per problem (at most `limit` per kind), then a summary line."""
+    """Human text: one line per problem (at most `limit` per kind; a message quotes names from the
+    build, shown by terminal.for_terminal), then a summary line."""
     lines, shown = [], Counter()
     for p in report.problems:
         shown[p.kind] += 1
         if shown[p.kind] <= limit:
-            lines.append(f"  {p.kind.upper():<16} {p.message}")
+            lines.append(f"  {p.kind.upper():<16} {for_terminal(p.message)}")
     for kind, n in shown.items():
         if n > limit:
             lines.append(f"  ... and {n - limit} more {kind} problems (--json lists all)")
-    lines += [f"  note: {n}" for n in report.notes]
+    lines += [f"  note: {for_terminal(n)}" for n in report.notes]
     head = f"{report.root}: OK" if report.ok else f"{report.root}: {len(report.problems)} problems"
     found = f"{report.shards} of {report.listed} shards found"
     summary = (

@@ -11,7 +11,9 @@ one shard image (ms, one core).
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 import time
 from pathlib import Path
 
@@ -21,9 +23,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ich_prep.shards import decode_bounded
+from ich_prep.terminal import echo
 from ich_train.augment import AugmentParams, DeviceAugment
 from ich_train.context import Context
-from ich_train.data import Build, TrainStream, create_loader, create_train_stream, read_shard
+from ich_train.data import (
+    Build,
+    TrainStream,
+    create_loader,
+    create_train_stream,
+    die_with_parent,
+    read_shard,
+)
 from ich_train.distributed import pick_device
 from ich_train.engine import autocast
 from ich_train.losses import MultiLabelLoss
@@ -106,7 +116,7 @@ def bench(
     shards: str, model: str = "efficientnet_b0", batch_size: int = 256, image_size: int | None = None,
     steps: int = 20, warmup: int = 3, workers: int = 4, dicom_dir: str | None = None,
     device: str = "auto", precision: str = "auto", loader_steps: int = 50, compile: bool = False,
-    say=print,
+    say=echo,
 ) -> dict:  # fmt: skip
     """Run (a), (b), (c), the loaders alone and the decode cost; print and return the numbers."""
     dev = pick_device(device)
@@ -178,7 +188,8 @@ def bench(
     def dicom_batches(n: int):
         sampler = RandomSampler(files, replacement=True, num_samples=(warmup + n) * batch_size)
         loader = DataLoader(KaggleDicomDataset(files, size), batch_size, sampler=sampler,
-                            num_workers=workers, pin_memory=dev.type == "cuda", drop_last=True)  # fmt: skip
+                            num_workers=workers, pin_memory=dev.type == "cuda", drop_last=True,
+                            worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers else None)  # fmt: skip
         return iter(loader)
 
     if files:

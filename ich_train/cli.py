@@ -22,17 +22,23 @@ import numpy as np
 from ich_prep.errors import (
     OneLineParser,
     UserError,
-    at_least,
+    int_range,
     run_cli,
 )
+from ich_prep.terminal import echo
 from ich_train.cli_seq import add_embed_parser, add_seq_parser
-from ich_train.config import TrainConfig
+from ich_train.config import COUNTS, TrainConfig
 from ich_train.data import default_workers
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 # errors a user can fix from the message; anything else is a bug and keeps its traceback.
 # (FormatError, ShardError, CheckpointError... are UserErrors); FileNotFoundError: a path that is not there
 USER_ERRORS = (UserError, FileNotFoundError)
+
+
+def count(name: str):
+    """The argparse type of the TrainConfig count `name`: int_range over its COUNTS range."""
+    return int_range(*COUNTS[name])
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -75,11 +81,11 @@ def _threshold_arg(p: argparse.ArgumentParser) -> None:
 
 def _runtime_args(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument(
-        "--batch-size", type=at_least(1), default=batch_size, help="per process (per GPU)"
+        "--batch-size", type=count("batch_size"), default=batch_size, help="per process (per GPU)"
     )
     p.add_argument(
         "--workers",
-        type=at_least(0),
+        type=count("workers"),
         default=default_workers(),
         help="DataLoader workers per process (default: cores per process - 1, at most 16)",
     )
@@ -112,26 +118,32 @@ def add_fit_parser(sub) -> None:
     )
     p.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=count("checkpoint_every"),
         default=DEFAULTS["checkpoint_every"],
         metavar="STEPS",
         help="also save last.pt every STEPS optimizer steps inside an epoch, so --resume loses "
         "less than that after a crash or preemption (default 0: at epoch ends only)",
     )
     p.add_argument(
-        "--image-size", type=int, default=None, help="resize on device (default: the shards' size)"
+        "--image-size",
+        type=count("image_size"),
+        default=None,
+        help="resize on device (default: the shards' size)",
     )
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    p.add_argument("--epochs", type=count("epochs"), default=DEFAULTS["epochs"])
     p.add_argument(
         "--epoch-samples",
-        type=int,
+        type=count("epoch_samples"),
         default=None,
         help="samples per epoch (default: all training samples)",
     )
     _runtime_args(p, DEFAULTS["batch_size"])
-    p.add_argument("--valid-batch-size", type=int, default=None)
+    p.add_argument("--valid-batch-size", type=count("valid_batch_size"), default=None)
     p.add_argument(
-        "--accum-steps", type=int, default=DEFAULTS["accum_steps"], help="gradient accumulation"
+        "--accum-steps",
+        type=count("accum_steps"),
+        default=DEFAULTS["accum_steps"],
+        help="gradient accumulation",
     )
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     p.add_argument("--min-lr-ratio", type=float, default=DEFAULTS["min_lr_ratio"])
@@ -166,7 +178,7 @@ def add_fit_parser(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=DEFAULTS[name])
     p.add_argument(
         "--shuffle-buffer",
-        type=int,
+        type=count("shuffle_buffer"),
         default=DEFAULTS["shuffle_buffer"],
         help="per loader worker: samples buffered by --loader stream; with --context and the "
         "span loader, series open at once (each holds up to 4K+1 decoded slices)",
@@ -214,7 +226,7 @@ def add_fit_parser(sub) -> None:
         help="with --context: take only this window (a channel name of the build, e.g. brain) of "
         "each slice: 2K+1 channels (the 1st place's s-1, s, s+1 in one window)",
     )
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--seed", type=count("seed"), default=DEFAULTS["seed"])
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -280,13 +292,11 @@ def do_evaluate(args) -> int:
                  args.prior_correction)  # fmt: skip
     table = m.pop("report_table", None)
     # strict JSON on stdout (an AUC of a one-class label is NaN: null here), notes on stderr
-    print(json.dumps(strict_json(m), indent=1, allow_nan=False))
+    echo(json.dumps(strict_json(m), indent=1, allow_nan=False))
     if table is not None:
-        print(
-            f"{format_table(table)}\nreport: {Path(m['report']) / 'report.html'}", file=sys.stderr
-        )
+        echo(f"{format_table(table)}\nreport: {Path(m['report']) / 'report.html'}", file=sys.stderr)
     if not m["out_of_fold"]:
-        print(
+        echo(
             f"ich-train evaluate: note: fold {args.fold} was a training fold of this checkpoint; "
             "these metrics are not out-of-fold",
             file=sys.stderr,
@@ -345,7 +355,7 @@ def do_report(args) -> int:
         raise ReportError(f"--names gives {len(names)} names for {len(runs)} predictions files")
     frames, names, metas = pool_runs(args.predictions, runs, names)
     table = write_report(frames, names, args.out, metas, args.threshold)
-    print(f"{format_table(table)}\nreport: {Path(args.out) / 'report.html'}")
+    echo(f"{format_table(table)}\nreport: {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -382,11 +392,9 @@ def do_predict(args) -> int:
     else:
         r = predict_submission(args.checkpoint, args.shards, args.out, tuple(args.tta), args.batch_size,
                                args.workers, args.device, args.progress, args.prior_correction)  # fmt: skip
-    print(
-        f"wrote {r['out']}: {r['images']} images x 6 labels from {r['checkpoints']} checkpoint(s)"
-    )
+    echo(f"wrote {r['out']}: {r['images']} images x 6 labels from {r['checkpoints']} checkpoint(s)")
     if r["filled_with_prior"]:
-        print(
+        echo(
             f"note: {r['filled_with_prior']} images the build could not read got the training prior"
         )
     return 0
@@ -398,13 +406,18 @@ def add_bench_parser(sub) -> None:
     )
     p.add_argument("--shards", required=True)
     p.add_argument("--model", default="efficientnet_b0")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--steps", type=at_least(1), default=20, help="timed steps per measurement")
-    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first")
+    p.add_argument("--image-size", type=count("image_size"), default=None)
+    p.add_argument(
+        "--steps", type=int_range(1, 100_000), default=20, help="timed steps per measurement"
+    )
+    p.add_argument("--warmup", type=int_range(0, 100_000), default=3, help="untimed steps first")
     p.add_argument("--dicom-dir", default=None, help="DICOM folder for the baseline loader (c)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument(
-        "--loader-steps", type=at_least(1), default=50, help="batches timed for the loaders alone"
+        "--loader-steps",
+        type=int_range(1, 100_000),
+        default=50,
+        help="batches timed for the loaders alone",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model first")
     _runtime_args(p, 256)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from ich_prep.terminal import echo
+
 
 def add_embed_parser(sub, runtime_args) -> None:
     p = sub.add_parser(
@@ -30,7 +32,7 @@ def do_embed(args) -> int:
 
     r = embed(args.checkpoint, args.shards, args.out, args.folds, args.oof, tuple(args.tta),
               args.batch_size, args.workers, args.device, args.progress)  # fmt: skip
-    print(
+    echo(
         f"wrote {args.out}: {r['rows']} slices of {r['series']} series, {r['feature_dim']} "
         f"features each, from {len(r['checkpoints'])} checkpoint(s){' out of fold' if r['oof'] else ''}"
     )
@@ -76,7 +78,7 @@ def do_seq_fit(args) -> int:
     r = fit(cfg, args.out, resume=args.resume, device=args.device)
     from ich_train.cli import strict_json
 
-    print(json.dumps(strict_json(r)))
+    echo(json.dumps(strict_json(r)))
     return 0
 
 
@@ -84,7 +86,7 @@ def do_seq_evaluate(args) -> int:
     from ich_train.cli import strict_json
     from ich_train.seq import evaluate
 
-    print(
+    echo(
         json.dumps(
             strict_json(evaluate(args.checkpoint, args.features, args.fold, args.out, args.device))
         )

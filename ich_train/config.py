@@ -40,6 +40,24 @@ MAX_IMAGE_SIZE = 4096  # ich-prep's largest --size
 MAX_SEED = 2**32 - 1  # numpy's seeded generators take 0..2**32-1
 
 
+# Every count of a training run, (lowest, highest): what the CLI's parser accepts (int_range)
+# and what TrainConfig checks. Sane, not tight: 64 loader workers per process feed ~100,000 img/s;
+# a shuffle buffer of 100,000 samples holds ~6 GB.
+COUNTS = {
+    "workers": (0, 64),
+    "batch_size": (1, 4096),
+    "valid_batch_size": (1, 8192),
+    "epochs": (1, 10_000),
+    "accum_steps": (1, 1024),
+    "shuffle_buffer": (1, 100_000),
+    "epoch_samples": (1, 10**9),
+    "checkpoint_every": (0, 10**9),
+    "seed": (0, MAX_SEED),
+    "image_size": (16, MAX_IMAGE_SIZE),
+}
+OPTIONAL_COUNTS = {"valid_batch_size", "epoch_samples", "image_size"}  # None: a default
+
+
 class ConfigError(UserError, ValueError):
     """A TrainConfig that cannot run, or a resume whose config differs in a field that matters.
     A ValueError too, so callers that caught ValueError before still do."""
@@ -122,10 +140,7 @@ class TrainConfig:
     report: bool = True  # at the end: best.pt's validation predictions and report folder
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1 or self.accum_steps < 1:
-            raise ConfigError("--batch-size and --accum-steps must be at least 1")
+        self._check_counts()
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
         if self.opt != "adamw":
@@ -157,11 +172,18 @@ class TrainConfig:
             raise ConfigError(
                 f"--ema must be in [0, 1) (e.g. 0.999; 0 turns it off), got {self.ema}"
             )
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         self._check_numbers()
+
+    def _check_counts(self) -> None:
+        """Every count (COUNTS) a whole number in its range, or None where the field allows it: a
+        config loaded from a run folder gets the check the CLI's parser makes (int_range)."""
+        for name, (lo, hi) in COUNTS.items():
+            value = getattr(self, name)
+            whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if not (value is None and name in OPTIONAL_COUNTS) and not (
+                whole and lo <= value <= hi
+            ):
+                raise ConfigError(f"{_flag(name)} must be a whole number from {lo} to {hi}, got {value!r}")  # fmt: skip
 
     def _check_context(self) -> None:
         from ich_train.context import MAX_CONTEXT
@@ -219,17 +241,6 @@ class TrainConfig:
             _check_number(name, getattr(self, name), lo, hi, **kw)
         for v in self.pos_weight or ():
             _check_number("pos_weight", v, 0, inf)
-        for name, value, lo, hi in (
-            ("seed", self.seed, 0, MAX_SEED),
-            ("shuffle_buffer", self.shuffle_buffer, 1, inf),
-            ("image_size", self.image_size, 16, MAX_IMAGE_SIZE),
-            ("epoch_samples", self.epoch_samples, 1, inf),
-            ("valid_batch_size", self.valid_batch_size, 1, inf),
-        ):
-            whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-            if value is not None and not (whole and lo <= value <= hi):
-                allowed = f"from {lo} to {hi}" if hi != inf else f">= {lo}"
-                raise ConfigError(f"{_flag(name)} must be a whole number {allowed}, got {value!r}")
 
     @property
     def eval_batch_size(self) -> int:

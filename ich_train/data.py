@@ -14,10 +14,14 @@ balanced) is the multiset ich_train.sampler draws from the index, read by the sp
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import math
 import os
 import random
+import signal
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +44,7 @@ from ich_prep.manifest import (
     load_index,
     load_manifest,
 )
+from ich_prep.sample import check_meta, index_labels
 from ich_prep.shards import decode_bounded, decode_json, iter_samples, read_span
 from ich_train.checkpoint import PREPROCESSING_FIELDS
 from ich_train.config import CONTEXT_BALANCED, ConfigError
@@ -48,6 +53,7 @@ from ich_train.sampler import balanced_epoch
 from ich_train.span_context import context_samples, series_of, series_order
 
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 OPTIONAL_COLUMNS = (*SPAN_COLUMNS, "series_id", "slice_rank", "slice_position")
 
 
@@ -62,6 +68,7 @@ class Shard:
     fold: int
     samples: int
     layout: ImageLayout  # the manifest's image layout: bounds members, checks shapes
+    bytes: int  # the manifest's size: no member may declare more than is left of it
     # image id -> labels of the index's ok rows for this shard (None labels in a test build)
     expected: dict | None = field(default=None, compare=False, hash=False, repr=False)
     # image id -> (offset, length) of its sample in this shard, when the index records spans
@@ -90,6 +97,7 @@ class Build:
                 int(e["fold"]),
                 int(e["samples"]),
                 self.layout,
+                int(e["bytes"]),
                 expected.get(e["name"], {}),
                 spans.get(e["name"]),
             )  # fmt: skip
@@ -110,12 +118,7 @@ class Build:
     def _expected(self) -> dict[str, dict]:
         """shard name -> {image id: labels (list of 6 ints) or None} of its ok rows."""
         ok = self.ok
-        lab = ok[list(LABELS)]
-        rows = (
-            [None] * len(ok)
-            if lab.isna().all(axis=None)
-            else lab.astype("Int64").astype(object).where(lab.notna(), None).to_numpy().tolist()
-        )
+        rows = index_labels(ok)
         out: dict[str, dict] = {}
         for shard, image_id, y in zip(ok["shard"], ok["image_id"], rows, strict=True):
             out.setdefault(shard, {})[image_id] = y
@@ -192,7 +195,7 @@ def read_shard(shard: Shard, encoding: str) -> Iterator[dict]:
         ) from e
     n = 0
     try:
-        for s in iter_samples(stream, encoding, shard.layout, shard.samples):
+        for s in iter_samples(stream, encoding, shard.layout, shard.samples, size=shard.bytes):
             yield _raw_sample(shard, s, encoding)
             n += 1
     except (tarfile.TarError, EOFError, ValueError) as e:
@@ -233,7 +236,7 @@ def _raw_sample(shard: Shard, s, encoding: str) -> dict:
             f"{shard.url}: sample {s.key} has members {sorted(s.fields)}, expected "
             f"'{encoding}' (the manifest's encoding) and 'json'; the shard is damaged, rebuild it"
         )
-    raw = {"__key__": s.key, "__url__": shard.url, **s.fields}
+    raw = {"__key__": s.key, "__url__": shard.url, "__fold__": shard.fold, **s.fields}
     if shard.expected is not None:
         if s.key not in shard.expected:
             raise ShardError(f"{shard.url} holds sample {s.key}, which index.parquet does not list for this shard; the build is inconsistent, rebuild it")  # fmt: skip
@@ -243,30 +246,13 @@ def _raw_sample(shard: Shard, s, encoding: str) -> dict:
     return raw
 
 
-def _labels_of(meta: dict, raw: dict) -> np.ndarray:
-    """float32 (6,) labels: the index's (one source of truth), which the json must repeat; NaN
-    for an unlabelled sample."""
-    where = f"{raw.get('__url__')}: sample {raw['__key__']}"
-    labels = meta.get("labels")
-    if labels is not None and not (
-        isinstance(labels, list)
-        and len(labels) == len(LABELS)
-        and all(type(v) is int and v in (0, 1) for v in labels)
-    ):
-        raise ShardError(f"{where}: labels {str(labels)[:80]} are not {len(LABELS)} values of 0 or 1; rebuild the shard")  # fmt: skip
-    want = raw.get("__labels__", labels)
-    if want != labels:
-        raise ShardError(f"{where}: json labels {labels} disagree with index.parquet {want}; the build is inconsistent (ich-prep verify), rebuild it")  # fmt: skip
-    if labels is None:
-        return np.full(len(LABELS), np.nan, np.float32)
-    return np.asarray(labels, np.float32)
-
-
 def decode_sample(raw: dict, encoding: str, positions: dict | None = None) -> tuple[str, np.ndarray, np.ndarray]:  # fmt: skip
     """(image_id, uint8 (H, W, C) of the build's layout, float32 labels (6,), NaN when
-    unlabelled), from a raw sample of read_shard (which attaches the shard's layout). With
-    `positions` (image id -> (series id, slice rank, position) of the index), the json's series_id and
-    slice_rank, where it has them, must be the index's."""
+    unlabelled), from a raw sample of read_shard (which attaches the shard's layout, fold and the
+    index's labels). The json is checked by sample.check_meta, verify's check: its schema, its
+    image id, fold and labels those of the key, the shard and the index (the one source of truth)
+    and, with `positions` (image id -> (series id, slice rank[, position]) of the index), its series_id and
+    slice_rank the index's."""
     where = f"{raw.get('__url__')}: sample {raw['__key__']}"
     layout = raw["__layout__"]
     try:
@@ -274,15 +260,20 @@ def decode_sample(raw: dict, encoding: str, positions: dict | None = None) -> tu
         meta = decode_json(raw["json"])
     except (ValueError, RecursionError) as e:  # RecursionError: json nested thousands deep
         raise ShardError(f"{where}: {str(e)[:200]}") from e
-    if not isinstance(meta, dict):
-        raise ShardError(f"{where}: json is a {type(meta).__name__}, not an object; rebuild the shard")  # fmt: skip
     if image.shape != layout.shape:
         raise ShardError(f"{where}: image is {image.shape}, the manifest says {layout.shape}; rebuild the shard")  # fmt: skip
-    if positions is not None and raw["__key__"] in positions and {"series_id", "slice_rank"} <= meta.keys():  # fmt: skip
-        own = (meta["series_id"], meta["slice_rank"])
-        if own != positions[raw["__key__"]][:2] or type(own[1]) is not int:
-            raise ShardError(f"{where}: its json says series {str(own[0])[:40]} slice rank {str(own[1])[:20]}, index.parquet says series {positions[raw['__key__']][0][:40]} slice rank {positions[raw['__key__']][1]}; the build is inconsistent (an edited index?): run `ich-prep verify` and rebuild it")  # fmt: skip
-    return raw["__key__"], image, _labels_of(meta, raw)
+    expected = {"image_id": raw["__key__"], "fold": raw["__fold__"]}
+    if "__labels__" in raw:
+        expected["labels"] = raw["__labels__"]
+    if positions is not None and raw["__key__"] in positions:
+        expected["series_id"], expected["slice_rank"] = positions[raw["__key__"]][:2]
+    problems = check_meta(meta, expected)
+    if problems:
+        raise ShardError(f"{where}: {'; '.join(problems)}; the build is inconsistent (an edited shard or index?): run `ich-prep verify` and rebuild it")  # fmt: skip
+    labels = meta["labels"]
+    if labels is None:
+        return raw["__key__"], image, np.full(len(LABELS), np.nan, np.float32)
+    return raw["__key__"], image, np.asarray(labels, np.float32)
 
 
 def collate(items: list[tuple[str, np.ndarray, np.ndarray]]) -> dict:
@@ -576,8 +567,22 @@ def default_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 1) // local_world - 1))
 
 
+def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: Linux kills this worker (SIGKILL) as soon as the process that
+    started it is gone, kill -9 included (prctl PR_SET_PDEATHSIG), as ich_prep.build's
+    exit_with_parent does for build workers; a worker whose parent is already gone exits now.
+    Elsewhere nothing (torch's own watchdog ends workers within seconds)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl: no signal will come
+        os._exit(1)
+
+
 def create_loader(dataset: IterableDataset, workers: int, device: torch.device) -> DataLoader:
-    """DataLoader over a stream that already yields batches; pinned memory on CUDA.
+    """DataLoader over a stream that already yields batches; pinned memory on CUDA; its workers
+    die with this process (die_with_parent).
 
     Batches in flight sit in shared memory (/dev/shm): workers x prefetch_factor x batch bytes, e.g.
     15 x 2 x 256 x 192 KiB = 1.4 GiB; in a container, give it --shm-size accordingly."""
@@ -588,4 +593,5 @@ def create_loader(dataset: IterableDataset, workers: int, device: torch.device) 
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if workers > 0 else None,
         persistent_workers=False,  # fresh workers per epoch pick up set_epoch()
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()) if workers > 0 else None,
     )

@@ -12,6 +12,7 @@ import torch
 
 from ich_prep import LABELS
 from ich_prep.location import atomic_file
+from ich_prep.terminal import echo
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
 from ich_train.checkpoint import (
@@ -203,7 +204,7 @@ def predict_submission(
         build = Build(shards)
         split = labelled_split(build)
         if split and dist.main:
-            print(
+            echo(
                 f"ich-train predict: warning: --shards {shards} is a labelled {split!r} build, not a "
                 "test build; the submission is written anyway (a Kaggle submission is predicted on "
                 "the test build: ich-prep build without --labels)",

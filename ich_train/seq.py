@@ -28,6 +28,7 @@ from torch import nn
 from ich_prep import LABELS
 from ich_prep.errors import UserError
 from ich_prep.location import atomic_open, file_in_the_way, temp_target
+from ich_prep.terminal import echo
 from ich_train.checkpoint import safe_torch_load
 from ich_train.metrics import LABEL_WEIGHTS, compute_metrics
 from ich_train.optim import create_scheduler
@@ -273,7 +274,7 @@ def seq_device(name: str = "auto") -> torch.device:
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def fit(cfg: SeqConfig, out: str, resume: bool = False, log=print, device: str = "auto") -> dict:
+def fit(cfg: SeqConfig, out: str, resume: bool = False, log=echo, device: str = "auto") -> dict:
     """Train on every fold but cfg.valid_fold of cfg.features; best.pt, last.pt, metrics.csv in `out`."""
     with one_thread():
         return _fit(cfg, out, resume, log, seq_device(device))

@@ -21,6 +21,7 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ich_prep.location import atomic_file, file_in_the_way
+from ich_prep.terminal import echo
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
 from ich_train.checkpoint import (
@@ -451,7 +452,7 @@ def run_epoch(run: Run, epoch: int, start, gen, loaders, log, say) -> dict:
 
 def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
     dev, out = dist.device, Path(cfg.out)
-    say = print if dist.main else (lambda *a, **k: None)
+    say = echo if dist.main else (lambda *a, **k: None)
 
     # ---- data, then the run folder: a resume must match the saved config in every field that
     # changes training; the end's report folder must be writable before hours of training

@@ -73,8 +73,8 @@ def test_every_user_error_is_one_class():
      ("--fraction", "1.5", "(0, 1]"), ("--spacing-mm", "inf", "0.1 to 10"),
      ("--spacing-mm", "nan", "0.1 to 10"), ("--spacing-mm", "0.001", "0.1 to 10"),
      ("--spacing-mm", "50", "0.1 to 10"), ("--seed", "-1", "0 to 4294967295"),
-     ("--seed", str(2**32), "0 to 4294967295"), ("--jobs", "0", "at least 1"),
-     ("--jobs", "-3", "at least 1"), ("--size", "5000", "16 to 4096"),
+     ("--seed", str(2**32), "0 to 4294967295"), ("--jobs", "0", "from 1 to 1024"),
+     ("--jobs", "-3", "from 1 to 1024"), ("--size", "5000", "16 to 4096"),
      ("--shard-size", "1000000", "1 to 100000"), ("--folds", "101", "2 to 100"),
      ("--max-errors", "-1", "at least 0"), ("--jobs", "two", "not a whole number")],
 )  # fmt: skip

@@ -152,7 +152,7 @@ def test_embed_refuses_an_index_whose_series_disagree_with_the_samples(series, t
         out = tmp_path / f"{name}.parquet"
         assert main(["embed", "--checkpoint", str(ckpt), "--shards", str(bad), "--folds", "0", *RUNTIME, "--out", str(out)]) == 2  # fmt: skip
         err = one_error_line(capsys, "embed")
-        assert ("its json says series ID_s1x0x0 slice rank 0, index.parquet says series ID_s1x0x0 slice rank 1" in err) if name == "swap" else ("needs a series-aware build" in err)  # fmt: skip
+        assert ("json slice_rank 0 differs from the index's 1" in err) if name == "swap" else ("needs a series-aware build" in err)  # fmt: skip
         assert not out.exists()
 
 
@@ -163,7 +163,7 @@ def test_context_stacks_refuse_series_the_samples_do_not_belong_to(series, tmp_p
     _, build, _ = series
     b = Build(str(_edited(build, tmp_path / "merge", _merge)))
     stream = EvalStream(b.select([0]), b.encoding, 64, context=Context(1), positions=series_positions(b.ok))  # fmt: skip
-    with pytest.raises(ShardError, match="its json says series ID_s1x0x1 slice rank 0, index.parquet says series ID_s1x0x0 slice rank 6"):  # fmt: skip
+    with pytest.raises(ShardError, match="json series_id 'ID_s1x0x1' differs from the index's 'ID_s1x0x0'; json slice_rank 0 differs from the index's 6"):  # fmt: skip
         list(stream)
 
 

@@ -128,3 +128,26 @@ def test_bom_and_crlf_are_fine(tmp_path):
     p.write_bytes(b"\xef\xbb\xbfID,Label\r\n" + "\r\n".join(rows("ID_a1", {})).encode() + b"\r\n")
     t = read_labels(str(p))
     assert t.errors.empty and list(t.labels.index) == ["ID_a1"]
+
+
+@pytest.mark.parametrize("size", [70_000, 200_000, 2_000_000, 20_000_000])
+@pytest.mark.parametrize("column", ["ID", "Label"])
+@pytest.mark.parametrize("row", [1, 30])
+def test_a_huge_field_is_one_clear_error_or_a_bounded_error_row(tmp_path, size, column, row):
+    """One field of 70 KB to 20 MB (in the id or the label, early or late): never a csv/pyarrow
+    traceback (was: `_csv.Error: field larger than field limit` from the line locator). Either
+    a LabelsError naming the line (one line of text, short), or an error row whose detail is
+    short: nothing of the field is copied whole."""
+    lines = [line for i in range(10) for line in rows(f"ID_{i:05x}", {})]
+    huge = "x" * size
+    lines[row] = f"ID_{huge}_any,0" if column == "ID" else f"ID_00001_any,{huge}"
+    p = write_csv(tmp_path, lines)
+    try:
+        t = read_labels(p)
+    except LabelsError as e:
+        msg = str(e)
+        assert f"line {row + 2} " in msg and "\n" not in msg and len(msg) < 500, msg[:600]
+        return
+    assert len(t.errors) >= 1
+    assert t.errors["detail"].str.len().max() < 500
+    assert t.errors["image_id"].str.len().max() < 500

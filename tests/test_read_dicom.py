@@ -473,3 +473,15 @@ def test_non_finite_x_or_y_position_is_bad_tag(tmp_path, position):
     with pytest.raises(ImageError) as e:
         read_header(p)
     assert e.value.reason == "bad_tag" and "ImagePositionPatient" in e.value.detail
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 6])
+def test_position_with_other_than_3_values_is_malformed_not_missing(tmp_path, n):
+    """An ImagePositionPatient with 4 (or any count but 3) values is present but malformed:
+    'bad_tag' saying how many values it has, never 'missing_tag' ("is missing")."""
+    p = write_hu(tmp_path / f"ID_p{n}.dcm", phantom_hu(64), position=[-125.0, -125.0, 5.0, 7.0, 1.0, 2.0][:n])  # fmt: skip
+    with pytest.raises(ImageError) as e:
+        read_header(p)
+    assert e.value.reason == "bad_tag", e.value
+    assert f"ImagePositionPatient has {n} values, expected 3" in e.value.detail
+    assert "missing" not in e.value.detail

@@ -37,7 +37,9 @@ def _write(root: str, n: int = 7) -> dict:
 
 def _streamed(path: Path) -> dict:
     with open(path, "rb") as f:
-        return {s.key: s.fields for s in iter_samples(f, ENC, LAYOUT, 100)}
+        return {
+            s.key: s.fields for s in iter_samples(f, ENC, LAYOUT, 100, size=path.stat().st_size)
+        }
 
 
 def test_each_span_is_its_sample_alone(tmp_path):
@@ -131,7 +133,8 @@ def test_the_streaming_reader_reports_each_samples_span(tmp_path):
     index's offsets against)."""
     spans = _write(str(tmp_path))
     with open(tmp_path / "s.tar", "rb") as f:
-        got = {s.key: (s.offset, s.length) for s in iter_samples(f, ENC, LAYOUT, 100)}
+        size = (tmp_path / "s.tar").stat().st_size
+        got = {s.key: (s.offset, s.length) for s in iter_samples(f, ENC, LAYOUT, 100, size=size)}
     assert got == spans
 
 
@@ -159,7 +162,10 @@ def test_a_build_records_every_samples_span_and_verify_checks_them(tmp_path):
     assert idx.loc[idx["status"] != "ok", list(SPAN_COLUMNS)].isna().all(axis=None)
     for shard, rows in ok.groupby("shard"):
         with open(root / shard, "rb") as f:
-            want = {s.key: s.fields for s in iter_samples(f, cfg.encoding, cfg.layout, 100)}
+            size = (root / shard).stat().st_size
+            want = {
+                s.key: s.fields for s in iter_samples(f, cfg.encoding, cfg.layout, 100, size=size)
+            }
         for r in rows.itertuples():
             s = read_span(str(root / shard), r.shard_offset, r.shard_length, cfg.encoding, cfg.layout)  # fmt: skip
             assert s.key == r.image_id and s.fields == want[r.image_id]
