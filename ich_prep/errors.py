@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from ich_prep.terminal import echo, for_terminal, install
+from ich_prep.terminal import echo, for_terminal, installed
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # an I/O error (disk full, permission, network), or `verify` found problems
@@ -83,7 +83,11 @@ def run_cli(
     line on stderr: user errors (exit 2), Ctrl-C (130, saying what was kept), I/O errors (1).
     Anything else is a bug and keeps its traceback. Both CLIs' main() are this call; every line
     goes through terminal.echo (so does every warning and last-resort log record)."""
-    install()
+    with installed():
+        return _run(parser, argv, tool, user_errors, message, io_message, stopped)
+
+
+def _run(parser, argv, tool, user_errors, message, io_message, stopped) -> int:  # fmt: skip
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (already printed, one line)

@@ -5,13 +5,14 @@ that others made. `for_terminal` shows every character `str.isprintable` refuses
 escape (`\\x1b`, `\\u202e`): C0 and C1 control characters (ESC, CSI, BEL, backspace, carriage
 return, newline), Unicode format characters (bidi overrides and isolates U+202A..U+202E,
 U+2066..U+2069, zero-width characters), surrogates, line and paragraph separators. `echo` prints
-through it, one line of ours at a time; `install` sends Python warnings and last-resort log
+through it, one line of ours at a time; `installed` (while a CLI runs) sends Python warnings and last-resort log
 records through it too. Every `print` of `ich_prep` and `ich_train` is an `echo`
 (tests/test_terminal.py checks the source).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import warnings
@@ -54,15 +55,21 @@ class _SafeHandler(logging.StreamHandler):
         return "\n".join(for_terminal(line) for line in super().format(record).split("\n"))
 
 
-def install() -> None:
-    """Route Python warnings and last-resort log records (a library warning quoting a DICOM
-    value) through for_terminal, to stderr. Both CLIs' run_cli call it."""
+@contextlib.contextmanager
+def installed():
+    """While the block runs, route Python warnings and last-resort log records (a library
+    warning quoting a DICOM value) through for_terminal, to stderr; restored afterwards, since
+    main() also runs in-process (tests, other programs). Both CLIs' run_cli use it."""
 
     def show(message, category, filename, lineno, file=None, line=None):
         text = warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n")
         echo(text, file=sys.stderr if file is None else file)
 
-    warnings.showwarning = show
     handler = _SafeHandler()
     handler.setLevel(logging.WARNING)
-    logging.lastResort = handler
+    before = warnings.showwarning, logging.lastResort
+    warnings.showwarning, logging.lastResort = show, handler
+    try:
+        yield
+    finally:
+        warnings.showwarning, logging.lastResort = before

@@ -136,3 +136,18 @@ def test_every_print_of_both_packages_goes_through_echo():
             if isinstance(node, ast.Name) and node.id == "print":
                 found.append(f"{path.name}:{node.lineno}")
     assert not found, found
+
+
+def test_the_warning_hooks_last_only_while_a_cli_runs():
+    """main() also runs in-process (tests, other programs): its warning and last-resort hooks
+    are put back when it returns, so a later warning of the host program is its own again."""
+    import logging
+    import warnings
+
+    from ich_prep.cli import main as prep
+    from ich_train.cli import main as train
+
+    before = warnings.showwarning, logging.lastResort
+    for main in (prep, train):
+        assert main(["info", "/nonexistent/build"]) == 2
+        assert (warnings.showwarning, logging.lastResort) == before
