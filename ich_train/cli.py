@@ -26,7 +26,7 @@ from ich_prep.errors import (
     run_cli,
 )
 from ich_train.cli_seq import add_embed_parser, add_seq_parser
-from ich_train.config import TrainConfig
+from ich_train.config import PRECISIONS, TrainConfig
 from ich_train.data import default_workers
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -209,7 +209,13 @@ def add_fit_parser(sub) -> None:
         "each slice: 2K+1 channels (the 1st place's s-1, s, s+1 in one window)",
     )
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16 where the GPU runs it natively (A100, H100, RTX 30xx+), fp16 with loss "
+        "scaling on other GPUs (T4, P100, V100, RTX 20xx), fp32 on CPU",
+    )
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument(
@@ -376,7 +382,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--steps", type=at_least(1), default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first")
     p.add_argument("--dicom-dir", default=None, help="DICOM folder for the baseline loader (c)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument(
         "--loader-steps", type=at_least(1), default=50, help="batches timed for the loaders alone"
     )

@@ -29,7 +29,7 @@ RUNTIME_FIELDS = frozenset(
     }
 )
 LOSSES = ("bce", "asl")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # fp16: with loss scaling (GradScaler)
 LOADERS = ("auto", "stream", "spans")  # auto: spans when the build's index records them
 SAMPLERS = ("natural", "balanced")  # balanced: --pos-fraction of 'any' positives per epoch
 
@@ -109,7 +109,9 @@ class TrainConfig:
     context: int = 0
     context_window: str | None = None
     seed: int = 0
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast where the GPU runs it natively, fp16 + loss scaling on other GPUs, fp32
+    # on CPU (ich_train.engine.resolve_precision; checkpoints record what it chose)
+    precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
     workers: int = 4

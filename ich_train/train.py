@@ -39,7 +39,14 @@ from ich_train.checkpoint import (
 from ich_train.config import ConfigError, TrainConfig, check_resumable
 from ich_train.context import create_context, series_positions
 from ich_train.data import Build, EvalStream, create_loader, create_train_stream
-from ich_train.engine import train_one_epoch, validate
+from ich_train.engine import (
+    PRECISIONS_CHOSEN,
+    device_name,
+    grad_scaler,
+    resolve_precision,
+    train_one_epoch,
+    validate,
+)
 from ich_train.losses import create_loss
 from ich_train.metrics import label_prior, prior_baseline_loss
 from ich_train.model import (
@@ -172,9 +179,9 @@ def _open_run(cfg: TrainConfig, build: Build, resume: bool, dist: distributed.Di
     return ckpt
 
 
-def _restore(ckpt: dict, cfg: TrainConfig, model, ema, optimizer, scheduler) -> None:
-    """Load a resumed run's weights, optimizer, schedule and RNG states, or a CheckpointError
-    naming last.pt (a file that passed the key checks but was edited or cut)."""
+def _restore(ckpt: dict, cfg: TrainConfig, model, ema, optimizer, scheduler, scaler) -> None:
+    """Load a resumed run's weights, optimizer, schedule, loss scale (fp16) and RNG states, or a
+    CheckpointError naming last.pt (a file that passed the key checks but was edited or cut)."""
     last = Path(cfg.out) / "last.pt"
     load_weights(model, ckpt.get("model_train", ckpt["model"]), last, cfg.model)
     if ema is not None:
@@ -182,10 +189,12 @@ def _restore(ckpt: dict, cfg: TrainConfig, model, ema, optimizer, scheduler) -> 
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler.is_enabled() and ckpt.get("scaler"):  # none: the run did not train in fp16
+            scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         raise CheckpointError(
-            f"{last} cannot be resumed: its optimizer, schedule or RNG state is damaged "
+            f"{last} cannot be resumed: its optimizer, schedule, loss scale or RNG state is damaged "
             f"({short_reason(e)}); start a new run with another --out"
         ) from e
 
@@ -278,6 +287,8 @@ class Run:
     loss_fn: torch.nn.Module
     augment: DeviceAugment
     normalize: dict
+    precision: str  # what --precision chose on this device (run_precision)
+    scaler: torch.amp.GradScaler  # fp16's loss scaler; disabled otherwise
     best: float = math.inf
     best_row: dict = field(default_factory=dict)
     best_predictions: dict | None = None
@@ -292,7 +303,8 @@ class Run:
             config=self.cfg.to_dict(), rng=rng_state(), prior=self.data.prior.tolist(),
             normalize=self.normalize, image_size=self.data.image_size, in_chans=self.data.channels,
             model_spec=self.spec, data=checkpoint_data(self.data.build), metrics=metrics,
-            best_loss=self.best, best_metrics=self.best_row, **extra,
+            best_loss=self.best, best_metrics=self.best_row, precision=self.precision,
+            scaler=self.scaler.state_dict(), **extra,
         )  # fmt: skip
 
     def checkpoint_mid_epoch(self, epoch: int, gen: torch.Generator, progress: dict) -> None:
@@ -305,6 +317,15 @@ class Run:
                 "ranks": [r[0] for r in ranks], "generators": [r[1] for r in ranks],
             })  # fmt: skip
         distributed.barrier(dist)
+
+
+def run_precision(cfg: TrainConfig, dev: torch.device, ckpt: dict | None) -> str:
+    """bf16, fp16 or fp32: --precision on this device, except that a resumed --precision auto run
+    keeps what it chose when it started (recorded in its checkpoints), on any device."""
+    chosen = ckpt.get("precision") if ckpt is not None else None
+    if cfg.precision == "auto" and chosen in PRECISIONS_CHOSEN:
+        return chosen
+    return resolve_precision(cfg.precision, dev)
 
 
 def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict | None, say) -> Run:
@@ -331,8 +352,10 @@ def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict 
     scheduler = create_scheduler(optimizer, data.steps_per_epoch * cfg.epochs, cfg.warmup_frac, cfg.min_lr_ratio)  # fmt: skip
     # the EMA copy is what validation, best.pt and predict use; the raw weights keep training
     ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema > 0 else None
+    precision = run_precision(cfg, dev, ckpt)
+    scaler = grad_scaler(dev, precision)
     if ckpt is not None:
-        _restore(ckpt, cfg, model, ema, optimizer, scheduler)
+        _restore(ckpt, cfg, model, ema, optimizer, scheduler, scaler)
     raw = model
     if dist.enabled:
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -340,7 +363,7 @@ def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict 
         model = torch.compile(model)
     augment = DeviceAugment(data.image_size, mean, std, AugmentParams.from_config(cfg), cfg.channels_last)  # fmt: skip
     run = Run(cfg, dist, data, spec, raw, model, ema, optimizer, scheduler, create_loss(cfg).to(dev),
-              augment, {"mean": list(mean), "std": list(std)})  # fmt: skip
+              augment, {"mean": list(mean), "std": list(std)}, precision, scaler)  # fmt: skip
     if ckpt is not None:
         run.best, run.best_row = ckpt["best_loss"], dict(ckpt["best_metrics"])
     return run
@@ -370,6 +393,10 @@ def announce(run: Run, say) -> None:
         f"{d.steps_per_epoch} steps/epoch of {cfg.batch_size} x {cfg.accum_steps} x {dist.world}"
         + (f"; validating the EMA (decay {cfg.ema}) of the weights" if run.ema is not None else "")
     )
+    how = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "fp32": "fp32"}
+    say(
+        f"precision: {how[run.precision]} (--precision {cfg.precision} on {device_name(dist.device)})"
+    )
     if d.context is not None:
         say(f"context: {2 * d.context.k + 1} slices a sample, {d.channels} channels ({', '.join(d.context.names(d.build.layout))})")  # fmt: skip
     if cfg.sampler == "balanced":
@@ -385,14 +412,14 @@ def run_epoch(run: Run, epoch: int, start, gen, loaders, log, say) -> dict:
     row = train_one_epoch(
         run.model, train_loader, run.optimizer, run.scheduler, run.loss_fn, run.augment,
         epoch=epoch, dist=dist, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip,
-        precision=cfg.precision, generator=gen, progress=cfg.progress, start=start,
-        checkpoint_every=cfg.checkpoint_every, ema=run.ema,
+        precision=run.precision, generator=gen, progress=cfg.progress, start=start,
+        checkpoint_every=cfg.checkpoint_every, ema=run.ema, scaler=run.scaler,
         on_checkpoint=lambda progress: run.checkpoint_mid_epoch(epoch, gen, progress),
     )  # fmt: skip
     predictions: dict = {}
     row |= validate(
         run.raw if run.ema is None else run.ema.module, valid_loader, run.augment, dist=dist,
-        expected=len(run.data.y_valid), precision=cfg.precision, progress=cfg.progress,
+        expected=len(run.data.y_valid), precision=run.precision, progress=cfg.progress,
         keep=predictions,
     )  # fmt: skip
     row["prior_loss"] = run.data.prior_loss
