@@ -1,4 +1,4 @@
-"""`ich-train fit | evaluate | report | predict | bench | embed | seq`: one add_*_parser / do_*
+"""`ich-train fit | evaluate | report | predict | bench | average | embed | seq`: one add_*_parser / do_*
 pair per subcommand (embed and seq in ich_train.cli_seq).
 
 A user mistake (any `ich_prep.errors.UserError`: config, checkpoint, shard, submission, device,
@@ -146,6 +146,14 @@ def add_fit_parser(sub) -> None:
         "--grad-clip", type=float, default=DEFAULTS["grad_clip"], help="max grad norm, 0 = off"
     )
     p.add_argument("--drop-rate", type=float, default=DEFAULTS["drop_rate"])
+    p.add_argument(
+        "--average-last",
+        type=int,
+        default=DEFAULTS["average_last"],
+        metavar="N",
+        help="keep epoch<K>.pt of the last N epochs and write avg.pt, the mean of their weights "
+        "with batch-norm statistics recomputed on training batches (default 0: off)",
+    )
     p.add_argument(
         "--ema",
         type=float,
@@ -399,6 +407,44 @@ def do_bench(args) -> int:
     return 0
 
 
+def add_average_parser(sub) -> None:
+    p = sub.add_parser(
+        "average", help="one checkpoint with the mean weights of several epochs of one run"
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CK", help="checkpoints of one run (epoch<N>.pt, last.pt)")  # fmt: skip
+    p.add_argument("--out", required=True, help="the averaged checkpoint to write, e.g. avg.pt")
+    p.add_argument(
+        "--shards",
+        default=None,
+        help="the run's training build: recompute the batch-norm statistics on its training "
+        "batches (default: they stay the checkpoints' mean)",
+    )
+    p.add_argument(
+        "--bn-batches", type=at_least(1), default=None, metavar="N",
+        help="training batches (of the run's batch size) that recompute the batch-norm statistics (default 50)",
+    )  # fmt: skip
+    p.add_argument(
+        "--workers", type=at_least(0), default=default_workers(), help="DataLoader workers"
+    )
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cuda or cpu")
+    p.set_defaults(func=do_average)
+
+
+def do_average(args) -> int:
+    from ich_train.average import BN_BATCHES, average, check_average_out, training_batches
+    from ich_train.checkpoint import load_checkpoint
+    from ich_train.distributed import pick_device
+
+    check_average_out(args.out, args.checkpoints)
+    dev = pick_device(args.device)
+    batches = None
+    if args.shards:
+        ckpt = load_checkpoint(args.checkpoints[-1])
+        batches = training_batches(ckpt, args.shards, args.workers, dev, args.bn_batches or BN_BATCHES)  # fmt: skip
+    average(args.checkpoints, args.out, batches=batches, device=dev)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="ich-train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -408,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_report_parser,
         add_predict_parser,
         add_bench_parser,
+        add_average_parser,
     ):
         add(sub)
     add_embed_parser(sub, _runtime_args)

@@ -120,6 +120,9 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     report: bool = True  # at the end: best.pt's validation predictions and report folder
+    # keep epoch<N>.pt for the last `average_last` epochs and write avg.pt, their mean weights with
+    # batch-norm statistics recomputed on training batches (ich_train.average); 0: off
+    average_last: int = 0
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -159,6 +162,10 @@ class TrainConfig:
             )
         if self.checkpoint_every < 0:
             raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.average_last and not 2 <= self.average_last <= self.epochs:
+            raise ConfigError(
+                f"--average-last must be 0 (off) or 2 to --epochs ({self.epochs}), got {self.average_last}"
+            )
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
         self._check_numbers()

@@ -7,6 +7,7 @@ train_one_epoch() + validate(), one metrics row and checkpoint per epoch (rank 0
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ich_prep.location import atomic_file, file_in_the_way
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
+from ich_train.average import BN_BATCHES, average
 from ich_train.checkpoint import (
     INFER_KEYS,
     RESUME_KEYS,
@@ -429,8 +431,11 @@ def run_epoch(run: Run, epoch: int, start, gen, loaders, log, say) -> dict:
     if dist.main:
         log.append(row)
         run.save(out / "last.pt", epoch, row)
-        if improved:
-            with atomic_file(out / "best.pt") as tmp:
+        keep = [out / "best.pt"] if improved else []
+        if epoch >= cfg.epochs - cfg.average_last:  # --average-last: the epochs avg.pt averages
+            keep.append(out / f"epoch{epoch + 1}.pt")
+        for path in keep:
+            with atomic_file(path) as tmp:
                 shutil.copyfile(out / "last.pt", tmp)
         drew = f", drew {row['train_any_share']:.1%} 'any'" if cfg.sampler == "balanced" else ""
         say(
@@ -440,6 +445,18 @@ def run_epoch(run: Run, epoch: int, start, gen, loaders, log, say) -> dict:
         )
     distributed.barrier(dist)
     return row
+
+
+def write_average(run: Run, say) -> None:
+    """avg.pt: the mean weights of the last --average-last epochs' checkpoints, batch-norm
+    statistics recomputed on training batches of a fresh epoch's draw (rank 0's share)."""
+    cfg, out = run.cfg, Path(run.cfg.out)
+    paths = [out / f"epoch{e + 1}.pt" for e in range(cfg.epochs - cfg.average_last, cfg.epochs)]
+    run.data.train_ds.set_epoch(cfg.epochs)
+    loader = create_loader(run.data.train_ds, cfg.workers, run.dist.device)
+    batches = itertools.islice(loader, BN_BATCHES)
+    average(paths, out / "avg.pt", batches=batches, device=run.dist.device, say=say)
+    say(f"evaluate it: ich-train evaluate --checkpoint {out / 'avg.pt'} --shards {cfg.shards} --fold {cfg.valid_fold}")  # fmt: skip
 
 
 def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
@@ -479,9 +496,12 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         data.train_ds.set_epoch(epoch, skip=start["step"] * cfg.accum_steps if start else 0)
         row = run_epoch(run, epoch, start, gen, loaders, log, say)
 
-    # ---- the end: best.pt's report and a summary
+    # ---- the end: best.pt's report, avg.pt and a summary
     if dist.main and cfg.report:
         say(best_report(out, cfg, run.best_predictions))
+    if dist.main and cfg.average_last:
+        write_average(run, say)
+    distributed.barrier(dist)
     summary = {
         "out": str(out),
         "best_valid_loss": run.best,
