@@ -60,6 +60,18 @@ def check_one_run(ckpts: list[dict], paths: list) -> None:
             )
 
 
+def check_same_tensors(ckpts: list[dict], paths: list) -> None:
+    """CheckpointError unless every checkpoint's weights have the first one's names and shapes
+    (a file edited after the run: its config says one model, its tensors another)."""
+    want = {k: v.shape for k, v in ckpts[0]["model"].items()}
+    for ck, path in zip(ckpts[1:], paths[1:], strict=True):
+        if {k: v.shape for k, v in ck["model"].items()} != want:
+            raise CheckpointError(
+                f"{path}: its weights' names or shapes differ from {paths[0]}'s although their "
+                "configs agree (an edited file); average only checkpoints written by ich-train fit"
+            )
+
+
 def mean_weights(states: list[dict]) -> dict:
     """The elementwise mean of floating-point tensors (computed in float64, stored in each
     tensor's dtype); other tensors (batch-norm step counters) from the last state."""
@@ -108,6 +120,7 @@ def load_all(paths: list) -> list[dict]:
         ckpts.append(ck)
     try:
         check_one_run(ckpts, paths)
+        check_same_tensors(ckpts, paths)
     except (TypeError, ValueError, KeyError) as e:  # a config a newer/edited file holds
         if isinstance(e, CheckpointError):
             raise

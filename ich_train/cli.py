@@ -433,8 +433,13 @@ def add_average_parser(sub) -> None:
 def do_average(args) -> int:
     from ich_train.average import BN_BATCHES, average, check_average_out, training_batches
     from ich_train.checkpoint import load_checkpoint
+    from ich_train.config import ConfigError
     from ich_train.distributed import pick_device
 
+    if args.bn_batches and not args.shards:
+        raise ConfigError(
+            "--bn-batches needs --shards (the run's training build) to draw them from"
+        )
     check_average_out(args.out, args.checkpoints)
     dev = pick_device(args.device)
     batches = None

@@ -126,6 +126,21 @@ def test_average_refuses_checkpoints_of_different_runs_in_one_line(averaged, tmp
     assert not dst.exists()
 
 
+def test_average_refuses_edited_weights_and_bn_batches_without_shards(averaged, tmp_path, capsys):
+    """Weights of another shape under an agreeing config, and --bn-batches without --shards:
+    exit 2, one line each."""
+    _, _, out = averaged
+    ck = torch.load(out / "epoch3.pt", weights_only=True)
+    ck["model"]["fc.bias"] = torch.zeros(7)
+    torch.save(ck, tmp_path / "edited.pt")
+    args = ["average", str(out / "epoch2.pt"), str(tmp_path / "edited.pt"), "--out", str(tmp_path / "a.pt")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "names or shapes differ" in err and len(err.splitlines()) == 1
+    assert main([*args[:3], "--out", str(tmp_path / "b.pt"), "--bn-batches", "3"]) == 2
+    assert "--bn-batches needs --shards" in capsys.readouterr().err
+
+
 def test_average_refuses_to_overwrite_an_input_or_a_foreign_file(averaged, tmp_path, capsys):
     _, _, out = averaged
     cks = [str(out / "epoch2.pt"), str(out / "epoch3.pt")]
