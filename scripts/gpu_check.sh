@@ -32,7 +32,7 @@ MODEL=${MODELS%% *}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 echo "gpu_check: $CORES cores, $GPUS GPU(s), torch $("$PY" -c 'import torch; print(torch.__version__)')"
-[ "$GPUS" -gt 0 ] && nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader
+[ "$GPUS" -gt 0 ] && { nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader || true; }
 STAGES="$OUT/stages.md"
 printf '| stage | seconds |\n|---|---|\n' > "$STAGES"
 timed() {  # timed NAME command...: run it, and add its wall time to the stage table
