@@ -84,6 +84,23 @@ def test_overflowing_steps_are_skipped_and_counted():
     assert not any(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+def test_gradients_are_unscaled_before_clipping(monkeypatch):
+    """--grad-clip sees the true gradients: the norm clip_grad_norm_ measures under fp16 is the
+    size of an unscaled gradient (well under 1 here), not 2^16 times it."""
+    import ich_train.engine as engine
+
+    norms, clip = [], torch.nn.utils.clip_grad_norm_
+
+    def record(params, max_norm):
+        params = list(params)
+        norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))))
+        return clip(params, max_norm)
+
+    monkeypatch.setattr(engine.torch.nn.utils, "clip_grad_norm_", record)
+    _epoch(grad_scaler(CPU, "fp16"))
+    assert len(norms) == 3 and all(0 < n < 100 for n in norms), norms
+
+
 class Preempted(Exception):
     pass
 
