@@ -35,7 +35,7 @@ from ich_train.data import (
     read_shard,
 )
 from ich_train.distributed import pick_device
-from ich_train.engine import autocast
+from ich_train.engine import autocast, grad_scaler, resolve_precision
 from ich_train.losses import MultiLabelLoss
 from ich_train.mixing import series_mixing
 from ich_train.model import build_model, model_spec, normalization
@@ -134,13 +134,15 @@ def bench(
     mean_t = torch.tensor(mean, device=dev).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=dev).view(1, -1, 1, 1)
     gen = torch.Generator(device=dev).manual_seed(0)
+    scaler = grad_scaler(dev, precision)  # fp16 trains with loss scaling, as fit does
 
     def step(x, y):
         with autocast(dev, precision):
             logits = net(x)
         loss = loss_fn(logits, y)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
 
     def uint8_step(images, y):
@@ -155,6 +157,7 @@ def bench(
 
     say(
         f"bench: {model}{' (compiled)' if compile else ''} at {size}px, batch {batch_size}, "
+        f"{resolve_precision(precision, dev)}, "
         f"{steps} timed steps after {warmup}, {workers} workers, {dev}"
     )
     first = next(
@@ -166,7 +169,7 @@ def bench(
     )
     resident = (first["image"].to(dev), torch.nan_to_num(first["label"]).to(dev))
     res = {"model": model, "image_size": size, "batch_size": batch_size, "device": str(dev),
-           "compile": compile}  # fmt: skip
+           "compile": compile, "precision": resolve_precision(precision, dev)}  # fmt: skip
     res["a_resident"] = _rate(itertools.repeat(resident), uint8_step, warmup, steps, dev)
     say(f"(a) batch resident on device:   {res['a_resident']:9.1f} img/s")
 

@@ -1,4 +1,4 @@
-"""`ich-train fit | evaluate | report | predict | bench | embed | seq`: one add_*_parser / do_*
+"""`ich-train fit | evaluate | report | predict | bench | average | embed | seq`: one add_*_parser / do_*
 pair per subcommand (embed and seq in ich_train.cli_seq).
 
 A user mistake (any `ich_prep.errors.UserError`: config, checkpoint, shard, submission, device,
@@ -27,7 +27,7 @@ from ich_prep.errors import (
 )
 from ich_prep.terminal import echo
 from ich_train.cli_seq import add_embed_parser, add_seq_parser
-from ich_train.config import COUNTS, TrainConfig
+from ich_train.config import COUNTS, PRECISIONS, TrainConfig
 from ich_train.data import default_workers
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -159,6 +159,14 @@ def add_fit_parser(sub) -> None:
     )
     p.add_argument("--drop-rate", type=float, default=DEFAULTS["drop_rate"])
     p.add_argument(
+        "--average-last",
+        type=count("average_last"),
+        default=DEFAULTS["average_last"],
+        metavar="N",
+        help="keep epoch<K>.pt of the last N epochs and write avg.pt, the mean of their weights "
+        "with batch-norm statistics recomputed on training batches (default 0: off)",
+    )
+    p.add_argument(
         "--ema",
         type=float,
         default=DEFAULTS["ema"],
@@ -227,7 +235,13 @@ def add_fit_parser(sub) -> None:
         "each slice: 2K+1 channels (the 1st place's s-1, s, s+1 in one window)",
     )
     p.add_argument("--seed", type=count("seed"), default=DEFAULTS["seed"])
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16 where the GPU runs it natively (A100, H100, RTX 30xx+), fp16 with loss "
+        "scaling on other GPUs (T4, P100, V100, RTX 20xx), fp32 on CPU",
+    )
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument(
@@ -412,7 +426,7 @@ def add_bench_parser(sub) -> None:
     )
     p.add_argument("--warmup", type=int_range(0, 100_000), default=3, help="untimed steps first")
     p.add_argument("--dicom-dir", default=None, help="DICOM folder for the baseline loader (c)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument(
         "--loader-steps",
         type=int_range(1, 100_000),
@@ -432,6 +446,49 @@ def do_bench(args) -> int:
     return 0
 
 
+def add_average_parser(sub) -> None:
+    p = sub.add_parser(
+        "average", help="one checkpoint with the mean weights of several epochs of one run"
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CK", help="checkpoints of one run (epoch<N>.pt, last.pt)")  # fmt: skip
+    p.add_argument("--out", required=True, help="the averaged checkpoint to write, e.g. avg.pt")
+    p.add_argument(
+        "--shards",
+        default=None,
+        help="the run's training build: recompute the batch-norm statistics on its training "
+        "batches (default: they stay the checkpoints' mean)",
+    )
+    p.add_argument(
+        "--bn-batches", type=int_range(1, 100_000), default=None, metavar="N",
+        help="training batches (of the run's batch size) that recompute the batch-norm statistics (default 50)",
+    )  # fmt: skip
+    p.add_argument(
+        "--workers", type=count("workers"), default=default_workers(), help="DataLoader workers"
+    )
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cuda or cpu")
+    p.set_defaults(func=do_average)
+
+
+def do_average(args) -> int:
+    from ich_train.average import BN_BATCHES, average, check_average_out, training_batches
+    from ich_train.checkpoint import load_checkpoint
+    from ich_train.config import ConfigError
+    from ich_train.distributed import pick_device
+
+    if args.bn_batches and not args.shards:
+        raise ConfigError(
+            "--bn-batches needs --shards (the run's training build) to draw them from"
+        )
+    check_average_out(args.out, args.checkpoints)
+    dev = pick_device(args.device)
+    batches = None
+    if args.shards:
+        ckpt = load_checkpoint(args.checkpoints[-1])
+        batches = training_batches(ckpt, args.shards, args.workers, dev, args.bn_batches or BN_BATCHES)  # fmt: skip
+    average(args.checkpoints, args.out, batches=batches, device=dev)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="ich-train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -441,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_report_parser,
         add_predict_parser,
         add_bench_parser,
+        add_average_parser,
     ):
         add(sub)
     add_embed_parser(sub, _runtime_args)

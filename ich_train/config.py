@@ -29,7 +29,7 @@ RUNTIME_FIELDS = frozenset(
     }
 )
 LOSSES = ("bce", "asl")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # fp16: with loss scaling (GradScaler)
 LOADERS = ("auto", "stream", "spans")  # auto: spans when the build's index records them
 SAMPLERS = ("natural", "balanced")  # balanced: --pos-fraction of 'any' positives per epoch
 # --context with --sampler balanced, refused by TrainConfig and by data.create_train_stream
@@ -52,6 +52,7 @@ COUNTS = {
     "shuffle_buffer": (1, 100_000),
     "epoch_samples": (1, 10**9),
     "checkpoint_every": (0, 10**9),
+    "average_last": (0, 10_000),
     "seed": (0, MAX_SEED),
     "image_size": (16, MAX_IMAGE_SIZE),
 }
@@ -129,7 +130,9 @@ class TrainConfig:
     context: int = 0
     context_window: str | None = None
     seed: int = 0
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast where the GPU runs it natively, fp16 + loss scaling on other GPUs, fp32
+    # on CPU (ich_train.engine.resolve_precision; checkpoints record what it chose)
+    precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
     workers: int = 4
@@ -138,6 +141,9 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     report: bool = True  # at the end: best.pt's validation predictions and report folder
+    # keep epoch<N>.pt for the last `average_last` epochs and write avg.pt, their mean weights with
+    # batch-norm statistics recomputed on training batches (ich_train.average); 0: off
+    average_last: int = 0
 
     def __post_init__(self):
         self._check_counts()
@@ -171,6 +177,10 @@ class TrainConfig:
         if not 0 <= self.ema < 1:
             raise ConfigError(
                 f"--ema must be in [0, 1) (e.g. 0.999; 0 turns it off), got {self.ema}"
+            )
+        if self.average_last and not 2 <= self.average_last <= self.epochs:
+            raise ConfigError(
+                f"--average-last must be 0 (off) or 2 to --epochs ({self.epochs}), got {self.average_last}"
             )
         self._check_numbers()
 

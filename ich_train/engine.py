@@ -24,10 +24,47 @@ class DivergedError(UserError, FloatingPointError):
     """The training loss became NaN or infinite: the learning rate or warmup is the usual cause."""
 
 
+PRECISIONS_CHOSEN = ("bf16", "fp16", "fp32")  # what "auto" becomes
+
+
+def device_name(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3' for a CUDA device, 'cpu' otherwise: what runs print and record."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """What --precision means on `device`: 'auto' is bf16 where the CUDA device runs it natively
+    (Ampere and later: A100, H100, RTX 30xx/40xx), fp16 on other CUDA devices (T4, P100, V100,
+    RTX 20xx: bf16 would be emulated, slowly) and fp32 on the CPU; any other value is itself."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    # the current device: distributed.setup() made it this process's one
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA ('auto') or when asked ('bf16'); fp32 otherwise."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    """Autocast to bf16 or fp16 as resolve_precision() says; fp32 is no autocast."""
+    chosen = resolve_precision(precision, device)
+    dtype = torch.float16 if chosen == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=chosen != "fp32")
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """The loss scaler fp16 needs (its gradients underflow unscaled); a no-op for bf16 and fp32.
+    Steps whose scaled gradients overflow are skipped and the scale halved (train_one_epoch
+    counts them)."""
+    enabled = resolve_precision(precision, device) == "fp16"
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+def _found_inf(scaler: torch.amp.GradScaler, optimizer) -> torch.Tensor | float:
+    """1 (a tensor, no host sync) when the step just taken was skipped for an overflow, else 0.
+    Read from the scaler's per-optimizer record (torch keeps no public accessor) before update()."""
+    if not scaler.is_enabled():
+        return 0.0
+    return sum(t.float() for t in scaler._found_inf_per_device(optimizer).values())
 
 
 def train_one_epoch(
@@ -50,14 +87,17 @@ def train_one_epoch(
     checkpoint_every: int = 0,
     on_checkpoint=None,
     ema=None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict:
-    """One pass over `loader` (exactly len(loader) batches); returns train_loss, lr, images/s and
-    train_any_share (the share of trained images positive for `any`: what the sampler drew).
+    """One pass over `loader` (exactly len(loader) batches); returns train_loss, lr, images/s,
+    train_any_share (the share of trained images positive for `any`: what the sampler drew) and
+    train_overflow_steps (fp16 steps the scaler skipped for an overflow).
 
     `start` continues an epoch cut short: this rank's {'step', 'loss_sum', 'batches', 'seen',
-    'time_s', 'any_sum'} as given to `on_checkpoint`, which is called with them every `checkpoint_every`
-    optimizer steps inside the epoch (at the same step on every rank). `ema` (timm ModelEmaV3)
-    is updated after every optimizer step."""
+    'time_s', 'any_sum', 'overflow'} as given to `on_checkpoint`, which is called with them every
+    `checkpoint_every` optimizer steps inside the epoch (at the same step on every rank). `ema`
+    (timm ModelEmaV3) is updated after every optimizer step. `scaler` (grad_scaler(), for fp16)
+    scales the loss; gradients are unscaled before clipping."""
     model.train()
     dev = dist.device
     start = start or {"step": 0, "loss_sum": 0.0, "batches": 0, "seen": 0, "time_s": 0.0}
@@ -66,6 +106,8 @@ def train_one_epoch(
     loss_sum = torch.full((), float(start["loss_sum"]), device=dev)
     # positives for `any` trained on; a checkpoint from before this count has none: 0
     any_sum = torch.full((), float(start.get("any_sum", 0.0)), device=dev)
+    overflow = torch.full((), float(start.get("overflow", 0.0)), device=dev)
+    scaler = scaler or torch.amp.GradScaler(dev.type, enabled=False)
     bar = tqdm(
         total=n_steps,
         initial=step,
@@ -85,7 +127,7 @@ def train_one_epoch(
             with autocast(dev, precision):
                 logits = model(x)
             loss = loss_fn(logits, labels)  # in fp32, outside autocast
-            (loss / accum_steps).backward()
+            scaler.scale(loss / accum_steps).backward()
         loss_sum += loss.detach()
         any_sum += labels[:, 0].sum()
         n_batches += 1
@@ -93,8 +135,11 @@ def train_one_epoch(
         if not boundary:
             continue
         if grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        overflow += _found_inf(scaler, optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
@@ -120,6 +165,7 @@ def train_one_epoch(
                     "seen": seen,
                     "time_s": time.perf_counter() - t0,
                     "any_sum": any_sum.item(),
+                    "overflow": overflow.item(),
                 }
             )
     bar.close()
@@ -136,6 +182,8 @@ def train_one_epoch(
         "train_images_per_s": total_seen / elapsed,
         "train_any_share": total_any / max(total_seen, 1),
         "train_time_s": elapsed,
+        # the same on every rank: the scaler sees the all-reduced gradients
+        "train_overflow_steps": int(overflow.item()),
     }
 
 

@@ -7,6 +7,7 @@ train_one_epoch() + validate(), one metrics row and checkpoint per epoch (rank 0
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -24,6 +25,7 @@ from ich_prep.location import atomic_file, file_in_the_way
 from ich_prep.terminal import echo
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
+from ich_train.average import BN_BATCHES, average
 from ich_train.checkpoint import (
     INFER_KEYS,
     RESUME_KEYS,
@@ -40,7 +42,14 @@ from ich_train.checkpoint import (
 from ich_train.config import ConfigError, TrainConfig, check_resumable
 from ich_train.context import create_context, series_positions
 from ich_train.data import Build, EvalStream, SpanStream, create_loader, create_train_stream
-from ich_train.engine import train_one_epoch, validate
+from ich_train.engine import (
+    PRECISIONS_CHOSEN,
+    device_name,
+    grad_scaler,
+    resolve_precision,
+    train_one_epoch,
+    validate,
+)
 from ich_train.losses import create_loss
 from ich_train.metrics import label_prior, prior_baseline_loss
 from ich_train.model import (
@@ -173,9 +182,9 @@ def _open_run(cfg: TrainConfig, build: Build, resume: bool, dist: distributed.Di
     return ckpt
 
 
-def _restore(ckpt: dict, cfg: TrainConfig, model, ema, optimizer, scheduler) -> None:
-    """Load a resumed run's weights, optimizer, schedule and RNG states, or a CheckpointError
-    naming last.pt (a file that passed the key checks but was edited or cut)."""
+def _restore(ckpt: dict, cfg: TrainConfig, model, ema, optimizer, scheduler, scaler) -> None:
+    """Load a resumed run's weights, optimizer, schedule, loss scale (fp16) and RNG states, or a
+    CheckpointError naming last.pt (a file that passed the key checks but was edited or cut)."""
     last = Path(cfg.out) / "last.pt"
     load_weights(model, ckpt.get("model_train", ckpt["model"]), last, cfg.model)
     if ema is not None:
@@ -183,10 +192,12 @@ def _restore(ckpt: dict, cfg: TrainConfig, model, ema, optimizer, scheduler) -> 
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler.is_enabled() and ckpt.get("scaler"):  # none: the run did not train in fp16
+            scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         raise CheckpointError(
-            f"{last} cannot be resumed: its optimizer, schedule or RNG state is damaged "
+            f"{last} cannot be resumed: its optimizer, schedule, loss scale or RNG state is damaged "
             f"({short_reason(e)}); start a new run with another --out"
         ) from e
 
@@ -287,6 +298,8 @@ class Run:
     loss_fn: torch.nn.Module
     augment: DeviceAugment
     normalize: dict
+    precision: str  # what --precision chose on this device (run_precision)
+    scaler: torch.amp.GradScaler  # fp16's loss scaler; disabled otherwise
     best: float = math.inf
     best_row: dict = field(default_factory=dict)
     best_predictions: dict | None = None
@@ -301,7 +314,8 @@ class Run:
             config=self.cfg.to_dict(), rng=rng_state(), prior=self.data.prior.tolist(),
             normalize=self.normalize, image_size=self.data.image_size, in_chans=self.data.channels,
             model_spec=self.spec, data=checkpoint_data(self.data.build), metrics=metrics,
-            best_loss=self.best, best_metrics=self.best_row, **self._adjustment(), **extra,
+            best_loss=self.best, best_metrics=self.best_row, **self._adjustment(), precision=self.precision,
+            scaler=self.scaler.state_dict(), **extra,
         )  # fmt: skip
 
     def _adjustment(self) -> dict:
@@ -333,6 +347,15 @@ def _normalize(cfg: TrainConfig, model, channels: int, ckpt: dict | None) -> tup
     return [float(v) for v in norm["mean"]], [float(v) for v in norm["std"]]
 
 
+def run_precision(cfg: TrainConfig, dev: torch.device, ckpt: dict | None) -> str:
+    """bf16, fp16 or fp32: --precision on this device, except that a resumed --precision auto run
+    keeps what it chose when it started (recorded in its checkpoints), on any device."""
+    chosen = ckpt.get("precision") if ckpt is not None else None
+    if cfg.precision == "auto" and chosen in PRECISIONS_CHOSEN:
+        return chosen
+    return resolve_precision(cfg.precision, dev)
+
+
 def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict | None, say) -> Run:
     """Model (and --pretrained, before the run folder is written: a bad file leaves none), head
     bias at the prior, optimizer, schedule, EMA, loss and device augmentation; a resumed run's
@@ -357,8 +380,10 @@ def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict 
     scheduler = create_scheduler(optimizer, data.steps_per_epoch * cfg.epochs, cfg.warmup_frac, cfg.min_lr_ratio)  # fmt: skip
     # the EMA copy is what validation, best.pt and predict use; the raw weights keep training
     ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True) if cfg.ema > 0 else None
+    precision = run_precision(cfg, dev, ckpt)
+    scaler = grad_scaler(dev, precision)
     if ckpt is not None:
-        _restore(ckpt, cfg, model, ema, optimizer, scheduler)
+        _restore(ckpt, cfg, model, ema, optimizer, scheduler, scaler)
     raw = model
     if dist.enabled:
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -366,7 +391,7 @@ def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict 
         model = torch.compile(model)
     augment = DeviceAugment(data.image_size, mean, std, AugmentParams.from_config(cfg), cfg.channels_last)  # fmt: skip
     run = Run(cfg, dist, data, spec, raw, model, ema, optimizer, scheduler, create_loss(cfg).to(dev),
-              augment, {"mean": mean, "std": std})  # fmt: skip
+              augment, {"mean": mean, "std": std}, precision, scaler)  # fmt: skip
     if ckpt is not None:
         run.best, run.best_row = ckpt["best_loss"], dict(ckpt["best_metrics"])
     return run
@@ -396,6 +421,10 @@ def announce(run: Run, say) -> None:
         f"{d.steps_per_epoch} steps/epoch of {cfg.batch_size} x {cfg.accum_steps} x {dist.world}"
         + (f"; validating the EMA (decay {cfg.ema}) of the weights" if run.ema is not None else "")
     )
+    how = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "fp32": "fp32"}
+    say(
+        f"precision: {how[run.precision]} (--precision {cfg.precision} on {device_name(dist.device)})"
+    )
     if d.context is not None:
         say(f"context: {2 * d.context.k + 1} slices a sample, {d.channels} channels ({', '.join(d.context.names(d.build.layout))}); {_context_reader(d.train_ds, cfg)}")  # fmt: skip
     if cfg.sampler == "balanced":
@@ -420,14 +449,14 @@ def run_epoch(run: Run, epoch: int, start, gen, loaders, log, say) -> dict:
     row = train_one_epoch(
         run.model, train_loader, run.optimizer, run.scheduler, run.loss_fn, run.augment,
         epoch=epoch, dist=dist, accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip,
-        precision=cfg.precision, generator=gen, progress=cfg.progress, start=start,
-        checkpoint_every=cfg.checkpoint_every, ema=run.ema,
+        precision=run.precision, generator=gen, progress=cfg.progress, start=start,
+        checkpoint_every=cfg.checkpoint_every, ema=run.ema, scaler=run.scaler,
         on_checkpoint=lambda progress: run.checkpoint_mid_epoch(epoch, gen, progress),
     )  # fmt: skip
     predictions: dict = {}
     row |= validate(
         run.raw if run.ema is None else run.ema.module, valid_loader, run.augment, dist=dist,
-        expected=len(run.data.y_valid), precision=cfg.precision, progress=cfg.progress,
+        expected=len(run.data.y_valid), precision=run.precision, progress=cfg.progress,
         keep=predictions, shift=run.data.adjustment,
     )  # fmt: skip
     row["prior_loss"] = run.data.prior_loss
@@ -437,8 +466,11 @@ def run_epoch(run: Run, epoch: int, start, gen, loaders, log, say) -> dict:
     if dist.main:
         log.append(row)
         run.save(out / "last.pt", epoch, row)
-        if improved:
-            with atomic_file(out / "best.pt") as tmp:
+        keep = [out / "best.pt"] if improved else []
+        if epoch >= cfg.epochs - cfg.average_last:  # --average-last: the epochs avg.pt averages
+            keep.append(out / f"epoch{epoch + 1}.pt")
+        for path in keep:
+            with atomic_file(path) as tmp:
                 shutil.copyfile(out / "last.pt", tmp)
         drew = f", drew {row['train_any_share']:.1%} 'any'" if cfg.sampler == "balanced" else ""
         say(
@@ -448,6 +480,18 @@ def run_epoch(run: Run, epoch: int, start, gen, loaders, log, say) -> dict:
         )
     distributed.barrier(dist)
     return row
+
+
+def write_average(run: Run, say) -> None:
+    """avg.pt: the mean weights of the last --average-last epochs' checkpoints, batch-norm
+    statistics recomputed on training batches of a fresh epoch's draw (rank 0's share)."""
+    cfg, out = run.cfg, Path(run.cfg.out)
+    paths = [out / f"epoch{e + 1}.pt" for e in range(cfg.epochs - cfg.average_last, cfg.epochs)]
+    run.data.train_ds.set_epoch(cfg.epochs)
+    loader = create_loader(run.data.train_ds, cfg.workers, run.dist.device)
+    batches = itertools.islice(loader, BN_BATCHES)
+    average(paths, out / "avg.pt", batches=batches, device=run.dist.device, say=say)
+    say(f"evaluate it: ich-train evaluate --checkpoint {out / 'avg.pt'} --shards {cfg.shards} --fold {cfg.valid_fold}")  # fmt: skip
 
 
 def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
@@ -487,9 +531,12 @@ def _fit(cfg: TrainConfig, resume: bool, dist: distributed.Dist) -> dict:
         data.train_ds.set_epoch(epoch, skip=start["step"] * cfg.accum_steps if start else 0)
         row = run_epoch(run, epoch, start, gen, loaders, log, say)
 
-    # ---- the end: best.pt's report and a summary
+    # ---- the end: best.pt's report, avg.pt and a summary
     if dist.main and cfg.report:
         say(best_report(out, cfg, run.best_predictions))
+    if dist.main and cfg.average_last:
+        write_average(run, say)
+    distributed.barrier(dist)
     summary = {
         "out": str(out),
         "best_valid_loss": run.best,

@@ -22,7 +22,14 @@ RECIPES = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 def _commands() -> list[list[str]]:
     blocks = re.findall(r"```bash\n(.*?)```", RECIPES.read_text(), flags=re.S)
     lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
-    return [shlex.split(line) for line in lines if line.strip()]
+    return [_as_cli(shlex.split(line)) for line in lines if line.strip()]
+
+
+def _as_cli(cmd: list[str]) -> list[str]:
+    """`torchrun [its flags] -m ich_train fit ...` is `ich-train fit ...` on every process."""
+    if cmd[0] == "torchrun" and cmd[cmd.index("-m") + 1] == "ich_train":
+        return ["ich-train", *cmd[cmd.index("-m") + 2 :]]
+    return cmd
 
 
 def _subcommands(parser) -> set[str]:

@@ -96,12 +96,12 @@ def test_torchrun_killed_inside_an_epoch_resumes_to_the_same_weights(straight):
 
 @pytest.fixture(scope="module", params=["spans", "stream"])
 def context_runs(tmp_path_factory, request):
-    """fit --context 1 (9 channels, EMA) on a series-aware build under 2 ranks x 2 workers, with
-    the span loader (what --loader auto picks) or the streaming one: a straight run, and the same
-    run killed with SIGKILL inside epoch 0 then resumed."""
+    """fit --context 1 (9 channels, EMA, fp16 with its loss scaler) on a series-aware build under
+    2 ranks x 2 workers, with the span loader (what --loader auto picks) or the streaming one: a
+    straight run, and the same run killed with SIGKILL inside epoch 0 then resumed."""
     tmp = tmp_path_factory.mktemp("ddp-context")
     shards = make_build(tmp / "shards", folds=2, per_shard=48, size=32, series_len=6)
-    extra = ("--context", "1", "--ema", "0.9", "--loader", request.param)
+    extra = ("--context", "1", "--ema", "0.9", "--precision", "fp16", "--loader", request.param)
     ref = tmp / "straight"
     proc = subprocess.run(
         _torchrun(shards, ref, *extra), capture_output=True, text=True, timeout=240, env=ENV
@@ -114,14 +114,15 @@ def context_runs(tmp_path_factory, request):
 
 
 def test_context_under_torchrun_gives_equal_batches_and_resumes_bit_for_bit(context_runs):
-    """--context 1 with 2 ranks, span or streaming loader: every epoch trains all 48 images in
-    equal rank batches (6 steps of 4 x 2), the model takes 9 channels, and kill -9 inside epoch 0
-    then --resume ends on the straight run's trained and EMA weights, bit for bit."""
+    """--context 1 with 2 ranks in fp16, span or streaming loader: every epoch trains all 48 images
+    in equal rank batches (6 steps of 4 x 2), the model takes 9 channels, and kill -9 inside epoch
+    0 then --resume ends on the straight run's trained and EMA weights and loss scale, bit for bit."""
     ref, out, left = context_runs
     assert left["epoch"] == 0 and left["epoch_progress"]["world"] == 2
     a, b = load_checkpoint(ref / "last.pt"), load_checkpoint(out / "last.pt")
     assert a["in_chans"] == b["in_chans"] == 9 and a["config"]["context"] == 1
     assert a["step"] == b["step"] == 12
+    assert a["precision"] == "fp16" and a["scaler"] == b["scaler"]
     for weights in ("model", "model_train"):
         for k in a[weights]:
             assert torch.equal(a[weights][k], b[weights][k]), (weights, k)
