@@ -33,6 +33,7 @@ BASE = {
     ("ich-train", "predict"): ["predict", "--checkpoint", X, "--shards", X],
     ("ich-train", "bench"): ["bench", "--shards", X],
     ("ich-train", "embed"): ["embed", "--checkpoint", X, "--shards", X, "--out", Y],
+    ("ich-train", "average"): ["average", X, X, "--out", Y, "--shards", X],
     ("ich-train", "seq", "fit"): ["seq", "fit", "--features", X, "--valid-fold", "0", "--out", Y],
     ("ich-train", "seq", "evaluate"): [
         "seq",
