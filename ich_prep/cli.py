@@ -412,9 +412,9 @@ def add_preview(sub) -> None:
     p.add_argument("root", metavar="DIR_OR_URL", help="build folder or URL prefix")
     p.add_argument(
         "--n",
-        type=int_range(1, 10_000),
+        type=int_range(1, 1_000_000),
         default=64,
-        help="samples to show, 1 to 10000 (default 64)",
+        help="samples to show, 1 to 1000000, at most what the build holds (default 64)",
     )
     p.add_argument("--out", default="preview.png", help="PNG to write (default preview.png)")
     p.add_argument("--label", choices=LABELS, help="only samples positive for this label")

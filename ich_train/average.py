@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ich_prep.terminal import echo
 from ich_train.checkpoint import (
     CheckpointError,
     check_keys,
@@ -128,7 +129,7 @@ def load_all(paths: list) -> list[dict]:
     return ckpts
 
 
-def average(paths: list, out, *, batches=None, device=CPU, say=print) -> dict:
+def average(paths: list, out, *, batches=None, device=CPU, say=echo) -> dict:
     """Write `out`: the last checkpoint with the mean of every checkpoint's weights (the EMA
     weights, when the run kept an EMA) and without its optimizer state (it evaluates, predicts and
     embeds like any checkpoint; it is not resumed). With `batches` (the run's training batches:

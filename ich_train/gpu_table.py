@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import time
 
 import torch
 
 from ich_prep.errors import OneLineParser, UserError, run_cli
+from ich_prep.terminal import echo
 from ich_train.augment import AugmentParams, DeviceAugment
 from ich_train.bench import _rate
 from ich_train.context import create_context, series_positions
@@ -130,7 +132,8 @@ def table(args) -> str:
             batches = shard_batches(build, context, args.batch, args.warmup + args.steps, args.workers, dev)  # fmt: skip
         row |= measure(model, channels, size, build.size, precision, compiled, args.batch, args.steps, args.warmup, dev, batches)  # fmt: skip
         rows.append(row)
-        print(" ".join(f"{c}={_fmt(row.get(c))}" for c in COLUMNS), flush=True)
+        echo(" ".join(f"{c}={_fmt(row.get(c))}" for c in COLUMNS))
+        sys.stdout.flush()
     return render(rows, dev, size, args)
 
 
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
 
     def run(args) -> int:
         text = table(args)
-        print(text)
+        echo(text)
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text)

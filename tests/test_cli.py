@@ -139,13 +139,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_scheduler_refused_fast():
-    """`--backend dask --scheduler tcp://127.0.0.1:<closed>`: exit 2 in seconds, one line."""
+def test_unreachable_scheduler_refused_fast(tmp_path):
+    """`--backend dask --scheduler tcp://127.0.0.1:<closed>`: exit 2 in seconds, one line. The
+    DICOM folder holds one real file of its own (it used to be the working directory, which held
+    .dcm files only where the virtualenv with pydicom's test files lived inside the checkout)."""
     pytest.importorskip("dask.distributed")
+    from tests.conftest import phantom_hu, write_hu
+
+    write_hu(tmp_path / "dicom" / "ID_000000001.dcm", phantom_hu(64))
     addr = f"tcp://127.0.0.1:{_free_port()}"
     t0 = time.perf_counter()
     r = subprocess.run(
-        [*CLI, "build", "--dicom-dir", ".", "--out", "never", "--backend", "dask", "--scheduler", addr],
+        [*CLI, "build", "--dicom-dir", str(tmp_path / "dicom"), "--out", str(tmp_path / "never"),
+         "--backend", "dask", "--scheduler", addr],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert time.perf_counter() - t0 < 20

@@ -197,7 +197,7 @@ def test_context_refuses_an_index_whose_ranks_disagree_with_the_samples(series_b
     ds = SpanStream([shard], b.encoding, 60, 1, context=Context(1), positions=series_positions(b.ok))  # fmt: skip
     with pytest.raises(
         ShardError,
-        match=r"its json says series \S+ slice rank [01], index.parquet says series \S+ slice rank [01];",
+        match=r"json slice_rank [01] differs from the index's [01];",
     ):
         list(create_loader(ds, 0, CPU))
 
