@@ -1,0 +1,78 @@
+"""A run folder handed over by someone else (a hostile teammate), resumed or written into: no
+write through a link planted in it, no hang or traceback on what a resume reads back from it, and
+one line with exit 2 for output paths that cannot be folders (fresh hostile pass, issue 23)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ich_train.cli import main
+from tests.test_train_cli_errors import one_error_line
+from tests.train_fixtures import deadline, make_build
+
+TINY = ["--model", "resnet10t", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+        "--workers", "0", "--no-progress", "--no-report", "--device", "cpu"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A 2-fold build and a finished 1-epoch run on it."""
+    tmp = tmp_path_factory.mktemp("hostile_run")
+    build = make_build(tmp / "build", folds=2, per_shard=8, size=32)
+    assert main(["fit", "--shards", str(build), "--valid-fold", "1", *TINY, "--out", str(tmp / "run")]) == 0  # fmt: skip
+    return build, tmp / "run"
+
+
+def _resume(build: Path, run: Path) -> int:
+    with deadline(60):
+        return main(["fit", "--shards", str(build), "--valid-fold", "1", *TINY, "--out", str(run), "--resume"])  # fmt: skip
+
+
+def test_resume_never_writes_config_json_through_a_link(finished, tmp_path, capsys):
+    """Before: fit --resume wrote config.json with write_text, through a link planted at its name
+    (the user's file was overwritten with the run's config). Now it is refused, the file intact."""
+    build, run = finished
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious\n")
+    copy = shutil.copytree(run, tmp_path / "run")
+    (copy / "config.json").unlink()
+    (copy / "config.json").symlink_to(victim)
+    assert _resume(build, copy) == 2
+    assert "config.json is a symlink" in one_error_line(capsys, "fit")
+    assert victim.read_text() == "precious\n"
+
+
+def _fifo(p: Path) -> None:
+    os.mkfifo(p)
+
+
+def _zero(p: Path) -> None:
+    p.symlink_to("/dev/zero")
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        _fifo,
+        _zero,
+        lambda p: p.write_text('epoch,valid_loss\n"\x1b[2Jx",1\n'),  # text epochs
+        lambda p: p.write_text("valid_loss\n1\n"),  # no epoch column
+        lambda p: p.write_bytes(b""),
+        lambda p: p.write_bytes(b"\x00\xff" * 1000),
+    ],
+    ids=["fifo", "dev-zero", "text-epoch", "no-epoch", "empty", "binary"],
+)
+def test_resume_reads_metrics_csv_bounded_and_checked(finished, tmp_path, capsys, plant):
+    """Before: pd.read_csv(metrics.csv) on resume hung on a FIFO, read /dev/zero until killed and
+    raised TypeError on text epochs. Now each is one line naming the file, exit 2, at once."""
+    build, run = finished
+    copy = shutil.copytree(run, tmp_path / "run")
+    (copy / "metrics.csv").unlink()
+    plant(copy / "metrics.csv")
+    assert _resume(build, copy) == 2
+    line = one_error_line(capsys, "fit")
+    assert "metrics.csv" in line and "\x1b" not in line
