@@ -27,7 +27,7 @@ from torch import nn
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
-from ich_prep.location import atomic_open, file_in_the_way, temp_target
+from ich_prep.location import atomic_open, file_in_the_way, temp_target, what_is
 from ich_prep.terminal import echo
 from ich_train.checkpoint import safe_torch_load
 from ich_train.metrics import LABEL_WEIGHTS, compute_metrics
@@ -252,8 +252,7 @@ def check_run_folder(out: Path, resume: bool) -> None:
     fit writes (regular files, no links), and a last.pt exactly when resuming."""
     p = file_in_the_way(out, itself=True)
     if p is not None:
-        where = "" if p == out else f" ({p} is a file)"
-        raise SeqError(f"--out {out} cannot be a run folder{where}: an existing file is in the way; choose a folder path for --out")  # fmt: skip
+        raise SeqError(f"--out {out} cannot be a run folder: {p} is {what_is(p)}, in the way; choose a folder path for --out")  # fmt: skip
     names = sorted(os.listdir(out)) if out.is_dir() else []
     ours = {*RUN_FILES, *(f"{n}.partial" for n in RUN_FILES)}
     foreign = [n for n in names if (n not in ours and temp_target(n) not in RUN_FILES) or not stat.S_ISREG(os.lstat(out / n).st_mode)]  # fmt: skip

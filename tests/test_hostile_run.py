@@ -10,20 +10,25 @@ from pathlib import Path
 
 import pytest
 
+from ich_prep.errors import UserError
+from ich_prep.synth import SynthError, write_synthetic
 from ich_train.cli import main
 from tests.test_train_cli_errors import one_error_line
 from tests.train_fixtures import deadline, make_build
 
 TINY = ["--model", "resnet10t", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
         "--workers", "0", "--no-progress", "--no-report", "--device", "cpu"]  # fmt: skip
+RUNTIME = ["--workers", "0", "--no-progress", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A 2-fold build and a finished 1-epoch run on it."""
+    """A 2-fold build and a finished 1-epoch run on it, with its fold-1 predictions."""
     tmp = tmp_path_factory.mktemp("hostile_run")
     build = make_build(tmp / "build", folds=2, per_shard=8, size=32)
     assert main(["fit", "--shards", str(build), "--valid-fold", "1", *TINY, "--out", str(tmp / "run")]) == 0  # fmt: skip
+    ckpt = str(tmp / "run" / "best.pt")
+    assert main(["evaluate", "--checkpoint", ckpt, "--shards", str(build), "--fold", "1", "--no-report", *RUNTIME]) == 0  # fmt: skip
     return build, tmp / "run"
 
 
@@ -76,3 +81,74 @@ def test_resume_reads_metrics_csv_bounded_and_checked(finished, tmp_path, capsys
     assert _resume(build, copy) == 2
     line = one_error_line(capsys, "fit")
     assert "metrics.csv" in line and "\x1b" not in line
+
+
+def _argv(command: str, build: Path, run: Path, out: Path) -> list[str]:
+    ckpt, oof = str(run / "best.pt"), str(run / "oof_fold1.parquet")
+    return {
+        "fit": ["fit", "--shards", str(build), "--valid-fold", "1", *TINY, "--out", str(out)],
+        "report": ["report", oof, "--out", str(out)],
+        "evaluate": [
+            "evaluate",
+            "--checkpoint",
+            ckpt,
+            "--shards",
+            str(build),
+            "--fold",
+            "1",
+            "--no-report",
+            *RUNTIME,
+            "--out",
+            str(out / "p.parquet"),
+        ],  # fmt: skip
+        "predict": [
+            "predict",
+            "--checkpoint",
+            ckpt,
+            "--shards",
+            str(build),
+            *RUNTIME,
+            "--out",
+            str(out / "s.csv"),
+        ],  # fmt: skip
+        "seq fit": [
+            "seq",
+            "fit",
+            "--features",
+            oof,
+            "--valid-fold",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],  # fmt: skip
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["fit", "report", "evaluate", "predict", "seq fit"])
+@pytest.mark.parametrize("target", ["nothing", "a/b"])
+def test_out_a_link_to_nothing_is_one_line(finished, tmp_path, capsys, command, target):
+    """Before: an --out (or a folder above the output file) that is a symlink to nothing passed the
+    checks and failed at mkdir: 'I/O error: File exists', exit 1. Now one line naming the link,
+    exit 2, and nothing is created at its target."""
+    build, run = finished
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / target)
+    with deadline(60):
+        assert main(_argv(command, build, run, link)) == 2
+    assert f"{link} is a symlink to nothing" in one_error_line(capsys, command)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("where", ["link", "inside-file", "inside-link"])
+def test_synth_out_that_cannot_be_a_folder_is_one_line(tmp_path, where):
+    """Before: synth --out a link to nothing or a path inside a file was an I/O error (exit 1)
+    saying to run the same command again. Now a SynthError (exit 2) naming the entry in the way."""
+    (tmp_path / "f").write_text("keep")
+    (tmp_path / "dang").symlink_to(tmp_path / "nothing")
+    out = {"link": "dang", "inside-file": "f/sub", "inside-link": "dang/sub"}[where]
+    with pytest.raises(SynthError, match="not a folder") as e:
+        write_synthetic(tmp_path / out, patients=1, slices_per_series=1)
+    assert isinstance(e.value, UserError) and (tmp_path / "f").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dang", "f"]
