@@ -30,7 +30,8 @@ from ich_prep.errors import UserError
 from ich_prep.location import atomic_open, file_in_the_way, temp_target, what_is
 from ich_prep.terminal import echo
 from ich_train.checkpoint import safe_torch_load
-from ich_train.metrics import LABEL_WEIGHTS, compute_metrics
+from ich_train.config import MAX_RATE
+from ich_train.metrics import LABEL_WEIGHTS, check_diverged, compute_metrics
 from ich_train.optim import create_scheduler
 from ich_train.predictions import ReportError, check_predictions, predictions_frame
 from ich_train.seq_data import (
@@ -98,8 +99,8 @@ class SeqConfig:
         for name in ("dropout", "reverse_p", "drop_p"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise SeqError(f"--{name.replace('_', '-')} {getattr(self, name)}: use 0 <= value < 1")  # fmt: skip
-        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.weight_decay) and self.weight_decay >= 0):  # fmt: skip
-            raise SeqError("--lr must be > 0 and --weight-decay >= 0 (finite numbers)")
+        if not (0 < self.lr <= MAX_RATE and 0 <= self.weight_decay <= MAX_RATE):  # NaN fails both
+            raise SeqError(f"--lr must be in (0, {MAX_RATE:g}] and --weight-decay in [0, {MAX_RATE:g}], got {self.lr!r} and {self.weight_decay!r}")  # fmt: skip
         if not 0 <= self.seed < 2**32:  # numpy's generators take no negative seed
             raise SeqError(f"--seed {self.seed}: use 0..{2**32 - 1}")
 
@@ -175,6 +176,7 @@ def _split(series: list[Series], fold: int, path: str) -> tuple[list[Series], li
 
 def _scores(model, valid: list[Series]) -> dict:
     out = predict_series(model, valid)
+    check_diverged(out["probs"])
     m = compute_metrics(out["labels"], out["probs"])
     b = compute_metrics(out["labels"], out["base"], prefix="cnn_")
     return {**m, "cnn_loss": b["cnn_loss"], "cnn_auc_any": b["cnn_auc_any"]}

@@ -152,3 +152,36 @@ def test_synth_out_that_cannot_be_a_folder_is_one_line(tmp_path, where):
         write_synthetic(tmp_path / out, patients=1, slices_per_series=1)
     assert isinstance(e.value, UserError) and (tmp_path / "f").read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dang", "f"]
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--weight-decay"])
+@pytest.mark.parametrize("command", ["fit", "seq fit"])
+def test_a_rate_too_large_for_float32_is_one_line(finished, tmp_path, capsys, flag, command):
+    """Before: --lr or --weight-decay 1e300 passed the checks (finite) and ended in a traceback:
+    ValueError 'Input contains NaN' (fit, seq fit) or RuntimeError 'value cannot be converted to
+    type float without overflow' (seq fit's AdamW). Now both are bounded by config.MAX_RATE."""
+    build, run = finished
+    argv = _argv(command, build, run, tmp_path / "out") + [flag, "1e300"]
+    assert main(argv) == 2
+    assert flag in one_error_line(capsys, command)
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_predictions_that_are_nan_are_a_diverged_run(monkeypatch):
+    """Before: weights a huge step made NaN gave NaN validation predictions, and compute_metrics
+    raised ValueError 'Input contains NaN' (a traceback). Now fit's validation (engine.validate)
+    and seq fit's (seq._scores) raise DivergedError, a UserError naming --lr."""
+    import numpy as np
+
+    from ich_train import engine, seq
+    from ich_train.metrics import DivergedError
+
+    nan = {"ids": ["a", "b"], "probs": np.full((2, 6), np.nan), "labels": np.zeros((2, 6)),
+           "base": np.full((2, 6), 0.5)}  # fmt: skip
+    monkeypatch.setattr(engine, "predict", lambda *a, **k: dict(nan))
+    with pytest.raises(DivergedError, match="--lr") as e:
+        engine.validate(None, None, None, dist=None, expected=2)
+    assert isinstance(e.value, UserError)
+    monkeypatch.setattr(seq, "predict_series", lambda *a, **k: dict(nan))
+    with pytest.raises(DivergedError, match="--lr"):
+        seq._scores(None, [])
