@@ -185,3 +185,43 @@ def test_validation_predictions_that_are_nan_are_a_diverged_run(monkeypatch):
     monkeypatch.setattr(seq, "predict_series", lambda *a, **k: dict(nan))
     with pytest.raises(DivergedError, match="--lr"):
         seq._scores(None, [])
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "embed"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_nan_weights_is_one_line(finished, tmp_path, capsys, command, value):
+    """Before: a checkpoint whose weights are NaN (a diverged run, or edited) made evaluate end in
+    ValueError 'Input contains NaN' (a traceback), and predict wrote a submission of the training
+    prior with exit 0 ('images the build could not read'). Now checkpoint.load_weights refuses it."""
+    import torch
+
+    build, run = finished
+    ck = torch.load(run / "best.pt", weights_only=True)
+    name = next(k for k, v in ck["model"].items() if v.is_floating_point())
+    ck["model"][name] = torch.full_like(ck["model"][name], value)
+    bad = tmp_path / "bad.pt"
+    torch.save(ck, bad)
+    out = tmp_path / "out"
+    argv = {
+        "evaluate": [
+            "evaluate",
+            "--checkpoint",
+            str(bad),
+            "--shards",
+            str(build),
+            "--fold",
+            "1",
+            "--no-report",
+            "--out",
+            str(out),
+        ],  # fmt: skip
+        "predict": ["predict", "--checkpoint", str(bad), "--shards", str(build), "--out", str(out)],
+        "embed": ["embed", "--checkpoint", str(bad), "--shards", str(build), "--out", str(out)],
+    }[command]
+    assert main([*argv, *RUNTIME]) == 2
+    err = capsys.readouterr().err  # predict warns first that this is a train build
+    assert "Traceback" not in err and not out.exists()
+    assert (
+        f"ich-train {command}: {bad}: its weights hold NaN or infinite values"
+        in err.splitlines()[-1]
+    )
