@@ -229,13 +229,21 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def file_in_the_way(path: str | os.PathLike, itself: bool = False) -> Path | None:
-    """The nearest of `path`'s parent folders (and `path` itself when `itself`) that exists and
-    is not a folder: what stops `path` from being created as a file (or a folder); None if none."""
+    """The nearest of `path`'s parent folders (and `path` itself when `itself`) that is there and
+    is not a folder (a file, a FIFO, a link to nothing): what stops `path` from being created as a
+    file (or a folder); None if none. `what_is` says what it is."""
     path = Path(path)
     for p in (path, *path.parents) if itself else path.parents:
-        if p.exists() and not p.is_dir():
+        if os.path.lexists(p) and not p.is_dir():
             return p
     return None
+
+
+def what_is(path: str | os.PathLike) -> str:
+    """'a file', 'a FIFO', 'a symlink' ... or 'a symlink to nothing': what is at `path`."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return "a symlink to nothing"
+    return f"a {entry_kind(path) or 'file'}"
 
 
 def entry_kind(path: str | os.PathLike) -> str | None:

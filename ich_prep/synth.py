@@ -29,6 +29,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
+from ich_prep.location import file_in_the_way, what_is
 from ich_prep.read_dicom import quiet_rsna_uids
 
 SUBTYPES = LABELS[1:]
@@ -413,8 +414,10 @@ def write_synthetic(
                         ("--seed", seed, 0), ("test_patients", test_patients, 0)):  # fmt: skip
         if n is not None and n < lo:
             raise SynthError(f"{flag} must be at least {lo}, got {n}")
-    if out.exists() and not out.is_dir():
-        raise SynthError(f"--out {out} is an existing file, not a folder; choose a folder path")
+    p = file_in_the_way(out, itself=True)
+    if p is not None:
+        where = "is" if p == out else f"lies inside {p}, which is"
+        raise SynthError(f"--out {out} {where} {what_is(p)}, not a folder; choose a folder path")
     if out.is_dir() and any(out.iterdir()):
         raise SynthError(
             f"--out {out} is not empty; synth writes a fresh set (its CSV must match its files): "

@@ -212,7 +212,8 @@ def check_keys(ckpt: dict, keys: tuple[str, ...], path) -> None:
 
 def load_weights(module: torch.nn.Module, state: dict, path, model_name: str) -> None:
     """module.load_state_dict(state) (strict), or a one-line CheckpointError saying how the
-    checkpoint's weights fail to fit `model_name` (torch's own message runs to hundreds of lines)."""
+    checkpoint's weights fail to fit `model_name` (torch's own message runs to hundreds of lines)
+    or that some are NaN or infinite."""
     if not isinstance(state, dict):
         raise CheckpointError(
             f"{path} is a damaged ich-train checkpoint (its weights are a {type(state).__name__}, "
@@ -232,6 +233,12 @@ def load_weights(module: torch.nn.Module, state: dict, path, model_name: str) ->
             f"{path}: its weights do not fit --model {model_name} ({len(missing)} missing, "
             f"{len(unexpected)} unexpected, {len(shape)} of another shape, e.g. {example!r}); "
             "the file was edited or mixes two models: pass a checkpoint written by ich-train fit"
+        )
+    bad = [k for k in own if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]  # fmt: skip
+    if bad:  # NaN weights predict NaN: a traceback in evaluate, a silent prior in predict
+        raise CheckpointError(
+            f"{path}: its weights hold NaN or infinite values (e.g. {bad[0]!r}); the run diverged "
+            "or the file was edited: pass a checkpoint of a run that trained"
         )
     module.load_state_dict(state)
 

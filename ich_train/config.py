@@ -82,6 +82,11 @@ def _check_number(name: str, value, lo: float, hi: float, *, lo_open=False, hi_o
         raise ConfigError(f"{_flag(name)} must be {allowed}, got {value!r}")
 
 
+MAX_RATE = (
+    100.0  # --lr and --weight-decay of fit and seq fit: 1e300 overflows float32 in the optimizer
+)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on. Batch size is per process (per GPU)."""
@@ -232,9 +237,9 @@ class TrainConfig:
         otherwise train into NaN (or nonsense) and fail far from the flag that caused it."""
         inf = math.inf
         for name, lo, hi, kw in (
-            ("lr", 0, inf, {"lo_open": True}),
+            ("lr", 0, MAX_RATE, {"lo_open": True}),
             ("min_lr_ratio", 0, 1, {}),
-            ("weight_decay", 0, inf, {}),
+            ("weight_decay", 0, MAX_RATE, {}),
             ("grad_clip", 0, inf, {}),
             ("drop_rate", 0, 1, {"hi_open": True}),
             ("asl_gamma_pos", 0, inf, {}),

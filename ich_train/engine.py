@@ -13,16 +13,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ich_prep.errors import UserError
 from ich_train.checkpoint import unwrap
 from ich_train.data import ShardError
 from ich_train.distributed import Dist, all_gather, all_sum
-from ich_train.metrics import compute_metrics
-
-
-class DivergedError(UserError, FloatingPointError):
-    """The training loss became NaN or infinite: the learning rate or warmup is the usual cause."""
-
+from ich_train.metrics import DivergedError, check_diverged, compute_metrics
 
 PRECISIONS_CHOSEN = ("bf16", "fp16", "fp32")  # what "auto" becomes
 
@@ -244,6 +238,7 @@ def validate(
             f"validation saw {len(out['ids'])} samples ({len(set(out['ids']))} distinct), the manifest lists "
             f"{expected}; the shards disagree with the manifest: check the build with ich-prep verify"
         )
+    check_diverged(out["probs"])
     metrics = compute_metrics(out["labels"], out["probs"])
     metrics["valid_time_s"] = time.perf_counter() - t0
     return metrics

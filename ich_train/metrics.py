@@ -8,10 +8,25 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from ich_prep import LABELS
+from ich_prep.errors import UserError
 
 # Competition weights: 'any' counts twice, each subtype once.
 LABEL_WEIGHTS = np.array([2.0, 1.0, 1.0, 1.0, 1.0, 1.0])
 EPS = 1e-15
+
+
+class DivergedError(UserError, FloatingPointError):
+    """Training became NaN or infinite: the learning rate or warmup is the usual cause."""
+
+
+def check_diverged(probs: np.ndarray) -> None:
+    """DivergedError when a model's validation predictions are not all finite: its weights became
+    NaN or infinite in training (fit and seq fit, an --lr or --weight-decay far too large)."""
+    if not np.isfinite(np.asarray(probs, dtype=np.float64)).all():
+        raise DivergedError(
+            "training diverged: the model's validation predictions became NaN or infinite; lower "
+            "--lr or --weight-decay and start a new --out"
+        )
 
 
 def _check(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

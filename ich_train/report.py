@@ -32,7 +32,7 @@ from sklearn.metrics import (
 )
 
 from ich_prep import LABELS
-from ich_prep.location import atomic_open, file_in_the_way, open_local, temp_target
+from ich_prep.location import atomic_open, file_in_the_way, open_local, temp_target, what_is
 from ich_train.metrics import LABEL_WEIGHTS, label_log_loss, weighted_log_loss
 from ich_train.predictions import PRED, ReportError
 from ich_train.predictions import check_predictions as check_predictions  # re-exported
@@ -393,11 +393,11 @@ def check_out_dir(out: Path) -> None:
     files a report writes (regular files, no links), its report.html one of ours. Anything else
     there is someone else's, never overwritten."""
     out = Path(out)
-    parent = file_in_the_way(out)
-    if parent is not None:
-        raise ReportError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
-    if out.exists() and not out.is_dir():
-        raise ReportError(f"--out {out} is a file; give a folder for the report")
+    p = file_in_the_way(out, itself=True)
+    if p == out:
+        raise ReportError(f"--out {out} is {what_is(p)}; give a folder for the report")
+    if p is not None:
+        raise ReportError(f"--out {out}: {p} is {what_is(p)}, not a folder; choose another --out")
     names = sorted(os.listdir(out)) if out.is_dir() else []
     if not names:
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -10,7 +11,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ich_prep.location import atomic_file, atomic_open  # noqa: E402
+from ich_prep.location import atomic_file, atomic_open, read_bytes  # noqa: E402
+from ich_train.config import ConfigError  # noqa: E402
+
+MAX_METRICS_BYTES = 16 << 20  # a run's metrics.csv: ~400 bytes an epoch
 
 
 class MetricsLog:
@@ -20,10 +24,8 @@ class MetricsLog:
         self.csv = Path(run_dir) / "metrics.csv"
         self.png = Path(run_dir) / "metrics.png"
         self.rows: list[dict] = []
-        if keep_before_epoch is not None and self.csv.exists():
-            # a resumed run drops rows of epochs it is about to redo
-            old = pd.read_csv(self.csv)
-            self.rows = old[old["epoch"] < keep_before_epoch].to_dict("records")
+        if keep_before_epoch is not None:  # a resumed run drops rows of epochs it is about to redo
+            self.rows = resumed_rows(self.csv, keep_before_epoch)
 
     def append(self, row: dict) -> None:
         self.rows.append(dict(row))
@@ -31,6 +33,23 @@ class MetricsLog:
         with atomic_file(self.csv) as tmp:  # a Ctrl-C here leaves the previous metrics.csv
             frame.to_csv(tmp, index=False)
         plot_metrics(frame, self.png)
+
+
+def resumed_rows(csv: Path, keep_before_epoch: int) -> list[dict]:
+    """The rows of a resumed run's metrics.csv before `keep_before_epoch` (none when it is absent),
+    read bounded from a regular file (a FIFO or /dev/zero in its place cannot hang the resume);
+    ConfigError when it is not a CSV with a numeric epoch column."""
+    try:
+        old = pd.read_csv(io.BytesIO(read_bytes(csv, MAX_METRICS_BYTES)))
+        epochs = pd.to_numeric(old["epoch"])
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"--resume: {csv} is not this run's metrics ({type(e).__name__}: {str(e)[:100]}); "
+            "move it aside (the run then logs from the resumed epoch) or start a new --out"
+        ) from None
+    return old[epochs < keep_before_epoch].to_dict("records")
 
 
 def plot_metrics(frame: pd.DataFrame, path: str | Path) -> None:

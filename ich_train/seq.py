@@ -27,10 +27,11 @@ from torch import nn
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
-from ich_prep.location import atomic_open, file_in_the_way, temp_target
+from ich_prep.location import atomic_open, file_in_the_way, temp_target, what_is
 from ich_prep.terminal import echo
 from ich_train.checkpoint import safe_torch_load
-from ich_train.metrics import LABEL_WEIGHTS, compute_metrics
+from ich_train.config import MAX_RATE
+from ich_train.metrics import LABEL_WEIGHTS, check_diverged, compute_metrics
 from ich_train.optim import create_scheduler
 from ich_train.predictions import ReportError, check_predictions, predictions_frame
 from ich_train.seq_data import (
@@ -98,8 +99,8 @@ class SeqConfig:
         for name in ("dropout", "reverse_p", "drop_p"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise SeqError(f"--{name.replace('_', '-')} {getattr(self, name)}: use 0 <= value < 1")  # fmt: skip
-        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.weight_decay) and self.weight_decay >= 0):  # fmt: skip
-            raise SeqError("--lr must be > 0 and --weight-decay >= 0 (finite numbers)")
+        if not (0 < self.lr <= MAX_RATE and 0 <= self.weight_decay <= MAX_RATE):  # NaN fails both
+            raise SeqError(f"--lr must be in (0, {MAX_RATE:g}] and --weight-decay in [0, {MAX_RATE:g}], got {self.lr!r} and {self.weight_decay!r}")  # fmt: skip
         if not 0 <= self.seed < 2**32:  # numpy's generators take no negative seed
             raise SeqError(f"--seed {self.seed}: use 0..{2**32 - 1}")
 
@@ -175,6 +176,7 @@ def _split(series: list[Series], fold: int, path: str) -> tuple[list[Series], li
 
 def _scores(model, valid: list[Series]) -> dict:
     out = predict_series(model, valid)
+    check_diverged(out["probs"])
     m = compute_metrics(out["labels"], out["probs"])
     b = compute_metrics(out["labels"], out["base"], prefix="cnn_")
     return {**m, "cnn_loss": b["cnn_loss"], "cnn_auc_any": b["cnn_auc_any"]}
@@ -252,8 +254,7 @@ def check_run_folder(out: Path, resume: bool) -> None:
     fit writes (regular files, no links), and a last.pt exactly when resuming."""
     p = file_in_the_way(out, itself=True)
     if p is not None:
-        where = "" if p == out else f" ({p} is a file)"
-        raise SeqError(f"--out {out} cannot be a run folder{where}: an existing file is in the way; choose a folder path for --out")  # fmt: skip
+        raise SeqError(f"--out {out} cannot be a run folder: {p} is {what_is(p)}, in the way; choose a folder path for --out")  # fmt: skip
     names = sorted(os.listdir(out)) if out.is_dir() else []
     ours = {*RUN_FILES, *(f"{n}.partial" for n in RUN_FILES)}
     foreign = [n for n in names if (n not in ours and temp_target(n) not in RUN_FILES) or not stat.S_ISREG(os.lstat(out / n).st_mode)]  # fmt: skip

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
-from ich_prep.location import atomic_file, file_in_the_way
+from ich_prep.location import atomic_file, file_in_the_way, what_is
 
 
 class SubmissionError(UserError, ValueError):
@@ -28,7 +28,7 @@ def check_out_file(path: str | Path, flag: str = "--out", example: str = "submis
     parent = file_in_the_way(path)
     if parent is not None:
         raise SubmissionError(
-            f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}"
+            f"{flag} {path}: {parent} is {what_is(parent)}, not a folder; choose another {flag}"
         )
 
 

@@ -21,7 +21,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ich_prep.location import atomic_file, file_in_the_way
+from ich_prep.location import atomic_file, atomic_open, file_in_the_way, what_is
 from ich_prep.terminal import echo
 from ich_train import distributed
 from ich_train.augment import AugmentParams, DeviceAugment
@@ -108,12 +108,12 @@ def fit(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 def check_out_folder(out: Path) -> None:
-    """ConfigError unless --out can be a run folder: neither it nor a parent is a file."""
+    """ConfigError unless --out can be a run folder: neither it nor a parent is a file (or a
+    link to nothing)."""
     p = file_in_the_way(out, itself=True)
     if p is not None:
-        where = "" if p == out else f" ({p} is a file)"
         raise ConfigError(
-            f"--out {out} cannot be a run folder{where}: an existing file is in the way; "
+            f"--out {out} cannot be a run folder: {p} is {what_is(p)}, in the way; "
             "choose a folder path for --out"
         )
 
@@ -370,7 +370,10 @@ def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict 
         init_head(model, data.prior if data.drawn is None else data.drawn)
     if dist.main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+        with atomic_open(
+            Path(cfg.out) / "config.json"
+        ) as f:  # a resume never writes through a link
+            f.write((json.dumps(cfg.to_dict(), indent=1) + "\n").encode())
     if report is not None:
         say(f"pretrained: {len(report['loaded'])} tensors from {cfg.pretrained}, new: {report['missing']}")  # fmt: skip
     mean, std = _normalize(cfg, model, data.channels, ckpt)

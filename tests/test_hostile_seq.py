@@ -223,9 +223,9 @@ def test_fit_out_that_is_a_file_or_holds_other_files_is_one_line(small, tmp_path
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     says = _fit_error(capsys, str(small[0]), a_file)
-    assert "cannot be a run folder: an existing file is in the way" in says
+    assert f"cannot be a run folder: {a_file} is a file, in the way" in says
     says = _fit_error(capsys, str(small[0]), a_file / "sub")
-    assert f"({a_file} is a file)" in says
+    assert f"{a_file} is a file, in the way" in says
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "config.json").write_text("their config")

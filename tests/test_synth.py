@@ -271,7 +271,7 @@ def test_impossible_counts_refused_before_writing(tmp_path, kw, word):
 def test_out_that_is_a_file_refused(tmp_path):
     """--out naming an existing file: a SynthError, and the file is left as it was."""
     (tmp_path / "f").write_text("keep")
-    with pytest.raises(SynthError, match="is an existing file"):
+    with pytest.raises(SynthError, match="is a file, not a folder"):
         write_synthetic(tmp_path / "f", patients=1)
     assert (tmp_path / "f").read_text() == "keep"
 
