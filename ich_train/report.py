@@ -398,6 +398,8 @@ def check_out_dir(out: Path) -> None:
         raise ReportError(f"--out {out} is {what_is(p)}; give a folder for the report")
     if p is not None:
         raise ReportError(f"--out {out}: {p} is {what_is(p)}, not a folder; choose another --out")
+    if out.is_symlink():  # a link to a folder: the report would be written into what it points at
+        raise ReportError(f"--out {out} is a symlink to a folder; give the folder itself, or a new one")  # fmt: skip
     names = sorted(os.listdir(out)) if out.is_dir() else []
     if not names:
         return

@@ -225,3 +225,20 @@ def test_a_checkpoint_with_nan_weights_is_one_line(finished, tmp_path, capsys, c
         f"ich-train {command}: {bad}: its weights hold NaN or infinite values"
         in err.splitlines()[-1]
     )
+
+
+@pytest.mark.parametrize("target", ["empty", "earlier_report"])
+def test_a_report_folder_that_is_a_link_is_refused(tmp_path, target):
+    """A report folder (`--out`, or report_fold<K> beside the predictions) that is a symlink to a
+    folder, empty or holding an earlier report of ours, is one line: nothing is written through it."""
+    from ich_train.report import ReportError, check_out_dir
+
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    if target == "earlier_report":
+        (real / "report.html").write_text("<!doctype html>")
+    before = sorted(os.listdir(real))
+    (tmp_path / "report_fold0").symlink_to(real)
+    with pytest.raises(ReportError, match="symlink to a folder"):
+        check_out_dir(tmp_path / "report_fold0")
+    assert sorted(os.listdir(real)) == before
