@@ -236,7 +236,7 @@ def test_synth_out_file_refused(tmp_path, capsys):
     """`ich-prep synth --out FILE`: exit 2, one line naming it; the file is untouched."""
     (tmp_path / "f").write_text("keep")
     assert main(["synth", "--out", str(tmp_path / "f")]) == 2
-    assert f"--out {tmp_path / 'f'} is an existing file" in one_line(capsys.readouterr().err)
+    assert f"--out {tmp_path / 'f'} is a file, not a folder" in one_line(capsys.readouterr().err)
     assert (tmp_path / "f").read_text() == "keep"
 
 
