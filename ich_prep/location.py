@@ -24,6 +24,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -38,6 +39,10 @@ import fsspec
 from ich_prep.errors import NotOurs, NotRegularFile
 
 TIMEOUT_S = 60.0
+# A server that keeps sending, slowly, is cut off too: after PACE_AFTER_S seconds a stream must
+# have averaged MIN_BYTES_PER_S (one byte every 59 s passes the idle timeout, never this).
+PACE_AFTER_S = 60.0
+MIN_BYTES_PER_S = 1024.0
 MAX_LISTING_BYTES = 16 * 1024 * 1024
 WORK = "_work"  # a build's ledger folder; a local Store writes its temporaries there when present
 _UMASK = os.umask(0o022)
@@ -75,6 +80,31 @@ def _http(url: str, method: str = "GET"):
         raise OSError(f"{url}: {e.reason}") from e
 
 
+class _Paced(io.RawIOBase):
+    """An http(s) response read one receive at a time (read1), refused with OSError once, after
+    PACE_AFTER_S, it has averaged less than MIN_BYTES_PER_S: a slow drip cannot hold a reader."""
+
+    def __init__(self, response, url: str):
+        self.response, self.url, self.got = response, url, 0
+        self.start = time.monotonic()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.response.read1(len(b))
+        self.got += len(data)
+        elapsed = time.monotonic() - self.start
+        if data and elapsed > PACE_AFTER_S and self.got < MIN_BYTES_PER_S * elapsed:
+            raise OSError(f"{self.url}: the server sent {self.got} bytes in {elapsed:.0f} s, under {MIN_BYTES_PER_S:.0f} bytes/s; refused as stalled")  # fmt: skip
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.response.close()
+        super().close()
+
+
 def _fs(url: str):
     return fsspec.core.url_to_fs(url)
 
@@ -101,7 +131,7 @@ def open_stream(url: str | os.PathLike) -> BinaryIO:
     if not is_url(url):
         return open_local(url)
     if _is_http(url):
-        return _http(url)
+        return io.BufferedReader(_Paced(_http(url), url))
     fs, path = _fs(url)
     return fs.open(path, "rb")
 

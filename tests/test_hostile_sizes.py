@@ -125,3 +125,44 @@ def test_every_reader_refuses_a_size_past_the_end(made, tmp_path, size, which):
     rows = b.ok[b.ok["shard"] == name]
     assert len(collect(str(folder), b.manifest, rows, len(rows))) < len(rows)
     assert time.monotonic() - t0 < 30
+
+
+def test_a_slow_drip_server_is_cut_off(monkeypatch):
+    """A 127.0.0.1 server that keeps the connection alive with a byte now and then (each gap under
+    the idle timeout) is refused once the stream has averaged under the minimum rate, instead of
+    holding the reader forever (read_bytes, as verify and info read manifests and indexes)."""
+    import http.server
+    import socketserver
+    import threading
+    import time
+
+    from ich_prep import location
+
+    stop = threading.Event()
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            while not stop.is_set():  # bounded: the test stops it
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+
+        def log_message(self, *args):
+            pass
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(location, "PACE_AFTER_S", 1.0)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(OSError, match="refused as stalled"):
+            location.read_bytes(f"http://127.0.0.1:{server.server_address[1]}/manifest.json", 10**6)
+        assert time.monotonic() - t0 < 20
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
