@@ -105,6 +105,11 @@ class _Paced(io.RawIOBase):
         super().close()
 
 
+def _paced(response, url: str) -> io.BufferedReader:
+    """An http(s) response as a buffered stream held to the pace rule (_Paced)."""
+    return io.BufferedReader(_Paced(response, url))
+
+
 def _fs(url: str):
     return fsspec.core.url_to_fs(url)
 
@@ -131,7 +136,7 @@ def open_stream(url: str | os.PathLike) -> BinaryIO:
     if not is_url(url):
         return open_local(url)
     if _is_http(url):
-        return io.BufferedReader(_Paced(_http(url), url))
+        return _paced(_http(url), url)
     fs, path = _fs(url)
     return fs.open(path, "rb")
 
@@ -165,10 +170,11 @@ def read_range(url: str | os.PathLike, offset: int, length: int) -> bytes:
         )
         try:
             with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:  # noqa: S310 (http(s) only)
+                paced = _paced(r, url)
                 if r.status != 206:  # the whole file came: skip to the range, bounded
-                    while offset and (skipped := len(r.read(min(offset, 1 << 20)))):
+                    while offset and (skipped := len(paced.read(min(offset, 1 << 20)))):
                         offset -= skipped
-                data = r.read(length)
+                data = paced.read(length)
         except urllib.error.URLError as e:
             raise OSError(f"{url}: {getattr(e, 'reason', e)}") from e
     else:
@@ -219,7 +225,7 @@ def list_names(root: str | os.PathLike) -> list[str] | None:
             with _http(root.rstrip("/") + "/") as r:
                 if "html" not in r.headers.get("Content-Type", ""):
                     return None
-                page = r.read(MAX_LISTING_BYTES).decode("utf-8", "replace")
+                page = _paced(r, root).read(MAX_LISTING_BYTES).decode("utf-8", "replace")
         except OSError:
             return None
         p = _Links()
