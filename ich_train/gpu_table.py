@@ -20,6 +20,7 @@ import time
 import torch
 
 from ich_prep.errors import OneLineParser, UserError, run_cli
+from ich_prep.location import atomic_open
 from ich_prep.terminal import echo
 from ich_train.augment import AugmentParams, DeviceAugment
 from ich_train.bench import _rate
@@ -177,8 +178,8 @@ def main(argv=None) -> int:
         text = table(args)
         echo(text)
         if args.out:
-            with open(args.out, "w") as f:
-                f.write(text)
+            with atomic_open(args.out) as f:  # the one local writer: never through a link
+                f.write(text.encode())
         return 0
 
     p.set_defaults(func=run, command="table")
