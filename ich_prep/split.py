@@ -1,6 +1,7 @@
 """Folds grouped by patient and stratified over the six labels; the slice order within a series
 (ranks, lengths, duplicate positions); the seeded series order within a fold. Deterministic from
-the seed; pure numpy/pandas."""
+the seed; pure numpy/pandas (the fold splitter, iterstrat -> scikit-learn -> scipy, ~1.4 s of
+imports, is imported only inside assign_folds: never by a build worker nor by `ich-prep --help`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import hashlib
 
 import numpy as np
 import pandas as pd
-from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 
 def assign_folds(
@@ -25,6 +25,8 @@ def assign_folds(
     patients = per_patient.index.to_numpy()
     fold_of = np.empty(len(patients), dtype=np.int8)
     if len(patients) >= n_folds:
+        from iterstrat.ml_stratifiers import MultilabelStratifiedKFold  # ~1.4 s: only here
+
         mskf = MultilabelStratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
         for k, (_, test_idx) in enumerate(
             mskf.split(np.zeros(len(patients)), per_patient.to_numpy())
