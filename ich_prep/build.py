@@ -55,7 +55,7 @@ from ich_prep.outdir import (
     remove_ledger,
     remove_owned,
 )
-from ich_prep.read_dicom import ImageError, read_header, read_slice
+from ich_prep.read_dicom import ImageError, read_header, read_slice, reuse_freed_memory
 from ich_prep.shards import MAX_JSON_BYTES, encode_meta, write_shard
 from ich_prep.split import (
     assign_folds,
@@ -152,12 +152,20 @@ def exit_with_parent(parent_pid: int | None) -> None:
     threading.Thread(target=watch, name="ich-prep-exit-with-parent", daemon=True).start()
 
 
+def worker_start(parent_pid: int | None) -> None:
+    """First thing every build task does, in a worker or in the build process (--jobs 1): exit
+    with the build process (exit_with_parent), keep freed pixel buffers for the next slice
+    (read_dicom.reuse_freed_memory: no page faults per read)."""
+    exit_with_parent(parent_pid)
+    reuse_freed_memory()
+
+
 # ---------------------------------------------------------------- scanning (header pass)
 
 
 def _scan_chunk(root: str, rels: list[str], parent_pid: int | None = None) -> list[dict]:
     """Read the headers of a chunk of files; failures become rows with a reason."""
-    exit_with_parent(parent_pid)
+    worker_start(parent_pid)
     rows = []
     for rel in rels:
         try:
@@ -701,7 +709,7 @@ def compile_shard(
     shard counts as done only when both exist, the key matches and the tar's hash matches, so a
     task killed anywhere, or one whose inputs changed, is simply run again.
     """
-    exit_with_parent(parent_pid)
+    worker_start(parent_pid)
     results = []
     crops = SeriesCrops(cfg) if cfg.crop == "series" else None
     series = _series_of(recs) if crops is not None else {}
