@@ -152,6 +152,11 @@ def exit_with_parent(parent_pid: int | None) -> None:
     threading.Thread(target=watch, name="ich-prep-exit-with-parent", daemon=True).start()
 
 
+# A worker costs ~1 s of start-up (imports), about what one core takes to read this many headers
+# or to compile a quarter as many images: fewer files than this per worker start no more workers.
+FILES_PER_WORKER = 256
+
+
 def worker_start(parent_pid: int | None) -> None:
     """First thing every build task does, in a worker or in the build process (--jobs 1): exit
     with the build process (exit_with_parent), keep freed pixel buffers for the next slice
@@ -430,11 +435,12 @@ def _scan_headers(
 
 def _read_headers(root: str, files: pd.DataFrame, jobs: int, progress: bool) -> pd.DataFrame:
     rels = files["path"].tolist()
-    chunk = 256
+    chunk = FILES_PER_WORKER
     chunks = [rels[i : i + chunk] for i in range(0, len(rels), chunk)]
     rows: list[dict] = []
     with tqdm(total=len(rels), desc="headers", unit="img", disable=not progress) as bar:
-        for res in joblib.Parallel(n_jobs=jobs, return_as="generator")(
+        # no more workers than chunks: one chunk is read here, starting no worker
+        for res in joblib.Parallel(n_jobs=max(1, min(jobs, len(chunks))), return_as="generator")(
             joblib.delayed(_scan_chunk)(root, c, os.getpid()) for c in chunks
         ):
             rows.extend(res)
@@ -955,7 +961,9 @@ def _compile_pending(store, plan, cfg, keys, pending, jobs, progress, backend) -
         )
         with joblib.parallel_config(backend=backend) if backend else contextlib.nullcontext():
             # One task = one whole shard; unordered so a slow shard never holds back the bar.
-            for res in joblib.Parallel(n_jobs=jobs, return_as="generator_unordered")(tasks):
+            # no more workers than shards, nor than FILES_PER_WORKER images each
+            n_jobs = max(1, min(jobs, len(pending), -(-todo // FILES_PER_WORKER)))
+            for res in joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered")(tasks):
                 done[res["shard"]["name"]] = res
                 bar.update(len(res["results"]))
     return done
