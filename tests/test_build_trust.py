@@ -363,9 +363,9 @@ def test_fifo_named_dcm_is_an_error_row_not_a_hang(tmp_path):
 
 def test_workers_exit_when_the_build_is_killed(tmp_path):
     """kill -9 of the build process (--jobs 2): its workers are gone within seconds and nothing
-    more is written into --out."""
+    more is written into --out. 264 images: a build starts a worker per 256 (build.FILES_PER_WORKER)."""
     psutil = pytest.importorskip("psutil")
-    dicom_dir, labels, _ = make_dataset(tmp_path / "data", n_patients=10, slices=8, size=256)
+    dicom_dir, labels, _ = make_dataset(tmp_path / "data", n_patients=33, slices=8, size=256)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ich_prep", "build", "--dicom-dir", str(dicom_dir), "--labels", str(labels), "--size", "64", "--shard-size", "1", "--folds", "3", "--jobs", "2", "--quiet", "--out", str(out)]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
