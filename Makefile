@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 
-.PHONY: test demo lint clean
+.PHONY: test test-fast demo docs-images lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: lint
 
 demo: $(BIN)/.installed
 	bash scripts/demo.sh $(DEMO)
+
+docs-images: $(BIN)/.installed
+	bash scripts/docs_images.sh
 
 clean:
 	rm -rf $(DEMO) runs
