@@ -9,8 +9,10 @@
 #                                  with the longest bleed: most slices positive for one subtype)
 #   docs/img/report.png            the ROC figure of the report that ich-train fit writes for its
 #                                  validation fold (roc.png), the demo's FIT_ARGS on fold 0
-# CPU only, a few minutes on 2 cores. Works in a new temporary folder, removed at the end.
+# CPU only, a few minutes on 2 cores, one torch thread (OMP_NUM_THREADS=1: the fit's numbers are
+# those of that thread count). Works in a new temporary folder, removed at the end.
 set -euo pipefail
+export OMP_NUM_THREADS=1
 BIN=$(cd "${BIN:-.venv/bin}" && pwd)
 IMG=$(cd "$(dirname "$0")/../docs/img" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/docs-images.XXXXXX")
