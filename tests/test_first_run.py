@@ -37,6 +37,7 @@ def test_synth_prints_a_summary_and_keeps_json_behind_a_flag(tmp_path, capsys):
     assert "{" not in text
 
 
+@pytest.mark.slow  # a real ich-train fit process: not in `make test-fast`
 def test_fit_progress_into_a_pipe_is_lines_a_log_can_hold(tmp_path):
     """`ich-train fit` whose stderr is a pipe (a log, `| tee`): progress comes as plain lines
     (epoch, step/steps, elapsed, loss, img/s), one per interval (ICH_PROGRESS_EVERY_S, 0 here: every
