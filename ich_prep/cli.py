@@ -339,7 +339,34 @@ def add_synth(sub) -> None:
         help="slices per series, 1 to 1000 (default 6)",
     )
     p.add_argument("--seed", type=int_range(0, MAX_SEED), default=0)
+    p.add_argument(
+        "--json", action="store_true", help="print the summary as JSON (paths, counts, quirks)"
+    )
     p.set_defaults(func=do_synth)
+
+
+def synth_summary(out: str, info: dict) -> list[str]:
+    """What `ich-prep synth` wrote, for a person: the sets, the positives, the planted quirks."""
+    from ich_prep.synth import MIMIC_RATE
+
+    pat, ser, per = info["patients"], info["series"], info["slices_per_series"]
+    pos = ", ".join(f"{k} {v}" for k, v in info["positives"].items())
+    forms = ", ".join(f"{k} {v}" for k, v in info["forms"].items())
+    bad = ", ".join(info["corrupt"]) or "none"
+    return [
+        f"wrote a synthetic set to {out} ({per} slices per series)",
+        f"  train: {pat['train']} patients, {ser['train']} series, {info['train_images']} slices"
+        f" in {info['train_dir']}, labels in {info['labels_csv']}",
+        f"  test:  {pat['test']} patients, {ser['test']} series, {info['test_images']} slices"
+        f" in {info['test_dir']} (unlabelled)",
+        f"  positive train slices: {pos}",
+        "  planted, as in the real data (a build must cope):",
+        f"    series per pixel storage form: {forms} (wrap12: the RSNA 12-bit bug)",
+        f"    series with a decimal rescale: {info['decimal_rescale']}, of a size other than"
+        f" 512x512: {info['odd_sizes']}",
+        f"    truncated (unreadable) slices: {bad}; duplicated label rows: {info['duplicate_rows']}",
+        f"    unlabelled one-slice bleed mimics: on about {MIMIC_RATE:.0%} of slices",
+    ]
 
 
 def do_synth(args) -> int:
@@ -348,7 +375,11 @@ def do_synth(args) -> int:
     info = write_synthetic(
         args.out, patients=args.patients, seed=args.seed, slices_per_series=args.slices
     )
-    echo(json.dumps(info, indent=1, default=str))
+    if args.json:
+        echo(json.dumps(info, indent=1, default=str))
+    else:
+        for line in synth_summary(args.out, info):
+            echo(line)
     return 0
 
 

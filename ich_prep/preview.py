@@ -2,10 +2,11 @@
 
 Each tile shows one sample's windows side by side (grey levels, left to right in channel order, as
 many as the build's image layout has channels) under its image id, fold and positive labels, so a
-person can check the crop and the windows at a glance. Samples are chosen from the index; shards are
-visited in a seeded random order and streamed only until enough samples are found. With a series
-id, that series is drawn as a strip in slice order instead. A sample whose image is not the layout's shape is skipped
-(verify names it), and the sheet is bounded in memory before anything is read.
+person can check the crop and the windows at a glance. Samples are chosen from the index across
+the whole build (seeded, the folds in turn: `spread`), and only the shards holding them are
+streamed. With a series id, that series is drawn as a strip in slice order instead. A sample whose
+image is not the layout's shape is skipped (verify names it), and the sheet is bounded in memory
+before anything is read.
 """
 
 from __future__ import annotations
@@ -66,32 +67,60 @@ def candidates(
     return rows
 
 
+def spread(rows: pd.DataFrame, seed: int = 0) -> list[str]:
+    """Every image id of `rows` in a seeded order that takes the folds in turn (each fold's ids
+    shuffled), so the first n of it sample the whole build, every fold alike."""
+    rng = np.random.default_rng(seed)
+    folds = [g["image_id"].to_numpy() for _, g in rows.groupby("fold", sort=True)]
+    folds = [ids[rng.permutation(len(ids))] for ids in folds]
+    longest = max((len(ids) for ids in folds), default=0)
+    return [str(ids[i]) for i in range(longest) for ids in folds if i < len(ids)]
+
+
 def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0) -> list[dict]:
-    """Up to `n` samples among `rows`: image, meta row. Streams as few shards as it can."""
-    cfg = build_config(manifest)
-    enc, layout = cfg.encoding, cfg.layout
+    """Up to `n` samples among `rows`, chosen across the whole build (`spread`), in that order:
+    image, meta row. Streams only the shards that hold the chosen ones; a chosen sample that
+    cannot be read is replaced by the next in the order (one more pass over the shards)."""
     listed = {s["name"]: (int(s["samples"]), int(s["bytes"]), int(s["fold"])) for s in manifest["shards"]}  # fmt: skip
-    by_shard = {k: set(v) for k, v in rows.groupby("shard")["image_id"] if k in listed}
-    names = sorted(by_shard)
-    order = np.random.default_rng(seed).permutation(len(names))
+    rows = rows[rows["shard"].isin(listed)]
     info = rows.drop_duplicates("image_id").set_index("image_id")  # verify names a duplicate
-    out: list[dict] = []
-    for i in order:
-        name = names[i]
-        try:
-            with (
-                open_stream(join(root, name)) as f,
-                closing(iter_samples(f, enc, layout, listed[name][0], size=listed[name][1])) as it,
-            ):
-                for s in it:
-                    img = _image(s, by_shard[name], enc, layout, listed[name][2])
-                    if img is not None:
-                        out.append({"image_id": s.key, "image": img, "row": info.loc[s.key]})
-                        if len(out) == n:
-                            return out
-        except (tarfile.TarError, EOFError, OSError, ValueError):
-            continue  # a damaged or unreadable shard: show what the others hold (verify names it)
-    return out
+    order = spread(info.reset_index(), seed)
+    found: dict[str, dict] = {}
+    for wanted in (order[:n], order[n:]):
+        if len(found) >= n or not wanted:
+            break
+        shard_of = info.loc[wanted, "shard"]
+        for name in sorted(set(shard_of)):
+            ids = set(shard_of.index[shard_of == name]) - set(found)
+            for key, img in _stream(root, manifest, name, listed[name], ids):
+                found[key] = {"image_id": key, "image": img, "row": info.loc[key]}
+                if len(found) >= n:
+                    break
+            if len(found) >= n:
+                break
+    return [found[i] for i in order if i in found]
+
+
+def _stream(root: str, manifest: dict, name: str, entry: tuple[int, int, int], ids: set[str]):
+    """(key, image) of the sound samples of shard `name` among `ids`, streamed until all are
+    found; nothing more from a damaged or unreadable shard (verify names it)."""
+    cfg = build_config(manifest)
+    samples, size, fold = entry
+    left = set(ids)
+    try:
+        with (
+            open_stream(join(root, name)) as f,
+            closing(iter_samples(f, cfg.encoding, cfg.layout, samples, size=size)) as it,
+        ):
+            for s in it:
+                img = _image(s, ids, cfg.encoding, cfg.layout, fold)
+                if img is not None:
+                    yield s.key, img
+                    left.discard(s.key)
+                    if not left:
+                        return
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        return
 
 
 def _image(s, wanted: set[str], enc: str, layout: ImageLayout, fold: int) -> np.ndarray | None:

@@ -406,8 +406,9 @@ def write_synthetic(
 ) -> dict:
     """Write `out/stage_2_train/*.dcm`, `out/stage_2_test/*.dcm` and `out/stage_2_train.csv`.
 
-    Returns the paths, image counts, corrupt image ids, duplicated CSV rows, train positives
-    per label and the number of series per storage form.
+    Returns the paths, image counts, patients and series per split, slices per series, corrupt
+    image ids, duplicated CSV rows, train positives per label, the number of series per storage
+    form, with a decimal rescale and of a size other than 512x512 (cli.synth_summary shows it).
     """
     out = Path(out)
     for flag, n, lo in (("--patients", patients, 1), ("--slices", slices_per_series, 1),
@@ -466,8 +467,13 @@ def write_synthetic(
         "labels_csv": str(labels_csv),
         "train_images": len(files["train"]),
         "test_images": len(files["test"]),
+        "patients": {"train": patients, "test": n_test},
+        "series": {"train": len(train), "test": len(test)},
+        "slices_per_series": slices_per_series,
         "corrupt": corrupt,
         "duplicate_rows": len(lines) - 6 * len(rows),
         "positives": positives,
         "forms": {f: sum(s["form"] == f for s in train + test) for f in FORMS},
+        "decimal_rescale": sum(bool(s["decimal"]) for s in train + test),
+        "odd_sizes": sum(tuple(s["size"]) != (512, 512) for s in train + test),
     }

@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from ich_prep import LABELS
 from ich_prep.errors import UserError
@@ -30,6 +29,7 @@ from ich_train.data import Build, create_loader
 from ich_train.distributed import Dist, all_gather
 from ich_train.engine import autocast
 from ich_train.infer import check_preprocessing, eval_stream, load_model
+from ich_train.progress import track
 from ich_train.submission import check_out_file
 
 META_KEY = b"ich_embed"
@@ -53,7 +53,7 @@ def embed_loader(model, loader, augment, *, dist: Dist, precision="auto", tta=()
     """{'ids', 'features' (N, D) float16, 'logits' (N, 6) float32} over every rank's share."""
     model.eval()
     ids, feats, logits = [], [], []
-    for batch in tqdm(loader, desc="embed", unit="batch", disable=not (dist.main and progress)):
+    for batch in track(loader, "embed", "batch", dist.main and progress):
         x = augment(batch["image"].to(dist.device, non_blocking=True), train=False)
         with autocast(dist.device, precision):
             f, z = pooled_and_logits(model, x)

@@ -11,12 +11,13 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ich_train.checkpoint import unwrap
 from ich_train.data import ShardError
 from ich_train.distributed import Dist, all_gather, all_sum
 from ich_train.metrics import DivergedError, check_diverged, compute_metrics
+from ich_train.progress import bar as progress_bar
+from ich_train.progress import track
 
 PRECISIONS_CHOSEN = ("bf16", "fp16", "fp32")  # what "auto" becomes
 
@@ -102,13 +103,7 @@ def train_one_epoch(
     any_sum = torch.full((), float(start.get("any_sum", 0.0)), device=dev)
     overflow = torch.full((), float(start.get("overflow", 0.0)), device=dev)
     scaler = scaler or torch.amp.GradScaler(dev.type, enabled=False)
-    bar = tqdm(
-        total=n_steps,
-        initial=step,
-        desc=f"epoch {epoch}",
-        unit="step",
-        disable=not (dist.main and progress),
-    )
+    bar = progress_bar(n_steps, f"epoch {epoch + 1}", "step", dist.main and progress, initial=step)
     t0 = time.perf_counter() - float(start["time_s"])
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
@@ -139,7 +134,6 @@ def train_one_epoch(
         if ema is not None:
             ema.update(unwrap(model), step=scheduler.last_epoch)
         step += 1
-        bar.update(1)
         if step % log_every == 0 or step == n_steps:
             mean = loss_sum.item() / n_batches  # the only host sync, every log_every steps
             if not math.isfinite(mean):
@@ -150,6 +144,7 @@ def train_one_epoch(
             bar.set_postfix(
                 loss=f"{mean:.4f}", img_s=f"{seen * dist.world / (time.perf_counter() - t0):.0f}"
             )
+        bar.update(1)  # after the postfix: a progress line shows the loss it just computed
         if on_checkpoint and checkpoint_every and step % checkpoint_every == 0 and step < n_steps:
             on_checkpoint(
                 {
@@ -199,7 +194,7 @@ def predict(
     dev = dist.device
     add = torch.as_tensor(shift, dtype=torch.float32, device=dev) if shift is not None else 0.0
     ids, probs, labels = [], [], []
-    for batch in tqdm(loader, desc="predict", unit="batch", disable=not (dist.main and progress)):
+    for batch in track(loader, "predict", "batch", dist.main and progress):
         x = augment(batch["image"].to(dev, non_blocking=True), train=False)
         with autocast(dev, precision):
             p = torch.sigmoid(model(x).float() + add)

@@ -21,7 +21,7 @@ say "compile the training and test DICOMs into shards"
 
 # resnet18 from scratch: efficientnet_b0 from scratch stays at the prior on this little data
 # (docs/training.md, "Learning on small data"); pretrained weights are the real recipe
-FIT_ARGS=${FIT_ARGS:-"--model resnet18 --image-size 64 --epochs 12 --batch-size 32 --lr 1e-3 --workers 0 --no-progress"}
+FIT_ARGS=${FIT_ARGS:-"--model resnet18 --image-size 64 --epochs 12 --batch-size 32 --lr 1e-3 --workers 0"}
 SEQ_ARGS=${SEQ_ARGS:-"--epochs 20 --hidden 64"}
 # 2D, then 2.5D (each slice with its neighbours as channels): one CNN per fold (each ends with its
 # out-of-fold predictions and report), out-of-fold embeddings, one sequence model per fold

@@ -13,6 +13,9 @@ from ich_prep.build import build
 from ich_prep.config import BuildConfig
 from ich_prep.synth import write_synthetic
 
+# a dask.distributed cluster of worker processes: not in `make test-fast`
+pytestmark = pytest.mark.slow
+
 distributed = pytest.importorskip("dask.distributed", reason="the dask extra is not installed")
 
 

@@ -76,11 +76,13 @@ def test_verify_quick_from_http_uses_head_only(served):
 
 
 def test_preview_from_http_streams_only_what_it_shows(served):
-    """preview --n 2 over http fetches a single shard, not the folder."""
+    """preview --n 2 over http fetches only the shards holding its 2 samples (from two folds:
+    two shards, each once), not the folder."""
     url, requests = served
     _, n = preview(url, n=2)
     assert n == 2
-    assert len([p for m, p in requests if m == "GET" and p.endswith(".tar")]) == 1
+    tars = [p for m, p in requests if m == "GET" and p.endswith(".tar")]
+    assert len(tars) == len(set(tars)) == 2 < len(load_manifest(url)["shards"])
 
 
 def test_index_from_http_equals_local(built, served):

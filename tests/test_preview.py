@@ -47,6 +47,20 @@ def test_fold_filter_and_n(built, index):
     assert len(got) == 3 and {int(s["row"]["fold"]) for s in got} == {2}
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_samples_come_from_every_fold(built, index, seed):
+    """A build of 3 folds (several shards each): --n 3 shows one sample of each fold and --n 6 two
+    of each, whatever the seed, not the first shards streamed; the seed picks which."""
+    m, rows = load_manifest(built), candidates(index)
+    assert index["fold"].nunique() == 3 and len(m["shards"]) > 3
+    got = collect(str(built), m, rows, n=3, seed=seed)
+    assert sorted(int(s["row"]["fold"]) for s in got) == [0, 1, 2]
+    six = [int(s["row"]["fold"]) for s in collect(str(built), m, rows, n=6, seed=seed)]
+    assert sorted(six) == [0, 0, 1, 1, 2, 2]
+    other = collect(str(built), m, rows, n=6, seed=seed + 10)
+    assert {s["image_id"] for s in other} != {s["image_id"] for s in collect(str(built), m, rows, n=6, seed=seed)}  # fmt: skip
+
+
 def test_no_match_is_a_clear_error(built, tmp_path, capsys):
     """Filters matching nothing: exit 2 naming the filters."""
     assert main(["preview", str(built), "--fold", "7", "--out", str(tmp_path / "x.png")]) == 2

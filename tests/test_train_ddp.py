@@ -14,6 +14,9 @@ import torch
 from ich_train.checkpoint import load_checkpoint
 from tests.train_fixtures import make_build
 
+# real torchrun processes: not in `make test-fast`
+pytestmark = pytest.mark.slow
+
 
 def _free_port() -> int:
     with socket.socket() as s:

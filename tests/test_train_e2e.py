@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from ich_prep import LABELS
 from ich_prep.build import build
@@ -11,6 +12,9 @@ from ich_prep.config import BuildConfig
 from ich_prep.synth import write_synthetic
 from ich_train.checkpoint import load_checkpoint
 from ich_train.cli import main
+
+# synthetic DICOMs to a submission: build, fit, predict: not in `make test-fast`
+pytestmark = pytest.mark.slow
 
 
 def test_synthetic_dicoms_to_submission(tmp_path):

@@ -19,6 +19,9 @@ from ich_train.config import ConfigError, TrainConfig
 from ich_train.train import fit
 from tests.train_fixtures import make_build
 
+# trains models for several epochs (and kills and resumes them): not in `make test-fast`
+pytestmark = pytest.mark.slow
+
 TINY = dict(
     model="resnet10t", image_size=32, batch_size=8, workers=0, progress=False, shuffle_buffer=16
 )

@@ -239,6 +239,7 @@ def test_fit_balanced_resumed_inside_an_epoch_equals_an_uninterrupted_run(rare, 
     assert list(ma["train_any_share"]) == list(mb["train_any_share"]) == [0.5]
 
 
+@pytest.mark.slow  # a real torchrun: not in `make test-fast`
 def test_two_gloo_ranks_under_torchrun_draw_the_target_share(rare, tmp_path):
     """A real 2-process torchrun (gloo, CPU): both ranks train the same steps and, summed over
     them (metrics.csv), the epoch's images are exactly 50% positive."""

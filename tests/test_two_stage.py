@@ -9,8 +9,12 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from tests.train_fixtures import make_build
+
+# runs scripts/two_stage.sh end to end (fits, embeds, sequence models): not in `make test-fast`
+pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "two_stage.sh"
 
