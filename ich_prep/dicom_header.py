@@ -1,10 +1,10 @@
 """The per-slice metadata the index keeps, from a parsed DICOM data set, validated
 (`header_from_dataset`), and ImageError, the one error a slice that cannot be compiled raises.
 
-The ~18 elements read here are converted by dicom_tags.strict_values (plain float/int/str from the
-raw bytes, ~10x cheaper than pydicom's conversion) when each is exactly what pydicom would read
-the same way; otherwise by pydicom itself, lazily, as before. Both give the checks below the same
-values, so every file, damaged or not, gets the same header or the same error either way.
+The ~18 elements read here are converted by dicom_tags.strict_values (plain float/int/str from
+the raw bytes: ~0.15 instead of ~0.55 ms per file on the real samples) when each is exactly what
+pydicom would read the same way; otherwise by pydicom itself, lazily, as before. Both give the
+checks below the same values, so every file, damaged or not, gets the same header or error.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Read RSNA DICOM slices: header metadata and stored pixel values. All DICOM I/O lives here.
+"""Read RSNA DICOM slices: header metadata and stored pixel values. All DICOM I/O lives here
+(the header's tags are converted and checked in dicom_header, ImageError's home).
 
 Failures raise ImageError with a short machine-readable reason and a message naming the file,
 so the builder records them as index rows instead of stopping. read_header and read_slice raise
