@@ -263,6 +263,7 @@ def test_no_traceback_reaches_the_terminal(synth, tmp_path, args, says):
 # ---------------------------------------------------------------- Ctrl-C and a full disk
 
 
+@pytest.mark.slow  # a real build interrupted and resumed: not in `make test-fast`
 def test_ctrl_c_ends_in_one_line_and_the_rerun_resumes(tmp_path):
     """SIGINT to a compiling `ich-prep build` (the whole process group, as a terminal's Ctrl-C):
     exit 130, the last stderr line says it was interrupted and that a rerun resumes; the same

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 
 from ich_train.gpu_table import cells, precisions, render
@@ -19,6 +20,7 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
 
+@pytest.mark.slow  # runs scripts/gpu_check.sh end to end: not in `make test-fast`
 def test_gpu_check_smoke_mode_runs_every_stage_and_prints_the_table(tmp_path):
     """SMOKE=1 on the CPU: synth -> build -> the table -> fit (--average-last 2) -> predict ->
     embed -> seq fit/evaluate -> predict --seq; exit 0, and OUT/table.md holds the device's

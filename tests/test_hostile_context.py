@@ -211,6 +211,7 @@ def _last(run: Path, epoch: int, epochs: int) -> None:
     (run / "best.pt").write_bytes(b"ours")
 
 
+@pytest.mark.slow  # two_stage.sh run, stopped and rerun: not in `make test-fast`
 def test_two_stage_rerun_skips_finished_folds_and_resumes_stopped_ones(tmp_path):
     """Before: a fold counted as finished once its best.pt existed, which fit writes after the
     first epoch: a run killed part-way was skipped on the rerun and its half-trained CNN or

@@ -173,6 +173,7 @@ def real_cli(module: str, *argv: str) -> tuple[int, str, str, int]:
     return r.returncode, out, r.stderr, int(peak)
 
 
+@pytest.mark.slow  # every real command on a 2 GB bomb: not in `make test-fast`
 def test_the_real_commands_on_a_2_GB_dictionary_bomb(root, tmp_path):
     """1,100 rows x one 2,000,000-character id: a 3 KB index that decodes to 2.2 GB of ids (over
     the real 2 GiB limit). Before, each command decoded them: verify peaked at 6.6 GB resident

@@ -57,6 +57,7 @@ def test_kaggle_baseline_survives_an_unreadable_dicom(tmp_path):
     assert x.shape == (3, 32, 32) and float(x.max()) == 0.0
 
 
+@pytest.mark.slow  # torch.compile: not in `make test-fast`
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on CPU needs a C compiler")
 def test_bench_compiled_model_runs(tmp_path, capsys):
     """--compile benches the torch.compile'd model (compilation falls in the untimed warmup)."""

@@ -299,6 +299,7 @@ def test_shard_error_in_a_training_worker_is_one_line(damaged, tmp_path, capsys)
 # ---- Ctrl-C
 
 
+@pytest.mark.slow  # a real fit interrupted and resumed: not in `make test-fast`
 def test_ctrl_c_during_fit_says_how_to_resume_and_resume_finishes(tmp_path):
     """SIGINT to the whole process group (what Ctrl-C does) inside fit, with a loader worker:
     exit 130, one line naming last.pt and --resume; the same command with --resume finishes."""
