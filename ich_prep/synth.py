@@ -5,8 +5,10 @@ real series would store them, and `write_synthetic` writes the files, the labels
 storage quirks of the real data. Everything follows from `seed`; the same seed gives the same bytes.
 
 A bleed is a blob along its series (`Bleed`: centre slice and reach), placed anywhere along it:
-its cross-section is largest mid-way and tapers, smaller and fainter, towards both ends, so its
-end slices are ambiguous on their own and a slice's rank says nothing about its label. A slice is
+its cross-section is largest mid-way and tapers, smaller and fainter, towards both ends (partial
+volume: at a tapering end a 5 mm slice holds blood in part of its thickness, so its voxels average
+blood with brain, down to about half-way from brain to blood), so its end slices are ambiguous on
+their own, and a slice's rank says nothing about its label. A slice is
 labelled with exactly the subtypes whose blood is drawn on it (at least MIN_BLEED_MM2 of it).
 
 Mimics make a slice's neighbours matter, as they do on real CT: about MIMIC_RATE of all slices
@@ -36,7 +38,9 @@ SUBTYPES = LABELS[1:]
 CSV_ORDER = (*SUBTYPES, "any")  # the Kaggle row order within one image
 MIN_BLEED_MM2 = 30.0  # a bleed smaller than this after overlaps is not drawn, so never labelled
 AIR, CSF, BLOOD = -1000.0, 6.0, 72.0
-FAINT, IVH_DARKER = 12.0, 6.0  # a thin end is up to FAINT HU fainter; ventricular blood is darker
+# a thin end is up to FAINT HU fainter (partial volume: a 5 mm slice through a bleed's tapering end
+# holds blood in part of its thickness, averaged with brain); ventricular blood is darker
+FAINT, IVH_DARKER = 22.0, 6.0
 OEDEMA = 1.35  # the oedema around a parenchymal bleed is this much larger in every direction
 EXTENT = {  # a bleed's reach either side of its centre: 1 slice + this share of the series
     "epidural": (0.12, 0.22),

@@ -6,6 +6,7 @@ RUNS holds the runs of scripts/two_stage.sh for 2D (RUNS/2d) and 2.5D (RUNS/2.5d
 cnn<k>/oof_fold<k>.parquet (fit's best.pt) and seq<k>/seq_oof_fold<k>.parquet (seq evaluate).
 The prior row predicts each fold's training frequencies; the competition metric is a mean over
 images, so its pooled value is the image-weighted mean of the folds' prior losses (metrics.csv).
+"vs 2D" is each row's loss relative to the 2D CNN's (-5.0%: 5% lower, better).
 """
 
 from __future__ import annotations
@@ -48,12 +49,16 @@ def main(argv: list[str]) -> None:
     runs, folds = argv[0], argv[1:]
     loss, n = prior_loss(runs, folds)
     print(f"held-out folds {', '.join(folds)} pooled ({n} images; the cross-validation score):")
-    print(f"  {'model':30s} {'weighted log loss':>17s} {'AUC any':>8s}")
+    print(f"  {'model':30s} {'weighted log loss':>17s} {'vs 2D':>7s} {'AUC any':>8s}")
     print(f"  {'prior (training frequencies)':30s} {loss:17.4f}")
+    base = None
     for name, pattern in ROWS:
         f = pooled(runs, pattern, folds)
         y, p = f[list(LABELS)].to_numpy(), f[PRED].to_numpy()
-        print(f"  {name:30s} {weighted_log_loss(y, p):17.4f} {safe_auc(y[:, 0], p[:, 0]):8.3f}")
+        wll = weighted_log_loss(y, p)
+        base = wll if base is None else base
+        change = "" if wll is base else f"{wll / base - 1:+.1%}"
+        print(f"  {name:30s} {wll:17.4f} {change:>7s} {safe_auc(y[:, 0], p[:, 0]):8.3f}")
 
 
 if __name__ == "__main__":

@@ -155,8 +155,9 @@ def test_labelled_bleeds_are_visible(slices, labels):
     """Positive slices hold a blood-density area; negative slices have next to none, except the
     share of them that carry a mimic (MIMIC_RATE, drawn at a thin end's density).
 
-    Blood is 54-72 HU (fainter at a bleed's thin ends), brain at most 37 HU plus noise: a 3x3
-    median takes the noise out, so 48-100 HU after it is blood (or a mimic) and nothing else.
+    Blood is 72 HU down to about 50 at a bleed's thin ends (ventricular blood 6 HU darker), brain
+    at most 37 HU plus noise: a 3x3 median takes the noise out, so 48-100 HU after it is blood (or
+    a mimic) and nothing else, and each labelled slice has most of its bleed's area there.
     """
     lab = labels.labels
     dense = []
@@ -420,12 +421,13 @@ def test_bleed_areas_rise_then_fall(traced):
 
 
 def test_thin_ends_are_fainter():
-    """Blood is densest where a bleed is widest, fainter towards its ends; never brain-like."""
+    """Blood is densest where a bleed is widest, fainter towards its ends (partial volume with
+    brain: at its thinnest end about half-way from cortex, 37 HU, to blood); never brain-like."""
     for st in SUBTYPES:
         b = Bleed(st, 3.0, 2.0, 0.0, 0.2, 0.5)
         hu = [blood_hu(b, taper(d)) for d in (0.0, 0.5, 0.9, 0.99)]
-        assert hu == sorted(hu, reverse=True) and hu[0] - hu[-1] > 8, (st, hu)
-        assert min(hu) > 50
+        assert hu == sorted(hu, reverse=True) and hu[0] - hu[-1] > 16, (st, hu)
+        assert 40 < min(hu) < 55, (st, hu)
 
 
 def _auc(y: np.ndarray, x: np.ndarray) -> float:
