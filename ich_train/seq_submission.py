@@ -14,14 +14,15 @@ from ich_prep.location import sha256_file
 from ich_train import distributed
 from ich_train.checkpoint import CheckpointError
 from ich_train.data import Build, create_loader
-from ich_train.embed import embed_loader, embedding_table
+from ich_train.embed import embed_loader
+from ich_train.embed_format import embedding_table
 from ich_train.infer import check_preprocessing, eval_stream, load_model
 from ich_train.seq import SeqError, SeqModel, load, one_thread, predict_series, select_inputs
-from ich_train.seq_data import series_of_table
+from ich_train.seq_data import as_positions, series_of_table
 from ich_train.submission import align_to_index, check_out_file, check_submission, write_submission
 
 
-def _seq_models(paths: list[str], cnn_sha: dict[str, str], tta: tuple[str, ...]) -> list[SeqModel]:  # fmt: skip
+def _seq_models(paths: list[str], cnn_sha: dict[str, str], tta: tuple[str, ...]) -> list[tuple[SeqModel, dict]]:  # fmt: skip
     """The sequence models, each refused unless it was trained on features of the given CNNs,
     embedded with the same --tta (the mean of a slice's and its mirror's features is not what a
     model trained on single views learned from, nor the reverse)."""
@@ -38,7 +39,7 @@ def _seq_models(paths: list[str], cnn_sha: dict[str, str], tta: tuple[str, ...])
             raise SeqError(f"--seq {path} was trained on features of other CNNs than --checkpoint {foreign[0]}; pass the fold CNNs whose out-of-fold features it learned from")  # fmt: skip
         model = SeqModel(**ck["model_args"])
         model.load_state_dict(ck["model"])
-        models.append(model)
+        models.append((model, ck))
     return models
 
 
@@ -69,12 +70,13 @@ def predict_seq_submission(
             loader = create_loader(eval_stream(build, sel, ck, dist, batch_size, workers, "the sequence stage"), workers, dist.device)  # fmt: skip
             res = embed_loader(cnn, loader, augment, dist=dist, precision=ck["config"].get("precision", "auto"), tta=tta, progress=progress)  # fmt: skip
             series = series_of_table(embedding_table(build, res, 0), f"the features of {path}")
-            for seq, seq_path in zip(models, seqs, strict=True):
-                takes = (seq.inp[1].in_features - 7) // 3  # 0: --inputs logits
+            for (seq, seq_ck), seq_path in zip(models, seqs, strict=True):
+                takes = seq_ck["model_args"]["feature_dim"]  # 0: --inputs logits
                 if takes not in (0, series[0].features.shape[1]):
                     raise SeqError(f"--seq {seq_path} takes other features than {path} gives; pass the CNNs it was trained with")  # fmt: skip
+                mine = as_positions(select_inputs(series, takes), seq_ck["slice_inputs"]["positions"], f"--shards {shards}")  # fmt: skip
                 with one_thread():
-                    p = predict_series(seq, select_inputs(series, takes))
+                    p = predict_series(seq, mine)
                 for image_id, row in zip(p["ids"], p["probs"], strict=True):
                     total[image_id] = total.get(image_id, 0) + row
             priors.append(np.asarray(ck["prior"]))

@@ -18,7 +18,14 @@ from ich_train.config import TrainConfig
 from ich_train.embed import LOGITS, META_KEY
 from ich_train.infer import evaluate as cnn_evaluate
 from ich_train.seq import SeqConfig, SeqError, SeqModel, evaluate, fit, masked_loss
-from ich_train.seq_data import Series, augment, collate, read_embeddings, slice_inputs
+from ich_train.seq_data import (
+    SLICE_EXTRA,
+    Series,
+    augment,
+    collate,
+    read_embeddings,
+    slice_inputs,
+)
 from ich_train.train import fit as cnn_fit
 from tests.test_train_cli_errors import one_error_line
 from tests.train_fixtures import make_build
@@ -27,13 +34,35 @@ from tests.train_fixtures import make_build
 
 
 def test_slice_inputs_by_hand():
-    """f = [1, 2, 4] (D = 1): f - prev = [0, 1, 2], f - next = [-1, -2, 0], position 0, .5, 1."""
+    """f = [1, 2, 4] (D = 1), no positions (slice ranks): f - prev = [0, 1, 2], f - next =
+    [-1, -2, 0], position 0, .5, 1, gaps to the neighbours 1 inside and 0 at the ends."""
     f = np.array([[1.0], [2.0], [4.0]], np.float32)
     z = np.zeros((3, 6), np.float32)
     x = slice_inputs(f, z)
-    assert x.shape == (3, 3 + 6 + 1)
+    assert x.shape == (3, 3 + SLICE_EXTRA) and SLICE_EXTRA == 6 + 3
     assert x[:, 0].tolist() == [1, 2, 4] and x[:, 1].tolist() == [0, 1, 2]
-    assert x[:, 2].tolist() == [-1, -2, 0] and x[:, -1].tolist() == [0, 0.5, 1]
+    assert x[:, 2].tolist() == [-1, -2, 0] and x[:, -3].tolist() == [0, 0.5, 1]
+    assert x[:, -2].tolist() == [0, 1, 1] and x[:, -1].tolist() == [1, 1, 0]
+    assert np.array_equal(slice_inputs(f, z, np.array([10.0, 15.0, 20.0])), x)  # even spacing
+
+
+def test_slice_inputs_see_a_gap_by_hand():
+    """Positions 0, 5, 10, 20, 25 mm (the 15 mm slice missing): the 10 and 20 mm slices are not
+    each other's neighbours (a step of 2x the median spacing, over split.neighbour_ranks' 1.5x):
+    their difference there is 0, as at the series' ends, and the gap reads 2 median spacings;
+    position is along the axis (mm), not by rank. Reversed, the same inputs in reverse order."""
+    f = np.array([[1.0], [2.0], [4.0], [8.0], [16.0]], np.float32)
+    z = np.zeros((5, 6), np.float32)
+    pos = np.array([0.0, 5.0, 10.0, 20.0, 25.0])
+    x = slice_inputs(f, z, pos)
+    assert x[:, 1].tolist() == [0, 1, 2, 0, 8] and x[:, 2].tolist() == [-1, -2, 0, -8, 0]
+    assert np.allclose(x[:, -3], [0, 0.2, 0.4, 0.8, 1.0])
+    assert x[:, -2].tolist() == [0, 1, 1, 2, 1] and x[:, -1].tolist() == [1, 1, 2, 1, 0]
+    by_rank = slice_inputs(f, z)
+    assert by_rank[2, 2] == -4 and by_rank[3, 1] == 4  # before: the gap was invisible
+    back = slice_inputs(f[::-1], z, pos[::-1])
+    assert np.array_equal(back[:, :1], x[::-1, :1]) and np.array_equal(back[:, 1], x[::-1, 2])
+    assert np.array_equal(back[:, -2], x[::-1, -1]) and np.allclose(back[:, -3], 1 - x[::-1, -3])
 
 
 def _series(n: int, d: int = 4, fold: int = 0, seed: int = 0) -> Series:
@@ -48,7 +77,7 @@ def test_model_starts_as_the_cnn_and_padding_does_not_count():
     competition-weighted BCE over the real slices only (checked against torch's BCE by hand)."""
     a, b = _series(5, seed=1), _series(2, seed=2)
     batch = collate([a, b])
-    assert batch["x"].shape == (2, 5, 3 * 4 + 7) and batch["mask"].sum().item() == 7
+    assert batch["x"].shape == (2, 5, 3 * 4 + SLICE_EXTRA) and batch["mask"].sum().item() == 7
     model = SeqModel(4, hidden=8)
     out = model(batch["x"], batch["base"], batch["mask"])
     torch.testing.assert_close(out, batch["base"])
@@ -92,7 +121,7 @@ def write_embeddings(path, folds=3, per_fold=60, d=8, seed=0) -> None:
                 f[0] = evidence[r]
                 logit = 3.0 * evidence[r] - 1.5
                 rows.append({"image_id": f"ID_{fold}_{j}_{r}", "series_id": f"ID_s{fold}_{j}", "slice_rank": r, "series_len": n,
-                             "fold": fold, "cnn": fold, **dict(zip(LABELS, y, strict=True)),
+                             "fold": fold, "cnn": fold, "slice_position": 5.0 * r, **dict(zip(LABELS, y, strict=True)),
                              **dict(zip(LOGITS, [logit, logit, -4.0, -4.0, -4.0, -4.0], strict=True)), "features": f})  # fmt: skip
     frame = pd.DataFrame(rows)
     feats = np.stack(frame.pop("features").to_numpy()).astype(np.float16)
@@ -151,13 +180,13 @@ def test_best_pt_is_the_cnn_itself_when_no_epoch_beats_it(tmp_path):
 
 
 def test_inputs_logits_learns_from_the_cnn_logits_alone(features, tmp_path):
-    """--inputs logits: the model takes 7 values a slice (6 logits + position), still beats the CNN
+    """--inputs logits: the model takes 9 values a slice (6 logits, position, 2 gaps), beats the CNN
     on the held-out fold, and evaluate gives the same numbers on a file whose pooled features were
     zeroed (they are not read)."""
     cfg = SeqConfig(features=features, valid_fold=0, hidden=32, epochs=12, lr=3e-3, inputs="logits")
     r = fit(cfg, str(tmp_path / "run"), log=lambda *_: None)
     ck = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    assert ck["model_args"]["feature_dim"] == 0 and ck["model"]["inp.1.weight"].shape[1] == 7
+    assert ck["model_args"]["feature_dim"] == 0 and ck["model"]["inp.1.weight"].shape[1] == 9
     assert r["best_valid_loss"] < 0.85 * r["cnn_valid_loss"], r
     t = pq.read_table(features)
     zero = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(t.num_rows * 8, np.float16)), 8)
