@@ -26,6 +26,13 @@ STRINGS = ("image_id", "series_id")
 INTEGERS = ("slice_rank", "series_len", "fold", "cnn")
 MAX_FEATURE_DIM = 8192
 
+# How the sequence model of fold k meets the CNNs (seq fit --protocol, checked against a file's
+# metadata by seq_data.check_protocol; docs/training.md); here, so scripts read it without torch
+PROTOCOLS = {
+    "per-cnn": "every fold's features from CNN k alone (embed --checkpoint cnnK): trained on its own in-sample features, applied with CNN k only (the default)",
+    "pooled": "fold j's features from CNN j (embed --oof): trained on several CNNs' out-of-fold features, applied with every CNN",
+}
+
 
 class EmbedError(UserError, ValueError):
     """Checkpoints that do not cover the folds asked for, or an embeddings file we cannot use."""

@@ -32,7 +32,7 @@ from ich_prep.location import atomic_open, file_in_the_way, temp_target, what_is
 from ich_prep.terminal import echo
 from ich_train.checkpoint import safe_torch_load
 from ich_train.config import MAX_RATE
-from ich_train.embed_format import MAX_FEATURE_DIM
+from ich_train.embed_format import MAX_FEATURE_DIM, PROTOCOLS
 from ich_train.metrics import LABEL_WEIGHTS, check_diverged, compute_metrics
 from ich_train.optim import create_scheduler
 from ich_train.predictions import ReportError, check_predictions, predictions_frame
@@ -44,6 +44,8 @@ from ich_train.seq_data import (
     augment,
     batches,
     check_held_out,
+    check_protocol,
+    check_trained_on,
     collate,
     positions_of,
     read_embeddings,
@@ -92,10 +94,14 @@ class SeqConfig:
     drop_p: float = 0.1
     seed: int = 0
     inputs: str = "features"  # or "logits": the CNN's logits (and position) only, see select_inputs
+    # "per-cnn" (the default: it won on held-out folds, docs/training.md) or "pooled"; embed_format.PROTOCOLS
+    protocol: str = "per-cnn"
 
     def __post_init__(self):
         if self.inputs not in INPUTS:
             raise SeqError(f"--inputs {self.inputs!r}: choose one of {', '.join(INPUTS)}")
+        if self.protocol not in PROTOCOLS:
+            raise SeqError(f"--protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
         if self.rnn not in RNNS:
             raise SeqError(f"--rnn {self.rnn!r}: choose one of {sorted(RNNS)}")
         for name, lo, hi in (("hidden", 4, 4096), ("layers", 1, 8), ("epochs", 1, 10_000), ("batch_series", 1, 100_000)):  # fmt: skip
@@ -298,6 +304,7 @@ def _fit_data(cfg: SeqConfig) -> tuple[list[Series], list[Series], dict, int, di
     series = select_inputs(series, dim)
     train, valid = _split(series, cfg.valid_fold, cfg.features)
     check_held_out(valid, meta, cfg.valid_fold, cfg.features, "--valid-fold")
+    check_protocol(series, meta, cfg.valid_fold, cfg.protocol, cfg.features)
     took = {"layout": INPUT_LAYOUT, "positions": positions_of(series)}
     if took["positions"] == "rank":
         echo(f"warning: --features {cfg.features} has no slice positions (embedded before them, or from a build without them): the sequence model sees slice ranks, so a missing slice's gap is invisible to it; rebuild with this ich-prep and embed again", file=sys.stderr)  # fmt: skip
@@ -315,7 +322,11 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
     run, start, best, rows = Path(out), 0, math.inf, []
     if resume:
         ck = load(str(run / "last.pt"))
-        saved = {"inputs": "features", **ck["config"]}  # a run from before --inputs
+        saved = {
+            "inputs": "features",
+            "protocol": "pooled",
+            **ck["config"],
+        }  # a run from before them
         if ck["slice_inputs"] != took:
             said = {"mm": "slice positions (mm)", "rank": "slice ranks (no positions)"}
             raise SeqError(f"--resume {run}: the run was started on {said[ck['slice_inputs']['positions']]}, {cfg.features} gives {said[took['positions']]}; use the same --features or a new --out")  # fmt: skip
@@ -395,6 +406,7 @@ def _evaluate(checkpoint: str, features: str, fold: int, out: str | None, dev: t
     if not chosen or any(s.labels is None for s in chosen):
         raise SeqError(f"--fold {fold}: {features} has no labelled series in that fold; its folds are {sorted({s.fold for s in series})}")  # fmt: skip
     check_held_out(chosen, meta, fold, features, "--fold")
+    check_trained_on(chosen, meta, ck["embed"], features, checkpoint)
     args = ck["model_args"]
     chosen = as_positions(select_inputs(chosen, args["feature_dim"]), ck["slice_inputs"]["positions"], f"--features {features}")  # fmt: skip
     if args["feature_dim"] != chosen[0].features.shape[1]:

@@ -182,16 +182,49 @@ def check_held_out(series: list[Series], meta: dict, fold: int, path: str, flag:
     """EmbedError unless every series of `fold` was embedded by a CNN that held `fold` out: the
     checkpoint its `cnn` column names in the file's metadata has `valid_fold` == fold. Features a
     CNN trained on are confident and right, so scores on them are optimistic (docs/training.md)."""
-    cks = meta.get("checkpoints") if isinstance(meta.get("checkpoints"), list) else []
+    cks = _checkpoints(meta)
     for s in series:
         if s.fold != fold:
             continue
-        ck = cks[s.cnn] if 0 <= s.cnn < len(cks) and isinstance(cks[s.cnn], dict) else {}
+        ck = cks[s.cnn] if 0 <= s.cnn < len(cks) else {}
         held_out = ck.get("valid_fold")
         if held_out == fold and type(held_out) is int:
             continue
         who = f"a CNN validated on fold {held_out!r} ({str(ck.get('path', '?'))[-80:]!r})" if ck else "a CNN its metadata does not name"  # fmt: skip
         raise EmbedError(f"{flag} {fold}: {path}'s features of fold {fold} come from {who}, not one that held fold {fold} out, so its scores there would be in-sample; embed with --oof (fold k by the CNN validated on k) or validate on that CNN's own validation fold")  # fmt: skip
+
+
+def check_trained_on(series: list[Series], meta: dict, trained: dict, path: str, checkpoint: str) -> None:  # fmt: skip
+    """EmbedError unless every series was embedded by a CNN (by sha256) whose features the sequence
+    checkpoint learned from (`trained`: its embeddings metadata; none recorded: not checked)."""
+    shas = {c.get("sha256") for c in _checkpoints(trained)}
+    cks = _checkpoints(meta)
+    for s in series:
+        ck = cks[s.cnn] if 0 <= s.cnn < len(cks) else {}
+        if shas and ck.get("sha256") not in shas:
+            raise EmbedError(f"{checkpoint} was trained on the features of other CNNs than the one that embedded fold {s.fold} of {path} ({str(ck.get('path', '?'))[-80:]!r}); pass the features of the CNNs it learned from")  # fmt: skip
+
+
+def _checkpoints(meta: dict) -> list[dict]:
+    cks = meta.get("checkpoints") if isinstance(meta.get("checkpoints"), list) else []
+    return [c if isinstance(c, dict) else {} for c in cks]
+
+
+def check_protocol(series: list[Series], meta: dict, fold: int, protocol: str, path: str) -> None:
+    """EmbedError unless `series` (every fold of the file) are what --protocol takes for the model
+    of `fold`: per-cnn, every row from the file's one CNN, the one validated on `fold`; pooled,
+    every row of fold j from a CNN validated on j (out of fold). The validation fold itself is
+    check_held_out's."""
+    cks = _checkpoints(meta)
+    if protocol == "per-cnn":
+        mine = cks[0].get("valid_fold") if len(cks) == 1 else None
+        if len(cks) != 1 or mine != fold or type(mine) is not int or any(s.cnn != 0 for s in series):  # fmt: skip
+            raise EmbedError(f"--protocol per-cnn --valid-fold {fold}: {path} holds the features of {len(cks)} CNNs (validated on {[c.get('valid_fold') for c in cks][:8]}); per-cnn takes one CNN's embeddings of every fold, the CNN validated on fold {fold}: `ich-train embed --checkpoint <its best.pt>` (no --oof)")  # fmt: skip
+        return
+    for s in series:
+        ck = cks[s.cnn] if 0 <= s.cnn < len(cks) else {}
+        if ck.get("valid_fold") != s.fold or type(ck.get("valid_fold")) is not int:
+            raise EmbedError(f"--protocol pooled: {path}'s features of fold {s.fold} come from a CNN validated on fold {ck.get('valid_fold')!r}, not out of fold; embed with --oof (fold k by the CNN validated on k), or train on one CNN's own embeddings with --protocol per-cnn")  # fmt: skip
 
 
 def geometry(t: int, position: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

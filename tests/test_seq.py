@@ -146,7 +146,9 @@ def features(tmp_path_factory):
 def test_sequence_model_beats_the_per_slice_model_on_a_held_out_fold(features, tmp_path):
     """Trained on folds 1 and 2, scored on fold 0: the GRU's weighted log loss is well below the
     per-slice CNN's, and `seq evaluate` agrees with fit's best epoch."""
-    cfg = SeqConfig(features=features, valid_fold=0, hidden=32, epochs=12, lr=3e-3)
+    cfg = SeqConfig(
+        protocol="pooled", features=features, valid_fold=0, hidden=32, epochs=12, lr=3e-3
+    )
     r = fit(cfg, str(tmp_path / "run"), log=lambda *_: None)
     assert r["best_valid_loss"] < 0.85 * r["cnn_valid_loss"], r
     assert r["improved_on_cnn"] and r["best_epoch"] >= 1
@@ -168,7 +170,7 @@ def test_best_pt_is_the_cnn_itself_when_no_epoch_beats_it(tmp_path):
     y[t.column("fold").to_numpy() == 0] ^= 1
     pq.write_table(t.set_column(t.column_names.index("any"), "any", pa.array(y)), tmp_path / "flip.parquet")  # fmt: skip
     lines = []
-    cfg = SeqConfig(features=str(tmp_path / "flip.parquet"), valid_fold=0, hidden=16, epochs=3, lr=3e-3)  # fmt: skip
+    cfg = SeqConfig(protocol="pooled", features=str(tmp_path / "flip.parquet"), valid_fold=0, hidden=16, epochs=3, lr=3e-3)  # fmt: skip
     r = fit(cfg, str(tmp_path / "run"), log=lines.append)
     history = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert (history["valid_loss"][1:] > r["cnn_valid_loss"]).all()  # every epoch is worse
@@ -183,7 +185,15 @@ def test_inputs_logits_learns_from_the_cnn_logits_alone(features, tmp_path):
     """--inputs logits: the model takes 9 values a slice (6 logits, position, 2 gaps), beats the CNN
     on the held-out fold, and evaluate gives the same numbers on a file whose pooled features were
     zeroed (they are not read)."""
-    cfg = SeqConfig(features=features, valid_fold=0, hidden=32, epochs=12, lr=3e-3, inputs="logits")
+    cfg = SeqConfig(
+        protocol="pooled",
+        features=features,
+        valid_fold=0,
+        hidden=32,
+        epochs=12,
+        lr=3e-3,
+        inputs="logits",
+    )
     r = fit(cfg, str(tmp_path / "run"), log=lambda *_: None)
     ck = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert ck["model_args"]["feature_dim"] == 0 and ck["model"]["inp.1.weight"].shape[1] == 9
@@ -195,13 +205,15 @@ def test_inputs_logits_learns_from_the_cnn_logits_alone(features, tmp_path):
     b = evaluate(str(tmp_path / "run" / "best.pt"), str(tmp_path / "z.parquet"), 0, out=str(tmp_path / "b.parquet"))  # fmt: skip
     assert a["valid_loss"] == pytest.approx(r["best_valid_loss"], rel=1e-5) == b["valid_loss"]
     with pytest.raises(SeqError, match="--inputs 'pixels'"):
-        SeqConfig(features=features, valid_fold=0, inputs="pixels")
+        SeqConfig(protocol="pooled", features=features, valid_fold=0, inputs="pixels")
 
 
 def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(features, tmp_path):
     """Ctrl-C after epoch 2 of 3, then --resume: the same final weights as one run of 3 epochs
     (batches, augmentation and dropout all continue from the saved state)."""
-    cfg = SeqConfig(features=features, valid_fold=1, hidden=16, epochs=3, batch_series=64)
+    cfg = SeqConfig(
+        protocol="pooled", features=features, valid_fold=1, hidden=16, epochs=3, batch_series=64
+    )
     fit(cfg, str(tmp_path / "a"), log=lambda *_: None)
 
     def stop_after_two(msg):
@@ -219,7 +231,9 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(featu
 def test_a_run_from_before_inputs_existed_resumes(features, tmp_path):
     """A last.pt whose config has no `inputs` (written before --inputs) resumes as --inputs
     features; one that says logits does not resume a features run."""
-    cfg = SeqConfig(features=features, valid_fold=1, hidden=8, epochs=2, batch_series=64)
+    cfg = SeqConfig(
+        protocol="pooled", features=features, valid_fold=1, hidden=8, epochs=2, batch_series=64
+    )
 
     def stop_after_one(msg):
         if msg.startswith("seq epoch 1/"):
@@ -276,7 +290,7 @@ def test_embed_out_of_fold_then_seq_fit_and_report(cnn_runs, capsys):
     n, dim = duckdb.sql(f"select count(*), max(len(features)) from '{out}'").fetchall()[0]
     assert (n, dim) == (len(frame), 512)
     run = tmp / "seqrun"
-    assert main(["seq", "fit", "--features", str(out), "--valid-fold", "0", "--out", str(run), "--epochs", "2", "--hidden", "8"]) == 0  # fmt: skip
+    assert main(["seq", "fit", "--features", str(out), "--valid-fold", "0", "--protocol", "pooled", "--out", str(run), "--epochs", "2", "--hidden", "8"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 2
     assert main(["seq", "evaluate", "--checkpoint", str(run / "best.pt"), "--features", str(out), "--fold", "0"]) == 0  # fmt: skip
     m = json.loads(capsys.readouterr().out)
@@ -312,7 +326,7 @@ def test_a_run_of_one_step_per_epoch_trains(features, tmp_path):
     OneCycleLR divided by zero here, found by scripts/gpu_check.sh's smoke run)."""
     small = tmp_path / "small.parquet"
     write_embeddings(small, folds=2, per_fold=2)
-    r = fit(SeqConfig(features=str(small), valid_fold=1, hidden=8, epochs=3, batch_series=64), str(tmp_path / "r"), log=lambda *_: None)  # fmt: skip
+    r = fit(SeqConfig(protocol="pooled", features=str(small), valid_fold=1, hidden=8, epochs=3, batch_series=64), str(tmp_path / "r"), log=lambda *_: None)  # fmt: skip
     assert r["epochs"] == 3 and np.isfinite(r["best_valid_loss"])
 
 
@@ -325,7 +339,7 @@ def test_features_a_cnn_trained_on_are_refused_as_validation(cnn_runs, capsys, t
     feats = tmp_path / "in_sample.parquet"
     assert main(["embed", "--checkpoint", ckpts[0], "--shards", str(build), "--out", str(feats), "--workers", "0", "--no-progress"]) == 0  # fmt: skip
     capsys.readouterr()
-    args = ["--features", str(feats), "--epochs", "1", "--hidden", "8"]
+    args = ["--features", str(feats), "--epochs", "1", "--hidden", "8", "--protocol", "per-cnn"]
     assert main(["seq", "fit", *args, "--valid-fold", "1", "--out", str(tmp_path / "r1")]) == 2
     line = one_error_line(capsys, "seq fit")
     assert "--valid-fold 1:" in line and "validated on fold 0" in line and "--oof" in line

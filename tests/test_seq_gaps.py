@@ -90,7 +90,7 @@ def test_checkpoints_record_their_positions_and_files_without_them_warn(gap_runs
     mm = gap_runs / "gap.parquet"
     old = tmp_path / "old.parquet"
     pq.write_table(pq.read_table(mm).drop(["slice_position"]), old)
-    fit = ["--valid-fold", "0", "--epochs", "1", "--hidden", "8"]
+    fit = ["--valid-fold", "0", "--epochs", "1", "--hidden", "8", "--protocol", "per-cnn"]
     assert main(["seq", "fit", "--features", str(mm), "--out", str(tmp_path / "mm"), *fit]) == 0
     assert "warning" not in capsys.readouterr().err
     assert main(["seq", "fit", "--features", str(old), "--out", str(tmp_path / "rank"), *fit]) == 0
