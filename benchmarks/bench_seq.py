@@ -58,7 +58,7 @@ def main() -> None:
         feats = Path(tmp) / "f.parquet"
         write_features(feats, a.series, a.slices, a.dim)
         t0 = time.perf_counter()
-        r = fit(SeqConfig(features=str(feats), valid_fold=0, epochs=1, hidden=a.hidden), str(Path(tmp) / "run"), log=lambda *_: None)  # fmt: skip
+        r = fit(SeqConfig(protocol="pooled", features=str(feats), valid_fold=0, epochs=1, hidden=a.hidden), str(Path(tmp) / "run"), log=lambda *_: None)  # fmt: skip
         wall = time.perf_counter() - t0
     print(f"{a.series} series x {a.slices} slices x {a.dim} features, hidden {a.hidden}: one epoch "
           f"(train on 4/5, validate 1/5, reading included) {wall:.1f} s = {wall / a.series * 1e3:.2f} ms/series; best {r['best_valid_loss']:.4f}")  # fmt: skip

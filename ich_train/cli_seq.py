@@ -40,6 +40,7 @@ def do_embed(args) -> int:
 
 
 def add_seq_parser(sub) -> None:
+    from ich_train.embed_format import PROTOCOLS
     from ich_train.seq import INPUTS, SeqConfig
 
     d = SeqConfig(features="", valid_fold=0)
@@ -53,6 +54,8 @@ def add_seq_parser(sub) -> None:
     f.add_argument("--rnn", choices=("gru", "lstm"), default=d.rnn)
     f.add_argument("--inputs", choices=tuple(INPUTS), default=d.inputs,
                    help="what each slice gives the model: " + "; ".join(f"{k}: {v}" for k, v in INPUTS.items()))  # fmt: skip
+    f.add_argument("--protocol", choices=tuple(PROTOCOLS), default=d.protocol,
+                   help="which CNNs' features the model of fold k learns from: " + "; ".join(f"{k}: {v}" for k, v in PROTOCOLS.items()))  # fmt: skip
     for name in ("hidden", "layers", "epochs", "batch_series", "seed"):
         f.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     for name in ("dropout", "lr", "weight_decay", "reverse_p", "drop_p"):

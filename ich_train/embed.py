@@ -1,10 +1,9 @@
 """ich-train embed: each slice's pooled CNN features (float16) and logits, with its image id,
-series id and slice rank, for the sequence stage (ich_train.seq).
+series id, slice rank and position, for the sequence stage (ich_train.seq).
 
-One Parquet file, readable by pandas, pyarrow and DuckDB: columns image_id, series_id, slice_rank,
-series_len, fold, cnn (which checkpoint embedded the row), the six labels (int8, training builds),
-logit_<label> (float32) and `features` (fixed-size list of float16). Its schema metadata
-(`ich_embed`) records the checkpoints (path, sha256, valid fold), the build and the TTA.
+One Parquet file, readable by pandas, pyarrow and DuckDB, in the format of ich_train.embed_format
+(its one owner): the columns and the schema metadata (`ich_embed`: the checkpoints with path,
+sha256 and valid fold, the build, the TTA).
 
 Out of fold (`oof=True`, several checkpoints): fold k is embedded by the checkpoint whose
 validation fold was k, so no row's features come from a CNN that trained on it; that is what the
@@ -21,24 +20,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ich_prep import LABELS
-from ich_prep.errors import UserError
 from ich_prep.location import atomic_file, sha256_file
 from ich_train import distributed
 from ich_train.data import Build, create_loader
 from ich_train.distributed import Dist, all_gather
+from ich_train.embed_format import LOGITS, META_KEY, EmbedError, embedding_table
 from ich_train.engine import autocast
 from ich_train.infer import check_preprocessing, eval_stream, load_model
 from ich_train.progress import track
 from ich_train.submission import check_out_file
 
-META_KEY = b"ich_embed"
-ID_COLUMNS = ("image_id", "series_id", "slice_rank", "series_len", "fold", "cnn")
-LOGITS = tuple(f"logit_{lab}" for lab in LABELS)
-
-
-class EmbedError(UserError, ValueError):
-    """Checkpoints that do not cover the folds asked for, or an embeddings file we cannot use."""
+__all__ = ["LOGITS", "META_KEY", "EmbedError", "embed", "embed_loader", "pooled_and_logits"]
 
 
 def pooled_and_logits(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,35 +103,6 @@ def check_same_inputs(checkpoints: list[str], configs: list[dict]) -> None:
         if s != seen[0]:
             what = [f"--context {k}" + (f" --context-window {w}" if w else "") if k else "2D (no --context)" for k, w in (seen[0], s)]  # fmt: skip
             raise EmbedError(f"--checkpoint {path} was trained on {what[1]}, {checkpoints[0]} on {what[0]}: one embeddings file must not mix 2D and 2.5D CNNs; pass fold CNNs trained with the same --context")  # fmt: skip
-
-
-def embedding_table(build: Build, res: dict, cnn: int) -> pa.Table:
-    """The rows of one checkpoint's embedding, with the index's series columns and labels."""
-    ok = build.ok
-    if not {"series_id", "slice_rank"} <= set(ok.columns) or ok["series_id"].isna().any():
-        raise EmbedError(
-            f"{build.root} has no series columns (series_id, slice_rank) in its index; rebuild it "
-            "with this ich-prep (format 2.0) to use the sequence stage"
-        )
-    ok = ok.assign(series_len=ok.groupby("series_id")["image_id"].transform("size"))
-    rows = ok.set_index("image_id").loc[res["ids"]]
-    cols = {
-        "image_id": pa.array(res["ids"], pa.string()),
-        "series_id": pa.array(rows["series_id"].astype(str).tolist(), pa.string()),
-        "slice_rank": pa.array(rows["slice_rank"].to_numpy(np.int32)),
-        "series_len": pa.array(rows["series_len"].to_numpy(np.int32)),
-        "fold": pa.array(rows["fold"].to_numpy(np.int16)),
-        "cnn": pa.array(np.full(len(rows), cnn, np.int16)),
-    }
-    lab = rows[list(LABELS)]
-    if lab.notna().all(axis=None) and len(lab):
-        for name in LABELS:
-            cols[name] = pa.array(lab[name].to_numpy(np.int8))
-    for j, name in enumerate(LOGITS):
-        cols[name] = pa.array(res["logits"][:, j])
-    f = res["features"]
-    cols["features"] = pa.FixedSizeListArray.from_arrays(pa.array(f.reshape(-1)), f.shape[1])
-    return pa.table(cols)
 
 
 def embed(

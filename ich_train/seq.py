@@ -16,6 +16,7 @@ import json
 import math
 import os
 import stat
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +32,22 @@ from ich_prep.location import atomic_open, file_in_the_way, temp_target, what_is
 from ich_prep.terminal import echo
 from ich_train.checkpoint import safe_torch_load
 from ich_train.config import MAX_RATE
+from ich_train.embed_format import MAX_FEATURE_DIM, PROTOCOLS
 from ich_train.metrics import LABEL_WEIGHTS, check_diverged, compute_metrics
 from ich_train.optim import create_scheduler
 from ich_train.predictions import ReportError, check_predictions, predictions_frame
 from ich_train.seq_data import (
-    MAX_FEATURE_DIM,
+    INPUT_LAYOUT,
+    SLICE_EXTRA,
     Series,
+    as_positions,
     augment,
     batches,
     check_held_out,
+    check_protocol,
+    check_trained_on,
     collate,
+    positions_of,
     read_embeddings,
 )
 from ich_train.submission import check_out_file
@@ -87,10 +94,14 @@ class SeqConfig:
     drop_p: float = 0.1
     seed: int = 0
     inputs: str = "features"  # or "logits": the CNN's logits (and position) only, see select_inputs
+    # "per-cnn" (the default: it won on held-out folds, docs/training.md) or "pooled"; embed_format.PROTOCOLS
+    protocol: str = "per-cnn"
 
     def __post_init__(self):
         if self.inputs not in INPUTS:
             raise SeqError(f"--inputs {self.inputs!r}: choose one of {', '.join(INPUTS)}")
+        if self.protocol not in PROTOCOLS:
+            raise SeqError(f"--protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
         if self.rnn not in RNNS:
             raise SeqError(f"--rnn {self.rnn!r}: choose one of {sorted(RNNS)}")
         for name, lo, hi in (("hidden", 4, 4096), ("layers", 1, 8), ("epochs", 1, 10_000), ("batch_series", 1, 100_000)):  # fmt: skip
@@ -114,11 +125,12 @@ class SeqConfig:
 
 
 class SeqModel(nn.Module):
-    """x (B, T, 3D + 7), base logits (B, T, 6), mask (B, T) -> logits (B, T, 6) = base + correction."""
+    """x (B, T, 3D + SLICE_EXTRA), base logits (B, T, 6), mask (B, T) -> logits (B, T, 6) = base +
+    correction."""
 
     def __init__(self, feature_dim: int, hidden: int = 128, layers: int = 2, rnn: str = "gru", dropout: float = 0.2):  # fmt: skip
         super().__init__()
-        in_dim = 3 * feature_dim + 7
+        in_dim = 3 * feature_dim + SLICE_EXTRA
         self.inp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout))  # fmt: skip
         self.rnn = RNNS[rnn](hidden, hidden, num_layers=layers, batch_first=True, bidirectional=True, dropout=dropout if layers > 1 else 0.0)  # fmt: skip
         self.head = nn.Linear(2 * hidden, len(LABELS))
@@ -240,6 +252,9 @@ def load(path: str) -> dict:
         raise SeqError(f"{path} is not a sequence checkpoint; pass a best.pt or last.pt of `ich-train seq fit`")  # fmt: skip
     if not _fields_ok(ck):
         raise SeqError(f"{path} is a damaged or edited sequence checkpoint (its model arguments, config or weights are not what `ich-train seq fit` writes); train again or pass another")  # fmt: skip
+    took = ck.get("slice_inputs")
+    if not (isinstance(took, dict) and took.get("layout") == INPUT_LAYOUT and took.get("positions") in ("mm", "rank")):  # fmt: skip
+        raise SeqError(f"{path} was trained on other per-slice inputs than this ich-train gives ({INPUT_LAYOUT}; before slice spacing, without gap_prev and gap_next); train it again with `ich-train seq fit`")  # fmt: skip
     with torch.device("meta"):
         want = {k: v.shape for k, v in SeqModel(**ck["model_args"]).state_dict().items()}
     if want != {k: v.shape for k, v in ck["model"].items()}:
@@ -281,13 +296,24 @@ def fit(cfg: SeqConfig, out: str, resume: bool = False, log=echo, device: str = 
         return _fit(cfg, out, resume, log, seq_device(device))
 
 
-def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict:
-    check_run_folder(Path(out), resume)
+def _fit_data(cfg: SeqConfig) -> tuple[list[Series], list[Series], dict, int, dict]:
+    """(train, valid, the file's metadata, feature size taken, the per-slice inputs record), with
+    a warning on stderr when the file has no slice positions (the model then sees slice ranks)."""
     series, meta = read_embeddings(cfg.features)
     dim = 0 if cfg.inputs == "logits" else series[0].features.shape[1]
     series = select_inputs(series, dim)
     train, valid = _split(series, cfg.valid_fold, cfg.features)
     check_held_out(valid, meta, cfg.valid_fold, cfg.features, "--valid-fold")
+    check_protocol(series, meta, cfg.valid_fold, cfg.protocol, cfg.features)
+    took = {"layout": INPUT_LAYOUT, "positions": positions_of(series)}
+    if took["positions"] == "rank":
+        echo(f"warning: --features {cfg.features} has no slice positions (embedded before them, or from a build without them): the sequence model sees slice ranks, so a missing slice's gap is invisible to it; rebuild with this ich-prep and embed again", file=sys.stderr)  # fmt: skip
+    return train, valid, meta, dim, took
+
+
+def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict:
+    check_run_folder(Path(out), resume)
+    train, valid, meta, dim, took = _fit_data(cfg)
     torch.manual_seed(cfg.seed)
     model = SeqModel(**model_args(cfg, dim)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -296,7 +322,14 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
     run, start, best, rows = Path(out), 0, math.inf, []
     if resume:
         ck = load(str(run / "last.pt"))
-        saved = {"inputs": "features", **ck["config"]}  # a run from before --inputs
+        saved = {
+            "inputs": "features",
+            "protocol": "pooled",
+            **ck["config"],
+        }  # a run from before them
+        if ck["slice_inputs"] != took:
+            said = {"mm": "slice positions (mm)", "rank": "slice ranks (no positions)"}
+            raise SeqError(f"--resume {run}: the run was started on {said[ck['slice_inputs']['positions']]}, {cfg.features} gives {said[took['positions']]}; use the same --features or a new --out")  # fmt: skip
         if saved != cfg.to_dict():
             diff = sorted(k for k in cfg.to_dict() if saved.get(k) != cfg.to_dict()[k])
             raise SeqError(f"--resume {run}: the run was started with other settings ({', '.join(diff)}); use the same flags or a new --out")  # fmt: skip
@@ -312,7 +345,7 @@ def _fit(cfg: SeqConfig, out: str, resume: bool, log, dev: torch.device) -> dict
     _write(run / "config.json", lambda f: f.write((json.dumps(cfg.to_dict(), indent=1) + "\n").encode()))  # fmt: skip
 
     def state(epoch: int) -> dict:
-        return {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "config": cfg.to_dict(), "model_args": model_args(cfg, dim), "epoch": epoch, "best_loss": best, "history": rows, "embed": meta}  # fmt: skip
+        return {"model": {k: v.cpu() for k, v in model.state_dict().items()}, "config": cfg.to_dict(), "model_args": model_args(cfg, dim), "slice_inputs": took, "epoch": epoch, "best_loss": best, "history": rows, "embed": meta}  # fmt: skip
 
     if start == 0:  # step 0 (the zero head: the CNN itself) is the first candidate for best.pt
         row = {"epoch": -1, "train_loss": math.nan, **_scores(model, valid)}
@@ -373,8 +406,9 @@ def _evaluate(checkpoint: str, features: str, fold: int, out: str | None, dev: t
     if not chosen or any(s.labels is None for s in chosen):
         raise SeqError(f"--fold {fold}: {features} has no labelled series in that fold; its folds are {sorted({s.fold for s in series})}")  # fmt: skip
     check_held_out(chosen, meta, fold, features, "--fold")
+    check_trained_on(chosen, meta, ck["embed"], features, checkpoint)
     args = ck["model_args"]
-    chosen = select_inputs(chosen, args["feature_dim"])
+    chosen = as_positions(select_inputs(chosen, args["feature_dim"]), ck["slice_inputs"]["positions"], f"--features {features}")  # fmt: skip
     if args["feature_dim"] != chosen[0].features.shape[1]:
         raise SeqError(f"{checkpoint} takes {args['feature_dim']} features per slice, {features} has {chosen[0].features.shape[1]}; embed with the same CNNs")  # fmt: skip
     model = SeqModel(**args)

@@ -1,14 +1,22 @@
-"""The sequence stage's data: an embeddings file (ich_train.embed) read back, bounded and checked,
-as whole series in slice order, and batched into padded tensors.
+"""The sequence stage's data: an embeddings file (ich_train.embed_format) read back, bounded and
+checked, as whole series in slice order, and batched into padded tensors.
 
-Per slice the model sees [f, f - f_prev, f - f_next, the CNN's logits, position] where f is the
-slice's pooled CNN features (float16 on disk, float32 here), prev/next its neighbours in the series
-(the end slices repeat themselves) and position = rank / (n - 1) in the (possibly augmented)
-series. Shapes: a batch is x (B, T, 3D + 7), base logits (B, T, 6), labels (B, T, 6), mask (B, T).
+Per slice the model sees [f, f - f_prev, f - f_next, the CNN's logits, position, gap_prev,
+gap_next] (INPUT_LAYOUT) where f is the slice's pooled CNN features (float16 on disk, float32
+here) and the rest is the series' geometry from slice_position (mm along the series axis):
+prev/next are the slice's neighbours at other positions by ich_prep.split.neighbour_ranks, the
+rule 2.5D uses (a step over 1.5x the series' median spacing is a gap, treated like the series'
+end: the slice is its own neighbour there, as at the ends); position = (p - p_first) /
+(p_last - p_first) in the (possibly augmented) series; gap_prev/gap_next the step to the
+neighbouring position in units of the series' median spacing (0 at the ends, at most MAX_GAP). An
+embeddings file without positions (written before them, or from a build without them) gives
+slice ranks instead: position rank / (n - 1), every gap 1 (`positions` "rank", with a warning).
+Shapes: a batch is x (B, T, 3D + SLICE_EXTRA), base logits (B, T, 6), labels (B, T, 6), mask (B, T).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -18,22 +26,34 @@ import torch
 
 from ich_prep import LABELS, parquet_read
 from ich_prep.location import open_local
-from ich_train.embed import ID_COLUMNS, LOGITS, META_KEY, EmbedError
+from ich_prep.split import neighbour_ranks, position_groups
+from ich_train.embed_format import (
+    ID_COLUMNS,
+    LOGITS,
+    META_KEY,
+    POSITION,
+    EmbedError,
+    check_schema,
+)
 
+# What the model gets per slice besides the 3 x D feature values; recorded in every sequence
+# checkpoint, so one trained on other inputs is refused rather than fed these.
+INPUT_LAYOUT = "f,f-prev,f-next,logits,position,gap_prev,gap_next"
+SLICE_EXTRA = len(LABELS) + 3  # the logits, position, gap_prev, gap_next
+MAX_GAP = 8.0  # gap inputs are capped here (median spacings): a stray slice far away is one value
 MAX_ROWS = 5_000_000  # the full RSNA train + test is ~875k slices
-MAX_FEATURE_DIM = 8192
 MAX_SERIES_LEN = 4096  # slices in one series; RSNA series have 20-60
 MAX_VALUES = 2**31  # rows x feature size (full RSNA x 1280 features: 1.1e9)
 MAX_ID_BYTES = 256 * 1024 * 1024  # decoded image_id or series_id strings (RSNA's: 12 characters)
 MAX_META = 1024 * 1024
 STRINGS = ("image_id", "series_id")
-INTEGERS = ("slice_rank", "series_len", "fold", "cnn")
 
 
 @dataclass
 class Series:
     """One series in slice order: features (T, D) float32, logits (T, 6), labels (T, 6) or None;
-    `cnn` is the index (in the file's metadata) of the checkpoint that embedded it."""
+    `cnn` is the index (in the file's metadata) of the checkpoint that embedded it; `position` its
+    slices' positions (T,) in mm, None where the file has none (slice ranks stand in)."""
 
     series_id: str
     fold: int
@@ -42,6 +62,7 @@ class Series:
     logits: np.ndarray
     labels: np.ndarray | None
     cnn: int = 0
+    position: np.ndarray | None = None
 
 
 def read_embeddings(path: str) -> tuple[list[Series], dict]:
@@ -74,33 +95,6 @@ def _meta(raw: bytes) -> dict:
     except (ValueError, RecursionError):
         return {}
     return meta if isinstance(meta, dict) else {}
-
-
-def check_schema(schema: pa.Schema, path: str) -> int:
-    """The feature size, once every column ich-train embed writes is there with its type
-    (string ids, integer ranks/folds/labels, float logits, a fixed-size list of 1..MAX_FEATURE_DIM
-    floats); EmbedError naming the column otherwise."""
-    missing = [c for c in (*ID_COLUMNS, *LOGITS, "features") if c not in schema.names]
-    if missing:
-        raise EmbedError(f"--features {path} lacks columns {missing}; write it with `ich-train embed`")  # fmt: skip
-    ftype = schema.field("features").type
-    dim = getattr(ftype, "list_size", 0)
-    if not (0 < dim <= MAX_FEATURE_DIM and pa.types.is_floating(ftype.value_type)):
-        raise EmbedError(f"--features {path}: 'features' must be a fixed-size list of 1..{MAX_FEATURE_DIM} floats (the file has {ftype})")  # fmt: skip
-    for col in schema.names:
-        t = schema.field(col).type
-        t = t.value_type if pa.types.is_dictionary(t) else t
-        if col in STRINGS:
-            ok, want = pa.types.is_string(t) or pa.types.is_large_string(t), "strings"
-        elif col in INTEGERS or col in LABELS:
-            ok, want = pa.types.is_integer(t), "integers"
-        elif col in LOGITS:
-            ok, want = pa.types.is_floating(t), "floats"
-        else:
-            continue
-        if not ok:
-            raise EmbedError(f"--features {path}: column {col!r} must hold {want} (the file has {t}); write it with `ich-train embed`")  # fmt: skip
-    return dim
 
 
 def _strings(table: pa.Table, name: str, path: str) -> np.ndarray:
@@ -140,6 +134,7 @@ def series_of_table(table, path: str) -> list[Series]:
     rank = table.column("slice_rank").to_numpy().astype(np.int64)
     fold = table.column("fold").to_numpy().astype(np.int64)
     cnn = table.column("cnn").to_numpy().astype(np.int64)
+    where = _positions(table, path)
     order = np.lexsort((rank, sid))
     out, start = [], 0
     for end in [*np.flatnonzero(sid[order][1:] != sid[order][:-1]) + 1, n]:
@@ -149,19 +144,49 @@ def series_of_table(table, path: str) -> list[Series]:
             raise EmbedError(f"--features {path}: series {sid[rows[0]]} has {len(rows)} slices; at most {MAX_SERIES_LEN}")  # fmt: skip
         if (fold[rows] != fold[rows[0]]).any() or (cnn[rows] != cnn[rows[0]]).any() or (np.diff(rank[rows]) == 0).any():  # fmt: skip
             raise EmbedError(f"--features {path}: series {sid[rows[0]]} spans folds or CNNs or repeats a slice rank; embed again")  # fmt: skip
-        out.append(Series(str(sid[rows[0]]), int(fold[rows[0]]), [ids[i] for i in rows], feats[rows], logits[rows], None if labels is None else labels[rows], int(cnn[rows[0]])))  # fmt: skip
+        if where is not None and (np.diff(where[rows]) < 0).any():  # ranks follow positions
+            raise EmbedError(f"--features {path}: series {sid[rows[0]]} has slice positions out of slice-rank order; embed again")  # fmt: skip
+        out.append(Series(str(sid[rows[0]]), int(fold[rows[0]]), [ids[i] for i in rows], feats[rows], logits[rows], None if labels is None else labels[rows], int(cnn[rows[0]]), None if where is None else where[rows]))  # fmt: skip
     return out
+
+
+def _positions(table, path: str) -> np.ndarray | None:
+    """slice_position as float64, or None when the file has none (no column, or null in every
+    row: a build without positions); EmbedError when only some rows have one or one is not finite."""
+    if POSITION not in table.column_names or table.column(POSITION).null_count == table.num_rows:
+        return None
+    col = table.column(POSITION)
+    where = col.to_numpy(zero_copy_only=False).astype(np.float64) if not col.null_count else None
+    if where is None or not np.isfinite(where).all():
+        raise EmbedError(f"--features {path}: slice_position has empty or non-finite values in some rows; embed again")  # fmt: skip
+    return where
+
+
+def positions_of(series: list[Series]) -> str:
+    """'mm' when every series has slice positions, else 'rank' (the file had none)."""
+    return "mm" if all(s.position is not None for s in series) else "rank"
+
+
+def as_positions(series: list[Series], positions: str, what: str) -> list[Series]:
+    """`series` as a model trained on `positions` ('mm' or 'rank') takes them: rank-trained, the
+    positions are dropped (it never learned gaps); mm-trained, series without positions are
+    refused (EmbedError naming `what`): it would see a series without its gaps."""
+    if positions == "rank":
+        return [dataclasses.replace(s, position=None) for s in series]
+    if positions_of(series) != "mm":
+        raise EmbedError(f"{what} has no slice positions (a build from before them) and the sequence model was trained on them; rebuild it with this ich-prep")  # fmt: skip
+    return series
 
 
 def check_held_out(series: list[Series], meta: dict, fold: int, path: str, flag: str) -> None:
     """EmbedError unless every series of `fold` was embedded by a CNN that held `fold` out: the
     checkpoint its `cnn` column names in the file's metadata has `valid_fold` == fold. Features a
     CNN trained on are confident and right, so scores on them are optimistic (docs/training.md)."""
-    cks = meta.get("checkpoints") if isinstance(meta.get("checkpoints"), list) else []
+    cks = _checkpoints(meta)
     for s in series:
         if s.fold != fold:
             continue
-        ck = cks[s.cnn] if 0 <= s.cnn < len(cks) and isinstance(cks[s.cnn], dict) else {}
+        ck = cks[s.cnn] if 0 <= s.cnn < len(cks) else {}
         held_out = ck.get("valid_fold")
         if held_out == fold and type(held_out) is int:
             continue
@@ -169,19 +194,70 @@ def check_held_out(series: list[Series], meta: dict, fold: int, path: str, flag:
         raise EmbedError(f"{flag} {fold}: {path}'s features of fold {fold} come from {who}, not one that held fold {fold} out, so its scores there would be in-sample; embed with --oof (fold k by the CNN validated on k) or validate on that CNN's own validation fold")  # fmt: skip
 
 
-def slice_inputs(features: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """(T, D) features and (T, 6) logits of one series in order -> (T, 3D + 7) model inputs:
-    [f, f - f_prev, f - f_next, logits, position]; the end slices are their own neighbours."""
-    t = len(features)
-    prev = features[np.maximum(np.arange(t) - 1, 0)]
-    nxt = features[np.minimum(np.arange(t) + 1, t - 1)]
-    pos = (np.arange(t, dtype=np.float32) / max(t - 1, 1))[:, None]
-    return np.concatenate([features, features - prev, features - nxt, logits, pos], 1)
+def check_trained_on(series: list[Series], meta: dict, trained: dict, path: str, checkpoint: str) -> None:  # fmt: skip
+    """EmbedError unless every series was embedded by a CNN (by sha256) whose features the sequence
+    checkpoint learned from (`trained`: its embeddings metadata; none recorded: not checked)."""
+    shas = {c.get("sha256") for c in _checkpoints(trained)}
+    cks = _checkpoints(meta)
+    for s in series:
+        ck = cks[s.cnn] if 0 <= s.cnn < len(cks) else {}
+        if shas and ck.get("sha256") not in shas:
+            raise EmbedError(f"{checkpoint} was trained on the features of other CNNs than the one that embedded fold {s.fold} of {path} ({str(ck.get('path', '?'))[-80:]!r}); pass the features of the CNNs it learned from")  # fmt: skip
+
+
+def _checkpoints(meta: dict) -> list[dict]:
+    cks = meta.get("checkpoints") if isinstance(meta.get("checkpoints"), list) else []
+    return [c if isinstance(c, dict) else {} for c in cks]
+
+
+def check_protocol(series: list[Series], meta: dict, fold: int, protocol: str, path: str) -> None:
+    """EmbedError unless `series` (every fold of the file) are what --protocol takes for the model
+    of `fold`: per-cnn, every row from the file's one CNN, the one validated on `fold`; pooled,
+    every row of fold j from a CNN validated on j (out of fold). The validation fold itself is
+    check_held_out's."""
+    cks = _checkpoints(meta)
+    if protocol == "per-cnn":
+        mine = cks[0].get("valid_fold") if len(cks) == 1 else None
+        if len(cks) != 1 or mine != fold or type(mine) is not int or any(s.cnn != 0 for s in series):  # fmt: skip
+            raise EmbedError(f"--protocol per-cnn --valid-fold {fold}: {path} holds the features of {len(cks)} CNNs (validated on {[c.get('valid_fold') for c in cks][:8]}); per-cnn takes one CNN's embeddings of every fold, the CNN validated on fold {fold}: `ich-train embed --checkpoint <its best.pt>` (no --oof)")  # fmt: skip
+        return
+    for s in series:
+        ck = cks[s.cnn] if 0 <= s.cnn < len(cks) else {}
+        if ck.get("valid_fold") != s.fold or type(ck.get("valid_fold")) is not int:
+            raise EmbedError(f"--protocol pooled: {path}'s features of fold {s.fold} come from a CNN validated on fold {ck.get('valid_fold')!r}, not out of fold; embed with --oof (fold k by the CNN validated on k), or train on one CNN's own embeddings with --protocol per-cnn")  # fmt: skip
+
+
+def geometry(t: int, position: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prev, next, extra) of one series of t slices in its current order: the rows of each slice's
+    neighbours (a gap or an end: the slice itself; split.neighbour_ranks' rule), and (t, 3)
+    float32 [position, gap_prev, gap_next] (see the module doc). No positions: slice ranks."""
+    pos = np.arange(t, dtype=np.float64) if position is None else np.asarray(position, np.float64)
+    if t > 1 and pos[-1] < pos[0]:  # a reversed series: prev is still the row before
+        pos = -pos
+    ranks = neighbour_ranks(t, 1, pos)
+    place = position_groups(np.zeros(t, np.int64), pos)
+    at = np.full(int(place.max()) + 1 if t else 0, np.inf)
+    np.minimum.at(at, place, pos)
+    steps = np.diff(at)
+    unit = float(np.median(steps)) if len(steps) else 1.0
+    step = np.minimum(np.r_[0.0, steps, 0.0] / (unit if unit > 0 else 1.0), MAX_GAP)
+    span = pos.max() - pos.min() if t else 0.0
+    rel = (pos - pos.min()) / span if span > 0 else np.arange(t) / max(t - 1, 1)
+    extra = np.stack([rel, step[place], step[place + 1]], 1).astype(np.float32)
+    return ranks[:, 0], ranks[:, 2], extra
+
+
+def slice_inputs(features: np.ndarray, logits: np.ndarray, position: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """(T, D) features and (T, 6) logits of one series in order, with its positions (T,) in mm
+    or None -> (T, 3D + SLICE_EXTRA) model inputs in INPUT_LAYOUT's order."""
+    prev, nxt, extra = geometry(len(features), position)
+    return np.concatenate([features, features - features[prev], features - features[nxt], logits, extra], 1)  # fmt: skip
 
 
 def augment(s: Series, rng: np.random.Generator, reverse_p: float, drop_p: float) -> Series:
     """The series reversed with probability `reverse_p` and each slice dropped with probability
-    `drop_p` (at least one kept); the neighbours are recomputed from what is left."""
+    `drop_p` (at least one kept); the neighbours are recomputed from what is left (with positions,
+    a dropped slice leaves a gap, as a missing one does)."""
     keep = rng.random(len(s.ids)) >= drop_p
     if not keep.any():
         keep[rng.integers(len(keep))] = True
@@ -189,20 +265,21 @@ def augment(s: Series, rng: np.random.Generator, reverse_p: float, drop_p: float
     if rng.random() < reverse_p:
         idx = idx[::-1]
     lab = None if s.labels is None else s.labels[idx]
-    return Series(s.series_id, s.fold, [s.ids[i] for i in idx], s.features[idx], s.logits[idx], lab, s.cnn)  # fmt: skip
+    where = None if s.position is None else s.position[idx]
+    return Series(s.series_id, s.fold, [s.ids[i] for i in idx], s.features[idx], s.logits[idx], lab, s.cnn, where)  # fmt: skip
 
 
 def collate(batch: list[Series]) -> dict[str, torch.Tensor]:
     """Padded tensors of a list of series: x, base (logits), y (labels, zeros if none), mask."""
     t = max(len(s.ids) for s in batch)
-    d = batch[0].features.shape[1] * 3 + 7
+    d = batch[0].features.shape[1] * 3 + SLICE_EXTRA
     x = np.zeros((len(batch), t, d), np.float32)
     base = np.zeros((len(batch), t, 6), np.float32)
     y = np.zeros((len(batch), t, 6), np.float32)
     mask = np.zeros((len(batch), t), bool)
     for i, s in enumerate(batch):
         n = len(s.ids)
-        x[i, :n] = slice_inputs(s.features, s.logits)
+        x[i, :n] = slice_inputs(s.features, s.logits, s.position)
         base[i, :n] = s.logits
         if s.labels is not None:
             y[i, :n] = s.labels

@@ -99,17 +99,17 @@ if [ "$GPUS" -ge 2 ]; then
 fi
 # the sequence stage: a second fold's CNN, out-of-fold embeddings of both, a sequence model
 # (smoke: the one CNN embeds both folds, not out of fold; 2 sequence epochs)
-CNNS=("$OUT/runs/single/best.pt") OOF=() SEQ_EPOCHS=2
+CNNS=("$OUT/runs/single/best.pt") OOF=() SEQ_EPOCHS=2 PROTOCOL=per-cnn
 if [ "${SMOKE:-0}" != 1 ]; then
     timed "fit $MODEL fold 3, 1 epoch" "$PY" -m ich_train fit "${FIT[@]}" --epochs 1 --valid-fold 3 \
         --out "$OUT/runs/fold3"
-    CNNS=("$OUT/runs/fold3/best.pt" "$OUT/runs/single/best.pt") OOF=(--oof) SEQ_EPOCHS=10
+    CNNS=("$OUT/runs/fold3/best.pt" "$OUT/runs/single/best.pt") OOF=(--oof) SEQ_EPOCHS=10 PROTOCOL=pooled
 fi
 timed "embed ${OOF[*]:-(in fold)}, folds 3 and 4" "$PY" -m ich_train embed --checkpoint "${CNNS[@]}" \
     "${OOF[@]}" --folds 3 4 --shards "$OUT/shards/train" --out "$OUT/oof.parquet" \
     --workers "$WORKERS" --no-progress
 timed "seq fit, $SEQ_EPOCHS epochs" "$PY" -m ich_train seq fit --features "$OUT/oof.parquet" \
-    --valid-fold 4 --epochs "$SEQ_EPOCHS" --out "$OUT/runs/seq4"
+    --valid-fold 4 --epochs "$SEQ_EPOCHS" --protocol "$PROTOCOL" --out "$OUT/runs/seq4"
 "$PY" -m ich_train seq evaluate --checkpoint "$OUT/runs/seq4/best.pt" --features "$OUT/oof.parquet" --fold 4
 timed "predict --seq (embed the test build + sequence model)" "$PY" -m ich_train predict \
     --checkpoint "${CNNS[@]}" --seq "$OUT/runs/seq4/best.pt" --shards "$TEST" \

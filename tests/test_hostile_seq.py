@@ -25,7 +25,7 @@ from ich_train.seq_data import read_embeddings
 from tests.test_seq import write_embeddings
 from tests.test_train_cli_errors import one_error_line
 
-FIT = ["--valid-fold", "0", "--epochs", "1", "--hidden", "8"]
+FIT = ["--valid-fold", "0", "--epochs", "1", "--hidden", "8", "--protocol", "pooled"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def small(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile_seq")
     path = tmp / "f.parquet"
     write_embeddings(path, folds=2, per_fold=3)
-    cfg = seq.SeqConfig(features=str(path), valid_fold=0, hidden=8, epochs=1)
+    cfg = seq.SeqConfig(protocol="pooled", features=str(path), valid_fold=0, hidden=8, epochs=1)
     seq.fit(cfg, str(tmp / "run"), log=lambda *_: None)
     return path, tmp / "run"
 

@@ -18,7 +18,14 @@ from ich_train.config import TrainConfig
 from ich_train.embed import LOGITS, META_KEY
 from ich_train.infer import evaluate as cnn_evaluate
 from ich_train.seq import SeqConfig, SeqError, SeqModel, evaluate, fit, masked_loss
-from ich_train.seq_data import Series, augment, collate, read_embeddings, slice_inputs
+from ich_train.seq_data import (
+    SLICE_EXTRA,
+    Series,
+    augment,
+    collate,
+    read_embeddings,
+    slice_inputs,
+)
 from ich_train.train import fit as cnn_fit
 from tests.test_train_cli_errors import one_error_line
 from tests.train_fixtures import make_build
@@ -27,13 +34,35 @@ from tests.train_fixtures import make_build
 
 
 def test_slice_inputs_by_hand():
-    """f = [1, 2, 4] (D = 1): f - prev = [0, 1, 2], f - next = [-1, -2, 0], position 0, .5, 1."""
+    """f = [1, 2, 4] (D = 1), no positions (slice ranks): f - prev = [0, 1, 2], f - next =
+    [-1, -2, 0], position 0, .5, 1, gaps to the neighbours 1 inside and 0 at the ends."""
     f = np.array([[1.0], [2.0], [4.0]], np.float32)
     z = np.zeros((3, 6), np.float32)
     x = slice_inputs(f, z)
-    assert x.shape == (3, 3 + 6 + 1)
+    assert x.shape == (3, 3 + SLICE_EXTRA) and SLICE_EXTRA == 6 + 3
     assert x[:, 0].tolist() == [1, 2, 4] and x[:, 1].tolist() == [0, 1, 2]
-    assert x[:, 2].tolist() == [-1, -2, 0] and x[:, -1].tolist() == [0, 0.5, 1]
+    assert x[:, 2].tolist() == [-1, -2, 0] and x[:, -3].tolist() == [0, 0.5, 1]
+    assert x[:, -2].tolist() == [0, 1, 1] and x[:, -1].tolist() == [1, 1, 0]
+    assert np.array_equal(slice_inputs(f, z, np.array([10.0, 15.0, 20.0])), x)  # even spacing
+
+
+def test_slice_inputs_see_a_gap_by_hand():
+    """Positions 0, 5, 10, 20, 25 mm (the 15 mm slice missing): the 10 and 20 mm slices are not
+    each other's neighbours (a step of 2x the median spacing, over split.neighbour_ranks' 1.5x):
+    their difference there is 0, as at the series' ends, and the gap reads 2 median spacings;
+    position is along the axis (mm), not by rank. Reversed, the same inputs in reverse order."""
+    f = np.array([[1.0], [2.0], [4.0], [8.0], [16.0]], np.float32)
+    z = np.zeros((5, 6), np.float32)
+    pos = np.array([0.0, 5.0, 10.0, 20.0, 25.0])
+    x = slice_inputs(f, z, pos)
+    assert x[:, 1].tolist() == [0, 1, 2, 0, 8] and x[:, 2].tolist() == [-1, -2, 0, -8, 0]
+    assert np.allclose(x[:, -3], [0, 0.2, 0.4, 0.8, 1.0])
+    assert x[:, -2].tolist() == [0, 1, 1, 2, 1] and x[:, -1].tolist() == [1, 1, 2, 1, 0]
+    by_rank = slice_inputs(f, z)
+    assert by_rank[2, 2] == -4 and by_rank[3, 1] == 4  # before: the gap was invisible
+    back = slice_inputs(f[::-1], z, pos[::-1])
+    assert np.array_equal(back[:, :1], x[::-1, :1]) and np.array_equal(back[:, 1], x[::-1, 2])
+    assert np.array_equal(back[:, -2], x[::-1, -1]) and np.allclose(back[:, -3], 1 - x[::-1, -3])
 
 
 def _series(n: int, d: int = 4, fold: int = 0, seed: int = 0) -> Series:
@@ -48,7 +77,7 @@ def test_model_starts_as_the_cnn_and_padding_does_not_count():
     competition-weighted BCE over the real slices only (checked against torch's BCE by hand)."""
     a, b = _series(5, seed=1), _series(2, seed=2)
     batch = collate([a, b])
-    assert batch["x"].shape == (2, 5, 3 * 4 + 7) and batch["mask"].sum().item() == 7
+    assert batch["x"].shape == (2, 5, 3 * 4 + SLICE_EXTRA) and batch["mask"].sum().item() == 7
     model = SeqModel(4, hidden=8)
     out = model(batch["x"], batch["base"], batch["mask"])
     torch.testing.assert_close(out, batch["base"])
@@ -92,7 +121,7 @@ def write_embeddings(path, folds=3, per_fold=60, d=8, seed=0) -> None:
                 f[0] = evidence[r]
                 logit = 3.0 * evidence[r] - 1.5
                 rows.append({"image_id": f"ID_{fold}_{j}_{r}", "series_id": f"ID_s{fold}_{j}", "slice_rank": r, "series_len": n,
-                             "fold": fold, "cnn": fold, **dict(zip(LABELS, y, strict=True)),
+                             "fold": fold, "cnn": fold, "slice_position": 5.0 * r, **dict(zip(LABELS, y, strict=True)),
                              **dict(zip(LOGITS, [logit, logit, -4.0, -4.0, -4.0, -4.0], strict=True)), "features": f})  # fmt: skip
     frame = pd.DataFrame(rows)
     feats = np.stack(frame.pop("features").to_numpy()).astype(np.float16)
@@ -117,7 +146,9 @@ def features(tmp_path_factory):
 def test_sequence_model_beats_the_per_slice_model_on_a_held_out_fold(features, tmp_path):
     """Trained on folds 1 and 2, scored on fold 0: the GRU's weighted log loss is well below the
     per-slice CNN's, and `seq evaluate` agrees with fit's best epoch."""
-    cfg = SeqConfig(features=features, valid_fold=0, hidden=32, epochs=12, lr=3e-3)
+    cfg = SeqConfig(
+        protocol="pooled", features=features, valid_fold=0, hidden=32, epochs=12, lr=3e-3
+    )
     r = fit(cfg, str(tmp_path / "run"), log=lambda *_: None)
     assert r["best_valid_loss"] < 0.85 * r["cnn_valid_loss"], r
     assert r["improved_on_cnn"] and r["best_epoch"] >= 1
@@ -139,7 +170,7 @@ def test_best_pt_is_the_cnn_itself_when_no_epoch_beats_it(tmp_path):
     y[t.column("fold").to_numpy() == 0] ^= 1
     pq.write_table(t.set_column(t.column_names.index("any"), "any", pa.array(y)), tmp_path / "flip.parquet")  # fmt: skip
     lines = []
-    cfg = SeqConfig(features=str(tmp_path / "flip.parquet"), valid_fold=0, hidden=16, epochs=3, lr=3e-3)  # fmt: skip
+    cfg = SeqConfig(protocol="pooled", features=str(tmp_path / "flip.parquet"), valid_fold=0, hidden=16, epochs=3, lr=3e-3)  # fmt: skip
     r = fit(cfg, str(tmp_path / "run"), log=lines.append)
     history = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert (history["valid_loss"][1:] > r["cnn_valid_loss"]).all()  # every epoch is worse
@@ -151,13 +182,21 @@ def test_best_pt_is_the_cnn_itself_when_no_epoch_beats_it(tmp_path):
 
 
 def test_inputs_logits_learns_from_the_cnn_logits_alone(features, tmp_path):
-    """--inputs logits: the model takes 7 values a slice (6 logits + position), still beats the CNN
+    """--inputs logits: the model takes 9 values a slice (6 logits, position, 2 gaps), beats the CNN
     on the held-out fold, and evaluate gives the same numbers on a file whose pooled features were
     zeroed (they are not read)."""
-    cfg = SeqConfig(features=features, valid_fold=0, hidden=32, epochs=12, lr=3e-3, inputs="logits")
+    cfg = SeqConfig(
+        protocol="pooled",
+        features=features,
+        valid_fold=0,
+        hidden=32,
+        epochs=12,
+        lr=3e-3,
+        inputs="logits",
+    )
     r = fit(cfg, str(tmp_path / "run"), log=lambda *_: None)
     ck = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    assert ck["model_args"]["feature_dim"] == 0 and ck["model"]["inp.1.weight"].shape[1] == 7
+    assert ck["model_args"]["feature_dim"] == 0 and ck["model"]["inp.1.weight"].shape[1] == 9
     assert r["best_valid_loss"] < 0.85 * r["cnn_valid_loss"], r
     t = pq.read_table(features)
     zero = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(t.num_rows * 8, np.float16)), 8)
@@ -166,13 +205,15 @@ def test_inputs_logits_learns_from_the_cnn_logits_alone(features, tmp_path):
     b = evaluate(str(tmp_path / "run" / "best.pt"), str(tmp_path / "z.parquet"), 0, out=str(tmp_path / "b.parquet"))  # fmt: skip
     assert a["valid_loss"] == pytest.approx(r["best_valid_loss"], rel=1e-5) == b["valid_loss"]
     with pytest.raises(SeqError, match="--inputs 'pixels'"):
-        SeqConfig(features=features, valid_fold=0, inputs="pixels")
+        SeqConfig(protocol="pooled", features=features, valid_fold=0, inputs="pixels")
 
 
 def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(features, tmp_path):
     """Ctrl-C after epoch 2 of 3, then --resume: the same final weights as one run of 3 epochs
     (batches, augmentation and dropout all continue from the saved state)."""
-    cfg = SeqConfig(features=features, valid_fold=1, hidden=16, epochs=3, batch_series=64)
+    cfg = SeqConfig(
+        protocol="pooled", features=features, valid_fold=1, hidden=16, epochs=3, batch_series=64
+    )
     fit(cfg, str(tmp_path / "a"), log=lambda *_: None)
 
     def stop_after_two(msg):
@@ -190,7 +231,9 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(featu
 def test_a_run_from_before_inputs_existed_resumes(features, tmp_path):
     """A last.pt whose config has no `inputs` (written before --inputs) resumes as --inputs
     features; one that says logits does not resume a features run."""
-    cfg = SeqConfig(features=features, valid_fold=1, hidden=8, epochs=2, batch_series=64)
+    cfg = SeqConfig(
+        protocol="pooled", features=features, valid_fold=1, hidden=8, epochs=2, batch_series=64
+    )
 
     def stop_after_one(msg):
         if msg.startswith("seq epoch 1/"):
@@ -247,7 +290,7 @@ def test_embed_out_of_fold_then_seq_fit_and_report(cnn_runs, capsys):
     n, dim = duckdb.sql(f"select count(*), max(len(features)) from '{out}'").fetchall()[0]
     assert (n, dim) == (len(frame), 512)
     run = tmp / "seqrun"
-    assert main(["seq", "fit", "--features", str(out), "--valid-fold", "0", "--out", str(run), "--epochs", "2", "--hidden", "8"]) == 0  # fmt: skip
+    assert main(["seq", "fit", "--features", str(out), "--valid-fold", "0", "--protocol", "pooled", "--out", str(run), "--epochs", "2", "--hidden", "8"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 2
     assert main(["seq", "evaluate", "--checkpoint", str(run / "best.pt"), "--features", str(out), "--fold", "0"]) == 0  # fmt: skip
     m = json.loads(capsys.readouterr().out)
@@ -283,7 +326,7 @@ def test_a_run_of_one_step_per_epoch_trains(features, tmp_path):
     OneCycleLR divided by zero here, found by scripts/gpu_check.sh's smoke run)."""
     small = tmp_path / "small.parquet"
     write_embeddings(small, folds=2, per_fold=2)
-    r = fit(SeqConfig(features=str(small), valid_fold=1, hidden=8, epochs=3, batch_series=64), str(tmp_path / "r"), log=lambda *_: None)  # fmt: skip
+    r = fit(SeqConfig(protocol="pooled", features=str(small), valid_fold=1, hidden=8, epochs=3, batch_series=64), str(tmp_path / "r"), log=lambda *_: None)  # fmt: skip
     assert r["epochs"] == 3 and np.isfinite(r["best_valid_loss"])
 
 
@@ -296,7 +339,7 @@ def test_features_a_cnn_trained_on_are_refused_as_validation(cnn_runs, capsys, t
     feats = tmp_path / "in_sample.parquet"
     assert main(["embed", "--checkpoint", ckpts[0], "--shards", str(build), "--out", str(feats), "--workers", "0", "--no-progress"]) == 0  # fmt: skip
     capsys.readouterr()
-    args = ["--features", str(feats), "--epochs", "1", "--hidden", "8"]
+    args = ["--features", str(feats), "--epochs", "1", "--hidden", "8", "--protocol", "per-cnn"]
     assert main(["seq", "fit", *args, "--valid-fold", "1", "--out", str(tmp_path / "r1")]) == 2
     line = one_error_line(capsys, "seq fit")
     assert "--valid-fold 1:" in line and "validated on fold 0" in line and "--oof" in line

@@ -27,7 +27,7 @@ def test_stage_two_submission_averages_every_cnn_and_sequence_model(cnn_runs, tm
     feats = tmp_path / "oof.parquet"
     embed(ckpts, str(build), str(feats), oof=True, workers=0, progress=False)
     run = tmp_path / "seq"
-    assert main(["seq", "fit", "--features", str(feats), "--valid-fold", "0", "--out", str(run), "--epochs", "2", "--hidden", "8"]) == 0  # fmt: skip
+    assert main(["seq", "fit", "--features", str(feats), "--valid-fold", "0", "--protocol", "pooled", "--out", str(run), "--epochs", "2", "--hidden", "8"]) == 0  # fmt: skip
     test = make_build(tmp_path / "test", test=True, per_shard=12, size=32, series_len=4, error_rows=2, seed=9)  # fmt: skip
     sub = tmp_path / "sub.csv"
     assert main(["predict", "--checkpoint", *ckpts, "--seq", str(run / "best.pt"), "--shards", str(test), "--out", str(sub), "--workers", "0", "--no-progress"]) == 0  # fmt: skip
@@ -51,11 +51,12 @@ def test_stage_two_submission_averages_every_cnn_and_sequence_model(cnn_runs, tm
     other = tmp_path / "other"
     cnn_fit(TrainConfig(shards=str(build), out=str(other), model="resnet10t", image_size=32, batch_size=8,
                         epochs=1, workers=0, progress=False, valid_fold=0, seed=5))  # fmt: skip
+    capsys.readouterr()  # seq fit's warning: this build has no slice positions
     assert main(["predict", "--checkpoint", str(other / "last.pt"), "--seq", str(run / "best.pt"), "--shards", str(test), "--out", str(tmp_path / "x.csv"), "--workers", "0", "--no-progress"]) == 2  # fmt: skip
     assert "trained on features of other CNNs" in one_error_line(capsys, "predict")
     # a sequence model of the CNN logits alone (--inputs logits) takes the same CNNs' test features
     lo = tmp_path / "seq_logits"
-    assert main(["seq", "fit", "--features", str(feats), "--valid-fold", "0", "--out", str(lo), "--epochs", "2", "--hidden", "8", "--inputs", "logits"]) == 0  # fmt: skip
+    assert main(["seq", "fit", "--features", str(feats), "--valid-fold", "0", "--protocol", "pooled", "--out", str(lo), "--epochs", "2", "--hidden", "8", "--inputs", "logits"]) == 0  # fmt: skip
     both = tmp_path / "both.csv"
     assert main(["predict", "--checkpoint", *ckpts, "--seq", str(run / "best.pt"), str(lo / "best.pt"), "--shards", str(test), "--out", str(both), "--workers", "0", "--no-progress"]) == 0  # fmt: skip
     assert len(pd.read_csv(both)) == 6 * 14
@@ -72,7 +73,7 @@ def test_tta_must_match_the_embeddings_the_sequence_model_learned_from(cnn_runs,
     for name, tta in (("flip", ("hflip",)), ("plain", ())):
         embed(ckpts, str(build), str(tmp_path / f"{name}.parquet"), oof=True, tta=tta, workers=0, progress=False)  # fmt: skip
         runs[name] = tmp_path / f"seq_{name}"
-        assert main(["seq", "fit", "--features", str(tmp_path / f"{name}.parquet"), "--valid-fold", "0", "--out", str(runs[name]), "--epochs", "1", "--hidden", "8"]) == 0  # fmt: skip
+        assert main(["seq", "fit", "--features", str(tmp_path / f"{name}.parquet"), "--valid-fold", "0", "--protocol", "pooled", "--out", str(runs[name]), "--epochs", "1", "--hidden", "8"]) == 0  # fmt: skip
     capsys.readouterr()
     common = ["--checkpoint", *ckpts, "--shards", str(test), "--workers", "0", "--no-progress"]
     assert main(["predict", *common, "--seq", str(runs["flip"] / "best.pt"), "--out", str(tmp_path / "a.csv")]) == 2  # fmt: skip
