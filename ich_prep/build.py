@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ich_prep import LABELS
 from ich_prep.config import BuildConfig
 from ich_prep.errors import UserError
+from ich_prep.index import INDEX, MAX_INDEX_BYTES, SPAN_COLUMNS, index_frame, parse_index
 from ich_prep.labels import LabelTable, read_labels
 from ich_prep.location import (
     InputFile,
@@ -37,14 +38,7 @@ from ich_prep.location import (
     open_stream,
     sha256_stream,
 )
-from ich_prep.manifest import (
-    INDEX,
-    MANIFEST,
-    MAX_INDEX_BYTES,
-    MAX_MANIFEST_BYTES,
-    SPAN_COLUMNS,
-    write_build,
-)
+from ich_prep.manifest import MANIFEST, MAX_MANIFEST_BYTES, Build, recorded, write_build
 from ich_prep.outdir import (
     WORK,
     BuildLock,
@@ -119,8 +113,13 @@ class BuildError(UserError):
 @dataclass
 class BuildResult:
     out: Path
-    manifest: dict
+    manifest: dict  # as written
     summary: dict = field(default_factory=dict)
+
+    @property
+    def build(self) -> Build:
+        """The finished build, opened (manifest.Build)."""
+        return Build.of(self.out, self.manifest)
 
 
 # ---------------------------------------------------------------- workers
@@ -787,8 +786,8 @@ def _prepare_out(store: Store, cfg: BuildConfig, overwrite: bool) -> None:
             if store.exists(state):
                 theirs = store.read_bytes(state, MAX_MANIFEST_BYTES).decode()
             elif store.exists(MANIFEST):
-                m = json.loads(store.read_bytes(MANIFEST, MAX_MANIFEST_BYTES))
-                theirs = json.dumps(m.get("config") if isinstance(m, dict) else None, sort_keys=True)  # fmt: skip
+                m = recorded(store)
+                theirs = json.dumps(m.config if m is not None else None, sort_keys=True)
         if theirs != ours and not overwrite:
             raise BuildError(
                 f"{store} already holds a build with a different config ({_differs(theirs, cfg)}); "
@@ -838,15 +837,7 @@ def _index_table(df: pd.DataFrame, shard_of: dict[str, str]) -> pd.DataFrame:
     span = df.pop("span")
     for i, c in enumerate(SPAN_COLUMNS):
         df[c] = pd.array([s[i] if isinstance(s, list) else None for s in span], dtype="Int64")
-    for c in LABELS:
-        df[c] = df[c].astype("Int8")
-    df["fold"] = df["fold"].astype(np.int8)
-    cols = ["image_id", "path", "file_size", "file_mtime_ns", "patient_id", "study_id", "series_id", "series_source", "z_position", "slice_position", "slice_rank", "series_len",
-            "duplicate_position", "instance_number", "pixel_spacing_y", "pixel_spacing_x",
-            "rows", "cols", "crop_y0", "crop_y1", "crop_x0", "crop_x1", "split", "fold", "shard", *SPAN_COLUMNS, *LABELS, "status", "reason", "detail"]  # fmt: skip
-    for c in ("path", "patient_id", "study_id", "series_id", "series_source", "reason", "detail", "shard"):  # fmt: skip
-        df[c] = df[c].astype(object).where(df[c].notna(), None)
-    return df[cols]
+    return index_frame(df)  # INDEX_SCHEMA's columns and types
 
 
 def inputs_record(cfg: BuildConfig, inputs: list[InputFile]) -> dict:
@@ -877,9 +868,8 @@ def _changes(store: Store, was: dict, now: dict, inputs: list[InputFile]) -> str
     if was.get("labels_sha256") != now["labels_sha256"]:
         parts.append("the labels CSV changed")
     if was.get("files_sha256") != now["files_sha256"]:
-        old = pd.read_parquet(
-            io.BytesIO(store.read_bytes(INDEX, MAX_INDEX_BYTES)), columns=STAT_KEY
-        ).dropna()
+        data = store.read_bytes(INDEX, MAX_INDEX_BYTES)
+        old = parse_index(data, f"{store}/{INDEX}", STAT_KEY).dropna()
         old = {r.path: (int(r.file_size), int(r.file_mtime_ns)) for r in old.itertuples()}
         cur = {f.path: (f.size, f.mtime_ns) for f in inputs}
         for what, names in (
@@ -916,16 +906,15 @@ def build(
         raise BuildError(f"--dicom-dir {cfg.dicom_dir} holds no .dcm files; check the path")
     now = inputs_record(cfg, inputs)
     if store.exists(MANIFEST) and not overwrite:
-        with contextlib.suppress(ValueError):
-            m = json.loads(store.read_bytes(MANIFEST, MAX_MANIFEST_BYTES))
-            if isinstance(m, dict) and m.get("config") == cfg.to_dict():
-                changed = _changes(store, m.get("inputs") or {}, now, inputs)
-                if not changed:
-                    return BuildResult(out, m, {"already_complete": True})
-                raise BuildError(
-                    f"{out} was built from other inputs: {changed}; pass --overwrite to rebuild "
-                    "it, or choose another --out"
-                )
+        m = recorded(store)
+        if m is not None and m.config == cfg.to_dict():
+            changed = _changes(store, m.inputs, now, inputs)
+            if not changed:
+                return BuildResult(out, m.record, {"already_complete": True})
+            raise BuildError(
+                f"{out} was built from other inputs: {changed}; pass --overwrite to rebuild "
+                "it, or choose another --out"
+            )
     # A labels CSV that is not ID,Label rows stops the build here, before --out is created.
     lt = read_labels(cfg.labels) if cfg.labels is not None else None
     store.makedirs()
@@ -1021,7 +1010,7 @@ def _build_locked(cfg, store, inputs, now, run, t0, lt) -> BuildResult:
         for n in plan
     ]
     manifest = write_build(store, cfg, index, shards, now, counts)
-    counts = manifest["counts"]
+    counts = Build.of(store.root, manifest).counts
     _remove_leftovers(store, set(plan))
     wall = time.perf_counter() - t0
     total_bytes = sum(s["bytes"] for s in shards)

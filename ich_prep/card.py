@@ -7,10 +7,13 @@ they are once THIS_FOLDER is replaced by the folder's path (tests/test_card.py r
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from ich_prep import LABELS
 from ich_prep.config import BuildConfig
-from ich_prep.manifest import build_config
+
+if TYPE_CHECKING:  # the card is written by manifest.write_build: no import back
+    from ich_prep.manifest import Build, ShardEntry
 
 
 def _human(n: int) -> str:
@@ -29,11 +32,11 @@ def _labels_table(counts: dict) -> list[str]:
     return rows
 
 
-def _split_section(cfg: BuildConfig, counts: dict, shards: list[dict]) -> list[str]:
+def _split_section(cfg: BuildConfig, counts: dict, shards: tuple[ShardEntry, ...]) -> list[str]:
     per_fold = counts["per_fold"]
     n_shards = {}
     for s in shards:
-        n_shards[str(s["fold"])] = n_shards.get(str(s["fold"]), 0) + 1
+        n_shards[str(s.fold)] = n_shards.get(str(s.fold), 0) + 1
     return [
         "## Split",
         "",
@@ -52,23 +55,23 @@ def _split_section(cfg: BuildConfig, counts: dict, shards: list[dict]) -> list[s
     ]
 
 
-def dataset_card(manifest: dict) -> str:
-    """Markdown text built from the manifest alone (so it never disagrees with it): its typed
-    config (`build_config`) and the image layout that config gives."""
-    cfg, counts, shards = build_config(manifest), manifest["counts"], manifest["shards"]
+def dataset_card(build: Build) -> str:
+    """Markdown text built from the manifest alone (so it never disagrees with it), opened as a
+    manifest.Build: its typed config and the image layout that config gives."""
+    cfg, counts, shards = build.config, build.counts, build.shards
     layout = cfg.layout
     windows = ", ".join(f"{w.name} (L{w.center:g}/W{w.width:g})" for w in cfg.windows)
-    n_bytes = sum(s["bytes"] for s in shards)
+    n_bytes = sum(s.bytes for s in shards)
     enc = cfg.encoding
     h, w, c = layout.shape
     grey = c == 1 and enc in ("png", "jpg")  # webdataset's "l8" decodes these to (h, w)
     train = cfg.split == "train"
     pattern = "train-f*.tar" if train else "test-*.tar"
     lines = [
-        f"# RSNA intracranial hemorrhage shards ({manifest['split']})",
+        f"# RSNA intracranial hemorrhage shards ({build.split})",
         "",
-        f"Compiled by `ich_prep` {manifest['tool_version']} (shard format "
-        f"{manifest['format_version']}) from head-CT DICOM slices of the RSNA 2019 Intracranial "
+        f"Compiled by `ich_prep` {build.tool_version} (shard format "
+        f"{build.format_version}) from head-CT DICOM slices of the RSNA 2019 Intracranial "
         f"Hemorrhage Detection data. Each sample is one slice: a {h}x{w}x{c} {layout.dtype} image "
         f"(channel i = window i: {windows}), encoded as `{enc}`, plus a json of metadata"
         + (" and labels" if train else "")

@@ -21,9 +21,8 @@ import pandas as pd
 from ich_prep import LABELS
 from ich_prep.config import ImageLayout, Window
 from ich_prep.errors import UserError
-from ich_prep.info import checked_index
-from ich_prep.location import atomic_open, join, open_stream
-from ich_prep.manifest import INDEX, build_config, load_index, load_manifest
+from ich_prep.location import atomic_open, open_stream
+from ich_prep.manifest import Build, open_build
 from ich_prep.sample import check_meta
 from ich_prep.shards import decode_bounded, decode_json, iter_samples
 from ich_prep.terminal import for_terminal
@@ -66,11 +65,10 @@ def candidates(
     return rows
 
 
-def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0) -> list[dict]:
+def collect(build: Build, rows: pd.DataFrame, n: int, seed: int = 0) -> list[dict]:
     """Up to `n` samples among `rows`: image, meta row. Streams as few shards as it can."""
-    cfg = build_config(manifest)
-    enc, layout = cfg.encoding, cfg.layout
-    listed = {s["name"]: (int(s["samples"]), int(s["bytes"]), int(s["fold"])) for s in manifest["shards"]}  # fmt: skip
+    enc, layout = build.config.encoding, build.layout
+    listed = {s.name: (s.samples, s.bytes, s.fold) for s in build.shards}
     by_shard = {k: set(v) for k, v in rows.groupby("shard")["image_id"] if k in listed}
     names = sorted(by_shard)
     order = np.random.default_rng(seed).permutation(len(names))
@@ -80,7 +78,7 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
         name = names[i]
         try:
             with (
-                open_stream(join(root, name)) as f,
+                open_stream(build.url(name)) as f,
                 closing(iter_samples(f, enc, layout, listed[name][0], size=listed[name][1])) as it,
             ):
                 for s in it:
@@ -252,18 +250,16 @@ def preview(
         raise PreviewError(f"--seed must be 0 or more, got {seed}")
     if not 8 <= panel <= MAX_PANEL:
         raise PreviewError(f"--panel must be from 8 to {MAX_PANEL} pixels, got {panel}")
-    m = load_manifest(root)
-    cfg = build_config(m, root)
+    build = open_build(root)
+    cfg = build.config
     labelled = cfg.split == "train"
-    index = load_index(root, columns=INDEX_COLUMNS, manifest=m, optional=("series_id", "slice_rank"))  # fmt: skip
-    order = index[[c for c in ("series_id", "slice_rank") if c in index]]
-    index = checked_index(index, f"{root}: {INDEX}", labelled).join(order)
+    index = build.index(INDEX_COLUMNS, optional=("series_id", "slice_rank"))
     if series is not None:
         if label is not None or fold is not None:
             raise PreviewError("--series draws one whole series: drop --label and --fold")
         rows = series_rows(index, series)
         check_size(len(rows), panel, cfg.layout)
-        by_id = {s["image_id"]: s for s in collect(root, m, rows, len(rows), seed)}
+        by_id = {s["image_id"]: s for s in collect(build, rows, len(rows), seed)}
         samples = [by_id[i] for i in rows["image_id"] if i in by_id]
         if not samples:
             raise PreviewError(f"none of the {len(rows)} slices of series {series} could be read; run `ich-prep verify {root}`")  # fmt: skip
@@ -271,7 +267,7 @@ def preview(
         return series_strip(samples, cfg.windows, panel, title), len(samples)
     rows = candidates(index, label, fold)
     check_size(min(n, len(rows)), panel, cfg.layout)
-    samples = collect(root, m, rows, n, seed)
+    samples = collect(build, rows, n, seed)
     if not samples:
         raise PreviewError(f"none of the {len(rows)} matching samples could be read; run `ich-prep verify {root}`")  # fmt: skip
     filters = ", ".join(f"{k} {v}" for k, v in (("label", label), ("fold", fold)) if v is not None)

@@ -34,16 +34,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ich_prep import LABELS
 from ich_prep.config import ImageLayout
 from ich_prep.errors import UserError
+from ich_prep.index import SPAN_COLUMNS, index_spans
 from ich_prep.location import join, open_stream
-from ich_prep.manifest import (
-    SPAN_COLUMNS,
-    FormatError,
-    build_config,
-    index_mismatches,
-    index_spans,
-    load_index,
-    load_manifest,
-)
+from ich_prep.manifest import FormatError, ShardEntry, index_mismatches, open_build
 from ich_prep.sample import check_meta, index_labels
 from ich_prep.shards import decode_bounded, decode_json, iter_samples, read_span
 from ich_train.checkpoint import PREPROCESSING_FIELDS
@@ -52,9 +45,11 @@ from ich_train.context import with_context
 from ich_train.sampler import balanced_epoch
 from ich_train.span_context import context_samples, series_of, series_order
 
+# the index columns (index.INDEX_SCHEMA) the trainer reads: these must be there, the optional
+# ones are read when they are
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 OPTIONAL_COLUMNS = (*SPAN_COLUMNS, "series_id", "slice_rank", "slice_position")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ShardError(UserError, RuntimeError):
@@ -76,44 +71,44 @@ class Shard:
 
 
 class Build:
-    """A finished ich-prep build: manifest, index, and its shards selected by fold."""
+    """A finished ich-prep build opened for training: the manifest (`manifest`: the
+    manifest.Build handle, typed), the index columns the trainer reads, and its shards selected by
+    fold."""
 
     def __init__(self, root: str):
         self.root = str(root)
-        self.manifest = load_manifest(self.root)
-        cfg = build_config(self.manifest)
+        self.manifest = open_build(self.root)
+        cfg = self.manifest.config
         self.config = cfg  # the typed BuildConfig
         self.encoding, self.size, self.layout = cfg.encoding, cfg.size, cfg.layout
-        self.index = load_index(
-            self.root, columns=INDEX_COLUMNS, manifest=self.manifest, optional=OPTIONAL_COLUMNS
-        )
+        self.index = self.manifest.index(INDEX_COLUMNS, optional=OPTIONAL_COLUMNS)
         self.ok = self.index[self.index["status"] == "ok"]
         entries = self._checked_entries()
         expected, spans = self._expected(), self._spans()
         self.shards = [
             Shard(
-                e["name"],
-                join(self.root, e["name"]),
-                int(e["fold"]),
-                int(e["samples"]),
+                e.name,
+                join(self.root, e.name),
+                e.fold,
+                e.samples,
                 self.layout,
-                int(e["bytes"]),
-                expected.get(e["name"], {}),
-                spans.get(e["name"]),
+                e.bytes,
+                expected.get(e.name, {}),
+                spans.get(e.name),
             )  # fmt: skip
             for e in entries
-            if int(e["samples"]) > 0
+            if e.samples > 0
         ]
 
     def _fail(self, what: str) -> ShardError:
         return ShardError(f"{self.root}: {what}; the build is inconsistent, run `ich-prep verify {self.root}` and rebuild it")  # fmt: skip
 
-    def _checked_entries(self) -> list[dict]:
+    def _checked_entries(self) -> tuple[ShardEntry, ...]:
         """The manifest's shard entries, once the index agrees with them (index_mismatches)."""
         problems = index_mismatches(self.manifest, self.index)
         if problems:
             raise self._fail(problems[0][2])
-        return self.manifest["shards"]
+        return self.manifest.shards
 
     def _expected(self) -> dict[str, dict]:
         """shard name -> {image id: labels (list of 6 ints) or None} of its ok rows."""

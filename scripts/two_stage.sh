@@ -27,12 +27,12 @@ SEQ_ARGS=${SEQ_ARGS:-}
 "$BIN/python" - "$TRAIN" "$TEST" $FOLDS <<'EOF'
 import sys
 from ich_prep.errors import UserError
-from ich_prep.manifest import load_manifest
+from ich_prep.manifest import open_build
 train, test, folds = sys.argv[1], sys.argv[2], sys.argv[3:]
 try:
-    have = sorted({int(s["fold"]) for s in load_manifest(train)["shards"] if s["samples"] > 0 and s["fold"] >= 0})
+    have = sorted({s.fold for s in open_build(train).shards if s.samples > 0 and s.fold >= 0})
     if test:
-        load_manifest(test)
+        open_build(test)
 except UserError as e:
     sys.exit(f"two_stage.sh: {e}")
 if len(folds) < 2 or len(set(folds)) != len(folds) or any(f not in map(str, have) for f in folds):

@@ -1,0 +1,98 @@
+"""One house for a build: manifest.open_build is the one reader of manifest.json, and
+index.INDEX_SCHEMA the one declaration of the index's columns, used by the writer and checked by
+every reader (issue 22)."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from ich_prep.index import INDEX_COLUMNS, INDEX_SCHEMA
+from ich_prep.manifest import Build, FormatError, ShardEntry, open_build
+from ich_train.data import Build as TrainBuild
+from tests.sharing_fixtures import build_synthetic
+from tests.test_hostile_index import rewrite_index
+from tests.train_fixtures import make_build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return make_build(tmp_path_factory.mktemp("handle") / "b", folds=2, per_shard=6, size=16)
+
+
+@pytest.fixture
+def root(base, tmp_path) -> Path:
+    return Path(shutil.copytree(base, tmp_path / "b"))
+
+
+def test_the_writer_writes_the_schema(tmp_path):
+    """A real build's index holds INDEX_SCHEMA's columns in its order, each of its dtype."""
+    built = build_synthetic(tmp_path)
+    index = open_build(built).index()
+    assert tuple(index.columns) == INDEX_COLUMNS
+    for c in INDEX_SCHEMA:
+        want = "str" if c.dtype == "object" else c.dtype
+        assert str(index[c.name].dtype) in (want, "object"), c
+
+
+def test_open_build_is_typed(root):
+    """The handle's fields are typed (shard entries, config, layout), frozen, and its index is
+    read once per column set."""
+    b = open_build(root)
+    assert isinstance(b, Build) and all(isinstance(s, ShardEntry) for s in b.shards)
+    assert b.layout.shape == (16, 16, 3) and b.split == "train" and b.counts["ok"] == 12
+    with pytest.raises(AttributeError):
+        b.root = "elsewhere"  # type: ignore[misc]
+    assert b.index(["image_id"]) is b.index(["image_id"])
+    with pytest.raises(ValueError, match="no index column"):
+        b.index(["image_idd"])
+
+
+def test_the_trainer_checks_the_index_types_as_info_does(root):
+    """A fold column of text: info refused it, the trainer took it (and selected no row of any
+    fold); both read through open_build now and refuse it in one line naming the column."""
+    index = pd.read_parquet(root / "index.parquet")
+    text_fold = index.assign(fold=index["fold"].astype(str))
+    rewrite_index(root, pa.Table.from_pandas(text_fold, preserve_index=False))
+    with pytest.raises(FormatError, match="column fold holds values of the wrong type"):
+        TrainBuild(str(root))
+
+
+def _manifest(node) -> bool:
+    """A name or attribute called manifest (a manifest dict, as readers held it)."""
+    return (isinstance(node, ast.Name) and node.id == "manifest") or (
+        isinstance(node, ast.Attribute) and node.attr == "manifest"
+    )
+
+
+def _raw_manifest_reads(path: Path) -> list[str]:
+    """`manifest[...]` / `manifest.get(...)` (on a name or attribute called manifest) and
+    json.loads of the manifest file (MANIFEST) in one module."""
+    tree, out = ast.parse(path.read_text()), []
+    for node in ast.walk(tree):
+        target = node.value if isinstance(node, ast.Subscript) else None
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":  # fmt: skip
+            target = node.func.value
+        if _manifest(target):
+            out.append(f"{path.name}:{node.lineno}")
+        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        if isinstance(node, ast.Call) and "MANIFEST" in names and ast.unparse(node.func) == "json.loads":  # fmt: skip
+            out.append(f"{path.name}:{node.lineno} json.loads")
+    return out
+
+
+def test_no_module_but_manifest_reads_the_manifest_dict():
+    """Every reader goes through manifest.open_build: no raw manifest dict access elsewhere."""
+    found = []
+    for pkg in ("ich_prep", "ich_train"):
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            if path.name != "manifest.py":
+                found += _raw_manifest_reads(path)
+    assert found == []
