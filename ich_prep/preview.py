@@ -23,8 +23,8 @@ from ich_prep.config import ImageLayout, Window
 from ich_prep.errors import UserError
 from ich_prep.location import atomic_open, open_stream
 from ich_prep.manifest import Build, open_build
-from ich_prep.sample import check_meta
-from ich_prep.shards import decode_bounded, decode_json, iter_samples
+from ich_prep.sample import SampleError, decode_sample
+from ich_prep.shards import iter_samples
 from ich_prep.terminal import for_terminal
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -93,19 +93,15 @@ def collect(build: Build, rows: pd.DataFrame, n: int, seed: int = 0) -> list[dic
 
 
 def _image(s, wanted: set[str], enc: str, layout: ImageLayout, fold: int) -> np.ndarray | None:
-    """The sample's image if it is one of `wanted`, sound, of the layout's shape and with a json
-    that passes sample.check_meta (verify's and the trainer's check; its key and `fold`, the
-    shard's); None for a damaged sample (verify names it)."""
-    if s.key not in wanted or enc not in s.fields or "json" not in s.fields or s.problems:
+    """The sample's image if it is one of `wanted` and sound (sample.decode_sample, verify's and
+    the trainer's decode: the layout's image, a json of its key and `fold`, the shard's); None
+    for a damaged sample (verify names it)."""
+    if s.key not in wanted or s.problems:
         return None
     try:
-        img = decode_bounded(s.fields[enc], enc, layout)
-        meta = decode_json(s.fields["json"])
-    except ValueError:
+        return decode_sample(s.key, s.fields, enc, layout, {"fold": fold})[0]
+    except SampleError:
         return None
-    if check_meta(meta, {"image_id": s.key, "fold": fold}):
-        return None
-    return img if img.shape == layout.shape else None
 
 
 def _text(img, s: str, x: int, y: int, color) -> None:

@@ -47,8 +47,8 @@ from ich_prep.manifest import (
     index_mismatches,
     open_build,
 )
-from ich_prep.sample import check_meta, index_labels
-from ich_prep.shards import decode_json, image_header, iter_samples
+from ich_prep.sample import SampleError, decode_sample, index_labels
+from ich_prep.shards import iter_samples
 from ich_prep.terminal import for_terminal
 
 COPY_AGAIN = "copy it again from the source build"
@@ -125,36 +125,19 @@ def _index_size_problem(got: int | None, want: int) -> Problem | None:
 
 
 def _check_sample(s, name: str, fold: int, cfg: BuildConfig, rows: dict, spans: dict) -> list[Problem]:  # fmt: skip
-    """Member safety, image (the manifest's layout), the json (sample.check_meta, the readers'
-    check: its schema, and agreement with the index row `rows[key]`), and the span a range read
-    of the sample uses."""
+    """Member safety, the span a range read of the sample uses, then the readers' decode
+    (sample.decode_sample: the image of the manifest's layout, the json's schema and its
+    agreement with the index row `rows[key]`)."""
     enc, layout = cfg.encoding, cfg.layout
     where = f"{name}:{s.key}"
     out = [Problem("unsafe_member", where, f"{name}: {why}") for why in s.problems + s.skipped]
     if s.key in spans and spans[s.key] != (s.offset, s.length):
         o, n = spans[s.key]
         out.append(Problem("index", where, f"{INDEX} puts {s.key} at bytes {o}+{n} of {name}, it is at {s.offset}+{s.length}: a range read would get other bytes; rebuild"))  # fmt: skip
-    if enc not in s.fields:
-        out.append(Problem("bad_sample", where, f"{name}: sample {s.key} has no .{enc} image"))
-    else:
-        try:
-            shape, dtype = image_header(s.fields[enc], enc, layout)
-            if shape != layout.shape or dtype != "u1":
-                raise ValueError(
-                    f"image is {dtype} {shape}, expected {layout.dtype} {layout.shape}"
-                )
-        except ValueError as e:
-            out.append(Problem("bad_image", where, f"{name}: image of {s.key} is damaged: {e}"))
-    if "json" not in s.fields:
-        out.append(Problem("bad_sample", where, f"{name}: sample {s.key} has no .json metadata"))
-        return out
     try:
-        meta = decode_json(s.fields["json"])
-    except ValueError as e:
-        out.append(Problem("bad_json", where, f"{name}: json of {s.key} is damaged: {e}"))
-        return out
-    expected = {"image_id": s.key, "fold": fold, **rows.get(s.key, {})}
-    out += [Problem("bad_json", where, f"{name}: sample {s.key}: {why}") for why in check_meta(meta, expected)]  # fmt: skip
+        decode_sample(s.key, s.fields, enc, layout, {"fold": fold, **rows.get(s.key, {})})
+    except SampleError as e:
+        out += [Problem(kind, where, f"{name}: sample {s.key}: {why}") for kind, why in e.problems]
     return out
 
 
@@ -265,11 +248,12 @@ def _check_index(build: Build, report: Report) -> pd.DataFrame | None:
 
 def _index_rows(ok: pd.DataFrame) -> dict[str, dict]:
     """image id -> the fields its json must repeat of its ok index row: labels (when the index
-    has the label columns), series_id and slice_rank (when it has those, non-null)."""
+    has the label columns), series_id, slice_rank and slice_position (when it has those,
+    non-null)."""
     cols: dict[str, list] = {}
     if all(k in ok.columns for k in LABELS):
         cols["labels"] = index_labels(ok)
-    for c in ("series_id", "slice_rank"):
+    for c in ("series_id", "slice_rank", "slice_position"):
         if c in ok.columns and ok[c].notna().all():
             cols[c] = ok[c].tolist()
     return {i: {c: v[j] for c, v in cols.items()} for j, i in enumerate(ok["image_id"])}

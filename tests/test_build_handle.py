@@ -14,9 +14,11 @@ import pytest
 
 from ich_prep.index import INDEX_COLUMNS, INDEX_SCHEMA
 from ich_prep.manifest import Build, FormatError, ShardEntry, open_build
+from ich_prep.verify import verify
 from ich_train.data import Build as TrainBuild
 from tests.sharing_fixtures import build_synthetic
 from tests.test_hostile_index import rewrite_index
+from tests.test_sample_schema import edit_json, readers_refuse
 from tests.train_fixtures import make_build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,9 +34,13 @@ def root(base, tmp_path) -> Path:
     return Path(shutil.copytree(base, tmp_path / "b"))
 
 
-def test_the_writer_writes_the_schema(tmp_path):
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    return build_synthetic(tmp_path_factory.mktemp("real"))
+
+
+def test_the_writer_writes_the_schema(built):
     """A real build's index holds INDEX_SCHEMA's columns in its order, each of its dtype."""
-    built = build_synthetic(tmp_path)
     index = open_build(built).index()
     assert tuple(index.columns) == INDEX_COLUMNS
     for c in INDEX_SCHEMA:
@@ -96,3 +102,16 @@ def test_no_module_but_manifest_reads_the_manifest_dict():
             if path.name != "manifest.py":
                 found += _raw_manifest_reads(path)
     assert found == []
+
+
+def test_a_json_slice_position_other_than_the_index_is_refused(built, tmp_path):
+    """The json's slice_position is compared with the index row's, as slice_rank is, by the one
+    decode (sample.decode_sample): verify reports the sample, the trainer's series-aware reader
+    refuses it (before, nothing compared it: verify passed, --context read the build)."""
+    folder = Path(shutil.copytree(built, tmp_path / "b"))
+    key = edit_json(folder, lambda m: m.update(slice_position=m["slice_position"] + 1.0))
+    bad = [p for p in verify(str(folder)).problems if p.kind == "bad_json"]
+    assert [p.where.split(":")[-1] for p in bad] == [key], bad
+    assert "json slice_position" in bad[0].message and "differs from the index's" in bad[0].message
+    refused = readers_refuse(folder)
+    assert refused is not None and key in refused and "slice_position" in refused
