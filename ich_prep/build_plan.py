@@ -37,6 +37,7 @@ from ich_prep.outdir import (
     WORK,
 )
 from ich_prep.read_dicom import ImageError, read_header
+from ich_prep.shards import shard_name
 from ich_prep.split import (
     assign_folds,
     pack_series,
@@ -399,9 +400,8 @@ def plan_shards(df: pd.DataFrame, cfg: BuildConfig) -> dict[str, pd.DataFrame]:
         starts = np.flatnonzero(np.r_[True, series[1:] != series[:-1]])
         sizes = np.diff(np.r_[starts, len(part)])
         shard_of = np.repeat(pack_series(sizes, cfg.shard_size), sizes)
-        prefix = f"train-f{int(fold)}" if cfg.split == "train" else "test"
         for n in range(int(shard_of[-1]) + 1 if len(part) else 0):
-            plan[f"{prefix}-{n:05d}.tar"] = part[shard_of == n]
+            plan[shard_name(cfg.split, int(fold), n)] = part[shard_of == n]
     return plan
 
 

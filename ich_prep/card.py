@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ich_prep import LABELS
 from ich_prep.config import BuildConfig
+from ich_prep.shards import shard_glob
 
 if TYPE_CHECKING:  # the card is written by manifest.write_build: no import back
     from ich_prep.manifest import Build, ShardEntry
@@ -66,7 +67,7 @@ def dataset_card(build: Build) -> str:
     h, w, c = layout.shape
     grey = c == 1 and enc in ("png", "jpg")  # webdataset's "l8" decodes these to (h, w)
     train = cfg.split == "train"
-    pattern = "train-f*.tar" if train else "test-*.tar"
+    pattern = shard_glob(cfg.split)
     lines = [
         f"# RSNA intracranial hemorrhage shards ({build.split})",
         "",

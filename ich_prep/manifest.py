@@ -34,7 +34,7 @@ from ich_prep.index import index_spans as index_spans
 from ich_prep.index import parse_index as parse_index
 from ich_prep.index import series_ranks as series_ranks
 from ich_prep.location import Store, join
-from ich_prep.shards import SAFE_FILE_NAME
+from ich_prep.shards import is_shard_file
 
 MANIFEST = "manifest.json"
 CARD = "README.md"  # the dataset card
@@ -203,7 +203,7 @@ def check_shard_names(manifest: dict, where: str) -> None:
         raise FormatError(f"{where}: 'shards' is not a list")
     for s in shards:
         name = s.get("name") if isinstance(s, dict) else None
-        if not (isinstance(name, str) and SAFE_FILE_NAME.fullmatch(name) and name.endswith(".tar")):
+        if not is_shard_file(name):
             raise FormatError(
                 f"{where}: shard name {name!r} is not a plain <name>.tar file name; refusing it"
             )

@@ -24,13 +24,13 @@ from fsspec.implementations.local import LocalFileSystem
 from ich_prep.errors import UserError
 from ich_prep.location import WORK, Store, entry_kind, is_url, refuse_unless_file, temp_target
 from ich_prep.manifest import CARD, INDEX, MANIFEST, recorded
+from ich_prep.shards import SHARD_NAME
 
 LOCK = ".ich-prep.lock"
 MAX_LOCK_BYTES = 4096  # a holder's record is ~100 bytes
 # Names our builds give shards, and the files of the ledger `_work/` (a shard's record is
 # `_work/<shard>.json`, written before the shard is moved into place).
-SHARD_RE = re.compile(r"(train-f\d+|test)-\d{5}\.tar")
-WORK_FILE_RE = re.compile(r"(config\.json|headers\.parquet|(train-f\d+|test)-\d{5}\.tar\.json)")
+WORK_FILE_RE = re.compile(rf"(config\.json|headers\.parquet|{SHARD_NAME.pattern}\.json)")
 
 
 class OutDirError(UserError):
@@ -143,7 +143,7 @@ def owned_names(store: Store) -> tuple[list[str], list[str]]:
     named = set()
     if manifest is not None:
         named |= {MANIFEST, INDEX, CARD}
-        named |= {name for name in manifest.shards if SHARD_RE.fullmatch(name)}
+        named |= {name for name in manifest.shards if SHARD_NAME.fullmatch(name)}
     if ledger:  # an interrupted build: what it has written of its metadata is ours too
         named |= {MANIFEST, INDEX, CARD}
         named |= {n.removesuffix(".json") for n in work if WORK_FILE_RE.fullmatch(n) and n.endswith(".tar.json")}  # fmt: skip

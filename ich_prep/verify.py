@@ -48,7 +48,7 @@ from ich_prep.manifest import (
     open_build,
 )
 from ich_prep.sample import SampleError, decode_sample, index_labels
-from ich_prep.shards import iter_samples
+from ich_prep.shards import SHARD_SUFFIX, iter_samples
 from ich_prep.terminal import for_terminal
 
 COPY_AGAIN = "copy it again from the source build"
@@ -270,7 +270,7 @@ def _extra_files(root: str, build: Build, report: Report) -> None:
             continue
         hint = (
             "a stray shard: `*.tar` globs (plain webdataset, HF datasets) would read it"
-            if n.endswith(".tar")
+            if n.endswith(SHARD_SUFFIX)
             else "a leftover of an unfinished build"
             if n.endswith(".partial") or n == "_work/"
             else "not part of this build"
