@@ -54,7 +54,6 @@ from ich_prep.outdir import (
 )
 from ich_prep.split import (
     duplicate_positions,
-    slice_ranks,
 )
 
 # Error reasons of the build and the labels CSV (read_dicom.REASONS has the per-file reading
@@ -88,18 +87,18 @@ class BuildResult:
 
 
 def series_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """`df` with slice_rank and series_len (int32) and duplicate_position (bool) from its ok rows,
-    nulls on error rows: ranks 0..n-1 in slice order over the slices that compiled. A series is a
+    """`df` with series_len (int32) and duplicate_position (bool) from its ok rows, and its
+    slice_rank (the shard tasks' own: build_worker._ranked, 0..n-1 in slice order over the slices
+    that compiled, as each sample's json has it) as int32; nulls on error rows. A series is a
     series id within one fold, as the shards hold it."""
     df = df.copy()
     ok = (df["status"] == "ok").to_numpy()
     part = df[ok]
     key = (part["fold"].astype(str) + "/" + part["series_id"].astype(str)).to_numpy()
     pos = part["slice_position"].to_numpy(np.float64)
-    inst = part["instance_number"].to_numpy(np.float64, na_value=np.nan)
-    rank, length = slice_ranks(key, pos, inst, part["image_id"].to_numpy())
+    length = pd.Series(key).groupby(key).transform("size").to_numpy()
     for col, values, dtype in (
-        ("slice_rank", rank, "Int32"),
+        ("slice_rank", part["slice_rank"].to_numpy(), "Int32"),
         ("series_len", length, "Int32"),
         ("duplicate_position", duplicate_positions(key, pos), "boolean"),
     ):
@@ -245,13 +244,14 @@ def _resumable(store: Store, plan: dict, keys: dict) -> tuple[dict[str, dict], l
 def _results_index(df: pd.DataFrame, plan: dict, done: dict) -> tuple[pd.DataFrame, int]:
     """(the index: the shard tasks' per-image results folded back into the plan's table, slices
     cropped with their own box under --crop series (crop_fallback))."""
-    shard_of, crop_of, span_of = {}, {}, {}
+    shard_of, crop_of, span_of, rank_of = {}, {}, {}, {}
     for name in plan:
         for r in done[name]["results"]:
             if r["reason"] is None:
                 shard_of[r["image_id"]] = name
                 crop_of[r["image_id"]] = r["crop_box"]
                 span_of[r["image_id"]] = r["span"]
+                rank_of[r["image_id"]] = r["slice_rank"]
             else:
                 m = df["image_id"] == r["image_id"]
                 df.loc[m, ["status", "reason", "detail"]] = ["error", r["reason"], r["detail"]]
@@ -259,4 +259,5 @@ def _results_index(df: pd.DataFrame, plan: dict, done: dict) -> tuple[pd.DataFra
     # slices cropped with their own box under --crop series (shape or spacing unlike their series')
     fell_back = [r.get("crop_fallback", False) for n in plan for r in done[n]["results"]]
     df["span"] = df["image_id"].map(span_of)
+    df["slice_rank"] = df["image_id"].map(rank_of)
     return _index_table(df, shard_of), int(sum(fell_back))

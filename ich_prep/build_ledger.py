@@ -50,8 +50,8 @@ def _load_done(store: Store, name: str, key: str) -> dict | None:
     done = _record(store, name)
     if done is None or done.get("key") != key or not store.exists(name):
         return None
-    if any(r.get("reason") is None and "span" not in r for r in done.get("results", [])):
-        return None  # a ledger from before spans were recorded: compile the shard again
+    if any(r.get("reason") is None and not {"span", "slice_rank"} <= set(r) for r in done.get("results", [])):  # fmt: skip
+        return None  # a ledger from before spans and ranks were recorded: compile the shard again
     if store.size(name) != done["shard"]["bytes"] or store.sha256(name) != done["shard"]["sha256"]:
         return None
     return done

@@ -238,7 +238,7 @@ def compile_shard(
             if img is None:
                 results.append(meta)
                 continue
-            results.append({"image_id": rec["image_id"], "reason": None, "detail": None, "crop_box": meta["crop_box"]})  # fmt: skip
+            results.append({"image_id": rec["image_id"], "reason": None, "detail": None, "crop_box": meta["crop_box"], "slice_rank": meta["slice_rank"]})  # fmt: skip
             if crops is not None and rec["image_id"] in crops.fallback:
                 results[-1]["crop_fallback"] = True
             yield {"__key__": rec["image_id"], "image": img, "meta": meta}

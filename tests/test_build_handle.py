@@ -115,3 +115,36 @@ def test_a_json_slice_position_other_than_the_index_is_refused(built, tmp_path):
     assert "json slice_position" in bad[0].message and "differs from the index's" in bad[0].message
     refused = readers_refuse(folder)
     assert refused is not None and key in refused and "slice_position" in refused
+
+
+def test_the_index_takes_the_slice_ranks_the_shards_were_written_with(tmp_path, monkeypatch):
+    """The slice rank is computed once, by the shard task as it writes each series
+    (build_worker._ranked); the index takes it from the task's results instead of ranking the
+    slices a second time (split.slice_ranks). Seen by giving the task other ranks (each series
+    reversed): the index follows the jsons and verify passes (before, the index ranked again and
+    verify found every reversed json)."""
+    from collections import Counter
+
+    import ich_prep.build_worker as worker
+    from ich_prep.build import build
+    from ich_prep.config import BuildConfig
+    from ich_prep.synth import write_synthetic
+
+    real = worker._ranked
+
+    def reversed_ranks(recs, results):  # every slice of the synthetic test set compiles
+        n = Counter(r["meta"]["series_id"] for r in recs)
+        for r in real(recs, results):
+            sid, rank = r["meta"]["series_id"], r["meta"]["slice_rank"]
+            yield {**r, "meta": {**r["meta"], "slice_rank": n[sid] - 1 - rank}}
+
+    monkeypatch.setattr(worker, "_ranked", reversed_ranks)
+    info = write_synthetic(tmp_path / "syn", patients=2, seed=1, slices_per_series=3)
+    cfg = BuildConfig(dicom_dir=info["test_dir"], size=32)
+    build(cfg, tmp_path / "out", jobs=1, progress=False)
+    report = verify(str(tmp_path / "out"))
+    assert report.ok, report.problems[:3]
+    ok = open_build(tmp_path / "out").index(["series_id", "slice_rank", "slice_position"])
+    ok = ok[ok["status"] == "ok"].sort_values(["series_id", "slice_position"])
+    ranks = ok.groupby("series_id")["slice_rank"].apply(list)
+    assert all(r == sorted(r, reverse=True) for r in ranks) and len(ranks) >= 2
