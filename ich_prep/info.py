@@ -8,7 +8,7 @@ import pandas as pd
 
 from ich_prep import LABELS
 from ich_prep.index import INDEX
-from ich_prep.manifest import FormatError, open_build
+from ich_prep.manifest import Build, FormatError, open_build
 from ich_prep.terminal import for_terminal
 
 INFO_COLUMNS = ["image_id", "split", "fold", "shard", "status", "reason", "detail", *LABELS]
@@ -56,27 +56,8 @@ def info(root: str, examples: int = 3) -> dict:
     index["split"] = index["split"].fillna(build_split)
     ok = index[index["status"] == "ok"]
     shard_bytes = {s.name: s.bytes for s in b.shards}
-    shards_of = {}
-    for s in b.shards:
-        shards_of.setdefault((str(s.split or build_split), s.fold), []).append(s.name)
-    groups = []
-    for (split, fold), part in ok.groupby(["split", "fold"], sort=True):
-        names = shards_of.get((split, int(fold)), [])
-        groups.append(
-            {
-                "split": split,
-                "fold": int(fold),
-                "images": len(part),
-                "shards": len(names),
-                "bytes": sum(shard_bytes[n] for n in names),
-            }
-        )
-    prevalence = {}
-    if labelled and len(ok):
-        lab = ok[["fold", *LABELS]].astype({k: "float64" for k in LABELS})
-        for fold, part in lab.groupby("fold", sort=True):
-            prevalence[str(int(fold))] = {k: round(float(part[k].mean()), 4) for k in LABELS}
-        prevalence["all"] = {k: round(float(lab[k].mean()), 4) for k in LABELS}
+    groups = _groups(b, ok, shard_bytes)
+    prevalence = _prevalence(ok) if labelled else {}
     errors = index[index["status"] == "error"]
     by_reason = errors["reason"].value_counts().sort_index().to_dict()
     ex = {
@@ -119,6 +100,31 @@ def info(root: str, examples: int = 3) -> dict:
         "errors": {"by_reason": {str(k): int(v) for k, v in by_reason.items()}, "examples": ex},
         "manifest_counts": counts,
     }
+
+
+def _groups(b: Build, ok: pd.DataFrame, shard_bytes: dict[str, int]) -> list[dict]:
+    """Images, shards and bytes of each (split, fold) of the ok rows."""
+    shards_of: dict[tuple[str, int], list[str]] = {}
+    for s in b.shards:
+        shards_of.setdefault((str(s.split or b.split), s.fold), []).append(s.name)
+    groups = []
+    for (split, fold), part in ok.groupby(["split", "fold"], sort=True):
+        names = shards_of.get((split, int(fold)), [])
+        groups.append({"split": split, "fold": int(fold), "images": len(part), "shards": len(names),
+                       "bytes": sum(shard_bytes[n] for n in names)})  # fmt: skip
+    return groups
+
+
+def _prevalence(ok: pd.DataFrame) -> dict:
+    """Each label's share of positives per fold and over all ok rows ({} without rows)."""
+    if not len(ok):
+        return {}
+    lab = ok[["fold", *LABELS]].astype({k: "float64" for k in LABELS})
+    out = {}
+    for fold, part in lab.groupby("fold", sort=True):
+        out[str(int(fold))] = {k: round(float(part[k].mean()), 4) for k in LABELS}
+    out["all"] = {k: round(float(lab[k].mean()), 4) for k in LABELS}
+    return out
 
 
 def _mib(n: int) -> str:
