@@ -65,9 +65,7 @@ def dataset_card(build: Build) -> str:
     n_bytes = sum(s.bytes for s in shards)
     enc = cfg.encoding
     h, w, c = layout.shape
-    grey = c == 1 and enc in ("png", "jpg")  # webdataset's "l8" decodes these to (h, w)
     train = cfg.split == "train"
-    pattern = shard_glob(cfg.split)
     lines = [
         f"# RSNA intracranial hemorrhage shards ({build.split})",
         "",
@@ -111,7 +109,14 @@ def dataset_card(build: Build) -> str:
     if train and counts.get("positives"):
         lines += ["", "## Labels", "", *_labels_table(counts), ""]
         lines += _split_section(cfg, counts, shards)
-    lines += [
+    lines += [*_check_section(), *_ich_train_section(cfg), *_webdataset_section(cfg)]
+    lines += [*_index_section(train), *_hf_section(cfg), *_privacy_section()]
+    return "\n".join(lines)
+
+
+def _check_section() -> list[str]:
+    """How to check a received build."""
+    return [
         "",
         "## Check what you received",
         "",
@@ -120,6 +125,13 @@ def dataset_card(build: Build) -> str:
         "ich-prep info THIS_FOLDER      # config, counts per fold, label prevalence, errors",
         "ich-prep preview THIS_FOLDER --n 64 --out preview.png   # contact sheet of samples",
         "```",
+    ]
+
+
+def _ich_train_section(cfg: BuildConfig) -> list[str]:
+    """Loading it with ich-train."""
+    train = cfg.split == "train"
+    return [
         "",
         "## Load it",
         "",
@@ -132,6 +144,15 @@ def dataset_card(build: Build) -> str:
             else "ich-train predict --checkpoint runs/exp1/best.pt --shards THIS_FOLDER --out submission.csv"
         ),
         "```",
+    ]
+
+
+def _webdataset_section(cfg: BuildConfig) -> list[str]:
+    """Loading it with plain webdataset."""
+    enc, train, (h, w, c) = cfg.encoding, cfg.split == "train", cfg.layout.shape
+    grey = c == 1 and enc in ("png", "jpg")  # webdataset's "l8" decodes these to (h, w)
+    pattern, layout = shard_glob(cfg.split), cfg.layout
+    return [
         "",
         "With plain webdataset (no project code; `only=` decodes just the two fields this format "
         "defines, so no other member type is ever unpickled). Plain webdataset and Hugging Face "
@@ -154,6 +175,12 @@ def dataset_card(build: Build) -> str:
         "",
         "Over http(s), give webdataset the shard URLs instead (`THIS_FOLDER/<name>` for each "
         "shard name in manifest.json); it streams them with curl.",
+    ]
+
+
+def _index_section(train: bool) -> list[str]:
+    """Reading the index with pandas or DuckDB."""
+    return [
         "",
         "The index with pandas or DuckDB (one row per input; `status == 'ok'` rows are the samples):",
         "",
@@ -178,6 +205,13 @@ def dataset_card(build: Build) -> str:
             else "SELECT reason, count(*) FROM 'THIS_FOLDER/index.parquet' GROUP BY reason;"
         ),
         "```",
+    ]
+
+
+def _hf_section(cfg: BuildConfig) -> list[str]:
+    """Loading it with Hugging Face datasets."""
+    pattern = shard_glob(cfg.split)
+    return [
         "",
         "With Hugging Face `datasets` (its `webdataset` loader gunzips `.npy.gz` and loads it as an "
         "array; `png`/`jpg` become images):",
@@ -188,6 +222,12 @@ def dataset_card(build: Build) -> str:
         f'ds = load_dataset("webdataset", data_files={{"train": "THIS_FOLDER/{pattern}"}}, '
         'split="train", streaming=True)',
         "```",
+    ]
+
+
+def _privacy_section() -> list[str]:
+    """What identifiers it keeps."""
+    return [
         "",
         "## Privacy",
         "",
@@ -196,4 +236,3 @@ def dataset_card(build: Build) -> str:
         "identifiers. The config above records the paths the build read from on the build machine.",
         "",
     ]
-    return "\n".join(lines)
