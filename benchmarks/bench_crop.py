@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 import ich_prep.build as build_mod
+import ich_prep.build_worker as build_worker
 from ich_prep.config import BuildConfig
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "rsna_samples"
@@ -67,43 +68,43 @@ def summary(d: pd.DataFrame) -> str:
 
 def build_index(cfg: BuildConfig, out: Path, hold: int | None = None) -> pd.DataFrame:
     """Build `cfg` into `out` on one core (with SERIES_HOLD_BYTES = `hold` when given); its index."""
-    saved = build_mod.SERIES_HOLD_BYTES
+    saved = build_worker.SERIES_HOLD_BYTES
     if hold is not None:
-        build_mod.SERIES_HOLD_BYTES = hold
+        build_worker.SERIES_HOLD_BYTES = hold
     try:
         build_mod.build(cfg, out, jobs=1, progress=False)
     finally:
-        build_mod.SERIES_HOLD_BYTES = saved
+        build_worker.SERIES_HOLD_BYTES = saved
     return pd.read_parquet(out / "index.parquet")
 
 
 def compile_times(base: dict, variants, tmp: Path, rounds: int) -> dict[str, float]:
     """Seconds per compiled slice of the shard tasks alone (read, HU, boxes, crop, resize,
     windows, encode, tar; not the header pass), one core, best of `rounds` interleaved runs."""
-    from ich_prep.location import Store, list_inputs
+    from ich_prep.location import WORK, Store, list_inputs
 
     cfg = BuildConfig(**base)
     store = Store(tmp / "plan")
-    store.makedirs(build_mod.WORK)
+    store.makedirs(WORK)
     df = build_mod.plan_images(cfg, list_inputs(cfg.dicom_dir, ".dcm"), 1, store, False)
     plan = build_mod.plan_shards(df, cfg)
     recs = {n: build_mod._records(p, cfg.dicom_dir, cfg.labels is not None) for n, p in plan.items()}  # fmt: skip
     n_slices = sum(len(r) for r in recs.values())
     best: dict[str, float] = {}
-    saved = build_mod.SERIES_HOLD_BYTES
+    saved = build_worker.SERIES_HOLD_BYTES
     for r in range(rounds):
         for name, crop, hold in variants:
             out = tmp / f"compile-{name}-{r}".replace(" ", "_").replace(",", "")
-            Store(out).makedirs(build_mod.WORK)
+            Store(out).makedirs(WORK)
             vcfg = BuildConfig(**base, crop=crop)
-            build_mod.SERIES_HOLD_BYTES = saved if hold is None else hold
+            build_worker.SERIES_HOLD_BYTES = saved if hold is None else hold
             try:
                 t0 = time.perf_counter()
                 for n in plan:
                     build_mod.compile_shard(str(out), n, recs[n], vcfg, "bench")
                 wall = time.perf_counter() - t0
             finally:
-                build_mod.SERIES_HOLD_BYTES = saved
+                build_worker.SERIES_HOLD_BYTES = saved
             best[name] = min(best.get(name, wall), wall / n_slices)
     return best
 

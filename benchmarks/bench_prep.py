@@ -116,7 +116,7 @@ def _child(args) -> None:
     from ich_prep.read_dicom import reuse_freed_memory
 
     if args.allocator == "build":
-        reuse_freed_memory()  # the build's own setting (build.worker_start), in every method
+        reuse_freed_memory()  # the build's own setting (build_worker.worker_start), in every method
     else:  # glibc's defaults everywhere: the build's tasks must not set theirs either
         ich_prep.build.reuse_freed_memory = lambda: False
     import cv2  # noqa: F401 - imports are not timed, in any method

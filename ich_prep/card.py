@@ -7,10 +7,14 @@ they are once THIS_FOLDER is replaced by the folder's path (tests/test_card.py r
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from ich_prep import LABELS
 from ich_prep.config import BuildConfig
-from ich_prep.manifest import build_config
+from ich_prep.shards import shard_glob
+
+if TYPE_CHECKING:  # the card is written by manifest.write_build: no import back
+    from ich_prep.manifest import Build, ShardEntry
 
 
 def _human(n: int) -> str:
@@ -29,11 +33,11 @@ def _labels_table(counts: dict) -> list[str]:
     return rows
 
 
-def _split_section(cfg: BuildConfig, counts: dict, shards: list[dict]) -> list[str]:
+def _split_section(cfg: BuildConfig, counts: dict, shards: tuple[ShardEntry, ...]) -> list[str]:
     per_fold = counts["per_fold"]
     n_shards = {}
     for s in shards:
-        n_shards[str(s["fold"])] = n_shards.get(str(s["fold"]), 0) + 1
+        n_shards[str(s.fold)] = n_shards.get(str(s.fold), 0) + 1
     return [
         "## Split",
         "",
@@ -52,23 +56,21 @@ def _split_section(cfg: BuildConfig, counts: dict, shards: list[dict]) -> list[s
     ]
 
 
-def dataset_card(manifest: dict) -> str:
-    """Markdown text built from the manifest alone (so it never disagrees with it): its typed
-    config (`build_config`) and the image layout that config gives."""
-    cfg, counts, shards = build_config(manifest), manifest["counts"], manifest["shards"]
+def dataset_card(build: Build) -> str:
+    """Markdown text built from the manifest alone (so it never disagrees with it), opened as a
+    manifest.Build: its typed config and the image layout that config gives."""
+    cfg, counts, shards = build.config, build.counts, build.shards
     layout = cfg.layout
     windows = ", ".join(f"{w.name} (L{w.center:g}/W{w.width:g})" for w in cfg.windows)
-    n_bytes = sum(s["bytes"] for s in shards)
+    n_bytes = sum(s.bytes for s in shards)
     enc = cfg.encoding
     h, w, c = layout.shape
-    grey = c == 1 and enc in ("png", "jpg")  # webdataset's "l8" decodes these to (h, w)
     train = cfg.split == "train"
-    pattern = "train-f*.tar" if train else "test-*.tar"
     lines = [
-        f"# RSNA intracranial hemorrhage shards ({manifest['split']})",
+        f"# RSNA intracranial hemorrhage shards ({build.split})",
         "",
-        f"Compiled by `ich_prep` {manifest['tool_version']} (shard format "
-        f"{manifest['format_version']}) from head-CT DICOM slices of the RSNA 2019 Intracranial "
+        f"Compiled by `ich_prep` {build.tool_version} (shard format "
+        f"{build.format_version}) from head-CT DICOM slices of the RSNA 2019 Intracranial "
         f"Hemorrhage Detection data. Each sample is one slice: a {h}x{w}x{c} {layout.dtype} image "
         f"(channel i = window i: {windows}), encoded as `{enc}`, plus a json of metadata"
         + (" and labels" if train else "")
@@ -107,7 +109,14 @@ def dataset_card(manifest: dict) -> str:
     if train and counts.get("positives"):
         lines += ["", "## Labels", "", *_labels_table(counts), ""]
         lines += _split_section(cfg, counts, shards)
-    lines += [
+    lines += [*_check_section(), *_ich_train_section(cfg), *_webdataset_section(cfg)]
+    lines += [*_index_section(train), *_hf_section(cfg), *_privacy_section()]
+    return "\n".join(lines)
+
+
+def _check_section() -> list[str]:
+    """How to check a received build."""
+    return [
         "",
         "## Check what you received",
         "",
@@ -116,6 +125,13 @@ def dataset_card(manifest: dict) -> str:
         "ich-prep info THIS_FOLDER      # config, counts per fold, label prevalence, errors",
         "ich-prep preview THIS_FOLDER --n 64 --out preview.png   # contact sheet of samples",
         "```",
+    ]
+
+
+def _ich_train_section(cfg: BuildConfig) -> list[str]:
+    """Loading it with ich-train."""
+    train = cfg.split == "train"
+    return [
         "",
         "## Load it",
         "",
@@ -128,6 +144,15 @@ def dataset_card(manifest: dict) -> str:
             else "ich-train predict --checkpoint runs/exp1/best.pt --shards THIS_FOLDER --out submission.csv"
         ),
         "```",
+    ]
+
+
+def _webdataset_section(cfg: BuildConfig) -> list[str]:
+    """Loading it with plain webdataset."""
+    enc, train, (h, w, c) = cfg.encoding, cfg.split == "train", cfg.layout.shape
+    grey = c == 1 and enc in ("png", "jpg")  # webdataset's "l8" decodes these to (h, w)
+    pattern, layout = shard_glob(cfg.split), cfg.layout
+    return [
         "",
         "With plain webdataset (no project code; `only=` decodes just the two fields this format "
         "defines, so no other member type is ever unpickled). Plain webdataset and Hugging Face "
@@ -150,6 +175,12 @@ def dataset_card(manifest: dict) -> str:
         "",
         "Over http(s), give webdataset the shard URLs instead (`THIS_FOLDER/<name>` for each "
         "shard name in manifest.json); it streams them with curl.",
+    ]
+
+
+def _index_section(train: bool) -> list[str]:
+    """Reading the index with pandas or DuckDB."""
+    return [
         "",
         "The index with pandas or DuckDB (one row per input; `status == 'ok'` rows are the samples):",
         "",
@@ -174,6 +205,13 @@ def dataset_card(manifest: dict) -> str:
             else "SELECT reason, count(*) FROM 'THIS_FOLDER/index.parquet' GROUP BY reason;"
         ),
         "```",
+    ]
+
+
+def _hf_section(cfg: BuildConfig) -> list[str]:
+    """Loading it with Hugging Face datasets."""
+    pattern = shard_glob(cfg.split)
+    return [
         "",
         "With Hugging Face `datasets` (its `webdataset` loader gunzips `.npy.gz` and loads it as an "
         "array; `png`/`jpg` become images):",
@@ -184,6 +222,12 @@ def dataset_card(manifest: dict) -> str:
         f'ds = load_dataset("webdataset", data_files={{"train": "THIS_FOLDER/{pattern}"}}, '
         'split="train", streaming=True)',
         "```",
+    ]
+
+
+def _privacy_section() -> list[str]:
+    """What identifiers it keeps."""
+    return [
         "",
         "## Privacy",
         "",
@@ -192,4 +236,3 @@ def dataset_card(manifest: dict) -> str:
         "identifiers. The config above records the paths the build read from on the build machine.",
         "",
     ]
-    return "\n".join(lines)

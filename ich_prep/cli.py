@@ -191,11 +191,10 @@ def do_build(args) -> int:
         if client is not None:
             client.close()
     print_summary(res)
-    if args.max_errors is not None and res.manifest["counts"]["error"] > args.max_errors:
-        echo(
-            f"ich-prep build: {res.manifest['counts']['error']} inputs failed, more than --max-errors {args.max_errors}",
-            file=sys.stderr,
-        )
+    failed = res.build.counts["error"]
+    if args.max_errors is not None and failed > args.max_errors:
+        why = f"{failed} inputs failed, more than --max-errors {args.max_errors}"
+        echo(f"ich-prep build: {why}", file=sys.stderr)
         return EXIT_MAX_ERRORS
     return 0
 
@@ -298,7 +297,8 @@ def connect_dask(address: str | None):
 def print_summary(res) -> None:
     from ich_prep import LABELS
 
-    c, s = res.manifest["counts"], res.summary
+    b, s = res.build, res.summary
+    c = b.counts
     if s.get("already_complete"):
         echo(f"{res.out}: already complete with this config (manifest.json present); nothing to do")
     echo(f"images ok: {c['ok']}   failed: {c['error']}   inputs: {c['inputs']}")
@@ -306,9 +306,9 @@ def print_summary(res) -> None:
         echo(f"  {reason}: {n}")
     if c.get("positives"):
         echo("positives: " + ", ".join(f"{k} {c['positives'][k]}" for k in LABELS))
-    n_bytes = sum(sh["bytes"] for sh in res.manifest["shards"])
+    n_bytes = sum(sh.bytes for sh in b.shards)
     echo(
-        f"shards: {len(res.manifest['shards'])}   bytes: {n_bytes / 2**20:.1f} MiB ({n_bytes / max(1, c['ok']) / 1024:.1f} KiB/image)"
+        f"shards: {len(b.shards)}   bytes: {n_bytes / 2**20:.1f} MiB ({n_bytes / max(1, c['ok']) / 1024:.1f} KiB/image)"
     )
     if "wall_s" in s:
         echo(

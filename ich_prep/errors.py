@@ -37,6 +37,14 @@ class NotOurs(UserError):
     never written through, replaced or deleted."""
 
 
+class FormatError(UserError, ValueError):
+    """A build this version cannot read (missing manifest, newer format, damaged json or index)."""
+
+
+class BuildError(UserError):
+    """The build cannot start or finish (config mismatch, nothing to build, too many errors)."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its usage errors in one line, like every other error (exit 2). Both CLIs."""
 

@@ -7,32 +7,24 @@ import dataclasses
 import pandas as pd
 
 from ich_prep import LABELS
-from ich_prep.manifest import INDEX, FormatError, build_config, load_index, load_manifest
+from ich_prep.index import INDEX
+from ich_prep.manifest import Build, FormatError, open_build
 from ich_prep.terminal import for_terminal
 
 INFO_COLUMNS = ["image_id", "split", "fold", "shard", "status", "reason", "detail", *LABELS]
-REQUIRED_COLUMNS = ["image_id", "fold", "shard", "status"]
 
 
-def checked_index(index: pd.DataFrame, where: str, labelled: bool) -> pd.DataFrame:
-    """The index's INFO_COLUMNS, once the ones info and preview read are there with usable types
-    (fold whole numbers, labels 0/1/null); FormatError naming the column otherwise."""
-    need = REQUIRED_COLUMNS + (list(LABELS) if labelled else [])
-    missing = [c for c in need if c not in index.columns]
+def info_rows(index: pd.DataFrame, where: str, labelled: bool) -> pd.DataFrame:
+    """The INFO_COLUMNS of an index Build.index has checked (index.check_index: the columns
+    every reader needs, each of its INDEX_SCHEMA type), a labelled build's labels required;
+    split, reason and detail None where an index lacks them."""
+    missing = [k for k in LABELS if labelled and k not in index.columns]
     if missing:
         raise FormatError(f"{where} has no column {', '.join(missing)}; the index is damaged, copy it again or rebuild")  # fmt: skip
     index = index[[c for c in INFO_COLUMNS if c in index.columns]].copy()
     for c in ("split", "reason", "detail"):
         if c not in index.columns:
             index[c] = None
-    fold = index["fold"]
-    bad = [] if pd.api.types.is_integer_dtype(fold) and fold.notna().all() else ["fold"]
-    for k in LABELS if labelled else ():
-        col = index[k]
-        if not (pd.api.types.is_numeric_dtype(col) and col.dropna().isin([0, 1]).all()):
-            bad.append(k)
-    if bad:
-        raise FormatError(f"{where}: column {', '.join(bad)} holds values of the wrong type (fold: whole numbers; labels: 0, 1 or null); the index is damaged, rebuild it")  # fmt: skip
     return index
 
 
@@ -54,49 +46,29 @@ def series_counts(index: pd.DataFrame) -> dict:
 def info(root: str, examples: int = 3) -> dict:
     """Format, config, counts per split and fold, label prevalence per fold, bytes, errors."""
     root = str(root)
-    m = load_manifest(root)
-    cfg, counts = build_config(m, root), m["counts"]
+    b = open_build(root)
+    cfg, counts = b.config, dict(b.counts)
     layout, build_split = cfg.layout, cfg.split
     labelled = build_split == "train"
-    full = load_index(root, manifest=m)
-    index = checked_index(full, f"{root}: {INDEX}", labelled)
+    full = b.index()
+    index = info_rows(full, f"{root}: {INDEX}", labelled)
     series = series_counts(full)
     index["split"] = index["split"].fillna(build_split)
     ok = index[index["status"] == "ok"]
-    shard_bytes = {s["name"]: int(s["bytes"]) for s in m["shards"]}
-    shards_of = {}
-    for s in m["shards"]:
-        key = (str(s.get("split", build_split)), int(s["fold"]))
-        shards_of.setdefault(key, []).append(s["name"])
-    groups = []
-    for (split, fold), part in ok.groupby(["split", "fold"], sort=True):
-        names = shards_of.get((split, int(fold)), [])
-        groups.append(
-            {
-                "split": split,
-                "fold": int(fold),
-                "images": len(part),
-                "shards": len(names),
-                "bytes": sum(shard_bytes[n] for n in names),
-            }
-        )
-    prevalence = {}
-    if labelled and len(ok):
-        lab = ok[["fold", *LABELS]].astype({k: "float64" for k in LABELS})
-        for fold, part in lab.groupby("fold", sort=True):
-            prevalence[str(int(fold))] = {k: round(float(part[k].mean()), 4) for k in LABELS}
-        prevalence["all"] = {k: round(float(lab[k].mean()), 4) for k in LABELS}
+    shard_bytes = {s.name: s.bytes for s in b.shards}
+    groups = _groups(b, ok, shard_bytes)
+    prevalence = _prevalence(ok) if labelled else {}
     errors = index[index["status"] == "error"]
     by_reason = errors["reason"].value_counts().sort_index().to_dict()
     ex = {
         str(r): errors.loc[errors["reason"] == r, "detail"].head(examples).tolist()
         for r in by_reason
     }
-    index_bytes = int(m.get("index", {}).get("bytes", 0))
+    index_bytes = b.index_bytes
     return {
         "root": root,
-        "format_version": m["format_version"],
-        "tool": f"{m.get('tool', '?')} {m.get('tool_version', '?')}",
+        "format_version": b.format_version,
+        "tool": f"{b.tool} {b.tool_version}",
         "split": build_split,
         "config": {
             "size": cfg.size,
@@ -128,6 +100,31 @@ def info(root: str, examples: int = 3) -> dict:
         "errors": {"by_reason": {str(k): int(v) for k, v in by_reason.items()}, "examples": ex},
         "manifest_counts": counts,
     }
+
+
+def _groups(b: Build, ok: pd.DataFrame, shard_bytes: dict[str, int]) -> list[dict]:
+    """Images, shards and bytes of each (split, fold) of the ok rows."""
+    shards_of: dict[tuple[str, int], list[str]] = {}
+    for s in b.shards:
+        shards_of.setdefault((str(s.split or b.split), s.fold), []).append(s.name)
+    groups = []
+    for (split, fold), part in ok.groupby(["split", "fold"], sort=True):
+        names = shards_of.get((split, int(fold)), [])
+        groups.append({"split": split, "fold": int(fold), "images": len(part), "shards": len(names),
+                       "bytes": sum(shard_bytes[n] for n in names)})  # fmt: skip
+    return groups
+
+
+def _prevalence(ok: pd.DataFrame) -> dict:
+    """Each label's share of positives per fold and over all ok rows ({} without rows)."""
+    if not len(ok):
+        return {}
+    lab = ok[["fold", *LABELS]].astype({k: "float64" for k in LABELS})
+    out = {}
+    for fold, part in lab.groupby("fold", sort=True):
+        out[str(int(fold))] = {k: round(float(part[k].mean()), 4) for k in LABELS}
+    out["all"] = {k: round(float(lab[k].mean()), 4) for k in LABELS}
+    return out
 
 
 def _mib(n: int) -> str:

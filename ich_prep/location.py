@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import html.parser
 import io
 import os
 import re
 import stat
 import tempfile
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,13 +32,8 @@ from typing import BinaryIO
 import fsspec
 
 from ich_prep.errors import NotOurs, NotRegularFile
+from ich_prep.web import http_listing, http_range, open_http, paced
 
-TIMEOUT_S = 60.0
-# A server that keeps sending, slowly, is cut off too: after PACE_AFTER_S seconds a stream must
-# have averaged MIN_BYTES_PER_S (one byte every 59 s passes the idle timeout, never this).
-PACE_AFTER_S = 60.0
-MIN_BYTES_PER_S = 1024.0
-MAX_LISTING_BYTES = 16 * 1024 * 1024
 WORK = "_work"  # a build's ledger folder; a local Store writes its temporaries there when present
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: new files get 0o666 & ~umask, as open() would give them
@@ -65,49 +55,6 @@ def _scheme(url: str) -> str:
 
 def _is_http(url: str) -> bool:
     return is_url(url) and _scheme(url) in ("http", "https")
-
-
-def _http(url: str, method: str = "GET"):
-    """urllib response (a sequential binary stream); a 404 becomes FileNotFoundError."""
-    req = urllib.request.Request(url, method=method, headers={"User-Agent": "ich-prep"})
-    try:
-        return urllib.request.urlopen(req, timeout=TIMEOUT_S)  # noqa: S310 (http(s) only)
-    except urllib.error.HTTPError as e:
-        if e.code in (404, 410):
-            raise FileNotFoundError(f"{url}: HTTP {e.code} {e.reason}") from e
-        raise OSError(f"{url}: HTTP {e.code} {e.reason}") from e
-    except urllib.error.URLError as e:
-        raise OSError(f"{url}: {e.reason}") from e
-
-
-class _Paced(io.RawIOBase):
-    """An http(s) response read one receive at a time (read1), refused with OSError once, after
-    PACE_AFTER_S, it has averaged less than MIN_BYTES_PER_S: a slow drip cannot hold a reader."""
-
-    def __init__(self, response, url: str):
-        self.response, self.url, self.got = response, url, 0
-        self.start = time.monotonic()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self.response.read1(len(b))
-        self.got += len(data)
-        elapsed = time.monotonic() - self.start
-        if data and elapsed > PACE_AFTER_S and self.got < MIN_BYTES_PER_S * elapsed:
-            raise OSError(f"{self.url}: the server sent {self.got} bytes in {elapsed:.0f} s, under {MIN_BYTES_PER_S:.0f} bytes/s; refused as stalled")  # fmt: skip
-        b[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self.response.close()
-        super().close()
-
-
-def _paced(response, url: str) -> io.BufferedReader:
-    """An http(s) response as a buffered stream held to the pace rule (_Paced)."""
-    return io.BufferedReader(_Paced(response, url))
 
 
 def _fs(url: str):
@@ -136,7 +83,7 @@ def open_stream(url: str | os.PathLike) -> BinaryIO:
     if not is_url(url):
         return open_local(url)
     if _is_http(url):
-        return _paced(_http(url), url)
+        return paced(open_http(url), url)
     fs, path = _fs(url)
     return fs.open(path, "rb")
 
@@ -164,19 +111,7 @@ def read_range(url: str | os.PathLike, offset: int, length: int) -> bytes:
             f.seek(offset)
             data = f.read(length)
     elif _is_http(url):
-        req = urllib.request.Request(
-            url,
-            headers={"User-Agent": "ich-prep", "Range": f"bytes={offset}-{offset + length - 1}"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as r:  # noqa: S310 (http(s) only)
-                paced = _paced(r, url)
-                if r.status != 206:  # the whole file came: skip to the range, bounded
-                    while offset and (skipped := len(paced.read(min(offset, 1 << 20)))):
-                        offset -= skipped
-                data = paced.read(length)
-        except urllib.error.URLError as e:
-            raise OSError(f"{url}: {getattr(e, 'reason', e)}") from e
+        data = http_range(url, offset, length)
     else:
         fs, path = _fs(url)
         data = fs.cat_file(path, start=offset, end=offset + length)
@@ -194,23 +129,13 @@ def file_size(url: str | os.PathLike) -> int | None:
             raise NotRegularFile(errno.EINVAL, "not a regular file; refused", url)
         return st.st_size
     if _is_http(url):
-        with _http(url, "HEAD") as r:
+        with open_http(url, "HEAD") as r:
             n = r.headers.get("Content-Length")
         return int(n) if n is not None and n.isdigit() else None
     fs, path = _fs(url)
     if not fs.exists(path):
         raise FileNotFoundError(url)
     return int(fs.size(path))
-
-
-class _Links(html.parser.HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.hrefs: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "a":
-            self.hrefs += [v for k, v in attrs if k == "href" and v]
 
 
 def list_names(root: str | os.PathLike) -> list[str] | None:
@@ -221,21 +146,7 @@ def list_names(root: str | os.PathLike) -> list[str] | None:
             e.name + ("/" if e.is_dir(follow_symlinks=False) else "") for e in os.scandir(root)
         )
     if _is_http(root):
-        try:  # a server's directory index (python -m http.server, nginx autoindex, Apache)
-            with _http(root.rstrip("/") + "/") as r:
-                if "html" not in r.headers.get("Content-Type", ""):
-                    return None
-                page = _paced(r, root).read(MAX_LISTING_BYTES).decode("utf-8", "replace")
-        except OSError:
-            return None
-        p = _Links()
-        p.feed(page)
-        names = set()
-        for href in p.hrefs:
-            name = urllib.parse.unquote(urllib.parse.urlsplit(href).path)
-            if name and "/" not in name.rstrip("/") and not name.startswith((".", "?")):
-                names.add(name)
-        return sorted(names)
+        return http_listing(root)
     fs, path = _fs(root)
     try:
         entries = fs.ls(path, detail=True)

@@ -1,4 +1,9 @@
-"""manifest.json and index.parquet: write atomically, read from a folder or URL, check the version.
+"""manifest.json: written last and atomically, read from a folder or URL, version-checked; and
+`open_build`, the one way every reader (verify, info, preview, ich-train) opens a build.
+
+`open_build(root)` gives a frozen `Build`: the typed config and image layout, the shard entries
+(`ShardEntry`), the counts, and the index (ich_prep.index: INDEX_SCHEMA), read lazily, bounded and
+checked (`Build.index`). Nothing outside this module reads manifest.json's keys.
 
 URLs: http(s):// is read with the standard library (no aiohttp needed); other schemes (s3://, ...)
 through fsspec. See ich_prep.location for the streaming and the safety rules.
@@ -12,34 +17,29 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from ich_prep import FORMAT_VERSION, LABELS, __version__, location, parquet_read
-from ich_prep.config import BuildConfig, ConfigError
-from ich_prep.errors import UserError
+from ich_prep import FORMAT_VERSION, LABELS, __version__, card, location
+from ich_prep.config import BuildConfig, ConfigError, ImageLayout
+from ich_prep.errors import FormatError
+from ich_prep.index import INDEX as INDEX
+from ich_prep.index import INDEX_COLUMNS, REQUIRED_COLUMNS, check_index
+from ich_prep.index import MAX_INDEX_BYTES as MAX_INDEX_BYTES
+from ich_prep.index import SPAN_COLUMNS as SPAN_COLUMNS
+from ich_prep.index import index_spans as index_spans
+from ich_prep.index import parse_index as parse_index
+from ich_prep.index import series_ranks as series_ranks
 from ich_prep.location import Store, join
-from ich_prep.shards import SAFE_FILE_NAME
+from ich_prep.shards import is_shard_file
 
-SPAN_COLUMNS = ("shard_offset", "shard_length")  # a sample's bytes in its shard: one range read
 MANIFEST = "manifest.json"
-INDEX = "index.parquet"
 CARD = "README.md"  # the dataset card
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest of ~1,000 shards is ~200 KiB
-MAX_INDEX_BYTES = 1024**3  # the full RSNA index (~875k rows) is ~50 MB
 SHA256 = re.compile(r"[0-9a-f]{64}")
-MAX_INDEX_ROWS = 10_000_000  # 11x the whole RSNA data
-MAX_INDEX_INFLATED = 4 * 1024**3  # decompressed column data, as the Parquet footer declares it
-# decoded text columns together: the full RSNA index holds ~130 MB (~150 bytes a row: ids, path,
-# shard, status); this leaves MAX_INDEX_ROWS rows ~200 bytes each
-MAX_INDEX_TEXT = 2 * 1024**3
-
-
-class FormatError(UserError, ValueError):
-    """A shard folder this version cannot read (missing manifest, newer format, damaged json)."""
 
 
 def read_bytes(url: str, limit: int | None = None) -> bytes:
@@ -93,9 +93,7 @@ def write_build(
         "order": ORDER,
         "shards": shards,
     }
-    from ich_prep.card import dataset_card  # local import: the card is presentation only
-
-    store.write_bytes(CARD, dataset_card(manifest).encode())
+    store.write_bytes(CARD, card.dataset_card(Build.of(store.root, manifest)).encode())
     store.write_bytes(MANIFEST, dumps(manifest))
     return manifest
 
@@ -205,7 +203,7 @@ def check_shard_names(manifest: dict, where: str) -> None:
         raise FormatError(f"{where}: 'shards' is not a list")
     for s in shards:
         name = s.get("name") if isinstance(s, dict) else None
-        if not (isinstance(name, str) and SAFE_FILE_NAME.fullmatch(name) and name.endswith(".tar")):
+        if not is_shard_file(name):
             raise FormatError(
                 f"{where}: shard name {name!r} is not a plain <name>.tar file name; refusing it"
             )
@@ -223,127 +221,159 @@ def load_index(
     Parquet footer declares them; a local path must be a regular file. `columns` must all be
     there; `optional` ones are read when the index has them."""
     url = join(root, INDEX)
-    try:
-        data = read_bytes(url, MAX_INDEX_BYTES)
-    except FileNotFoundError as e:
-        raise FormatError(f"{url} not found; copy the whole build folder or rebuild it") from e
-    except OSError as e:
-        raise FormatError(f"{url} cannot be read ({e}); copy it again or rebuild") from e
+    data = _read_index_bytes(url)
     want = None if manifest is None else (manifest.get("counts") or {}).get("inputs")
     return parse_index(data, url, columns, want, optional)
 
 
-def parse_index(
-    data: bytes,
-    url: str,
-    columns: list[str] | None = None,
-    rows: int | None = None,
-    optional: tuple[str, ...] = (),
-) -> pd.DataFrame:
-    """index.parquet bytes -> DataFrame, bounded before anything is decoded (`_index_columns`:
-    rows, declared and fixed-width sizes, column types) and its text columns before they are
-    decoded (at most MAX_INDEX_TEXT bytes together), read through ich_prep.parquet_read (no
-    reader threads, validated in full, pandas metadata rebuilt from the dtypes it declares).
-    FormatError for anything unreadable."""
-    try:
-        pf = parquet_read.footer(io.BytesIO(data))
-        names = _index_columns(pf, url, columns, rows, optional)
-        text = [c for c in names if parquet_read.is_text(pf.schema_arrow.field(c).type)]
-        table = parquet_read.read_table(io.BytesIO(data), names, text)
-        table = parquet_read.decode_strings(table, text, MAX_INDEX_TEXT)
-        pandas = parquet_read.pandas_metadata(table.schema)
-        table = table.replace_schema_metadata(pandas and {b"pandas": pandas})
-        return table.to_pandas(use_threads=False)
-    except FormatError:
-        raise
-    except parquet_read.TooLarge as e:
-        raise FormatError(f"{url}: its text columns would take {e.size} bytes decoded (limit {e.limit}): refused (run `ich-prep verify`, rebuild the build)") from None  # fmt: skip
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise FormatError(f"{url} is not a readable Parquet index ({type(e).__name__}: {str(e)[:200]}); copy it again or rebuild") from e  # fmt: skip
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard as the manifest lists it (check_entries: a flat `<name>.tar`, counts >= 0, a
+    whole-number fold, -1 in a test build, a 64-hex sha256)."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+    fold: int
+    split: str | None
 
 
-def _index_columns(pf: pq.ParquetFile, url: str, columns, rows, optional) -> list[str]:
-    """The columns to read (`columns` and those of `optional` the index has; all when None), once
-    the footer declares at most MAX_INDEX_ROWS rows (exactly `rows` when given), at most
-    MAX_INDEX_INFLATED bytes of column data (declared, and 8 bytes a row for each column that is
-    not text), and only numbers, booleans, text and nulls: nothing nested, nothing past a bound."""
-    schema, n = pf.schema_arrow, pf.metadata.num_rows
-    if len(set(schema.names)) != len(schema.names):
-        raise FormatError(f"{url} names a column twice: refused (run `ich-prep verify`, rebuild the build)")  # fmt: skip
-    wanted = schema.names if columns is None else [*columns, *optional]
-    types = {c: schema.field(c).type for c in wanted if c in schema.names}
-    fixed = 8 * n * sum(not parquet_read.is_text(t) for t in types.values())
-    inflated = max(parquet_read.inflated_bytes(pf), fixed)
-    if n > MAX_INDEX_ROWS or (rows is not None and n != rows) or inflated > MAX_INDEX_INFLATED:
-        raise FormatError(
-            f"{url} declares {n} rows ({inflated} bytes decompressed); the manifest says "
-            f"{rows} rows, the limits are {MAX_INDEX_ROWS} rows and {MAX_INDEX_INFLATED} bytes: "
-            "refused (run `ich-prep verify`, rebuild the build)"
+@dataclass(frozen=True)
+class Build:
+    """A finished build, opened (`open_build`): its manifest read once, bounded and checked
+    (load_manifest), as typed fields; the index read when first asked for (`index`)."""
+
+    root: str
+    config: BuildConfig
+    shards: tuple[ShardEntry, ...]
+    counts: Mapping[str, object]
+    format_version: str
+    tool: str  # "ich_prep"
+    tool_version: str
+    index_bytes: int
+    index_sha256: str
+    record: Mapping[str, object] = field(repr=False)  # the manifest as written: build identity
+    # the index frames read so far, by column set (the one mutable part: a cache)
+    _indexes: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, root: str | os.PathLike, manifest: dict, where: str = MANIFEST) -> Build:
+        """The handle of a manifest already parsed (`load_manifest`, or `write_build`'s own)."""
+        cfg = build_config(manifest, where)
+        shards = tuple(
+            ShardEntry(
+                e["name"],
+                int(e["samples"]),
+                int(e["bytes"]),
+                str(e["sha256"]),
+                int(e["fold"]),
+                e.get("split"),
+            )  # fmt: skip
+            for e in manifest["shards"]
         )
-    missing = [c for c in columns or () if c not in schema.names]
-    if missing:  # pyarrow would drop them silently, and the reader fail far from here
-        raise FormatError(f"{url} has no column {', '.join(missing)}, which every index of this format has: refused (run `ich-prep verify`, rebuild the build)")  # fmt: skip
-    odd = [f"{c} ({t})" for c, t in types.items() if not _index_type(t)]
-    if odd:
-        raise FormatError(f"{url}: column {', '.join(odd)[:200]} is not numbers, booleans or text, which no index of this format has: refused (run `ich-prep verify`, rebuild the build)")  # fmt: skip
-    return list(types)
+        return cls(
+            root=str(root),
+            config=cfg,
+            shards=shards,
+            counts=MappingProxyType(manifest["counts"]),
+            format_version=str(manifest.get("format_version")),
+            tool=str(manifest.get("tool", "?")),
+            tool_version=str(manifest.get("tool_version", "?")),
+            index_bytes=int(manifest["index"]["bytes"]),
+            index_sha256=str(manifest["index"]["sha256"]),
+            record=MappingProxyType(manifest),
+        )
+
+    @property
+    def layout(self) -> ImageLayout:
+        return self.config.layout
+
+    @property
+    def split(self) -> str:
+        return self.config.split
+
+    @property
+    def recorded_config(self) -> dict:
+        """The config as the manifest records it (a copy): what a checkpoint's build identity is
+        made of, unchanged by how this version reads it."""
+        return json.loads(json.dumps(self.record["config"]))
+
+    @property
+    def inputs(self) -> Mapping | None:
+        """What the build was made from (build.inputs_record), None in a fixture's build."""
+        return self.record.get("inputs")
+
+    def url(self, name: str) -> str:
+        return join(self.root, name)
+
+    def index(self, columns: list[str] | None = None, optional: tuple[str, ...] = ()) -> pd.DataFrame:  # fmt: skip
+        """index.parquet (REQUIRED_COLUMNS and `columns`, which must be there, and the `optional` ones it has;
+        every column when None; all named in INDEX_SCHEMA), read once per column set: bounded
+        (load_index: exactly `counts.inputs` rows) and checked against INDEX_SCHEMA
+        (index.check_index)."""
+        if columns is not None:  # every reader reads the REQUIRED_COLUMNS
+            columns = [*REQUIRED_COLUMNS, *(c for c in columns if c not in REQUIRED_COLUMNS)]
+        key = (None if columns is None else tuple(columns), tuple(optional))
+        unknown = {*(key[0] or ()), *optional} - set(INDEX_COLUMNS)
+        if unknown:  # a reader's mistake, not the build's
+            raise ValueError(f"no index column {sorted(unknown)} in INDEX_SCHEMA")
+        if key not in self._indexes:
+            url = self.url(INDEX)
+            want = self.counts.get("inputs")
+            data = _read_index_bytes(url)
+            frame = parse_index(data, url, columns, want, optional)
+            check_index(frame, f"{self.root}: {INDEX}")
+            self._indexes[key] = frame
+        return self._indexes[key]
 
 
-def _index_type(t: pa.DataType) -> bool:
-    """Text (a dictionary of it too: decoded to plain text), numbers, booleans or nulls."""
-    plain = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_null)
-    return parquet_read.is_text(t) or any(f(t) for f in plain)
+def _read_index_bytes(url: str) -> bytes:
+    try:
+        return read_bytes(url, MAX_INDEX_BYTES)
+    except FileNotFoundError as e:
+        raise FormatError(f"{url} not found; copy the whole build folder or rebuild it") from e
+    except OSError as e:
+        raise FormatError(f"{url} cannot be read ({e}); copy it again or rebuild") from e
 
 
-def index_spans(rows: pd.DataFrame) -> dict[str, tuple[int, int]]:
-    """image id -> (shard_offset, shard_length) of `rows` (ok rows); {} when the index has no span
-    columns or some row lacks a span (such a build is read by streaming its shards). FormatError
-    when the columns are not whole numbers: a float or text offset is a damaged index."""
-    if not all(c in rows for c in SPAN_COLUMNS):
-        return {}
-    if not all(pd.api.types.is_integer_dtype(rows[c]) for c in SPAN_COLUMNS):
-        raise FormatError(f"{INDEX}: columns {', '.join(SPAN_COLUMNS)} are not whole numbers; the index is damaged, run `ich-prep verify` and rebuild")  # fmt: skip
-    if rows[list(SPAN_COLUMNS)].isna().any(axis=None):
-        return {}
-    offsets, lengths = (rows[c].astype("int64").tolist() for c in SPAN_COLUMNS)
-    return dict(zip(rows["image_id"], zip(offsets, lengths, strict=True), strict=True))
+def open_build(root: str | os.PathLike) -> Build:
+    """The build at `root` (folder or URL prefix): its manifest loaded and checked (load_manifest)."""
+    return Build.of(str(root), load_manifest(root), join(root, MANIFEST))
 
 
-def series_ranks(ok: pd.DataFrame, where: str = INDEX) -> tuple[np.ndarray, np.ndarray]:
-    """(series ids as str, slice ranks as int64) of a format 2.0 index's ok rows (columns
-    series_id, slice_rank, shard, no empty value), once they are what ich-prep writes: whole-number
-    ranks that run 0..n-1 once each over every series, each series in one shard, and
-    slice_position, where the index has it (builds before it do not), finite numbers. FormatError
-    naming the first series that is not (an edited index would stack slices across series)."""
-    sid, col = ok["series_id"].astype(str).to_numpy(), ok["slice_rank"]
-    numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
-    rank = col.to_numpy(np.float64) if numeric else np.zeros(0)
-    if not numeric or not (np.isfinite(rank) & (rank == np.round(rank))).all():
-        raise FormatError(f"{where}: slice_rank holds values that are not whole numbers ({col.dtype}); the index is damaged or edited: run `ich-prep verify` and rebuild the build")  # fmt: skip
-    frame = pd.DataFrame({"series": sid, "rank": rank, "shard": ok["shard"].to_numpy()})
-    size = frame.groupby("series", sort=False)["rank"].transform("size").to_numpy()
-    # n ranks in [0, n), none twice: exactly 0..n-1
-    bad = (rank < 0) | (rank >= size) | frame.duplicated(["series", "rank"]).to_numpy()
-    if bad.any():
-        s = sid[np.argmax(bad)]
-        raise FormatError(f"{where}: series {s}: slice ranks {', '.join(f'{v:g}' for v in sorted(rank[sid == s])[:12])} are not 0..{int(size[sid == s][0]) - 1} once each; the index is damaged or edited: run `ich-prep verify` and rebuild the build")  # fmt: skip
-    if "slice_position" in ok:  # mm along the normal: 2.5D neighbours (split.neighbour_ranks)
-        col = ok["slice_position"]
-        numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
-        if not numeric or not np.isfinite(col.to_numpy(np.float64, na_value=np.nan)).all():
-            raise FormatError(f"{where}: slice_position holds values that are not finite numbers ({col.dtype}); the index is damaged or edited: run `ich-prep verify` and rebuild the build")  # fmt: skip
-    shards = frame.groupby("series", sort=False)["shard"].nunique()
-    if (shards > 1).any():
-        raise FormatError(f"{where}: series {shards.index[np.argmax(shards.to_numpy() > 1)]} lies in {shards.max()} shards; a series must be whole in one shard (format 2.0): run `ich-prep verify` and rebuild the build")  # fmt: skip
-    return sid, rank.astype(np.int64)
+@dataclass(frozen=True)
+class Recorded:
+    """What the manifest in an output folder records, read leniently for a build about to write
+    there (`recorded`): the config and inputs as written, the shard names it lists."""
+
+    config: object
+    inputs: Mapping
+    shards: tuple[str, ...]
+    record: dict = field(repr=False)
 
 
-def index_mismatches(manifest: dict, index: pd.DataFrame) -> list[tuple[str, str, str]]:
+def recorded(store: Store) -> Recorded | None:
+    """The folder's manifest as Recorded; None when there is none or it is not a json object
+    (never an error; bounded)."""
+    try:
+        m = json.loads(store.read_bytes(MANIFEST, MAX_MANIFEST_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(m, dict):
+        return None
+    shards = m.get("shards") if isinstance(m.get("shards"), list) else []
+    names = tuple(s["name"] for s in shards if isinstance(s, dict) and isinstance(s.get("name"), str))  # fmt: skip
+    inputs = m.get("inputs") if isinstance(m.get("inputs"), dict) else {}
+    return Recorded(m.get("config"), inputs, names, m)
+
+
+def index_mismatches(build: Build, index: pd.DataFrame) -> list[tuple[str, str, str]]:
     """Where the index disagrees with the manifest, as (kind, where, message): row counts, one ok
     row per image, each shard's ok rows equal to its `samples` and all of its fold, no ok row in
     a shard the manifest does not list. The one check verify reports and the trainer refuses on."""
     out = []
-    c = manifest.get("counts", {})
+    c = build.counts
     ok = index[index["status"] == "ok"]
     if c.get("inputs") != len(index) or c.get("ok") != len(ok):
         out.append(("count", INDEX, f"{INDEX} has {len(index)} rows ({len(ok)} ok), {MANIFEST} says {c.get('inputs')} ({c.get('ok')} ok)"))  # fmt: skip
@@ -351,13 +381,13 @@ def index_mismatches(manifest: dict, index: pd.DataFrame) -> list[tuple[str, str
         out.append(("duplicate_row", f"{INDEX} row {image_id}", f"{INDEX}: image {image_id} has more than one ok row"))  # fmt: skip
     per_shard = ok["shard"].value_counts().to_dict()
     folds = ok.groupby("shard")["fold"].unique().to_dict()
-    for s in manifest["shards"]:
-        name, n = s["name"], per_shard.get(s["name"], 0)
-        if n != s["samples"]:
-            out.append(("count", name, f"{INDEX} has {n} ok rows for {name}, {MANIFEST} says {s['samples']} samples"))  # fmt: skip
-        if name in folds and sorted(int(f) for f in folds[name]) != [s["fold"]]:
-            out.append(("index", name, f"{INDEX} rows of {name} are fold {sorted(int(f) for f in folds[name])}, {MANIFEST} says fold {s['fold']}"))  # fmt: skip
-    listed = {s["name"] for s in manifest["shards"]}
+    for s in build.shards:
+        n = per_shard.get(s.name, 0)
+        if n != s.samples:
+            out.append(("count", s.name, f"{INDEX} has {n} ok rows for {s.name}, {MANIFEST} says {s.samples} samples"))  # fmt: skip
+        if s.name in folds and sorted(int(f) for f in folds[s.name]) != [s.fold]:
+            out.append(("index", s.name, f"{INDEX} rows of {s.name} are fold {sorted(int(f) for f in folds[s.name])}, {MANIFEST} says fold {s.fold}"))  # fmt: skip
+    listed = {s.name for s in build.shards}
     for row in ok[~ok["shard"].isin(listed)].head(50).itertuples():
         out.append(("missing_sample", f"{INDEX} row {row.image_id}", f"{INDEX} row {row.image_id} points to shard {row.shard!r}, which {MANIFEST} does not list"))  # fmt: skip
     return out

@@ -23,13 +23,14 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ich_prep.errors import UserError
 from ich_prep.location import WORK, Store, entry_kind, is_url, refuse_unless_file, temp_target
-from ich_prep.manifest import CARD, INDEX, MANIFEST, MAX_MANIFEST_BYTES
+from ich_prep.manifest import CARD, INDEX, MANIFEST, recorded
+from ich_prep.shards import SHARD_NAME
 
 LOCK = ".ich-prep.lock"
+MAX_LOCK_BYTES = 4096  # a holder's record is ~100 bytes
 # Names our builds give shards, and the files of the ledger `_work/` (a shard's record is
 # `_work/<shard>.json`, written before the shard is moved into place).
-SHARD_RE = re.compile(r"(train-f\d+|test)-\d{5}\.tar")
-WORK_FILE_RE = re.compile(r"(config\.json|headers\.parquet|(train-f\d+|test)-\d{5}\.tar\.json)")
+WORK_FILE_RE = re.compile(rf"(config\.json|headers\.parquet|{SHARD_NAME.pattern}\.json)")
 
 
 class OutDirError(UserError):
@@ -108,7 +109,7 @@ def check_apart(out: str, dicom_dir: str, labels: str | None) -> None:
 
 def _json(store: Store, name: str) -> dict | None:
     try:
-        d = json.loads(store.read_bytes(name, MAX_MANIFEST_BYTES))
+        d = json.loads(store.read_bytes(name, MAX_LOCK_BYTES))
     except (OSError, ValueError):
         return None
     return d if isinstance(d, dict) else None
@@ -134,7 +135,7 @@ def owned_names(store: Store) -> tuple[list[str], list[str]]:
     holds nothing of ours. The lock is neither (the running build holds it). Raises NotOurs if
     `_work`, the manifest or a ledger file is a link (Store refuses to look through one)."""
     entries = [n for n in store.listdir() if n != LOCK]
-    manifest = _json(store, MANIFEST) if MANIFEST in entries and store.is_file(MANIFEST) else None
+    manifest = recorded(store) if MANIFEST in entries and store.is_file(MANIFEST) else None
     work = store.listdir(WORK) if WORK in entries and store.is_folder(WORK) else []
     ledger = "config.json" in work and store.is_file(f"{WORK}/config.json")
     if manifest is None and not ledger:
@@ -142,10 +143,7 @@ def owned_names(store: Store) -> tuple[list[str], list[str]]:
     named = set()
     if manifest is not None:
         named |= {MANIFEST, INDEX, CARD}
-        for s in manifest.get("shards") or []:
-            name = s.get("name") if isinstance(s, dict) else None
-            if isinstance(name, str) and SHARD_RE.fullmatch(name):
-                named.add(name)
+        named |= {name for name in manifest.shards if SHARD_NAME.fullmatch(name)}
     if ledger:  # an interrupted build: what it has written of its metadata is ours too
         named |= {MANIFEST, INDEX, CARD}
         named |= {n.removesuffix(".json") for n in work if WORK_FILE_RE.fullmatch(n) and n.endswith(".tar.json")}  # fmt: skip

@@ -22,11 +22,10 @@ import pandas as pd
 from ich_prep import LABELS
 from ich_prep.config import ImageLayout, Window
 from ich_prep.errors import UserError
-from ich_prep.info import checked_index
-from ich_prep.location import atomic_open, join, open_stream
-from ich_prep.manifest import INDEX, build_config, load_index, load_manifest
-from ich_prep.sample import check_meta
-from ich_prep.shards import decode_bounded, decode_json, iter_samples
+from ich_prep.location import atomic_open, open_stream
+from ich_prep.manifest import Build, open_build
+from ich_prep.sample import SampleError, decode_sample
+from ich_prep.shards import iter_samples
 from ich_prep.terminal import for_terminal
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -77,11 +76,11 @@ def spread(rows: pd.DataFrame, seed: int = 0) -> list[str]:
     return [str(ids[i]) for i in range(longest) for ids in folds if i < len(ids)]
 
 
-def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0) -> list[dict]:
+def collect(build: Build, rows: pd.DataFrame, n: int, seed: int = 0) -> list[dict]:
     """Up to `n` samples among `rows`, chosen across the whole build (`spread`), in that order:
     image, meta row. Streams only the shards that hold the chosen ones; a chosen sample that
     cannot be read is replaced by the next in the order (one more pass over the shards)."""
-    listed = {s["name"]: (int(s["samples"]), int(s["bytes"]), int(s["fold"])) for s in manifest["shards"]}  # fmt: skip
+    listed = {s.name: (s.samples, s.bytes, s.fold) for s in build.shards}
     rows = rows[rows["shard"].isin(listed)]
     info = rows.drop_duplicates("image_id").set_index("image_id")  # verify names a duplicate
     order = spread(info.reset_index(), seed)
@@ -92,7 +91,7 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
         shard_of = info.loc[wanted, "shard"]
         for name in sorted(set(shard_of)):
             ids = set(shard_of.index[shard_of == name]) - set(found)
-            for key, img in _stream(root, manifest, name, listed[name], ids):
+            for key, img in _stream(build, name, listed[name], ids):
                 found[key] = {"image_id": key, "image": img, "row": info.loc[key]}
                 if len(found) >= n:
                     break
@@ -101,19 +100,19 @@ def collect(root: str, manifest: dict, rows: pd.DataFrame, n: int, seed: int = 0
     return [found[i] for i in order if i in found]
 
 
-def _stream(root: str, manifest: dict, name: str, entry: tuple[int, int, int], ids: set[str]):
+def _stream(build: Build, name: str, entry: tuple[int, int, int], ids: set[str]):
     """(key, image) of the sound samples of shard `name` among `ids`, streamed until all are
     found; nothing more from a damaged or unreadable shard (verify names it)."""
-    cfg = build_config(manifest)
+    enc, layout = build.config.encoding, build.layout
     samples, size, fold = entry
     left = set(ids)
     try:
         with (
-            open_stream(join(root, name)) as f,
-            closing(iter_samples(f, cfg.encoding, cfg.layout, samples, size=size)) as it,
+            open_stream(build.url(name)) as f,
+            closing(iter_samples(f, enc, layout, samples, size=size)) as it,
         ):
             for s in it:
-                img = _image(s, ids, cfg.encoding, cfg.layout, fold)
+                img = _image(s, ids, enc, layout, fold)
                 if img is not None:
                     yield s.key, img
                     left.discard(s.key)
@@ -124,19 +123,15 @@ def _stream(root: str, manifest: dict, name: str, entry: tuple[int, int, int], i
 
 
 def _image(s, wanted: set[str], enc: str, layout: ImageLayout, fold: int) -> np.ndarray | None:
-    """The sample's image if it is one of `wanted`, sound, of the layout's shape and with a json
-    that passes sample.check_meta (verify's and the trainer's check; its key and `fold`, the
-    shard's); None for a damaged sample (verify names it)."""
-    if s.key not in wanted or enc not in s.fields or "json" not in s.fields or s.problems:
+    """The sample's image if it is one of `wanted` and sound (sample.decode_sample, verify's and
+    the trainer's decode: the layout's image, a json of its key and `fold`, the shard's); None
+    for a damaged sample (verify names it)."""
+    if s.key not in wanted or s.problems:
         return None
     try:
-        img = decode_bounded(s.fields[enc], enc, layout)
-        meta = decode_json(s.fields["json"])
-    except ValueError:
+        return decode_sample(s.key, s.fields, enc, layout, {"fold": fold})[0]
+    except SampleError:
         return None
-    if check_meta(meta, {"image_id": s.key, "fold": fold}):
-        return None
-    return img if img.shape == layout.shape else None
 
 
 def _text(img, s: str, x: int, y: int, color) -> None:
@@ -281,18 +276,16 @@ def preview(
         raise PreviewError(f"--seed must be 0 or more, got {seed}")
     if not 8 <= panel <= MAX_PANEL:
         raise PreviewError(f"--panel must be from 8 to {MAX_PANEL} pixels, got {panel}")
-    m = load_manifest(root)
-    cfg = build_config(m, root)
+    build = open_build(root)
+    cfg = build.config
     labelled = cfg.split == "train"
-    index = load_index(root, columns=INDEX_COLUMNS, manifest=m, optional=("series_id", "slice_rank"))  # fmt: skip
-    order = index[[c for c in ("series_id", "slice_rank") if c in index]]
-    index = checked_index(index, f"{root}: {INDEX}", labelled).join(order)
+    index = build.index(INDEX_COLUMNS, optional=("series_id", "slice_rank"))
     if series is not None:
         if label is not None or fold is not None:
             raise PreviewError("--series draws one whole series: drop --label and --fold")
         rows = series_rows(index, series)
         check_size(len(rows), panel, cfg.layout)
-        by_id = {s["image_id"]: s for s in collect(root, m, rows, len(rows), seed)}
+        by_id = {s["image_id"]: s for s in collect(build, rows, len(rows), seed)}
         samples = [by_id[i] for i in rows["image_id"] if i in by_id]
         if not samples:
             raise PreviewError(f"none of the {len(rows)} slices of series {series} could be read; run `ich-prep verify {root}`")  # fmt: skip
@@ -300,7 +293,7 @@ def preview(
         return series_strip(samples, cfg.windows, panel, title), len(samples)
     rows = candidates(index, label, fold)
     check_size(min(n, len(rows)), panel, cfg.layout)
-    samples = collect(root, m, rows, n, seed)
+    samples = collect(build, rows, n, seed)
     if not samples:
         raise PreviewError(f"none of the {len(rows)} matching samples could be read; run `ich-prep verify {root}`")  # fmt: skip
     filters = ", ".join(f"{k} {v}" for k, v in (("label", label), ("fold", fold)) if v is not None)

@@ -1,6 +1,8 @@
-"""A sample's json (`<key>.json`): its schema, and the one check of it against the index.
+"""A sample (`<key>.<encoding>` + `<key>.json`): its json schema, and the one decode and check of
+it against its shard and index row (`decode_sample` -> image, `SampleMeta`).
 
-`check_meta` is what `verify`, `preview` and `ich-train`'s readers all call, so a build verify
+`decode_sample` (and in it `check_meta`) is what `verify`, `preview` and `ich-train`'s readers all
+call, so a build verify
 passes is one the readers take (they used to check labels and series positions with code of their
 own: `[false, ...]` or `[0.0, ...]` labels and a json slice_rank that disagreed with the index
 passed verify and stopped evaluate, `fit --context` and embed). The schema (`FIELDS`) gives each
@@ -15,9 +17,12 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from ich_prep import LABELS
+from ich_prep.config import ImageLayout
+from ich_prep.shards import decode_bounded, decode_json
 
 
 def _text(v) -> bool:
@@ -113,3 +118,74 @@ def index_labels(rows: pd.DataFrame) -> list[list | None]:
     values = lab.astype("Int64").astype(object).where(lab.notna(), None).to_numpy().tolist()
     empty = lab.isna().all(axis=1).to_numpy()
     return [None if e else v for v, e in zip(values, empty, strict=True)]
+
+
+class SampleError(ValueError):
+    """What is wrong with one sample: `problems`, (kind, sentence) pairs, kind one of verify's:
+    bad_sample (a member missing), bad_image, bad_json. str(): the sentences."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(why for _, why in problems))
+
+
+@dataclass(frozen=True)
+class SampleMeta:
+    """A sample's json once check_meta passed: the fields readers use, typed (FIELDS gives every
+    field's type; the others stay in the json)."""
+
+    image_id: str
+    fold: int
+    labels: tuple[int, ...] | None
+    series_id: str | None = None
+    slice_rank: int | None = None
+    slice_position: float | None = None
+
+    @classmethod
+    def of(cls, meta: dict) -> SampleMeta:
+        labels = None if meta["labels"] is None else tuple(meta["labels"])
+        where = (meta.get(k) for k in ("series_id", "slice_rank", "slice_position"))
+        return cls(meta["image_id"], meta["fold"], labels, *where)
+
+
+def _image(key: str, fields: Mapping[str, bytes], encoding: str, layout: ImageLayout):
+    """(image or None, problems) of the sample's image member: present, decodable within the
+    layout's bound (shards.decode_bounded), of the layout's shape and dtype."""
+    if encoding not in fields:
+        return None, [("bad_sample", f"no .{encoding} image")]
+    try:
+        image = decode_bounded(fields[encoding], encoding, layout)
+    except ValueError as e:
+        return None, [("bad_image", f"image is damaged: {str(e)[:200]}")]
+    if image.shape != layout.shape or image.dtype != np.dtype(layout.dtype):
+        return None, [("bad_image", f"image is {image.shape} {image.dtype}, the manifest says {layout.shape} {layout.dtype}")]  # fmt: skip
+    return image, []
+
+
+def decode_sample(
+    key: str,
+    fields: Mapping[str, bytes],
+    encoding: str,
+    layout: ImageLayout,
+    expected: Mapping[str, object] | None = None,
+) -> tuple[np.ndarray, SampleMeta]:
+    """The one decode of a sample, for every reader (verify, preview, ich-train's loaders):
+    (uint8 image of `layout`, its json as SampleMeta) from the members `fields` of sample `key`
+    (shards.iter_samples / read_span). The json is checked by check_meta against its key and
+    `expected` (the shard's fold; the index row's labels, series_id, slice_rank and
+    slice_position, where the reader has them). SampleError naming every problem otherwise."""
+    image, problems = _image(key, fields, encoding, layout)
+    meta = None
+    if "json" not in fields:
+        problems.append(("bad_sample", "no .json metadata"))
+    else:
+        try:
+            meta = decode_json(fields["json"])
+        except (ValueError, RecursionError) as e:  # RecursionError: json nested thousands deep
+            problems.append(("bad_json", f"json is damaged: {str(e)[:200]}"))
+        else:
+            why = check_meta(meta, {"image_id": key, **(expected or {})})
+            problems += [("bad_json", w) for w in why]
+    if problems:
+        raise SampleError(problems)
+    return image, SampleMeta.of(meta)

@@ -33,6 +33,30 @@ MAX_JSON_BYTES = 64 * 1024  # a sample's json is a few hundred bytes; anything f
 MAX_IMAGE_BYTES = 4096 * 4096 * 3 + 1024  # largest plausible decoded image (.npy header included)
 MAX_MEMBER_BYTES = 256 * 1024 * 1024  # any member, without a layout to bound it more tightly
 SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # what a shard or member may be called
+# The names a build gives its shards: `train-f<fold>-<n>.tar` (a fold is a set of whole shards, so
+# selecting folds is selecting file names) or `test-<n>.tar`; `shard_name` makes them.
+SHARD_NAME = re.compile(r"(train-f\d+|test)-\d{5}\.tar")
+SHARD_SUFFIX = ".tar"
+
+
+def shard_name(split: str, fold: int, n: int) -> str:
+    """The file name of shard `n` of `fold` (a training build) or of a test build."""
+    return f"{f'train-f{int(fold)}' if split == 'train' else 'test'}-{n:05d}{SHARD_SUFFIX}"
+
+
+def shard_glob(split: str) -> str:
+    """A glob matching the shards of a build of `split` (the card's loading snippets)."""
+    return f"{'train-f*' if split == 'train' else 'test-*'}{SHARD_SUFFIX}"
+
+
+def is_shard_file(name: object) -> bool:
+    """Whether a manifest may list `name` as a shard: a flat, safe `<name>.tar` file name (a
+    reader never leaves the build's folder)."""
+    return (
+        isinstance(name, str)
+        and bool(SAFE_FILE_NAME.fullmatch(name))
+        and name.endswith(SHARD_SUFFIX)
+    )
 
 
 def _encode_npy(img: np.ndarray) -> bytes:

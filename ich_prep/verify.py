@@ -21,6 +21,14 @@ import pyarrow as pa
 
 from ich_prep import LABELS
 from ich_prep.config import BuildConfig
+from ich_prep.index import (
+    INDEX,
+    MAX_INDEX_BYTES,
+    check_index,
+    index_spans,
+    parse_index,
+    series_ranks,
+)
 from ich_prep.location import (
     HashingReader,
     file_size,
@@ -32,19 +40,15 @@ from ich_prep.location import (
 )
 from ich_prep.manifest import (
     CARD,
-    INDEX,
     MANIFEST,
-    MAX_INDEX_BYTES,
+    Build,
     FormatError,
-    build_config,
+    ShardEntry,
     index_mismatches,
-    index_spans,
-    load_manifest,
-    parse_index,
-    series_ranks,
+    open_build,
 )
-from ich_prep.sample import check_meta, index_labels
-from ich_prep.shards import decode_json, image_header, iter_samples
+from ich_prep.sample import SampleError, decode_sample, index_labels
+from ich_prep.shards import SHARD_SUFFIX, iter_samples
 from ich_prep.terminal import for_terminal
 
 COPY_AGAIN = "copy it again from the source build"
@@ -121,36 +125,19 @@ def _index_size_problem(got: int | None, want: int) -> Problem | None:
 
 
 def _check_sample(s, name: str, fold: int, cfg: BuildConfig, rows: dict, spans: dict) -> list[Problem]:  # fmt: skip
-    """Member safety, image (the manifest's layout), the json (sample.check_meta, the readers'
-    check: its schema, and agreement with the index row `rows[key]`), and the span a range read
-    of the sample uses."""
+    """Member safety, the span a range read of the sample uses, then the readers' decode
+    (sample.decode_sample: the image of the manifest's layout, the json's schema and its
+    agreement with the index row `rows[key]`)."""
     enc, layout = cfg.encoding, cfg.layout
     where = f"{name}:{s.key}"
     out = [Problem("unsafe_member", where, f"{name}: {why}") for why in s.problems + s.skipped]
     if s.key in spans and spans[s.key] != (s.offset, s.length):
         o, n = spans[s.key]
         out.append(Problem("index", where, f"{INDEX} puts {s.key} at bytes {o}+{n} of {name}, it is at {s.offset}+{s.length}: a range read would get other bytes; rebuild"))  # fmt: skip
-    if enc not in s.fields:
-        out.append(Problem("bad_sample", where, f"{name}: sample {s.key} has no .{enc} image"))
-    else:
-        try:
-            shape, dtype = image_header(s.fields[enc], enc, layout)
-            if shape != layout.shape or dtype != "u1":
-                raise ValueError(
-                    f"image is {dtype} {shape}, expected {layout.dtype} {layout.shape}"
-                )
-        except ValueError as e:
-            out.append(Problem("bad_image", where, f"{name}: image of {s.key} is damaged: {e}"))
-    if "json" not in s.fields:
-        out.append(Problem("bad_sample", where, f"{name}: sample {s.key} has no .json metadata"))
-        return out
     try:
-        meta = decode_json(s.fields["json"])
-    except ValueError as e:
-        out.append(Problem("bad_json", where, f"{name}: json of {s.key} is damaged: {e}"))
-        return out
-    expected = {"image_id": s.key, "fold": fold, **rows.get(s.key, {})}
-    out += [Problem("bad_json", where, f"{name}: sample {s.key}: {why}") for why in check_meta(meta, expected)]  # fmt: skip
+        decode_sample(s.key, s.fields, enc, layout, {"fold": fold, **rows.get(s.key, {})})
+    except SampleError as e:
+        out += [Problem(kind, where, f"{name}: sample {s.key}: {why}") for kind, why in e.problems]
     return out
 
 
@@ -166,10 +153,10 @@ def _link(root: str, name: str) -> Problem | None:
 
 
 def _check_shard(
-    root: str, entry: dict, cfg: BuildConfig, rows: dict, spans: dict, quick: bool
+    root: str, entry: ShardEntry, cfg: BuildConfig, rows: dict, spans: dict, quick: bool
 ) -> _ShardResult:
     """Size, then (unless quick) one streaming pass: sha256, members, image headers, json."""
-    name, r = entry["name"], _ShardResult()
+    name, r = entry.name, _ShardResult()
     url = join(root, name)
     if (link := _link(root, name)) is not None:
         r.problems.append(link)
@@ -178,28 +165,28 @@ def _check_shard(
         size = file_size(url)
     except FileNotFoundError:
         r.problems.append(
-            Problem("missing", name, f"{name} is listed in {MANIFEST} ({entry['samples']} samples) but not found; {COPY_AGAIN}")
+            Problem("missing", name, f"{name} is listed in {MANIFEST} ({entry.samples} samples) but not found; {COPY_AGAIN}")
         )  # fmt: skip
         return r
     except OSError as e:
         r.problems.append(Problem("unreadable", name, f"{name}: {e}"))
         return r
     r.found = True
-    p = _size_problem(name, size, int(entry["bytes"]))
+    p = _size_problem(name, size, entry.bytes)
     if p is not None:
         r.problems.append(p)
         if p.kind == "truncated":
             return r  # the missing tail is the whole story; its samples are not reported one by one
     if quick:
-        r.bytes, r.samples = size or 0, int(entry["samples"])
+        r.bytes, r.samples = size or 0, entry.samples
         return r
     try:
         with open_stream(url) as raw:
             reader = HashingReader(raw)
-            held = int(entry["bytes"]) if size is None else size  # a server may not say
-            for s in iter_samples(reader, cfg.encoding, cfg.layout, int(entry["samples"]), size=held):  # fmt: skip
+            held = entry.bytes if size is None else size  # a server may not say
+            for s in iter_samples(reader, cfg.encoding, cfg.layout, entry.samples, size=held):
                 r.keys.append(s.key)
-                r.problems += _check_sample(s, name, int(entry["fold"]), cfg, rows, spans)
+                r.problems += _check_sample(s, name, entry.fold, cfg, rows, spans)
             reader.drain()
         r.parsed, r.samples = True, len(r.keys)
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
@@ -209,32 +196,32 @@ def _check_shard(
         )  # fmt: skip
         return r
     r.bytes = reader.n
-    if p is None and reader.sha.hexdigest() != entry["sha256"]:
+    if p is None and reader.sha.hexdigest() != entry.sha256:
         r.problems.append(
             Problem("altered", name, f"{name}: sha256 differs from {MANIFEST} (same size, changed bytes); {COPY_AGAIN}")
         )  # fmt: skip
-    if len(r.keys) != int(entry["samples"]):
+    if len(r.keys) != entry.samples:
         r.problems.append(
-            Problem("count", name, f"{name} holds {len(r.keys)} samples, {MANIFEST} says {entry['samples']}")
+            Problem("count", name, f"{name} holds {len(r.keys)} samples, {MANIFEST} says {entry.samples}")
         )  # fmt: skip
     return r
 
 
-def _check_index(root: str, manifest: dict, report: Report) -> pd.DataFrame | None:
-    """index.parquet: size (and sha256 unless quick), then counts against the manifest."""
-    meta = manifest.get("index") or {}
-    url = join(root, INDEX)
+def _check_index(build: Build, report: Report) -> pd.DataFrame | None:
+    """index.parquet: size (and sha256 unless quick), its columns (index.check_index, the
+    readers' check), then counts against the manifest."""
+    root, url = build.root, build.url(INDEX)
     if (link := _link(root, INDEX)) is not None:
         report.problems.append(link)
         return None
     try:
         if report.quick:
-            p = _index_size_problem(file_size(url), int(meta.get("bytes", -1)))
+            p = _index_size_problem(file_size(url), build.index_bytes)
             index = parse_index(read_bytes(url, MAX_INDEX_BYTES), url)
         else:
             data = read_bytes(url, MAX_INDEX_BYTES)
-            p = _index_size_problem(len(data), int(meta.get("bytes", -1)))
-            if p is None and hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            p = _index_size_problem(len(data), build.index_bytes)
+            if p is None and hashlib.sha256(data).hexdigest() != build.index_sha256:
                 p = Problem(
                     "altered", INDEX, f"{INDEX}: sha256 differs from {MANIFEST}; {COPY_AGAIN}"
                 )
@@ -249,39 +236,41 @@ def _check_index(root: str, manifest: dict, report: Report) -> pd.DataFrame | No
         return None
     if p is not None:
         report.problems.append(p)
-    missing_cols = {"image_id", "shard", "status", "fold"} - set(index.columns)
-    if missing_cols:
-        report.add("index", INDEX, f"{INDEX} lacks columns {sorted(missing_cols)}")
+    try:
+        check_index(index, INDEX)
+    except FormatError as e:
+        report.add("index", INDEX, str(e))
         return None
-    for kind, where, message in index_mismatches(manifest, index):
+    for kind, where, message in index_mismatches(build, index):
         report.add(kind, where, message)
     return index
 
 
 def _index_rows(ok: pd.DataFrame) -> dict[str, dict]:
     """image id -> the fields its json must repeat of its ok index row: labels (when the index
-    has the label columns), series_id and slice_rank (when it has those, non-null)."""
+    has the label columns), series_id, slice_rank and slice_position (when it has those,
+    non-null)."""
     cols: dict[str, list] = {}
     if all(k in ok.columns for k in LABELS):
         cols["labels"] = index_labels(ok)
-    for c in ("series_id", "slice_rank"):
+    for c in ("series_id", "slice_rank", "slice_position"):
         if c in ok.columns and ok[c].notna().all():
             cols[c] = ok[c].tolist()
     return {i: {c: v[j] for c, v in cols.items()} for j, i in enumerate(ok["image_id"])}
 
 
-def _extra_files(root: str, manifest: dict, report: Report) -> None:
+def _extra_files(root: str, build: Build, report: Report) -> None:
     names = list_names(root)
     if names is None:
         report.notes.append(f"{root} cannot be listed; extra files were not looked for")
         return
-    expected = {MANIFEST, INDEX, CARD} | {s["name"] for s in manifest["shards"]}
+    expected = {MANIFEST, INDEX, CARD} | {s.name for s in build.shards}
     for n in names:
         if n in expected:
             continue
         hint = (
             "a stray shard: `*.tar` globs (plain webdataset, HF datasets) would read it"
-            if n.endswith(".tar")
+            if n.endswith(SHARD_SUFFIX)
             else "a leftover of an unfinished build"
             if n.endswith(".partial") or n == "_work/"
             else "not part of this build"
@@ -297,13 +286,13 @@ def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
         report.problems.append(link)
         return report
     try:
-        manifest = load_manifest(root)
+        build = open_build(root)
     except (FormatError, OSError) as e:
         report.add("manifest", MANIFEST, str(e))
         return report
-    cfg = build_config(manifest)
-    _extra_files(root, manifest, report)
-    index = _check_index(root, manifest, report)
+    cfg = build.config
+    _extra_files(root, build, report)
+    index = _check_index(build, report)
     rows: dict[str, dict] = {}  # image id -> what its json must repeat of the index
     spans: dict[str, tuple[int, int]] = {}
     expected: dict[str, set[str]] = {}
@@ -322,12 +311,12 @@ def verify(root: str, quick: bool = False, jobs: int = 1) -> Report:
                 report.add("index", INDEX, str(e))
         if not spans and "shard_offset" in ok and ok["shard_offset"].isna().any():
             report.add("index", INDEX, f"{INDEX}: {int(ok['shard_offset'].isna().sum())} ok rows have no span (shard_offset); the index is damaged, rebuild")  # fmt: skip
-    shards = manifest["shards"]
+    shards = build.shards
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         results = list(pool.map(lambda e: _check_shard(root, e, cfg, rows, spans, quick), shards))
     seen: dict[str, str] = {}
     for entry, r in zip(shards, results, strict=True):
-        name = entry["name"]
+        name = entry.name
         report.problems += r.problems
         report.listed += 1
         report.shards += r.found

@@ -15,6 +15,7 @@ import pickle
 import random
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from ich_prep import LABELS
 from ich_prep.config import LEGACY_CROP
 from ich_prep.errors import UserError
 from ich_prep.location import atomic_file, open_local
+
+if TYPE_CHECKING:
+    from ich_prep.manifest import Build
 
 CHECKPOINT_FORMAT = 1
 MAX_CHANNELS = 64  # input channels a checkpoint may declare (2.5D stacks of windows stay far below)
@@ -246,19 +250,17 @@ def load_weights(module: torch.nn.Module, state: dict, path, model_name: str) ->
 # ---- the build a checkpoint was trained on
 
 
-def build_description(manifest: dict) -> dict:
-    """What identifies a build's data: its format version, its config (everything that decides
-    the output bytes, less where the inputs were) and its index's sha256 (every image, label and
-    fold)."""
-    config = manifest.get("config")
-    config = dict(config) if isinstance(config, dict) else {}
+def build_description(build: Build) -> dict:
+    """What identifies a build's data (`build`: the opened manifest, manifest.Build): its format
+    version, its config as recorded (everything that decides the output bytes, less where the
+    inputs were) and its index's sha256 (every image, label and fold)."""
+    config = build.recorded_config
     for key in BUILD_LOCATION_FIELDS:
         config.pop(key, None)
-    index = manifest.get("index")
     return {
-        "format_version": str(manifest.get("format_version", "")),
+        "format_version": build.format_version,
         "config": json.loads(json.dumps(config)),
-        "index_sha256": str(index.get("sha256", "")) if isinstance(index, dict) else "",
+        "index_sha256": build.index_sha256,
     }
 
 
@@ -287,9 +289,9 @@ def build_differences(saved: dict, now: dict) -> list[str]:
     return out
 
 
-def same_build(data: dict, manifest: dict) -> tuple[bool, list[str]]:
-    """(whether checkpoint data section `data` was written for the build of `manifest`, the
-    differences). Checkpoints from before build descriptions were recorded stored the index
+def same_build(data: dict, manifest: Build) -> tuple[bool, list[str]]:
+    """(whether checkpoint data section `data` was written for the build `manifest` (the opened
+    manifest, manifest.Build), the differences). Checkpoints from before build descriptions were recorded stored the index
     sha256 as fingerprint plus size, encoding, windows and spacing: those are compared."""
     now = build_description(manifest)
     if "build" in data and isinstance(data["build"], dict):

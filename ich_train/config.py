@@ -37,6 +37,7 @@ CONTEXT_BALANCED = "--context reads every slice once per pass with its neighbour
 
 
 MAX_IMAGE_SIZE = 4096  # ich-prep's largest --size
+MAX_CONTEXT = 8  # --context: neighbours on each side, 17 slices a stack (ich_train.context)
 MAX_SEED = 2**32 - 1  # numpy's seeded generators take 0..2**32-1
 
 
@@ -201,8 +202,6 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)} must be a whole number from {lo} to {hi}, got {value!r}")  # fmt: skip
 
     def _check_context(self) -> None:
-        from ich_train.context import MAX_CONTEXT
-
         if not (isinstance(self.context, int) and 0 <= self.context <= MAX_CONTEXT):
             raise ConfigError(f"--context must be 0 (single slices) to {MAX_CONTEXT}, got {self.context!r}")  # fmt: skip
         if self.context_window is not None and not self.context:

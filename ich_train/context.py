@@ -20,12 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ich_prep.config import ImageLayout
-from ich_prep.errors import UserError
-from ich_prep.manifest import FormatError, series_ranks
+from ich_prep.errors import FormatError, UserError
+from ich_prep.index import series_ranks
 from ich_prep.split import neighbour_ranks
-from ich_train.config import ConfigError
+from ich_train.config import MAX_CONTEXT, ConfigError
 
-MAX_CONTEXT = 8  # neighbours on each side: 17 slices a stack
 MAX_SERIES_SLICES = 2048  # held decoded at once; RSNA series have 20-60 slices
 
 

@@ -31,30 +31,25 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ich_prep import LABELS
+from ich_prep import LABELS, sample
 from ich_prep.config import ImageLayout
 from ich_prep.errors import UserError
+from ich_prep.index import SPAN_COLUMNS, index_spans
 from ich_prep.location import join, open_stream
-from ich_prep.manifest import (
-    SPAN_COLUMNS,
-    FormatError,
-    build_config,
-    index_mismatches,
-    index_spans,
-    load_index,
-    load_manifest,
-)
-from ich_prep.sample import check_meta, index_labels
-from ich_prep.shards import decode_bounded, decode_json, iter_samples, read_span
+from ich_prep.manifest import FormatError, ShardEntry, index_mismatches, open_build
+from ich_prep.sample import SampleError, index_labels
+from ich_prep.shards import iter_samples, read_span
 from ich_train.checkpoint import PREPROCESSING_FIELDS
 from ich_train.config import CONTEXT_BALANCED, ConfigError
 from ich_train.context import with_context
 from ich_train.sampler import balanced_epoch
 from ich_train.span_context import context_samples, series_of, series_order
 
+# the index columns (index.INDEX_SCHEMA) the trainer reads: these must be there, the optional
+# ones are read when they are
 INDEX_COLUMNS = ["image_id", "split", "fold", "shard", "status", *LABELS]
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 OPTIONAL_COLUMNS = (*SPAN_COLUMNS, "series_id", "slice_rank", "slice_position")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ShardError(UserError, RuntimeError):
@@ -76,44 +71,44 @@ class Shard:
 
 
 class Build:
-    """A finished ich-prep build: manifest, index, and its shards selected by fold."""
+    """A finished ich-prep build opened for training: the manifest (`manifest`: the
+    manifest.Build handle, typed), the index columns the trainer reads, and its shards selected by
+    fold."""
 
     def __init__(self, root: str):
         self.root = str(root)
-        self.manifest = load_manifest(self.root)
-        cfg = build_config(self.manifest)
+        self.manifest = open_build(self.root)
+        cfg = self.manifest.config
         self.config = cfg  # the typed BuildConfig
         self.encoding, self.size, self.layout = cfg.encoding, cfg.size, cfg.layout
-        self.index = load_index(
-            self.root, columns=INDEX_COLUMNS, manifest=self.manifest, optional=OPTIONAL_COLUMNS
-        )
+        self.index = self.manifest.index(INDEX_COLUMNS, optional=OPTIONAL_COLUMNS)
         self.ok = self.index[self.index["status"] == "ok"]
         entries = self._checked_entries()
         expected, spans = self._expected(), self._spans()
         self.shards = [
             Shard(
-                e["name"],
-                join(self.root, e["name"]),
-                int(e["fold"]),
-                int(e["samples"]),
+                e.name,
+                join(self.root, e.name),
+                e.fold,
+                e.samples,
                 self.layout,
-                int(e["bytes"]),
-                expected.get(e["name"], {}),
-                spans.get(e["name"]),
+                e.bytes,
+                expected.get(e.name, {}),
+                spans.get(e.name),
             )  # fmt: skip
             for e in entries
-            if int(e["samples"]) > 0
+            if e.samples > 0
         ]
 
     def _fail(self, what: str) -> ShardError:
         return ShardError(f"{self.root}: {what}; the build is inconsistent, run `ich-prep verify {self.root}` and rebuild it")  # fmt: skip
 
-    def _checked_entries(self) -> list[dict]:
+    def _checked_entries(self) -> tuple[ShardEntry, ...]:
         """The manifest's shard entries, once the index agrees with them (index_mismatches)."""
         problems = index_mismatches(self.manifest, self.index)
         if problems:
             raise self._fail(problems[0][2])
-        return self.manifest["shards"]
+        return self.manifest.shards
 
     def _expected(self) -> dict[str, dict]:
         """shard name -> {image id: labels (list of 6 ints) or None} of its ok rows."""
@@ -229,51 +224,41 @@ def read_sample(shard: Shard, image_id: str, encoding: str) -> dict:
 
 
 def _raw_sample(shard: Shard, s, encoding: str) -> dict:
+    """The sample's members and what its decode checks them against (decode_sample)."""
     if s.problems:
         raise ShardError(f"{shard.url}: sample {s.key}: {s.problems[0]}; the shard is damaged or crafted, rebuild it")  # fmt: skip
-    if encoding not in s.fields or "json" not in s.fields:
-        raise ShardError(
-            f"{shard.url}: sample {s.key} has members {sorted(s.fields)}, expected "
-            f"'{encoding}' (the manifest's encoding) and 'json'; the shard is damaged, rebuild it"
-        )
     raw = {"__key__": s.key, "__url__": shard.url, "__fold__": shard.fold, **s.fields}
     if shard.expected is not None:
         if s.key not in shard.expected:
             raise ShardError(f"{shard.url} holds sample {s.key}, which index.parquet does not list for this shard; the build is inconsistent, rebuild it")  # fmt: skip
         raw["__labels__"] = shard.expected[s.key]
-    if shard.layout is not None:
-        raw["__layout__"] = shard.layout
+    raw["__layout__"] = shard.layout
     return raw
 
 
 def decode_sample(raw: dict, encoding: str, positions: dict | None = None) -> tuple[str, np.ndarray, np.ndarray]:  # fmt: skip
     """(image_id, uint8 (H, W, C) of the build's layout, float32 labels (6,), NaN when
     unlabelled), from a raw sample of read_shard (which attaches the shard's layout, fold and the
-    index's labels). The json is checked by sample.check_meta, verify's check: its schema, its
-    image id, fold and labels those of the key, the shard and the index (the one source of truth)
-    and, with `positions` (image id -> (series id, slice rank[, position]) of the index), its series_id and
-    slice_rank the index's."""
-    where = f"{raw.get('__url__')}: sample {raw['__key__']}"
-    layout = raw["__layout__"]
-    try:
-        image = decode_bounded(raw[encoding], encoding, layout)
-        meta = decode_json(raw["json"])
-    except (ValueError, RecursionError) as e:  # RecursionError: json nested thousands deep
-        raise ShardError(f"{where}: {str(e)[:200]}") from e
-    if image.shape != layout.shape:
-        raise ShardError(f"{where}: image is {image.shape}, the manifest says {layout.shape}; rebuild the shard")  # fmt: skip
-    expected = {"image_id": raw["__key__"], "fold": raw["__fold__"]}
+    index's labels), by sample.decode_sample, verify's decode: the json's schema, its image id,
+    fold and labels those of the key, the shard and the index (the one source of truth) and,
+    with `positions` (image id -> (series id, slice rank, position or None) of the index), its
+    series_id, slice_rank and slice_position the index's."""
+    key = raw["__key__"]
+    expected = {"fold": raw["__fold__"]}
     if "__labels__" in raw:
         expected["labels"] = raw["__labels__"]
-    if positions is not None and raw["__key__"] in positions:
-        expected["series_id"], expected["slice_rank"] = positions[raw["__key__"]][:2]
-    problems = check_meta(meta, expected)
-    if problems:
-        raise ShardError(f"{where}: {'; '.join(problems)}; the build is inconsistent (an edited shard or index?): run `ich-prep verify` and rebuild it")  # fmt: skip
-    labels = meta["labels"]
-    if labels is None:
-        return raw["__key__"], image, np.full(len(LABELS), np.nan, np.float32)
-    return raw["__key__"], image, np.asarray(labels, np.float32)
+    if positions is not None and key in positions:
+        sid, rank, *mm = positions[key]
+        expected.update(series_id=sid, slice_rank=rank)
+        if mm and mm[0] is not None:
+            expected["slice_position"] = mm[0]
+    try:
+        image, meta = sample.decode_sample(key, raw, encoding, raw["__layout__"], expected)
+    except SampleError as e:
+        raise ShardError(f"{raw.get('__url__')}: sample {key}: {e}; the build is inconsistent (an edited shard or index?): run `ich-prep verify` and rebuild it") from None  # fmt: skip
+    if meta.labels is None:
+        return key, image, np.full(len(LABELS), np.nan, np.float32)
+    return key, image, np.asarray(meta.labels, np.float32)
 
 
 def collate(items: list[tuple[str, np.ndarray, np.ndarray]]) -> dict:

@@ -107,7 +107,7 @@ def labelled_split(build: Build) -> str | None:
     """The split name of a build whose readable images carry labels (a training build), else None."""
     ok = build.ok
     labelled = ok[list(LABELS)].notna().any(axis=None) if len(ok) else False
-    split = build.manifest.get("split")
+    split = build.config.split
     if split == "train" or labelled:
         names = sorted(str(v) for v in ok["split"].dropna().unique()) if len(ok) else []
         return str(split) if isinstance(split, str) else "/".join(names) or "train"

@@ -37,7 +37,7 @@ CNN_DIR=${CNN_DIR:-$OUT}
 "$BIN/python" - "$TRAIN" "$TEST" "$PROTOCOL" "$CNN_DIR" "$OUT" $FOLDS <<'EOF'
 import os, sys
 from ich_prep.errors import UserError
-from ich_prep.manifest import load_manifest
+from ich_prep.manifest import open_build
 from ich_train.embed_format import PROTOCOLS  # no torch: this runs before anything trains
 train, test, protocol, cnn_dir, out, folds = *sys.argv[1:6], sys.argv[6:]
 if protocol not in PROTOCOLS:
@@ -46,9 +46,9 @@ missing = [f"{cnn_dir}/cnn{k}/best.pt" for k in folds if not os.path.isfile(f"{c
 if cnn_dir != out and missing:
     sys.exit(f"two_stage.sh: CNN_DIR={cnn_dir!r} lacks {missing[0]}; give the OUT of an earlier run, or leave CNN_DIR unset to train the CNNs")
 try:
-    have = sorted({int(s["fold"]) for s in load_manifest(train)["shards"] if s["samples"] > 0 and s["fold"] >= 0})
+    have = sorted({s.fold for s in open_build(train).shards if s.samples > 0 and s.fold >= 0})
     if test:
-        load_manifest(test)
+        open_build(test)
 except UserError as e:
     sys.exit(f"two_stage.sh: {e}")
 if len(folds) < 2 or len(set(folds)) != len(folds) or any(f not in map(str, have) for f in folds):

@@ -16,6 +16,7 @@ import webdataset as wds
 
 from ich_prep.build import build
 from ich_prep.config import BuildConfig
+from ich_prep.manifest import Build, build_config, layout_record
 from ich_prep.read_dicom import quiet_rsna_uids
 from ich_prep.synth import write_synthetic
 from tests.conftest import make_dataset
@@ -144,6 +145,7 @@ def test_card_describes_the_typed_layout(built):
     m["config"].update(size=48, windows=[{"name": "c40w80", "center": 40, "width": 80},
                                          {"name": "c80w200", "center": 80, "width": 200},
                                          {"name": "c600w2800", "center": 600, "width": 2800}])  # fmt: skip
-    card = dataset_card(m)
+    m["image"] = layout_record(build_config(m))
+    card = dataset_card(Build.of(built, m))
     assert "a 48x48x3 uint8 image (channel i = window i: c40w80 (L40/W80), c80w200" in card
     assert "# image: uint8 (48, 48, 3)" in card and '"size": 48' in card

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from ich_prep.config import ImageLayout
-from ich_prep.manifest import FormatError, dumps, load_index, load_manifest
+from ich_prep.manifest import FormatError, dumps, open_build
 from ich_prep.preview import collect
 from ich_prep.shards import encode_image, sha256_file
 from ich_prep.verify import verify
@@ -108,12 +108,12 @@ def test_preview_stops_reading_a_shard_at_the_member_bound(root):
     name = first(root)
     members = shard_members(root / name)
     write_members(root, name, [(f"ID_aaaa.x{i}", b"x") for i in range(200)] + members)
-    m = load_manifest(str(root))
-    rows = load_index(str(root), manifest=m)
-    assert collect(str(root), m, rows[rows["shard"] == name], n=100) == []
+    b = open_build(str(root))
+    rows = b.index()
+    assert collect(b, rows[rows["shard"] == name], n=100) == []
     write_members(root, name, [(f"ID_aaaa.x{i}", b"x") for i in range(40)] + members)
-    m = load_manifest(str(root))
-    assert len(collect(str(root), m, rows[rows["shard"] == name], n=100)) == len(members) // 2
+    b = open_build(str(root))
+    assert len(collect(b, rows[rows["shard"] == name], n=100)) == len(members) // 2
 
 
 # ---------------------------------------------------------------- one source of truth

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ich_prep import manifest as manifest_module
+from ich_prep import index as index_module
 from ich_prep.cli import main as prep
 from ich_prep.manifest import FormatError, dumps, parse_index
 from ich_prep.shards import sha256_file
@@ -148,10 +148,10 @@ def test_a_dictionary_bomb_is_refused_before_decoding(root, tmp_path, capsys, mo
     """1,000 rows x one 1,000-character id: refused from the decoded size its dictionary and
     indices add up to, against a limit lowered to 999,999 bytes (the real one is 2 GiB)."""
     dictionary_bomb(root, 1000, 1000)
-    monkeypatch.setattr(manifest_module, "MAX_INDEX_TEXT", 999_999)
+    monkeypatch.setattr(index_module, "MAX_INDEX_TEXT", 999_999)
     every_reader_refuses(root, tmp_path, capsys, r"would take \d+ bytes decoded \(limit 999999\)")
     # all text columns together: 1,000 x (the id + 25 bytes of shard, status and split)
-    monkeypatch.setattr(manifest_module, "MAX_INDEX_TEXT", 1_025_000)  # read, then checked
+    monkeypatch.setattr(index_module, "MAX_INDEX_TEXT", 1_025_000)  # read, then checked
     rc, out, _ = in_process(capsys, prep, ["verify", str(root)])
     assert rc == 1 and f"image {'x' * 1000} has more than one ok row" in out
 
@@ -241,7 +241,7 @@ def test_many_dictionary_encoded_number_columns_are_bounded(root, capsys, monkey
         t = t.append_column(f"n{i}", pa.array(np.zeros(t.num_rows, np.int64)))
     rewrite_index(root, t)
     assert parse_index((root / "index.parquet").read_bytes(), "u").shape == t.shape
-    monkeypatch.setattr(manifest_module, "MAX_INDEX_INFLATED", 1_000_000)
+    monkeypatch.setattr(index_module, "MAX_INDEX_INFLATED", 1_000_000)
     meta = pq.ParquetFile(root / "index.parquet").metadata  # what the footer declares: under it
     assert sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) < 1_000_000
     prep_refuses(root, capsys, r"declares 10000 rows \(\d+ bytes decompressed\)")

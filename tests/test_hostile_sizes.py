@@ -123,7 +123,7 @@ def test_every_reader_refuses_a_size_past_the_end(made, tmp_path, size, which):
     report = verify(str(folder), jobs=2)
     assert any("declares" in p.message and p.where == name for p in report.problems)
     rows = b.ok[b.ok["shard"] == name]
-    assert len(collect(str(folder), b.manifest, rows, len(rows))) < len(rows)
+    assert len(collect(b.manifest, rows, len(rows))) < len(rows)
     assert time.monotonic() - t0 < 30
 
 
@@ -136,7 +136,7 @@ def test_a_slow_drip_server_is_cut_off(monkeypatch):
     import threading
     import time
 
-    from ich_prep import location
+    from ich_prep import location, web
 
     stop = threading.Event()
 
@@ -156,7 +156,7 @@ def test_a_slow_drip_server_is_cut_off(monkeypatch):
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Drip)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(location, "PACE_AFTER_S", 1.0)
+    monkeypatch.setattr(web, "PACE_AFTER_S", 1.0)
     t0 = time.monotonic()
     try:
         with pytest.raises(OSError, match="refused as stalled"):

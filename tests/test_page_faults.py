@@ -1,5 +1,5 @@
 """A build task keeps freed pixel buffers for the next slice (read_dicom.reuse_freed_memory, set
-by build.worker_start): holding a series and letting it go, as --crop series does, costs no page
+by build_worker.worker_start): holding a series and letting it go, as --crop series does, costs no page
 faults per slice read. Counted with getrusage in a fresh process, not timed."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from ich_prep.cli import main
-from ich_prep.manifest import build_config, load_manifest
+from ich_prep.manifest import open_build
 from ich_prep.preview import GAP, MAX_PANEL, PreviewError, candidates, check_size, collect, tile
 from ich_prep.shards import decode_image
 from tests.sharing_fixtures import build_synthetic, shard_members
@@ -36,14 +36,14 @@ def test_cli_writes_a_png(built, tmp_path, capsys):
 def test_label_filter_shows_only_positives(built, index):
     """--label subdural: every sample shown is subdural-positive."""
     rows = candidates(index, label="subdural")
-    got = collect(str(built), load_manifest(built), rows, n=64)
+    got = collect(open_build(built), rows, n=64)
     assert len(got) == int((index["subdural"] == 1).sum()) > 0
     assert all(int(s["row"]["subdural"]) == 1 for s in got)
 
 
 def test_fold_filter_and_n(built, index):
     """--fold 2 --n 3: three samples, all of fold 2."""
-    got = collect(str(built), load_manifest(built), candidates(index, fold=2), n=3)
+    got = collect(open_build(built), candidates(index, fold=2), n=3)
     assert len(got) == 3 and {int(s["row"]["fold"]) for s in got} == {2}
 
 
@@ -51,14 +51,14 @@ def test_fold_filter_and_n(built, index):
 def test_samples_come_from_every_fold(built, index, seed):
     """A build of 3 folds (several shards each): --n 3 shows one sample of each fold and --n 6 two
     of each, whatever the seed, not the first shards streamed; the seed picks which."""
-    m, rows = load_manifest(built), candidates(index)
-    assert index["fold"].nunique() == 3 and len(m["shards"]) > 3
-    got = collect(str(built), m, rows, n=3, seed=seed)
+    b, rows = open_build(built), candidates(index)
+    assert index["fold"].nunique() == 3 and len(b.shards) > 3
+    got = collect(b, rows, n=3, seed=seed)
     assert sorted(int(s["row"]["fold"]) for s in got) == [0, 1, 2]
-    six = [int(s["row"]["fold"]) for s in collect(str(built), m, rows, n=6, seed=seed)]
+    six = [int(s["row"]["fold"]) for s in collect(b, rows, n=6, seed=seed)]
     assert sorted(six) == [0, 0, 1, 1, 2, 2]
-    other = collect(str(built), m, rows, n=6, seed=seed + 10)
-    assert {s["image_id"] for s in other} != {s["image_id"] for s in collect(str(built), m, rows, n=6, seed=seed)}  # fmt: skip
+    other = collect(b, rows, n=6, seed=seed + 10)
+    assert {s["image_id"] for s in other} != {s["image_id"] for s in collect(b, rows, n=6, seed=seed)}  # fmt: skip
 
 
 def test_no_match_is_a_clear_error(built, tmp_path, capsys):
@@ -108,7 +108,7 @@ def test_huge_n_shows_what_the_build_holds(built, tmp_path, capsys):
 def test_sheet_memory_is_bounded_before_reading(built):
     """The tiles, sheet and decoded images of --n samples at --panel must fit MAX_SHEET_BYTES:
     refused from the flags and the layout alone."""
-    layout = build_config(load_manifest(built)).layout
+    layout = open_build(built).layout
     check_size(64, 96, layout)
     check_size(40, MAX_PANEL, layout)
     for n, panel in ((100_000, 96), (60, MAX_PANEL)):
@@ -136,9 +136,9 @@ def test_series_strip_shows_one_series_in_slice_order(built, index, tmp_path, ca
     out = tmp_path / "strip.png"
     assert main(["preview", str(built), "--series", sid, "--panel", "32", "--out", str(out)]) == 0
     assert f"wrote {out}: {len(rows)} samples" in capsys.readouterr().out
-    m = load_manifest(built)
-    cfg = build_config(m)
-    got = {s["image_id"]: s for s in collect(str(built), m, rows, len(rows))}
+    b = open_build(built)
+    cfg = b.config
+    got = {s["image_id"]: s for s in collect(b, rows, len(rows))}
     samples = [got[i] for i in rows["image_id"]]
     sheet = series_strip(samples, cfg.windows, 32, "")
     png = cv2.imread(str(out))  # the CLI's strip: the same below its title line

@@ -102,7 +102,7 @@ def test_verify_reports_exactly_what_the_readers_refuse(made, tmp_path, case):
     assert refused is not None and key in refused, case
     if case in ("labels false", "labels 0.0", "fold other", "image_id other", "no labels"):
         b = Build(str(folder))
-        shown = {s["image_id"] for s in collect(str(folder), b.manifest, b.ok, len(b.ok))}
+        shown = {s["image_id"] for s in collect(b.manifest, b.ok, len(b.ok))}
         assert key not in shown and len(shown) == len(b.ok) - 1
 
 

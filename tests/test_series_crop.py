@@ -15,6 +15,7 @@ import pydicom
 import pytest
 
 import ich_prep.build as build_mod
+import ich_prep.build_worker as build_worker
 from benchmarks.bench_crop import adjacent_disagreement, summary
 from ich_prep.build import build, shard_key
 from ich_prep.cli import main
@@ -230,7 +231,7 @@ def test_odd_shape_or_spacing_falls_back_to_its_own_box_and_a_bad_slice_is_its_o
     ok = index[index["status"] == "ok"].sort_values("slice_rank")
     assert ok["slice_rank"].tolist() == list(range(6)) and (ok["series_len"] == 6).all()
     assert ok.index.tolist() == [ids[0], ids[1], "ID_000106", ids[2], ids[3], ids[5]]
-    monkeypatch.setattr(build_mod, "SERIES_HOLD_BYTES", 2 * 96 * 96 * 2)  # two stored slices
+    monkeypatch.setattr(build_worker, "SERIES_HOLD_BYTES", 2 * 96 * 96 * 2)  # two stored slices
     build(BuildConfig(dicom_dir=str(d), size=64), tmp_path / "held2", jobs=1, progress=False)
     assert tree(tmp_path / "held2") == tree(out)
 
@@ -271,7 +272,7 @@ def test_synthetic_build_one_box_per_series_deterministic(synth_set, monkeypatch
     root, info = synth_set
     cfg = BuildConfig(dicom_dir=info["train_dir"], labels=info["labels_csv"], size=48, folds=2, shard_size=8)  # fmt: skip
     build(cfg, root / "a", jobs=2, progress=False)
-    monkeypatch.setattr(build_mod, "SERIES_HOLD_BYTES", 0)
+    monkeypatch.setattr(build_worker, "SERIES_HOLD_BYTES", 0)
     res = build(cfg, root / "b", jobs=1, progress=False)
     assert tree(root / "a") == tree(root / "b")
     assert res.manifest["counts"]["crop_fallback"] == 0

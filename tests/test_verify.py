@@ -81,7 +81,7 @@ def test_flipped_byte_in_an_image(folder, capsys):
     rc, out = run_verify(folder, capsys)
     key = ti.name.split(".")[0]
     assert rc == 1 and f"{name}: sha256 differs from manifest.json" in out
-    assert f"{name}: image of {key} is damaged" in out
+    assert f"{name}: sample {key}: image is damaged" in out
 
 
 def test_extra_stray_file(folder, capsys):
