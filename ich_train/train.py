@@ -59,6 +59,7 @@ from ich_train.model import (
     load_pretrained,
     model_spec,
     normalization,
+    zero_init_residuals,
 )
 from ich_train.optim import create_optimizer, create_scheduler
 from ich_train.report import (
@@ -368,6 +369,8 @@ def create_run(cfg: TrainConfig, dist: distributed.Dist, data: Data, ckpt: dict 
     report = load_pretrained(model, cfg.pretrained) if cfg.pretrained and ckpt is None else None
     if ckpt is None:  # a new run starts from the prior it trains on; a resumed one has its weights
         init_head(model, data.prior if data.drawn is None else data.drawn)
+        if not cfg.pretrained:  # from scratch: residual blocks start at the identity
+            zero_init_residuals(model)
     if dist.main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         with atomic_open(

@@ -7,7 +7,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from ich_train.model import PretrainedError, create_model
+from ich_train.model import PretrainedError, create_model, zero_init_residuals
 
 
 @pytest.fixture
@@ -259,3 +259,44 @@ def test_a_resumed_run_keeps_the_normalisation_it_trained_with(tmp_path):
     assert _normalize(cfg, model, 3, saved) == ([0.5] * 3, [0.5] * 3)
     with pytest.raises(CheckpointError, match="normalisation values for 9 input channels"):
         _normalize(cfg, model, 9, saved)
+
+
+def _new_run(tmp_path, name: str, **kw):
+    """create_run of a new fit (no checkpoint) on a tiny build: the model fit starts from."""
+    from ich_train import distributed
+    from ich_train.config import TrainConfig
+    from ich_train.train import create_run, load_data
+    from tests.train_fixtures import make_build
+
+    build = tmp_path / "b"
+    if not build.exists():
+        make_build(build, folds=2, per_shard=8, size=32)
+    cfg = TrainConfig(
+        shards=str(build), out=str(tmp_path / name), valid_fold=1, workers=0, batch_size=4, **kw
+    )
+    dist = distributed.Dist(0, 1, 0, torch.device("cpu"))
+    return create_run(cfg, dist, load_data(cfg, dist), None, lambda *a, **k: None)
+
+
+def test_a_from_scratch_efficientnet_starts_with_identity_residual_blocks(tmp_path):
+    """A new from-scratch run zeroes the last batch-norm scale of every residual block
+    (zero_init_residuals, what timm does for its ResNets): each block with a skip is then the
+    identity, so efficientnet_b0 starts as a shallow net and leaves the prior on small data
+    (docs/training.md, "Learning on small data"); before, its 9 skip blocks were random branches.
+    --pretrained weights are never touched."""
+    model = _new_run(tmp_path, "scratch", model="efficientnet_b0").raw.eval()
+    blocks = [m for m in model.modules() if getattr(m, "has_skip", False) is True]
+    assert len(blocks) == 9
+    for block in blocks:
+        x = torch.randn(2, block.conv_pw.in_channels, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(block(x), x)
+    # resnet18's blocks were already zero-initialised by timm: nothing else changes there
+    assert zero_init_residuals(create_model("resnet18")) == 0
+    # pretrained weights are the weights given, every batch-norm scale included
+    src = create_model("efficientnet_b0")
+    save_file(src.state_dict(), tmp_path / "w.safetensors")
+    run = _new_run(tmp_path, "pre", model="efficientnet_b0", pretrained=str(tmp_path / "w.safetensors"))  # fmt: skip
+    for key, value in src.state_dict().items():
+        if "bn" in key and key.endswith("weight"):
+            torch.testing.assert_close(run.raw.state_dict()[key], value)
