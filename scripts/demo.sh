@@ -57,7 +57,7 @@ time {
     }
     for run in 2d 2.5d; do
         say "$run: per held-out fold, the CNN and the sequence model over its embeddings ($DEMO/$run.log)"
-        grep -A3 '^fold  ' "$DEMO/$run.log"
+        grep -A4 '^ *fold  ' "$DEMO/$run.log"
         tail -n 1 "$DEMO/$run.log"
     done
     say "the recipes on every held-out fold pooled"
