@@ -115,25 +115,32 @@ def neighbour_ranks(n: int, k: int, position=None, gap: float = GAP_FACTOR) -> n
     return _neighbours(pos, k, gap)
 
 
+def places(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One series' slices by place: (place of each slice, numbered in position order: tied
+    positions within DUPLICATE_MM share one; the position of each place, its lowest)."""
+    place = position_groups(np.zeros(len(pos), np.int64), pos)
+    where = np.full(int(place.max()) + 1 if len(pos) else 0, np.inf)
+    np.minimum.at(where, place, pos)
+    return place, where
+
+
 def _neighbours(pos: np.ndarray, k: int, gap: float) -> np.ndarray:
     n = len(pos)
     out = np.repeat(np.arange(n, dtype=np.int64)[:, None], 2 * k + 1, axis=1)
     if n < 2:
         return out
-    place = position_groups(np.zeros(n, np.int64), pos)  # numbered in position order
-    places = int(place.max()) + 1
-    first = np.full(places, n, np.int64)
+    place, where = places(pos)
+    count = len(where)
+    first = np.full(count, n, np.int64)
     np.minimum.at(first, place, np.arange(n))
-    where = np.full(places, np.inf)
-    np.minimum.at(where, place, pos)
     steps = np.diff(where)
     close = steps <= gap * np.median(steps) if len(steps) else np.zeros(0, bool)
     for sign in (-1, 1):
         at = place.copy()
         for d in range(1, k + 1):
             nxt = at + sign
-            inside = (nxt >= 0) & (nxt < places)
-            step = np.clip(np.minimum(at, nxt), 0, max(places - 2, 0))
+            inside = (nxt >= 0) & (nxt < count)
+            step = np.clip(np.minimum(at, nxt), 0, max(count - 2, 0))
             at = np.where(inside & close[step], nxt, at) if len(close) else at
             out[:, k + sign * d] = np.where(at == place, np.arange(n), first[at])
     return out

@@ -26,7 +26,7 @@ import torch
 
 from ich_prep import LABELS, parquet_read
 from ich_prep.location import open_local
-from ich_prep.split import neighbour_ranks, position_groups
+from ich_prep.split import neighbour_ranks, places
 from ich_train.embed_format import (
     ID_COLUMNS,
     LOGITS,
@@ -235,9 +235,7 @@ def geometry(t: int, position: np.ndarray | None) -> tuple[np.ndarray, np.ndarra
     if t > 1 and pos[-1] < pos[0]:  # a reversed series: prev is still the row before
         pos = -pos
     ranks = neighbour_ranks(t, 1, pos)
-    place = position_groups(np.zeros(t, np.int64), pos)
-    at = np.full(int(place.max()) + 1 if t else 0, np.inf)
-    np.minimum.at(at, place, pos)
+    place, at = places(pos)
     steps = np.diff(at)
     unit = float(np.median(steps)) if len(steps) else 1.0
     step = np.minimum(np.r_[0.0, steps, 0.0] / (unit if unit > 0 else 1.0), MAX_GAP)
